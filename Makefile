@@ -1,0 +1,34 @@
+# vk: make demo runs the whole pipeline against vk-serve; make test runs the tests.
+PY     ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.vk-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench lint man clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh
+
+bench: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m vk.bench
+
+lint: install
+	$(BIN)/ruff check vk tests
+
+man:
+	@for f in man/*.1 man/*.5; do echo "== $$f"; MANWIDTH=100 man -l "$$f" >/dev/null 2>&1 || groff -man -Tutf8 -ww "$$f" >/dev/null || exit 1; done; echo "man pages render: man -l man/vk-gen.1"
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache out

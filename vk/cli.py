@@ -1,0 +1,102 @@
+"""Shared command-line plumbing: one-line errors with exit code 2, --version, examples in --help.
+
+Every ``vk-*`` command is a thin click layer over a library function; this module keeps their behaviour alike:
+
+- a ``VkError`` (bad input, bad option) prints ``vk-xxx: message`` on stderr and exits 2, never a traceback;
+- a closed stdout (``vk-gen | head``) exits quietly;
+- Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import click
+
+from vk import __version__
+from vk.errors import VkError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def examples(*lines: str) -> str:
+    """An epilog for --help that click prints verbatim (one example per line)."""
+    body = "\n".join("  " + ln if ln else "" for ln in lines)
+    return "\b\nExamples:\n" + body
+
+
+def command(name: str, epilog: str | None = None, **kwargs) -> Callable:
+    """``@click.command`` with vk's settings, ``--version`` and error handling."""
+
+    def deco(fn: Callable) -> Callable:
+        fn = click.version_option(__version__, "--version", prog_name=name, message="%(prog)s %(version)s")(fn)
+        cmd = click.command(name=name, context_settings=CONTEXT_SETTINGS, epilog=epilog, **kwargs)(fn)
+        return cmd
+
+    return deco
+
+
+def fail(message: str, code: int = 2) -> None:
+    raise VkError(message, exit_code=code)
+
+
+def main_wrapper(cmd: click.Command, prog: str) -> Callable[..., None]:
+    """Wrap a click command as a console-script entry point with vk's error handling."""
+
+    @functools.wraps(cmd)
+    def main(argv: list[str] | None = None) -> None:
+        try:
+            cmd.main(args=argv, prog_name=prog, standalone_mode=False)
+        except VkError as e:
+            _flush_quietly()
+            print(f"{prog}: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            sys.exit(130)
+        except click.ClickException as e:
+            _flush_quietly()
+            print(f"{prog}: {e.format_message()}", file=sys.stderr)
+            if isinstance(e, click.UsageError):
+                print(f"Try '{prog} --help' for help.", file=sys.stderr)
+            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            sys.exit(130)
+        else:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                _quiet_broken_pipe()
+
+    return main
+
+
+def _flush_quietly() -> None:
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - nothing to do if stdout is gone
+        pass
+
+
+def _quiet_broken_pipe() -> None:
+    # The reader went away (vk-gen | head): not an error. Point stdout at devnull so the exit flush is silent.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    sys.exit(0)
+
+
+def restore_sigpipe() -> None:
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)

