@@ -1,1 +1,26 @@
+"""vk: composable Unix commands for benchmarking LLM inference servers.
+
+The pipeline, as commands and as Python::
+
+    vk-gen synth.yaml | vk-schedule --poisson 10 | vk-send --api URL > run.jsonl ; vk-eval run.jsonl
+
+    from vk.gen import generate          # sessions (dicts)
+    from vk.schedule import schedule     # schedule header + scheduled sessions
+    from vk.send import send             # runs them, writes response records
+    from vk.eval import evaluate         # metrics over the records
+    from vk import run_benchmark         # all four in one call (starts vk-serve when no api is given)
+
+The record formats that connect the stages are defined in ``vk.records`` and documented in ``man/vk-formats.5``.
+"""
+
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "run_benchmark", "serving"]
+
+
+def __getattr__(name):  # lazy, so that `import vk` stays cheap for the commands
+    if name in ("run_benchmark", "serving"):
+        from vk import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'vk' has no attribute {name!r}")
