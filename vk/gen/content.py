@@ -1,0 +1,299 @@
+"""Prompt text of an exact number of tokens, cut from a public-domain corpus that ships with vk.
+
+The corpus (``vk/data/moby-dick.txt``, see ``vk/data/README.md``) is tokenized ONCE per tokenizer, with the
+character offset of every token. A token whose text begins with a space followed by an ASCII letter starts a
+pre-tokenizer chunk for byte-level BPE tokenizers (Qwen2.5, DeepSeek-V3, GPT-style), and BPE never merges across
+chunks, so any slice of the corpus from one such *safe boundary* to another re-encodes to exactly the number of
+tokens between them, and such slices concatenate exactly. Cutting a prompt is then a ``searchsorted`` over the
+boundary array and a string slice by character offsets: no encoding or decoding per prompt.
+
+At load a self-check encodes a few hundred samples and concatenations; for a tokenizer where the property does
+not hold (another pre-tokenizer, a normalizer that rewrites text) the source switches to *verify mode*: every
+sample is encoded and retried until it has the exact length (much slower, still exact). ``TextSource.mode``
+says which mode is in use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from vk.errors import VkError
+
+CORPUS_PATH = Path(__file__).resolve().parent.parent / "data" / "moby-dick.txt"
+
+_SELF_CHECK_SAMPLES = 300
+_FILLER_MAX = 64  # remainders up to this many tokens are filled from precomputed exact segments
+
+_cache: dict[tuple, _Corpus] = {}
+_cache_lock = threading.Lock()
+
+
+def _tokenizer_key(tokenizer) -> tuple:
+    return (getattr(tokenizer, "name", None), str(getattr(tokenizer, "directory", "")), id(tokenizer))
+
+
+def _read_corpus(corpus) -> tuple[str, str]:
+    """(text, label) for a corpus argument: None (built-in), a path, or the text itself."""
+    if corpus is None:
+        path = CORPUS_PATH
+    elif isinstance(corpus, Path) or (isinstance(corpus, str) and "\n" not in corpus and len(corpus) < 4096
+                                      and Path(corpus).is_file()):
+        path = Path(corpus)
+    else:
+        return str(corpus), "<text>"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise VkError(f"corpus {path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise VkError(f"corpus {path}: not UTF-8 text") from None
+    return text, str(path)
+
+
+class _Corpus:
+    """A corpus tokenized once: token char offsets and safe boundaries (token indices)."""
+
+    def __init__(self, text: str, label: str, tokenizer):
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        self.text = text
+        self.label = label
+        enc = tokenizer.backend.encode(text, add_special_tokens=False)
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        offs = enc.offsets
+        n = len(ids)
+        if n < 2000:
+            raise VkError(f"corpus {label}: too short ({n} tokens); give at least a few thousand tokens of text")
+        starts = np.fromiter((o[0] for o in offs), dtype=np.int64, count=n)
+        self.ids = ids
+        self.n_tokens = n
+        # char offset where token i starts; one extra entry: the end of the text
+        self.char_at = np.append(starts, len(text))
+        safe = []
+        prev = -1
+        for i, s in enumerate(starts.tolist()):
+            if s > prev and s + 1 < len(text) and text[s] == " ":
+                c = text[s + 1]
+                if ("a" <= c <= "z") or ("A" <= c <= "Z"):
+                    safe.append(i)
+            prev = s
+        if len(safe) < 1000:
+            raise VkError(f"corpus {label}: too few word boundaries for this tokenizer")
+        # a boundary at the very end too: slices may end at the end of the last safe word run
+        self.safe = np.asarray(safe, dtype=np.int64)
+        self.is_safe = np.zeros(n + 1, dtype=bool)
+        self.is_safe[self.safe] = True
+        self.first = int(self.safe[0])
+        self.last = int(self.safe[-1])
+        self.span = self.last - self.first  # longest exact slice
+        # block starts: boundaries with at least span // 2 tokens after them
+        self.n_block_starts = int(np.searchsorted(self.safe, self.last - self.span // 2, side="right"))
+        # for small remainders r: safe starts s with s + r also safe
+        self.fill_starts: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+        for r in range(1, _FILLER_MAX + 1):
+            cand = self.safe[self.safe + r <= self.last]
+            self.fill_starts.append(cand[self.is_safe[cand + r]])
+
+    def slice(self, a: int, b: int) -> str:
+        return self.text[self.char_at[a]:self.char_at[b]]
+
+
+def _load_corpus(tokenizer, corpus) -> _Corpus:
+    text, label = _read_corpus(corpus)
+    key = (_tokenizer_key(tokenizer), label if corpus is None or label != "<text>" else hashlib.sha1(
+        text.encode()).hexdigest())
+    with _cache_lock:
+        c = _cache.get(key)
+        if c is None:
+            c = _Corpus(text, label, tokenizer)
+            _cache[key] = c
+    return c
+
+
+class TextSource:
+    """Natural text of exactly N tokens under ``tokenizer`` (a ``vk.tokenizer.Tokenizer``).
+
+    ``corpus``: None for the built-in public-domain corpus, or a path to a UTF-8 text file.
+
+    - ``sample(n, rng)``: random text of exactly n tokens; concatenations of samples stay exact.
+    - ``block(key, n)``: deterministic text for a key (e.g. a trace's hash id), exactly n tokens;
+      ``block(key, m)`` is a token prefix of ``block(key, n)`` for m < n whenever the corpus allows it.
+    - ``unique_salt(i)``: a short text that makes a prompt unique (``count(salt) + sample(...)`` is exact when
+      the salt is put before a sample).
+
+    Samples start with a space (the start of a word). The empty string is returned for n == 0.
+    """
+
+    def __init__(self, tokenizer, corpus=None, *, self_check: bool = True):
+        if tokenizer is None:
+            from vk.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer()
+        elif isinstance(tokenizer, str):
+            from vk.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self._c = _load_corpus(tokenizer, corpus)
+        self.mode = "boundary"
+        self.failures = 0  # self-check mismatches found at load
+        if self_check:
+            self._self_check()
+
+    # -- public API -------------------------------------------------------------------------------------------
+    @property
+    def corpus_tokens(self) -> int:
+        return self._c.n_tokens
+
+    @property
+    def corpus_label(self) -> str:
+        return self._c.label
+
+    def count(self, text: str) -> int:
+        return self.tokenizer.count(text)
+
+    def sample(self, n_tokens: int, rng: np.random.Generator) -> str:
+        """Random corpus text of exactly ``n_tokens`` tokens (starting at a word boundary)."""
+        n = int(n_tokens)
+        if n <= 0:
+            if n < 0:
+                raise ValueError(f"n_tokens must be >= 0, got {n}")
+            return ""
+        if self.mode == "verify":
+            return self._sample_verified(n, rng)
+        c = self._c
+        if n > c.span // 2:
+            # longer than the corpus can give in one random piece: chain pieces (each exact, joins exact)
+            parts = []
+            left = n
+            while left > 0:
+                k = min(left, c.span // 4)
+                if left - k and left - k < 8:  # keep the last piece comfortably long
+                    k = left - 8 if left > 16 else left
+                parts.append(self._piece(k, rng))
+                left -= k
+            return "".join(parts)
+        return self._piece(n, rng)
+
+    def block(self, key, n_tokens: int) -> str:
+        """Deterministic text of exactly ``n_tokens`` tokens for ``key`` (any str/int/bytes)."""
+        n = int(n_tokens)
+        if n <= 0:
+            if n < 0:
+                raise ValueError(f"n_tokens must be >= 0, got {n}")
+            return ""
+        h = hashlib.blake2b(repr(key).encode() if not isinstance(key, bytes) else key, digest_size=16).digest()
+        seed = int.from_bytes(h, "little")
+        if self.mode == "verify":
+            return self._sample_verified(n, np.random.default_rng(seed))
+        c = self._c
+        if n > c.span // 2:
+            return self.sample(n, np.random.default_rng(seed))
+        # start: a safe boundary chosen by the key, leaving room for n tokens
+        # (the same start for every n, so that shorter blocks are prefixes of longer ones)
+        a = int(c.safe[seed % c.n_block_starts])
+        end = a + n
+        if c.is_safe[end]:
+            return c.slice(a, end)
+        # the last safe boundary before the end; the remainder r = end - e tokens
+        j = int(np.searchsorted(c.safe, end, side="right")) - 1
+        e = int(c.safe[j])
+        r = end - e
+        if e > a:
+            # try the corpus's own continuation: exact when its tail re-encodes to the same tokens
+            tail = c.slice(e, end)
+            if self.tokenizer.encode(tail) == c.ids[e:end].tolist():
+                return c.slice(a, e) + tail
+        else:
+            e = a
+            r = n
+        return c.slice(a, e) + self._filler(r, seed)
+
+    def unique_salt(self, i) -> str:
+        """A short salt text, different for each ``i``; put it before a sample to make the prompt unique."""
+        return f"Request {i}:"
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _piece(self, n: int, rng: np.random.Generator) -> str:
+        c = self._c
+        safe = c.safe
+        # start boundaries with room for n tokens
+        hi = int(np.searchsorted(safe, c.last - n, side="right"))
+        if hi <= 0:
+            raise VkError(f"corpus {c.label} too short for {n} tokens")
+        j = int(rng.integers(0, hi))
+        for _ in range(64):
+            a = int(safe[j])
+            if c.is_safe[a + n]:
+                return c.slice(a, a + n)
+            j += 1
+            if j >= hi:
+                j = 0
+        # rare: no two boundaries exactly n apart near j; build from a prefix and a filler
+        a = int(safe[j])
+        end = a + n
+        k = int(np.searchsorted(safe, end, side="right")) - 1
+        e = int(safe[k])
+        if e <= a:
+            return self._filler(n, int(rng.integers(0, 2**63)))
+        return c.slice(a, e) + self._filler(end - e, int(rng.integers(0, 2**63)))
+
+    def _filler(self, r: int, seed: int) -> str:
+        """Exactly r tokens from safe boundary to safe boundary (joins exactly after any safe slice)."""
+        c = self._c
+        parts = []
+        while r > 0:
+            k = min(r, _FILLER_MAX)
+            cand = c.fill_starts[k]
+            while len(cand) == 0 and k > 1:
+                k -= 1
+                cand = c.fill_starts[k]
+            if len(cand) == 0:
+                raise VkError(f"corpus {c.label}: cannot build exact filler text")
+            s = int(cand[seed % len(cand)])
+            parts.append(c.slice(s, s + k))
+            seed = (seed * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+            r -= k
+        return "".join(parts)
+
+    def _sample_verified(self, n: int, rng: np.random.Generator) -> str:
+        c = self._c
+        enc = self.tokenizer.encode
+        for _ in range(200):
+            a = int(rng.integers(0, max(1, c.n_tokens - n - 1)))
+            b = min(a + n, c.n_tokens)
+            if a > 0 and c.char_at[a] == c.char_at[a - 1]:
+                continue  # inside a split character
+            text = c.slice(a, b)
+            got = len(enc(text))
+            if got == n:
+                return text
+            # nudge the end and try again
+            for d in (-1, 1, -2, 2):
+                bb = b + (n - got) + d
+                if a < bb <= c.n_tokens:
+                    t2 = c.slice(a, bb)
+                    if len(enc(t2)) == n:
+                        return t2
+        raise VkError(f"cannot cut text of exactly {n} tokens with tokenizer '{self.tokenizer.name}'")
+
+    def _self_check(self) -> None:
+        rng = np.random.default_rng(12345)
+        enc = self.tokenizer.encode_batch
+        lengths = rng.integers(1, 2000, size=_SELF_CHECK_SAMPLES).tolist()
+        texts = [self._piece(int(n), rng) for n in lengths]
+        got = [len(x) for x in enc(texts)]
+        bad = sum(1 for g, n in zip(got, lengths, strict=True) if g != n)
+        # concatenations of samples, and a salt in front
+        pairs = [texts[i] + texts[i + 1] for i in range(0, 40, 2)]
+        want = [lengths[i] + lengths[i + 1] for i in range(0, 40, 2)]
+        salted = [self.unique_salt(i) + texts[i] for i in range(20)]
+        want_s = [self.tokenizer.count(self.unique_salt(i)) + lengths[i] for i in range(20)]
+        got2 = [len(x) for x in enc(pairs + salted)]
+        bad += sum(1 for g, w in zip(got2, want + want_s, strict=True) if g != w)
+        self.failures = bad
+        if bad:
+            self.mode = "verify"
