@@ -1,0 +1,795 @@
+"""vk-schedule's engine: sessions in, a schedule header and scheduled_session records out.
+
+The engine works on raw JSON lines. Each input line is parsed once with orjson to check it (kind, v, id,
+requests; ``validate=True`` runs the full session validator) and the ORIGINAL bytes of the session are spliced
+into the output line, so a session is never re-encoded unless its id has to change (copies). Input is read in
+chunks of whatever the pipe has (``read1``); each chunk's output is written and flushed at once, so output
+never waits on input that has not arrived yet, and memory stays flat.
+
+Multi-pass modes (``cycle``, replay with ``target_rate``) re-read the input: a single regular file is re-opened,
+anything else (stdin, several files, Python iterables) is spooled to a temporary file on the first pass.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import orjson
+
+from vk import records
+from vk.errors import RecordError, VkError
+from vk.jsonl import dumps, open_input, source_name
+from vk.schedule import processes
+from vk.schedule.stats import StatsAcc, schedule_stats  # noqa: F401 - re-exported
+
+CHUNK = 1 << 18  # bytes read at a time
+
+_HEAD = b'{"kind":"scheduled_session","v":1,"index":%d,"start":%r,"session":'
+_HEAD_WARM = b'{"kind":"scheduled_session","v":1,"index":%d,"start":%r,"warmup":true,"session":'
+_HEAD_CLOSED = b'{"kind":"scheduled_session","v":1,"index":%d,"start":null,"session":'
+_HEAD_CLOSED_WARM = b'{"kind":"scheduled_session","v":1,"index":%d,"start":null,"warmup":true,"session":'
+_TAIL = b"}\n"
+
+OPEN_PROCESSES = ("poisson", "gamma", "constant", "ramp", "stages", "onoff")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# options
+
+
+@dataclass
+class Config:
+    mode: str  # open | closed
+    process: str  # poisson gamma constant ramp stages onoff replay closed
+    params: dict
+    seed: int
+    duration: float | None = None
+    max_sessions: int | None = None
+    cycle: bool = False
+    warmup: int = 0
+    shard: tuple[int, int] | None = None  # (k, n), k in 1..n
+    start_at: float | None = None
+    concurrency: int | None = None
+    ramp_up: float | None = None
+    rate_limit: float | None = None
+    validate: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def header(self) -> dict:
+        extra: dict = {}
+        if self.duration is not None:
+            extra["duration"] = self.duration
+        if self.max_sessions is not None:
+            extra["max_sessions"] = self.max_sessions
+        if self.cycle:
+            extra["cycle"] = True
+        if self.warmup:
+            extra["warmup"] = self.warmup
+        if self.shard is not None:
+            extra["shard"] = {"k": self.shard[0], "n": self.shard[1]}
+        if self.ramp_up is not None:
+            extra["ramp_up"] = self.ramp_up
+        if self.rate_limit is not None:
+            extra["rate_limit"] = self.rate_limit
+        if self.start_at is not None:
+            extra["start_at"] = self.start_at
+        extra.update(self.extra)
+        return records.new_schedule(self.mode, self.process, seed=self.seed, params=self.params,
+                                    concurrency=self.concurrency, **extra)
+
+
+def _num(value, option: str, *, minimum: float | None = None, positive: bool = False) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise VkError(f"{option}: expected a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise VkError(f"{option}: expected a finite number, got {value!r}")
+    if positive and x <= 0:
+        raise VkError(f"{option}: must be > 0, got {value!r}")
+    if minimum is not None and x < minimum:
+        raise VkError(f"{option}: must be >= {minimum:g}, got {value!r}")
+    return x
+
+
+def _int(value, option: str, *, minimum: int = 0) -> int:
+    if isinstance(value, bool):
+        raise VkError(f"{option}: expected an integer, got {value!r}")
+    try:
+        x = int(value) if not isinstance(value, float) or value.is_integer() else None
+    except (TypeError, ValueError):
+        x = None
+    if x is None:
+        raise VkError(f"{option}: expected an integer, got {value!r}")
+    if x < minimum:
+        raise VkError(f"{option}: must be >= {minimum}, got {value!r}")
+    return x
+
+
+def _fields(spec, n: int, option: str, form: str) -> list:
+    if isinstance(spec, str):
+        parts = spec.split(":")
+    else:
+        parts = list(spec)
+    if len(parts) != n:
+        raise VkError(f"{option}: expected {form}, got {spec!r}")
+    return parts
+
+
+def _parse_stages(spec) -> list[tuple[float, float]]:
+    form = "RATE:SECONDS[,RATE:SECONDS...]"
+    items = [s for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+    if not items:
+        raise VkError(f"--stages: expected {form}, got {spec!r}")
+    out = []
+    for i, it in enumerate(items):
+        r, s = _fields(it.strip() if isinstance(it, str) else it, 2, "--stages", form)
+        out.append((_num(r, f"--stages (stage {i + 1} rate)", minimum=0),
+                    _num(s, f"--stages (stage {i + 1} seconds)", positive=True)))
+    if not any(r > 0 for r, _ in out):
+        raise VkError("--stages: at least one stage needs a rate > 0")
+    return out
+
+
+def _parse_shard(spec) -> tuple[int, int]:
+    parts = spec.split("/") if isinstance(spec, str) else list(spec)
+    if len(parts) != 2:
+        raise VkError(f"--shard: expected K/N (e.g. 1/4), got {spec!r}")
+    n = _int(parts[1], "--shard N", minimum=1)
+    k = _int(parts[0], "--shard K", minimum=1)
+    if k > n:
+        raise VkError(f"--shard: K must be between 1 and N, got {spec!r}")
+    return k, n
+
+
+def make_config(
+    *,
+    seed=0,
+    poisson=None,
+    gamma=None,
+    cv=None,
+    constant=None,
+    ramp=None,
+    stages=None,
+    onoff=None,
+    replay=False,
+    speedup=1.0,
+    max_idle=None,
+    target_rate=None,
+    concurrency=None,
+    ramp_up=None,
+    rate_limit=None,
+    duration=None,
+    max_sessions=None,
+    cycle=False,
+    warmup=0,
+    shard=None,
+    start_at=None,
+    validate=False,
+) -> Config:
+    """Check the options (one clear VkError naming the option) and build the Config."""
+    chosen = [name for name, v in (("--poisson", poisson), ("--gamma", gamma), ("--constant", constant),
+                                   ("--ramp", ramp), ("--stages", stages), ("--onoff", onoff),
+                                   ("--replay", replay or None), ("--concurrency", concurrency)) if v is not None]
+    if not chosen:
+        raise VkError("choose how sessions start: --poisson RATE, --gamma RATE --cv CV, --constant RATE, "
+                      "--ramp FROM:TO:SECONDS, --stages RATE:SECONDS,..., --onoff ON:OFF:MEAN_ON:MEAN_OFF, "
+                      "--replay or --concurrency N")
+    if len(chosen) > 1:
+        raise VkError(f"choose one way to start sessions, got {' and '.join(chosen)}")
+    if cv is not None and gamma is None:
+        raise VkError("--cv goes with --gamma RATE")
+    if not replay:
+        for name, v, default in (("--speedup", speedup, 1.0), ("--max-idle", max_idle, None),
+                                 ("--target-rate", target_rate, None)):
+            if v != default and v is not None:
+                raise VkError(f"{name} goes with --replay")
+    if concurrency is None:
+        for name, v in (("--ramp-up", ramp_up), ("--rate-limit", rate_limit)):
+            if v is not None:
+                raise VkError(f"{name} goes with --concurrency N")
+
+    seed_i = _int(seed, "--seed", minimum=0)
+    dur = None if duration is None else _num(duration, "--duration", positive=True)
+    maxn = None if max_sessions is None else _int(max_sessions, "--max-sessions", minimum=1)
+    warm = _int(warmup or 0, "--warmup", minimum=0)
+    sh = None if shard is None else _parse_shard(shard)
+    st_at = None if start_at is None else _num(start_at, "--start-at", minimum=0)
+
+    mode, params, process = "open", {}, chosen[0][2:]
+    conc = None
+    if poisson is not None:
+        params = {"rate": _num(poisson, "--poisson", positive=True)}
+    elif gamma is not None:
+        if cv is None:
+            raise VkError("--gamma RATE needs --cv CV (the coefficient of variation of the gaps)")
+        rate = _num(gamma, "--gamma", positive=True)
+        c = _num(cv, "--cv", positive=True)
+        shape = 1.0 / (c * c)
+        params = {"rate": rate, "cv": c, "shape": shape, "scale": 1.0 / (rate * shape)}
+    elif constant is not None:
+        params = {"rate": _num(constant, "--constant", positive=True)}
+    elif ramp is not None:
+        a, b, s = _fields(ramp, 3, "--ramp", "FROM:TO:SECONDS")
+        a = _num(a, "--ramp FROM", minimum=0)
+        b = _num(b, "--ramp TO", minimum=0)
+        s = _num(s, "--ramp SECONDS", positive=True)
+        if a == 0 and b == 0:
+            raise VkError("--ramp: FROM and TO cannot both be 0")
+        params = {"from": a, "to": b, "seconds": s}
+        if dur is None and maxn is None:
+            dur = s
+    elif stages is not None:
+        st = _parse_stages(stages)
+        params = {"stages": [[r, s] for r, s in st]}
+        if dur is None and maxn is None:
+            dur = sum(s for _, s in st)
+    elif onoff is not None:
+        f = _fields(onoff, 4, "--onoff", "RATE_ON:RATE_OFF:MEAN_ON_SECONDS:MEAN_OFF_SECONDS")
+        on = _num(f[0], "--onoff RATE_ON", minimum=0)
+        off = _num(f[1], "--onoff RATE_OFF", minimum=0)
+        mon = _num(f[2], "--onoff MEAN_ON_SECONDS", positive=True)
+        moff = _num(f[3], "--onoff MEAN_OFF_SECONDS", positive=True)
+        if on == 0 and off == 0:
+            raise VkError("--onoff: RATE_ON and RATE_OFF cannot both be 0")
+        params = {"rate_on": on, "rate_off": off, "mean_on": mon, "mean_off": moff,
+                  "mean_rate": processes.onoff_mean_rate(on, off, mon, moff)}
+    elif replay:
+        params = {"speedup": _num(speedup, "--speedup", positive=True)}
+        if max_idle is not None:
+            params["max_idle"] = _num(max_idle, "--max-idle", minimum=0)
+        if target_rate is not None:
+            params["target_rate"] = _num(target_rate, "--target-rate", positive=True)
+    else:
+        mode, process = "closed", "closed"
+        conc = _int(concurrency, "--concurrency", minimum=1)
+        if ramp_up is not None:
+            ramp_up = _num(ramp_up, "--ramp-up", minimum=0)
+        if rate_limit is not None:
+            rate_limit = _num(rate_limit, "--rate-limit", positive=True)
+        if cycle and maxn is None:
+            raise VkError("--cycle in a closed loop needs --max-sessions N "
+                          "(how many sessions a duration holds is not known in advance)")
+    if cycle and mode == "open" and dur is None and maxn is None:
+        raise VkError("--cycle needs --duration SECONDS or --max-sessions N to know when to stop")
+    return Config(mode=mode, process=process, params=params, seed=seed_i, duration=dur, max_sessions=maxn,
+                  cycle=bool(cycle), warmup=warm, shard=sh, start_at=st_at, concurrency=conc, ramp_up=ramp_up,
+                  rate_limit=rate_limit, validate=bool(validate))
+
+
+def make_process(cfg: Config) -> processes.Process:
+    p, s = cfg.params, cfg.seed
+    if cfg.process == "poisson":
+        return processes.poisson(p["rate"], s)
+    if cfg.process == "gamma":
+        return processes.gamma(p["rate"], p["cv"], s)
+    if cfg.process == "constant":
+        return processes.constant(p["rate"], s)
+    if cfg.process == "ramp":
+        return processes.ramp(p["from"], p["to"], p["seconds"], s)
+    if cfg.process == "stages":
+        return processes.stages([tuple(x) for x in p["stages"]], s)
+    if cfg.process == "onoff":
+        return processes.onoff(p["rate_on"], p["rate_off"], p["mean_on"], p["mean_off"], s)
+    raise ValueError(cfg.process)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# input
+
+
+def _read_chunks(fh) -> Iterator[list[bytes]]:
+    """Lists of complete lines (without the newline), one list per read of whatever is available."""
+    read = fh.read1 if hasattr(fh, "read1") else fh.read
+    carry = b""
+    while True:
+        chunk = read(CHUNK)
+        if not chunk:
+            break
+        data = carry + chunk if carry else chunk
+        lines = data.split(b"\n")
+        carry = lines.pop()
+        if lines:
+            yield lines
+    if carry:
+        yield [carry]
+
+
+def _bad_session(src: str, n: int, obj) -> None:
+    """Raise the precise error for a line that failed the quick check (or return if it is a valid session)."""
+    if not isinstance(obj, dict):
+        raise RecordError(src, n, None, f"expected a JSON object, got {records._type_name(obj)}")
+    records.validate_session(obj, src, n)
+
+
+class Input:
+    """The sessions to schedule: JSONL files (``-`` is stdin) or an iterable of session dicts.
+
+    :meth:`first_pass` yields checked sessions as raw lines; :meth:`rewind` returns a path to re-read them
+    (spooled to a temporary file when they do not come from one regular file).
+    """
+
+    def __init__(self, paths: list[str] | None = None, sessions: Iterable[dict] | None = None, *,
+                 validate: bool = False, keep: bool = False):
+        self.paths = list(paths) if paths is not None else None
+        self.sessions = sessions
+        self.validate = validate
+        self.count = 0  # sessions read on the first pass
+        self.exhausted = False
+        self._spool = None
+        self._path = None
+        if keep:
+            if self.paths is not None and len(self.paths) == 1 and self.paths[0] != "-" \
+                    and os.path.isfile(self.paths[0]):
+                self._path = self.paths[0]
+            else:
+                fd, self._path = tempfile.mkstemp(prefix="vk-schedule-", suffix=".jsonl")
+                self._spool = os.fdopen(fd, "wb")
+
+    def _raw_chunks(self) -> Iterator[tuple[str, list[bytes]]]:
+        if self.sessions is not None:
+            it = iter(self.sessions)
+            while True:
+                block = list(islice(it, 256))
+                if not block:
+                    return
+                lines = []
+                for s in block:
+                    if not isinstance(s, dict):
+                        raise VkError(f"<sessions>: expected session dicts, got {type(s).__name__}")
+                    lines.append(orjson.dumps(s))
+                yield "<sessions>", lines
+            return
+        for path in self.paths or ["-"]:
+            src = source_name(path)
+            fh = open_input(path)
+            try:
+                for lines in _read_chunks(fh):
+                    yield src, lines
+            finally:
+                if fh is not sys.stdin.buffer:
+                    fh.close()
+
+    def first_pass(self, with_time: bool = False) -> Iterator[list]:
+        """Checked sessions, a list per chunk: raw lines, or (line, trace_time, raw) with ``with_time``."""
+        loads = orjson.loads
+        decode_error = orjson.JSONDecodeError
+        full = self.validate
+        spool = self._spool
+        src_prev, n = None, 0
+        for src, lines in self._raw_chunks():
+            if src != src_prev:
+                src_prev, n = src, 0
+            out = []
+            for line in lines:
+                n += 1
+                raw = line.rstrip()
+                if not raw:
+                    continue
+                try:
+                    obj = loads(raw)
+                except decode_error as e:
+                    raise RecordError(src, n, None, f"not valid JSON ({e})") from None
+                if (type(obj) is not dict or obj.get("kind") != "session" or obj.get("v") != 1
+                        or type(obj.get("id")) is not str or type(obj.get("requests")) is not list
+                        or not obj["requests"]):
+                    _bad_session(src, n, obj)
+                if full:
+                    records.validate_session(obj, src, n)
+                if with_time:
+                    tt = obj.get("trace_time")
+                    if isinstance(tt, bool) or not isinstance(tt, (int, float)) or not math.isfinite(tt):
+                        why = "missing" if tt is None else f"expected a number, got {records._type_name(tt)}"
+                        raise RecordError(src, n, "trace_time", f"{why} (--replay needs sessions from a trace)")
+                    out.append((n, src, tt, raw))
+                else:
+                    out.append(raw)
+            if out:
+                self.count += len(out)
+                if spool is not None:
+                    spool.write(b"\n".join(x[3] for x in out) if with_time else b"\n".join(out))
+                    spool.write(b"\n")
+                yield out
+        self.exhausted = True
+
+    def rewind(self) -> str:
+        """A path holding every session read by the first pass (call after it is exhausted)."""
+        if self._spool is not None and not self._spool.closed:
+            self._spool.close()
+        assert self._path is not None
+        return self._path
+
+    def close(self) -> None:
+        if self._spool is not None:
+            if not self._spool.closed:
+                self._spool.close()
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass
+
+
+def _copy(raw: bytes, n: int) -> bytes:
+    """Copy ``n`` (>= 2) of a session: its id gains ``#n`` and ``copy_of`` names the original."""
+    obj = orjson.loads(raw)
+    sid = obj["id"]
+    obj["id"] = f"{sid}#{n}"
+    obj["copy_of"] = sid
+    return orjson.dumps(obj)
+
+
+def _reread(path: str) -> Iterator[list[bytes]]:
+    with open(path, "rb") as fh:
+        for lines in _read_chunks(fh):
+            out = [x for x in (ln.rstrip() for ln in lines) if x]
+            if out:
+                yield out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the scheduler
+
+
+class Scheduler:
+    """Runs one schedule: ``for chunk in Scheduler(cfg, inp).run()`` gives output bytes (header line first)."""
+
+    def __init__(self, cfg: Config, inp: Input):
+        self.cfg = cfg
+        self.inp = inp
+        self.stop = None  # why the schedule ended
+        self.header: dict | None = None
+        self.stats: StatsAcc | None = None
+
+    def summary(self) -> dict:
+        assert self.stats is not None
+        return self.stats.result(self.stop)
+
+    def run(self) -> Iterator[bytes]:
+        cfg = self.cfg
+        try:
+            if cfg.process == "replay":
+                items = self._replay_items()  # runs the pre-pass before the header when it needs one
+                first = next(items, None)
+                self.header = cfg.header()
+                self.stats = StatsAcc(self.header)
+                yield dumps(self.header)
+                if first is not None:
+                    yield from self._emit_replay(first, items)
+                elif self.stop is None:
+                    self.stop = "end of input"
+            else:
+                self.header = cfg.header()
+                self.stats = StatsAcc(self.header)
+                yield dumps(self.header)
+                yield from self._emit(self._sessions())
+        finally:
+            self.inp.close()
+
+    # ---- sessions for open (non-replay) and closed loops
+
+    def _sessions(self) -> Iterator[list[bytes]]:
+        yield from self.inp.first_pass()
+        if not self.cfg.cycle or self.inp.count == 0:
+            return
+        path = self.inp.rewind()
+        p = 2
+        while True:
+            for raws in _reread(path):
+                yield [_copy(r, p) for r in raws]
+            p += 1
+
+    def _emit(self, batches: Iterator[list[bytes]]) -> Iterator[bytes]:
+        cfg = self.cfg
+        closed = cfg.mode == "closed"
+        proc = None if closed else make_process(cfg)
+        dur = math.inf if cfg.duration is None or closed else cfg.duration
+        maxn = math.inf if cfg.max_sessions is None else cfg.max_sessions
+        warm = cfg.warmup
+        sk, sn = (cfg.shard[0] - 1, cfg.shard[1]) if cfg.shard else (0, 1)
+        head, head_w = (_HEAD_CLOSED, _HEAD_CLOSED_WARM) if closed else (_HEAD, _HEAD_WARM)
+        stats = self.stats
+        times: list[float] = []
+        j = 0
+        idx = 0
+        stop = None
+        for raws in batches:
+            out: list[bytes] = []
+            ts: list = []
+            nwarm = 0
+            append = out.append
+            for raw in raws:
+                if closed:
+                    t = None
+                else:
+                    if j >= len(times):
+                        times = proc.next_block()
+                        j = 0
+                        if not times:
+                            stop = "end of the arrival process"
+                            break
+                    t = times[j]
+                    j += 1
+                    if t >= dur:
+                        stop = "--duration"
+                        break
+                if idx % sn == sk:
+                    if idx < warm:
+                        append((head_w % (idx, t)) if t is not None else (head_w % idx))
+                        nwarm += 1
+                    else:
+                        append((head % (idx, t)) if t is not None else (head % idx))
+                    append(raw)
+                    append(_TAIL)
+                    ts.append(t)
+                idx += 1
+                if idx >= maxn:
+                    stop = "--max-sessions"
+                    break
+            if out:
+                yield b"".join(out)
+                stats.add(ts, nwarm)
+            if stop:
+                break
+        self.stop = stop or "end of input"
+
+    # ---- trace replay
+
+    def _advance(self, tau: float, tprev: float | None, tt: float, src: str, n: int) -> float:
+        if tprev is None:
+            return 0.0
+        gap = tt - tprev
+        if gap < 0:
+            raise RecordError(src, n, "trace_time",
+                              f"goes back in time ({tt} after {tprev}); sort the sessions by trace_time")
+        gap /= self._speedup
+        if self._max_idle is not None and gap > self._max_idle:
+            gap = self._max_idle
+        return tau + gap
+
+    def _replay_items(self) -> Iterator[tuple[float, int, bytes]]:
+        """(start, copy number, raw) in start order, before duration/max-sessions/shard."""
+        p = self.cfg.params
+        self._speedup = p["speedup"]
+        self._max_idle = p.get("max_idle")
+        target = p.get("target_rate")
+        if target is None:
+            # stream the first pass as it comes
+            tau, tprev, n_read = 0.0, None, 0
+            yielded_first = False
+            for items in self.inp.first_pass(with_time=True):
+                for n, src, tt, raw in items:
+                    tau = self._advance(tau, tprev, tt, src, n)
+                    tprev = tt
+                    n_read += 1
+                    yielded_first = True
+                    yield round(tau, processes.DECIMALS), 1, raw
+            if not self.cfg.cycle or not yielded_first:
+                return
+            period = self._period(n_read, tau)
+            path = self.inp.rewind()
+            yield from self._copies(path, period, [0.0], start_pass=2)
+            return
+        # pre-pass: count the sessions and measure the trace, so the rate factor is known before the header
+        tau, tprev, n_read = 0.0, None, 0
+        for items in self.inp.first_pass(with_time=True):
+            for n, src, tt, _raw in items:
+                tau = self._advance(tau, tprev, tt, src, n)
+                tprev = tt
+                n_read += 1
+        if n_read == 0:
+            return
+        period = self._period(n_read, tau)
+        natural = n_read / period
+        factor = target / natural
+        m = max(1, math.ceil(factor - 1e-12))
+        keep = factor / m
+        g = processes.rng(self.cfg.seed, "replay-shift")
+        shifts = [0.0] + g.uniform(0.0, period, m - 1).tolist()
+        p.update({"natural_rate": natural, "period": period, "trace_sessions": n_read, "factor": factor,
+                  "copies": m, "keep": keep})
+        path = self.inp.rewind()
+        merged = self._copies(path, period, shifts, start_pass=1)
+        if keep >= 1.0:
+            yield from merged
+            return
+        thin = processes.rng(self.cfg.seed, "replay-thin")
+        u: list[float] = []
+        j = 0
+        for item in merged:
+            if j >= len(u):
+                u = thin.random(processes.BLOCK).tolist()
+                j = 0
+            x = u[j]
+            j += 1
+            if x < keep:
+                yield item
+
+    def _period(self, n_read: int, tau_last: float) -> float:
+        if n_read < 2 or tau_last <= 0:
+            raise VkError("--replay with --cycle or --target-rate needs a trace of at least two sessions "
+                          "at different trace_time values")
+        return tau_last * n_read / (n_read - 1)  # span plus one mean gap: the trace's period when repeated
+
+    def _copies(self, path: str, period: float, shifts: list[float], start_pass: int):
+        """Passes over the trace from ``start_pass`` on (for ever with cycle): each pass superposes one copy of
+        the trace per shift, copy j circularly shifted by shifts[j] within the period."""
+        m = len(shifts)
+        starts = self._wraps(path, [period - s for s in shifts])
+        p = start_pass
+        while True:
+            readers = [self._reader(path, starts[j], shifts[j], period, (p - 1) * period, (p - 1) * m + j + 1)
+                       for j in range(m)]
+            if m == 1:
+                yield from readers[0]
+            else:
+                yield from heapq.merge(*readers, key=lambda x: x[0])
+            if not self.cfg.cycle:
+                return
+            p += 1
+
+    def _wraps(self, path: str, thresholds: list[float]) -> list[tuple[int, float, float | None]]:
+        """For each threshold, (byte offset, tau, trace_time) of the first session with tau >= threshold."""
+        order = sorted(range(len(thresholds)), key=lambda j: thresholds[j])
+        res: list = [None] * len(thresholds)
+        k = 0
+        off = 0
+        tau, tprev = 0.0, None
+        with open(path, "rb") as fh:
+            for n, line in enumerate(fh, 1):
+                raw = line.rstrip()
+                if raw:
+                    tt = orjson.loads(raw)["trace_time"]
+                    tau = self._advance(tau, tprev, tt, path, n)
+                    while k < len(order) and tau >= thresholds[order[k]]:
+                        res[order[k]] = (off, tau, tt)
+                        k += 1
+                    tprev = tt
+                    if k == len(order):
+                        break
+                off += len(line)
+            else:
+                off = fh.tell()
+        for j in range(len(res)):
+            if res[j] is None:
+                res[j] = (off, None, None)  # wraps at the end: the whole trace shifted
+        return res
+
+    def _reader(self, path: str, start, shift: float, period: float, base: float, copy_n: int):
+        """One copy of the trace: from the wrap point to the end (time tau + shift - period), then from the
+        start up to the wrap point (time tau + shift); ``base`` is added to every time (cycle passes)."""
+        off0, tau0, tt0 = start
+        dec = processes.DECIMALS
+        with open(path, "rb") as fh:
+            if tau0 is not None:
+                fh.seek(off0)
+                tau, tprev = tau0, None
+                for line in fh:
+                    raw = line.rstrip()
+                    if not raw:
+                        continue
+                    tt = orjson.loads(raw)["trace_time"]
+                    tau = tau0 if tprev is None else self._advance(tau, tprev, tt, path, 0)
+                    tprev = tt
+                    yield round(base + tau + shift - period, dec), copy_n, raw
+                fh.seek(0)
+            tau, tprev = 0.0, None
+            pos = 0
+            for line in fh:
+                if pos >= off0:
+                    break
+                pos += len(line)
+                raw = line.rstrip()
+                if not raw:
+                    continue
+                tt = orjson.loads(raw)["trace_time"]
+                tau = self._advance(tau, tprev, tt, path, 0)
+                tprev = tt
+                yield round(base + tau + shift, dec), copy_n, raw
+
+    def _emit_replay(self, first, items) -> Iterator[bytes]:
+        cfg = self.cfg
+        dur = math.inf if cfg.duration is None else cfg.duration
+        maxn = math.inf if cfg.max_sessions is None else cfg.max_sessions
+        warm = cfg.warmup
+        sk, sn = (cfg.shard[0] - 1, cfg.shard[1]) if cfg.shard else (0, 1)
+        idx = 0
+        stop = None
+        out: list[bytes] = []
+        ts: list[float] = []
+        nwarm = 0
+
+        def chain():
+            yield first
+            yield from items
+
+        for t, copy_n, raw in chain():
+            if t >= dur:
+                stop = "--duration"
+                break
+            if idx % sn == sk:
+                if copy_n > 1:
+                    raw = _copy(raw, copy_n)
+                if idx < warm:
+                    out.append(_HEAD_WARM % (idx, t))
+                    nwarm += 1
+                else:
+                    out.append(_HEAD % (idx, t))
+                out.append(raw)
+                out.append(_TAIL)
+                ts.append(t)
+                if len(ts) >= 256:
+                    yield b"".join(out)
+                    self.stats.add(ts, nwarm)
+                    out, ts, nwarm = [], [], 0
+            idx += 1
+            if idx >= maxn:
+                stop = "--max-sessions"
+                break
+        if out:
+            yield b"".join(out)
+            self.stats.add(ts, nwarm)
+        self.stop = stop or "end of input"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Python API
+
+
+def schedule(
+    sessions: Iterable[dict],
+    *,
+    seed=0,
+    poisson=None,
+    gamma=None,
+    cv=None,
+    constant=None,
+    ramp=None,
+    stages=None,
+    onoff=None,
+    replay=False,
+    speedup=1.0,
+    max_idle=None,
+    target_rate=None,
+    concurrency=None,
+    ramp_up=None,
+    rate_limit=None,
+    duration=None,
+    max_sessions=None,
+    cycle=False,
+    warmup=0,
+    shard=None,
+    start_at=None,
+    validate=False,
+) -> Iterator[dict]:
+    """Schedule sessions: yields the schedule header, then one scheduled_session record per session.
+
+    Same options as the ``vk-schedule`` command (``ramp="FROM:TO:SECONDS"``, ``stages="10:60,20:60"`` or
+    ``[(10, 60), (20, 60)]``, ``onoff="ON:OFF:MEAN_ON:MEAN_OFF"``, ``shard="K/N"`` or ``(K, N)``). Lazy: sessions
+    are read as records are taken. Options are checked before the generator is returned (VkError).
+    """
+    cfg = make_config(seed=seed, poisson=poisson, gamma=gamma, cv=cv, constant=constant, ramp=ramp, stages=stages,
+                      onoff=onoff, replay=replay, speedup=speedup, max_idle=max_idle, target_rate=target_rate,
+                      concurrency=concurrency, ramp_up=ramp_up, rate_limit=rate_limit, duration=duration,
+                      max_sessions=max_sessions, cycle=cycle, warmup=warmup, shard=shard, start_at=start_at,
+                      validate=validate)
+    return _records(cfg, sessions)
+
+
+def needs_rewind(cfg: Config) -> bool:
+    return cfg.cycle or (cfg.process == "replay" and cfg.params.get("target_rate") is not None)
+
+
+def _records(cfg: Config, sessions: Iterable[dict]) -> Iterator[dict]:
+    sch = Scheduler(cfg, Input(sessions=sessions, validate=cfg.validate, keep=needs_rewind(cfg)))
+    loads = orjson.loads
+    for chunk in sch.run():
+        for line in chunk.split(b"\n"):
+            if line:
+                yield loads(line)
