@@ -1,0 +1,291 @@
+"""Row sources for trace files: JSON Lines, CSV (by column name) and JSON arrays, streamed with byte offsets.
+
+Every row comes with its *line number* (1-based, as an editor shows it; the CSV header is line 1) so that a bad
+row is reported as ``FILE:LINE: field 'COLUMN': ...``. JSON arrays have no useful line numbers: their rows are
+numbered by position (1-based ``item``) and reported as ``FILE: field '[ITEM].COLUMN': ...``.
+
+Sources stream: ``scan()`` reads the file once, front to back, holding one row at a time, and yields each row's
+byte offset so that the indexed mode (shuffle, wrap, multi-turn grouping) can come back to it with ``read_at``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import orjson
+
+from vk.errors import RecordError, VkError
+
+FORMATS = ("auto", "jsonl", "json", "csv")
+
+
+class RowSource:
+    """A trace file opened for streaming; ``kind`` is jsonl, json or csv."""
+
+    kind = "?"
+
+    def __init__(self, path: str, display: str | None = None):
+        self.path = path
+        self.src = display or path
+        self.columns: list[str] | None = None
+        self.size = os.path.getsize(path)
+
+    def scan(self) -> Iterator[tuple[int, int, dict]]:
+        raise NotImplementedError
+
+    def read_at(self, offset: int, line: int) -> dict:
+        raise NotImplementedError
+
+    def error(self, line: int, field: str | None, message: str) -> RecordError:
+        return RecordError(self.src, line, field, message)
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSource(RowSource):
+    kind = "jsonl"
+
+    def __init__(self, path, display=None):
+        super().__init__(path, display)
+        self._fh = None
+
+    def _parse(self, raw: bytes, line: int) -> dict:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise self.error(line, None, f"not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise self.error(line, None, "expected a JSON object per line")
+        return obj
+
+    def scan(self):
+        off = 0
+        with open(self.path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                ln = len(raw)
+                if raw.strip():
+                    yield n, off, self._parse(raw, n)
+                off += ln
+
+    def read_at(self, offset, line):
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(offset)
+        return self._parse(self._fh.readline(), line)
+
+    def close(self):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class CsvSource(RowSource):
+    """CSV read by column name. One record per physical line (quoted fields may hold commas, not newlines)."""
+
+    kind = "csv"
+
+    def __init__(self, path, display=None):
+        super().__init__(path, display)
+        self._fh = None
+        with open(path, "rb") as fh:
+            head = fh.readline()
+        text = head.decode("utf-8-sig", errors="replace").rstrip("\r\n")
+        if not text.strip():
+            raise VkError(f"{self.src}: empty CSV file (expected a header line with column names)")
+        self.columns = [c.strip() for c in next(csv.reader([text]))]
+        self._ncol = len(self.columns)
+
+    def _parse(self, raw: bytes, line: int) -> dict | None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.error(line, None, f"not valid UTF-8 ({e.reason})") from None
+        text = text.rstrip("\r\n")
+        if not text.strip():
+            return None
+        vals = text.split(",") if '"' not in text else next(csv.reader([text]))
+        if len(vals) != self._ncol:
+            raise self.error(line, None, f"expected {self._ncol} comma-separated fields (as in the header), "
+                                         f"got {len(vals)}")
+        return dict(zip(self.columns, vals))
+
+    def scan(self):
+        with open(self.path, "rb") as fh:
+            first = fh.readline()
+            off = len(first)
+            for n, raw in enumerate(fh, 2):
+                row = self._parse(raw, n)
+                if row is not None:
+                    yield n, off, row
+                off += len(raw)
+
+    def read_at(self, offset, line):
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(offset)
+        return self._parse(self._fh.readline(), line)
+
+    def close(self):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class JsonArraySource(RowSource):
+    """A JSON array of objects (ShareGPT files). Loaded whole: convert big ones to JSONL to stream them."""
+
+    kind = "json"
+
+    def __init__(self, path, display=None):
+        super().__init__(path, display)
+        self._items: list | None = None
+
+    def _load(self) -> list:
+        if self._items is None:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError as e:
+                raise VkError(f"{self.src}: not valid JSON ({e})") from None
+            if isinstance(obj, dict):
+                # {"data": [...]} or a single conversation
+                lists = [v for v in obj.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
+                obj = lists[0] if len(lists) == 1 and "conversations" not in obj and "messages" not in obj \
+                    else [obj]
+            if not isinstance(obj, list):
+                raise VkError(f"{self.src}: expected a JSON array of objects")
+            self._items = obj
+        return self._items
+
+    def error(self, line, field, message):
+        where = f"[{line}]" + (f".{field}" if field else "")
+        return RecordError(self.src, None, where, message)
+
+    def scan(self):
+        for i, obj in enumerate(self._load(), 1):
+            if not isinstance(obj, dict):
+                raise self.error(i, None, "expected a JSON object")
+            yield i, i - 1, obj
+
+    def read_at(self, offset, line):
+        return self._load()[offset]
+
+
+def sniff_format(path: str) -> str:
+    low = path.lower()
+    for ext, kind in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".csv", "csv"), (".tsv", "csv")):
+        if low.endswith(ext):
+            return kind
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    if head.startswith(b"["):
+        return "json"
+    if head.startswith(b"{"):
+        # a JSONL file has one object per line; a pretty-printed JSON object spans lines
+        first = head.split(b"\n", 1)[0].strip()
+        try:
+            orjson.loads(first)
+            return "jsonl"
+        except orjson.JSONDecodeError:
+            return "json"
+    return "csv"
+
+
+class _Spool:
+    """stdin copied to a temporary file (the indexed mode needs to come back to rows)."""
+
+    def __init__(self):
+        fd, self.path = tempfile.mkstemp(prefix="vk-trace-", suffix=".spool")
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(sys.stdin.buffer, out, 1 << 20)
+
+    def close(self):
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def open_source(path: str, fmt: str = "auto") -> tuple[RowSource, object | None]:
+    """Open a trace file (``-`` is stdin, spooled to a temporary file). Returns (source, cleanup-handle)."""
+    spool = None
+    display = "<stdin>" if path == "-" else path
+    if path == "-":
+        spool = _Spool()
+        path = spool.path
+    elif not os.path.exists(path):
+        raise VkError(f"{path}: no such file")
+    elif os.path.isdir(path):
+        raise VkError(f"{path}: is a directory, expected a trace file")
+    kind = fmt if fmt != "auto" else (sniff_format(path) if path.lower() != "-" else "jsonl")
+    cls = {"jsonl": JsonlSource, "csv": CsvSource, "json": JsonArraySource}[kind]
+    return cls(path, display), spool
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timestamps
+
+_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def parse_number(value, *, integer: bool = False):
+    """A number from JSON or CSV text. Returns None for a blank/missing value; raises ValueError if malformed."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    if isinstance(value, (int, float)):
+        v = value
+    elif isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return None
+        try:
+            v = int(s)
+        except ValueError:
+            try:
+                v = float(s)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+    else:
+        raise ValueError(f"expected a number, got {type(value).__name__}")
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    if integer and not isinstance(v, int):
+        if float(v).is_integer():
+            v = int(v)
+        else:
+            raise ValueError(f"expected an integer, got {value!r}")
+    return v
+
+
+def parse_time(value, unit: str = "s") -> float | None:
+    """Seconds on the trace's own clock: a number in ``unit`` or an ISO-8601 date-time (naive means UTC)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return None
+        try:
+            return float(s) * _UNITS[unit]
+        except ValueError:
+            pass
+        try:
+            dt = datetime.fromisoformat(s.replace("Z", "+00:00") if s.endswith("Z") else s)
+        except ValueError:
+            raise ValueError(f"expected a number or an ISO date-time, got {value!r}") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return (dt - _EPOCH).total_seconds()
+    v = parse_number(value)
+    return None if v is None else float(v) * _UNITS[unit]
