@@ -1,0 +1,120 @@
+"""vk-send: run a schedule against an OpenAI-compatible API and write one response record per request."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import orjson
+
+from vk.cli import command, examples, main_wrapper
+from vk.errors import VkError
+from vk.jsonl import read_records, source_name
+from vk.send.run import DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_LAG_THRESHOLD, DEFAULT_TIMEOUT, send
+
+EPILOG = examples(
+    "vk-gen synth.yaml | vk-schedule --poisson 10 | vk-send --api http://127.0.0.1:8000/v1 > run.jsonl",
+    "vk-send sched.jsonl --api http://127.0.0.1:8000/v1 -o run.jsonl --workers 1 --progress",
+    "vk-gen chat.yaml | vk-send --api http://127.0.0.1:8000/v1 --concurrency 8 -o run.jsonl",
+    "vk-send sched.jsonl --api https://api.example.com/v1 --model my-model -H 'X-Team: bench' \\",
+    "        --extra-body '{\"temperature\": 0}' --max-errors 0.2 -o run.jsonl",
+)
+
+
+def _is_file(p: str) -> bool:
+    return p != "-" and os.path.isfile(p)
+
+
+@command("vk-send", epilog=EPILOG)
+@click.argument("schedule", nargs=-1, metavar="[SCHEDULE]...")
+@click.option("--api", required=True, metavar="URL", help="Base URL of the API, e.g. http://127.0.0.1:8000/v1.")
+@click.option("-o", "--output", default="-", metavar="FILE", show_default=True, help="Write records here.")
+@click.option("--model", default=None, help="Model name [default: first id from GET {api}/models].")
+@click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat", show_default=True,
+              help="chat: /chat/completions with messages; completions: /completions with a prompt.")
+@click.option("--stream/--no-stream", default=True, show_default=True, help="Stream the responses (SSE).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes, each with its own event loop [default: one per core].")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None,
+              help="Sessions kept active when the input is plain sessions (no schedule) [default: 1]; "
+                   "overrides a closed-loop schedule's concurrency.")
+@click.option("--api-key", default=None, metavar="KEY",
+              help="Bearer token [default: $OPENAI_API_KEY]. Never written to any record.")
+@click.option("-H", "--header", "headers", multiple=True, metavar="'NAME: VALUE'",
+              help="Extra HTTP header (repeatable).")
+@click.option("--extra-body", default=None, metavar="JSON", help="JSON object merged into every request body.")
+@click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, metavar="S",
+              help="Total time allowed per request (0: none).")
+@click.option("--first-byte-timeout", type=float, default=DEFAULT_FIRST_BYTE_TIMEOUT, show_default=True,
+              metavar="S", help="Time allowed until the first response byte (0: none).")
+@click.option("--max-errors", default=None, metavar="N|FRACTION",
+              help="Stop the run once N requests failed, or once more than FRACTION of them did (after 20).")
+@click.option("--save-text", is_flag=True, help="Keep the returned text in each record (field 'text').")
+@click.option("--continuous-usage", is_flag=True,
+              help="Ask for usage on every chunk (stream_options.continuous_usage_stats) for exact per-event "
+                   "token counts.")
+@click.option("--max-tokens-param", default="max_tokens", show_default=True, metavar="NAME",
+              help="Body field for the output limit (e.g. max_completion_tokens; '' to omit).")
+@click.option("--min-tokens-param", default="min_tokens", show_default=True, metavar="NAME",
+              help="Body field for the minimum output length ('' to omit).")
+@click.option("--ignore-eos-param", default="ignore_eos", show_default=True, metavar="NAME",
+              help="Body field for ignore-EOS ('' to omit).")
+@click.option("--client", type=click.Choice(["raw", "aiohttp", "httpx"]), default="raw", show_default=True,
+              help="HTTP client: raw sockets with kernel receive timestamps, or aiohttp / httpx.")
+@click.option("--http2", is_flag=True, help="Use HTTP/2 (through httpx).")
+@click.option("--no-kernel-timestamps", is_flag=True,
+              help="Time events when Python reads them instead of when the kernel received them.")
+@click.option("--lag-threshold", type=float, default=DEFAULT_LAG_THRESHOLD, show_default=True, metavar="S",
+              help="p99 dispatch lag above which the run is flagged as lagged.")
+@click.option("--progress", is_flag=True, help="Show a progress bar on stderr even when it is not a terminal.")
+def cli_command(schedule, api, output, model, endpoint, stream, workers, concurrency, api_key, headers,
+                extra_body, timeout, first_byte_timeout, max_errors, save_text, continuous_usage,
+                max_tokens_param, min_tokens_param, ignore_eos_param, client, http2, no_kernel_timestamps,
+                lag_threshold, progress):
+    """Run a schedule of sessions against an OpenAI-compatible API.
+
+    Reads a schedule (a schedule header and scheduled sessions, from vk-schedule) or plain sessions (from
+    vk-gen) from SCHEDULE files or stdin, and writes a run header, one response record per request and a run_end
+    footer. Open loop: every session starts at its offset from the run start. Closed loop: N sessions are kept
+    active. Exit status: 0 done, 1 stopped by --max-errors, 2 bad input or options, 130 interrupted.
+    """
+    paths = list(schedule) or ["-"]
+    body = None
+    if extra_body:
+        try:
+            body = orjson.loads(extra_body)
+        except orjson.JSONDecodeError as e:
+            raise VkError(f"--extra-body: not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise VkError("--extra-body: expected a JSON object")
+    if all(_is_file(p) for p in paths):
+        # check the whole schedule before the first request
+        for _ in read_records(paths, ("schedule", "scheduled_session", "session")):
+            pass
+        recs = (r for _, _, r in read_records(paths, validate=False))
+        validate = False
+    else:
+        recs = (r for _, _, r in read_records(paths, ("schedule", "scheduled_session", "session")))
+        validate = False
+    progress = progress or sys.stderr.isatty()
+    end = send(
+        recs, api=api, output=output, model=model, endpoint=endpoint, stream=stream, workers=workers,
+        api_key=api_key, headers=headers, extra_body=body, timeout=timeout, first_byte_timeout=first_byte_timeout,
+        max_errors=max_errors, save_text=save_text, progress=progress, argv=sys.argv[1:],
+        continuous_usage=continuous_usage, max_tokens_param=max_tokens_param, min_tokens_param=min_tokens_param,
+        ignore_eos_param=ignore_eos_param, client=client, http2=http2, kernel_timestamps=not no_kernel_timestamps,
+        lag_threshold=lag_threshold, concurrency=concurrency, validate=validate,
+        source=source_name(paths[0]),
+    )
+    if end["ended"] == "interrupted":
+        sys.exit(130)
+    if end["ended"] == "max_errors":
+        print(f"vk-send: stopped early: {end['reason']}", file=sys.stderr)
+        sys.exit(1)
+
+
+main = main_wrapper(cli_command, "vk-send")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,502 @@
+"""The session engine of one worker: one event loop, sessions on absolute deadlines, one record per request.
+
+A worker receives scheduled sessions (already validated, in start order) from an ``asyncio.Queue`` and:
+
+- open loop: starts each session at ``run start + start`` (absolute deadlines through ``clock.Deadlines``, so
+  there is no drift from relative sleeps and no millisecond timer granularity);
+- closed loop: keeps ``slots`` sessions active, with an optional ramp-up (slot i opens at i * ramp_up / slots)
+  and rate limit (at most ``rate_limit`` session starts per second);
+- within a session: a request is ready when all its parents completed; it is intended at the latest parent's
+  completion plus its think time (roots: session start plus think time); a failed parent makes it ``skipped``;
+- builds the conversation from the history parent's conversation and the text the server actually returned.
+
+Records go to ``emit(dict)``; the caller writes them (in-process) or ships them to the parent process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from vk import __version__
+from vk.records import STATUS_CANCELLED, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, STATUS_TIMEOUT, new_response
+from vk.send.clock import Deadlines, RunClock
+from vk.send.rawhttp import Exchange, RawClient
+from vk.send.sse import error_body_text, parse_json_body, parse_stream
+
+_mono = time.monotonic
+
+LOOKAHEAD = 1.0  # seconds: how early an open-loop session is taken from the queue before its start
+
+# fields of the input records that vk-send interprets; every other field is copied into the response
+_SS_KNOWN = {"kind", "v", "index", "start", "warmup", "session"}
+_SESSION_KNOWN = {"kind", "v", "id", "requests", "source", "trace_time"}
+_REQUEST_KNOWN = {"id", "parents", "history", "think_time", "messages", "prompt", "input_tokens", "prefix_tokens",
+                  "output_tokens", "output_control", "params"}
+
+
+@dataclass
+class Config:
+    """Everything a worker needs (plain data, so it crosses into worker processes)."""
+
+    run_id: str
+    api: str
+    scheme: str
+    host: str
+    port: int
+    path: str  # full request path, e.g. /v1/chat/completions
+    endpoint: str = "chat"
+    model: str | None = None
+    stream: bool = True
+    api_key: str | None = None
+    headers: list = field(default_factory=list)  # [(name, value)]
+    extra_body: dict | None = None
+    timeout: float | None = None
+    first_byte_timeout: float | None = None
+    save_text: bool = False
+    continuous_usage: bool = False
+    max_tokens_param: str = "max_tokens"
+    min_tokens_param: str = "min_tokens"
+    ignore_eos_param: str = "ignore_eos"
+    client: str = "raw"
+    http2: bool = False
+    kernel_timestamps: bool = True
+    mode: str = "open"
+    concurrency: int = 1
+    ramp_up: float = 0.0
+    rate_limit: float | None = None
+    duration: float | None = None
+    worker: int = 0
+    workers: int = 1
+
+
+class _Sess:
+    __slots__ = ("ss", "sess", "index", "warmup", "t_start", "reqs", "pos", "children", "indeg", "status",
+                 "t_done", "conv", "keep_conv", "pending", "fut", "pool", "extra", "recorded", "launched")
+
+    def __init__(self, ss: dict, t_start: float, pool, loop):
+        self.ss = ss
+        sess = ss["session"]
+        self.sess = sess
+        self.index = ss.get("index")
+        self.warmup = bool(ss.get("warmup", False))
+        self.t_start = t_start
+        reqs = sess["requests"]
+        self.reqs = {r["id"]: r for r in reqs}
+        self.pos = {r["id"]: i for i, r in enumerate(reqs)}
+        self.children: dict[str, list[str]] = {r["id"]: [] for r in reqs}
+        self.indeg = {}
+        self.keep_conv = set()
+        for r in reqs:
+            ps = r.get("parents") or []
+            self.indeg[r["id"]] = len(ps)
+            for p in ps:
+                self.children[p].append(r["id"])
+            h = r.get("history")
+            if h:
+                self.keep_conv.add(h)
+        self.status: dict[str, str] = {}
+        self.t_done: dict[str, float] = {}
+        self.conv: dict[str, Any] = {}
+        self.pending = len(reqs)
+        self.fut = loop.create_future()
+        self.pool = pool
+        self.recorded: set[str] = set()
+        self.launched: set[str] = set()
+        extra = {k: v for k, v in ss.items() if k not in _SS_KNOWN}
+        for k, v in sess.items():
+            if k not in _SESSION_KNOWN:
+                extra[k] = v
+        self.extra = extra
+
+
+class Engine:
+    def __init__(self, cfg: Config, clock: RunClock, loop: asyncio.AbstractEventLoop, emit: Callable[[dict], None]):
+        self.cfg = cfg
+        self.clock = clock
+        self.loop = loop
+        self.emit = emit
+        self.deadlines = Deadlines(loop)
+        self.stopping = False
+        self.stop_reason: str | None = None
+        self.t_stop: float | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.active: set[_Sess] = set()
+        self.sessions_started = 0
+        self.sessions_done = 0
+        self.sessions_not_started = 0
+        self.inflight = 0
+        self.duration_reached = False
+        self.completions = cfg.endpoint == "completions"
+        self.client = self._make_client()
+        self.run_short = cfg.run_id.replace("-", "")[:8]
+        self._wake_stop = loop.create_future()
+        base = {"model": cfg.model} if cfg.model else {}
+        if cfg.stream:
+            base["stream"] = True
+            so = {"include_usage": True}
+            if cfg.continuous_usage:
+                so["continuous_usage_stats"] = True
+            base["stream_options"] = so
+        else:
+            base["stream"] = False
+        self.base_body = base
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _http_headers(self) -> dict[str, str]:
+        h = {"Content-Type": "application/json", "User-Agent": f"vk-send/{__version__}"}
+        if self.cfg.stream:
+            h["Accept"] = "text/event-stream"
+        if self.cfg.api_key:
+            h["Authorization"] = f"Bearer {self.cfg.api_key}"
+        for k, v in self.cfg.headers:
+            h[k] = v
+        return h
+
+    def _make_client(self):
+        cfg = self.cfg
+        h = self._http_headers()
+        url = f"{cfg.scheme}://{cfg.host}:{cfg.port}{cfg.path}"
+        if cfg.http2 or cfg.client == "httpx":
+            from vk.send.altclient import HttpxClient
+
+            return HttpxClient(url, h, http2=cfg.http2)
+        if cfg.client == "aiohttp" or cfg.scheme != "http":
+            from vk.send.altclient import AiohttpClient
+
+            return AiohttpClient(url, h)
+        client = RawClient(self.loop, self.clock, cfg.host, cfg.port, kernel_timestamps=cfg.kernel_timestamps)
+        hostport = cfg.host if cfg.port == 80 else f"{cfg.host}:{cfg.port}"
+        if ":" in cfg.host:
+            hostport = f"[{cfg.host}]:{cfg.port}"
+        lines = [f"POST {cfg.path} HTTP/1.1", f"Host: {hostport}"]
+        lines += [f"{k}: {v}" for k, v in h.items()]
+        self._head_prefix = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+        return client
+
+    # ---------------------------------------------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_reason = reason
+        self.t_stop = _mono()
+        if not self._wake_stop.done():
+            self._wake_stop.set_result(None)
+
+    async def run(self, queue: asyncio.Queue) -> None:
+        """Run every session from ``queue`` (None ends it), then return after everything is recorded."""
+        housekeeping = self.loop.create_task(self._housekeeping())
+        try:
+            if self.cfg.mode == "closed":
+                feeder = self.loop.create_task(self._feed_closed(queue))
+            else:
+                feeder = self.loop.create_task(self._feed_open(queue))
+            await asyncio.wait([feeder, self._wake_stop], return_when=asyncio.FIRST_COMPLETED)
+            if not feeder.done():
+                feeder.cancel()
+                try:
+                    await feeder
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                    pass
+            elif feeder.exception() is not None:
+                raise feeder.exception()
+            # wait for the active sessions to finish (or the stop signal)
+            while self.active and not self.stopping:
+                futs = [s.fut for s in self.active]
+                await asyncio.wait([*futs, self._wake_stop], return_when=asyncio.FIRST_COMPLETED)
+            if self.stopping:
+                await self._cancel_all()
+        finally:
+            housekeeping.cancel()
+            await self.client.close()
+            self.deadlines.close()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.clock.refresh()
+            # the collector is off during the run; sweep young garbage only when it has piled up
+            if gc.get_count()[0] > 200_000:
+                gc.collect(1)
+
+    async def _cancel_all(self) -> None:
+        tasks = list(self.tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for s in list(self.active):
+            if s.t_start > self.t_stop:
+                # not started yet: nothing was sent
+                self.sessions_not_started += 1
+                self.active.discard(s)
+                continue
+            for rid in s.reqs:
+                if rid not in s.recorded:
+                    self._record_unsent(s, rid, STATUS_CANCELLED, "not sent: the run was stopped")
+            self._session_end(s)
+
+    # ---------------------------------------------------------------------------------------------------------
+    async def _feed_open(self, queue: asyncio.Queue) -> None:
+        mono0 = self.clock.mono0
+        while True:
+            ss = await queue.get()
+            if ss is None:
+                return
+            t_start = mono0 + ss["start"]
+            early = t_start - LOOKAHEAD
+            if early > _mono():
+                await self.deadlines.sleep_until(early)
+            if self.stopping:
+                return
+            self._start_session(ss, t_start)
+
+    async def _feed_closed(self, queue: asyncio.Queue) -> None:
+        cfg = self.cfg
+        slots = max(1, cfg.concurrency)
+        self._next_start = self.clock.mono0
+        self._queue_done = False
+        runners = [self.loop.create_task(self._slot(queue, i, slots)) for i in range(slots)]
+        await asyncio.gather(*runners)
+
+    async def _slot(self, queue: asyncio.Queue, i: int, slots: int) -> None:
+        cfg = self.cfg
+        mono0 = self.clock.mono0
+        if cfg.ramp_up and i:
+            await self.deadlines.sleep_until(mono0 + cfg.ramp_up * i / slots)
+        while not self.stopping and not self._queue_done:
+            ss = await queue.get()
+            if ss is None:
+                self._queue_done = True
+                queue.put_nowait(None)  # let the other slots see the end too
+                return
+            now = _mono()
+            if cfg.duration is not None and now - mono0 >= cfg.duration:
+                self._queue_done = True
+                self.duration_reached = True
+                return
+            t_start = now
+            if cfg.rate_limit:
+                t_start = max(now, self._next_start)
+                self._next_start = t_start + 1.0 / cfg.rate_limit
+                if t_start > now:
+                    await self.deadlines.sleep_until(t_start)
+                    if self.stopping:
+                        return
+            s = self._start_session(ss, t_start)
+            await s.fut
+
+    def _start_session(self, ss: dict, t_start: float) -> _Sess:
+        s = _Sess(ss, t_start, self.client.new_pool(), self.loop)
+        self.active.add(s)
+        self.sessions_started += 1
+        for rid, r in s.reqs.items():
+            if s.indeg[rid] == 0:
+                self._launch(s, r, t_start + (r.get("think_time") or 0.0))
+        return s
+
+    def _launch(self, s: _Sess, r: dict, t_intended: float) -> None:
+        s.launched.add(r["id"])
+        task = self.loop.create_task(self._request(s, r, t_intended))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _session_end(self, s: _Sess) -> None:
+        if s in self.active:
+            self.active.discard(s)
+            self.sessions_done += 1
+            self.client.release_pool(s.pool)
+            s.conv.clear()
+            if not s.fut.done():
+                s.fut.set_result(None)
+
+    def _request_done(self, s: _Sess, rid: str, status: str, t_done: float) -> None:
+        s.status[rid] = status
+        s.t_done[rid] = t_done
+        s.pending -= 1
+        if not self.stopping:
+            for c in s.children[rid]:
+                s.indeg[c] -= 1
+                if s.indeg[c] == 0:
+                    r = s.reqs[c]
+                    ps = r.get("parents") or []
+                    bad = [p for p in ps if s.status.get(p) != STATUS_OK]
+                    if bad:
+                        self._record_unsent(s, c, STATUS_SKIPPED,
+                                            f"parent request {bad[0]!r} did not succeed ({s.status.get(bad[0])})")
+                        continue
+                    t_ready = max(s.t_done[p] for p in ps)
+                    self._launch(s, r, t_ready + (r.get("think_time") or 0.0))
+        if s.pending == 0:
+            self._session_end(s)
+
+    def _record_unsent(self, s: _Sess, rid: str, status: str, error: str) -> None:
+        r = s.reqs[rid]
+        rec = self._base_record(s, r, status)
+        rec["error"] = error
+        rec["t_done"] = round(_mono() - self.clock.mono0, 7)
+        s.recorded.add(rid)
+        self.emit(rec)
+        self._request_done(s, rid, status, _mono())
+
+    def _base_record(self, s: _Sess, r: dict, status: str) -> dict:
+        rec = new_response(self.cfg.run_id, s.sess["id"], r["id"], status, session_index=s.index,
+                           warmup=s.warmup, worker=self.cfg.worker,
+                           target_input_tokens=r.get("input_tokens"), target_output_tokens=r.get("output_tokens"))
+        for k, v in s.extra.items():
+            if k not in rec:
+                rec[k] = v
+        for k, v in r.items():
+            if k not in _REQUEST_KNOWN and k not in rec:
+                rec[k] = v
+        return rec
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _conversation(self, s: _Sess, r: dict):
+        """The content to send: history parent's full conversation, then this request's new content."""
+        h = r.get("history")
+        if self.completions:
+            new = r.get("prompt")
+            if new is None:  # chat content sent to a completions endpoint: join the message texts
+                new = "\n".join(str(m.get("content", "")) for m in r.get("messages") or [])
+            return (s.conv.get(h, "") + new) if h else new
+        new = r.get("messages")
+        if new is None:
+            new = [{"role": "user", "content": r.get("prompt", "")}]
+        return (s.conv.get(h, []) + new) if h else new
+
+    def _body(self, r: dict, content) -> bytes:
+        cfg = self.cfg
+        body = dict(self.base_body)
+        if self.completions:
+            body["prompt"] = content
+        else:
+            body["messages"] = content
+        target = r.get("output_tokens")
+        oc = r.get("output_control", "exact")
+        if target is not None and oc != "none":
+            if cfg.max_tokens_param:
+                body[cfg.max_tokens_param] = target
+            if oc == "exact" and cfg.min_tokens_param:
+                body[cfg.min_tokens_param] = target
+            elif oc == "ignore_eos" and cfg.ignore_eos_param:
+                body[cfg.ignore_eos_param] = True
+        if cfg.extra_body:
+            body.update(cfg.extra_body)
+        params = r.get("params")
+        if params:
+            body.update(params)
+        return orjson.dumps(body)
+
+    async def _request(self, s: _Sess, r: dict, t_intended: float) -> None:
+        if t_intended > _mono():
+            try:
+                await self.deadlines.sleep_until(t_intended)
+            except asyncio.CancelledError:
+                return  # recorded as not sent by _cancel_all
+        t_dispatched = _mono()
+        rid = r["id"]
+        content = self._conversation(s, r)
+        body = self._body(r, content)
+        xrid = f"vk-{self.run_short}-{s.index}-{s.pos[rid]}"
+        ex = Exchange()
+        self.inflight += 1
+        cfg = self.cfg
+        try:
+            if isinstance(self.client, RawClient):
+                head = self._head_prefix + f"X-Request-Id: {xrid}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                await self.client.request(s.pool, ex, head, body, cfg.first_byte_timeout, cfg.timeout)
+            else:
+                await self.client.request(s.pool, ex, xrid, body, cfg.first_byte_timeout, cfg.timeout)
+        except asyncio.CancelledError:
+            ex.fail(STATUS_CANCELLED, "cancelled: the run was stopped while the request was in flight")
+            if ex.t_done is None:
+                ex.t_done = _mono()
+        finally:
+            self.inflight -= 1
+        status, text = self._finish_record(s, r, ex, t_intended, t_dispatched, xrid)
+        if rid in s.keep_conv and status == STATUS_OK:
+            if self.completions:
+                s.conv[rid] = content + text
+            else:
+                s.conv[rid] = content + [{"role": "assistant", "content": text}]
+        self._request_done(s, rid, status, ex.t_done)
+
+    def _finish_record(self, s: _Sess, r: dict, ex: Exchange, t_intended, t_dispatched, xrid) -> tuple[str, str]:
+        mono0 = self.clock.mono0
+        status = STATUS_OK
+        error = None
+        if ex.error_kind is not None:
+            status = {"timeout": STATUS_TIMEOUT, "cancelled": STATUS_CANCELLED}.get(ex.error_kind, STATUS_ERROR)
+            error = ex.error
+        text = ""
+        parsed = None
+        if ex.status is not None and ex.status >= 400:
+            body = b"".join(c for _, c in ex.chunks)
+            status = STATUS_ERROR
+            error = f"HTTP {ex.status}: {error_body_text(body)}" + (f" ({error})" if error else "")
+        elif ex.status is not None and ex.chunks is not None:
+            ctype = ex.headers.get("content-type", "")
+            if self.cfg.stream and "json" not in ctype:
+                parsed = parse_stream(ex.chunks, self.clock, self.completions)
+            else:
+                body = b"".join(c for _, c in ex.chunks)
+                pj = parse_json_body(body, self.completions) if (body or status == STATUS_OK) else None
+                if pj is not None:
+                    t_last = ex.chunks[-1][0] if ex.chunks else ex.t_done
+                    tok = pj["kind"] in ("c", "r", "t")
+                    parsed = {
+                        "events": {"t": [round(t_last - mono0, 7)], "kind": pj["kind"]},
+                        "usage": pj["usage"], "finish_reason": pj["finish_reason"], "text": pj["text"],
+                        "server_id": pj["server_id"], "error": pj["error"], "done": True,
+                        "t_first_token": t_last if tok else None,
+                        "t_first_content": t_last if pj["kind"] == "c" else None,
+                        "t_last_token": t_last if tok else None,
+                    }
+            if parsed is not None:
+                text = parsed["text"]
+                if parsed["error"] and status == STATUS_OK:
+                    status = STATUS_ERROR
+                    error = parsed["error"]
+                elif parsed["error"] and error:
+                    error = f"{error}; {parsed['error']}"
+        rec = self._base_record(s, r, status)
+        rec["http_status"] = ex.status
+        rec["error"] = error
+
+        def rel(x):
+            return None if x is None else round(x - mono0, 7)
+
+        rec["t_intended"] = rel(t_intended)
+        rec["t_dispatched"] = rel(t_dispatched)
+        rec["t_sent"] = rel(ex.t_sent)
+        rec["t_first_byte"] = rel(ex.t_first_byte)
+        if parsed is not None:
+            rec["t_first_token"] = rel(parsed["t_first_token"])
+            rec["t_first_content"] = rel(parsed["t_first_content"])
+            rec["t_last_token"] = rel(parsed["t_last_token"])
+        else:
+            rec["t_first_token"] = rec["t_first_content"] = rec["t_last_token"] = None
+        rec["t_done"] = rel(ex.t_done)
+        if parsed is not None:
+            rec["events"] = parsed["events"]
+            rec["usage"] = parsed["usage"]
+            rec["finish_reason"] = parsed["finish_reason"]
+        else:
+            rec["events"] = {"t": [], "kind": ""}
+            rec["usage"] = None
+            rec["finish_reason"] = None
+        rec["x_request_id"] = xrid
+        rec["server_request_id"] = ex.headers.get("x-request-id") or (parsed["server_id"] if parsed else None)
+        if self.cfg.save_text:
+            rec["text"] = text
+        s.recorded.add(r["id"])
+        self.emit(rec)
+        return status, text
