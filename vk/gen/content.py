@@ -121,8 +121,8 @@ class TextSource:
     - ``sample(n, rng)``: random text of exactly n tokens; concatenations of samples stay exact.
     - ``block(key, n)``: deterministic text for a key (e.g. a trace's hash id), exactly n tokens;
       ``block(key, m)`` is a token prefix of ``block(key, n)`` for m < n whenever the corpus allows it.
-    - ``unique_salt(i)``: a short text that makes a prompt unique (``count(salt) + sample(...)`` is exact when
-      the salt is put before a sample).
+    - ``unique_salt(i)``: a short text that makes a prompt unique. It starts with a space and a word, like every
+      sample, so it joins exactly after any text and before any sample.
 
     Samples start with a space (the start of a word). The empty string is returned for n == 0.
     """
@@ -214,7 +214,7 @@ class TextSource:
 
     def unique_salt(self, i) -> str:
         """A short salt text, different for each ``i``; put it before a sample to make the prompt unique."""
-        return f"Request {i}:"
+        return f" Request {i}:"
 
     # -- internals --------------------------------------------------------------------------------------------
     def _piece(self, n: int, rng: np.random.Generator) -> str:

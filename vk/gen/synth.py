@@ -1,0 +1,596 @@
+"""Synthetic sessions: single requests, multi-turn conversations and agentic DAGs, with exact token counts.
+
+``generate(config, seed=..., count=...)`` streams ``session`` records (``vk.records``). The config follows the
+seed design's schema (``session_generator`` with ``session_graph``, ``channels`` and ``output_spec``); see
+``man vk-gen`` for every key and where vk differs.
+
+Reproducibility: every random choice comes from a stream derived from ``(seed, component, session index)``, for
+the components graph (shape and history parents), input (lengths), output (lengths), content (text), prefix
+(shared-prefix use and group) and think (think times). Changing one component's parameters leaves the others'
+draws alone, and session N is the same whatever ``count`` is.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vk import records
+from vk.errors import VkError
+from vk.gen.config import FOREIGN_SECTIONS, TOP_KEYS, Config, apply_overrides, load_config
+from vk.gen.distributions import (
+    ConfigError,
+    FixedInterval,
+    IntervalDistribution,
+    LengthDistribution,
+    interval_distribution,
+    length_distribution,
+)
+
+DEFAULT_COUNT = 100
+DEFAULT_BODY = {"type": "fixed", "value": 512}
+DEFAULT_OUTPUT = {"type": "fixed", "value": 128}
+
+GRAPH_TYPES = ("single_request", "linear", "branching")
+_GRAPH_ALIASES = {"single": "single_request", "single_request": "single_request", "singlerequest": "single_request",
+                  "linear": "linear", "multi_turn": "linear", "branching": "branching", "dag": "branching"}
+OUTPUT_CONTROLS = records.OUTPUT_CONTROLS
+FORMATS = ("chat", "completion")
+INPUT_MODES = ("content", "templated")
+
+_COMPONENTS = {"graph": 1, "input": 2, "output": 3, "content": 4, "prefix": 5, "think": 6, "groups": 7}
+
+
+def component_rng(seed: int, component: str, index: int = 0) -> np.random.Generator:
+    """The random stream of one component for one session (or setup step)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _COMPONENTS[component], index])))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# config sections
+
+
+class _Section:
+    """One mapping of the config: typed getters, unknown keys are errors naming the key path."""
+
+    def __init__(self, cfg: Config, data: Any, path: str, allowed: tuple[str, ...]):
+        self.cfg, self.path = cfg, path
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise cfg.error(path, f"expected a mapping, got {_tname(data)}")
+        self.data = data
+        for k in data:
+            if k not in allowed:
+                raise cfg.error(f"{path}.{k}" if path else str(k),
+                                f"unknown key (expected one of: {', '.join(allowed)})")
+
+    def key(self, k: str) -> str:
+        return f"{self.path}.{k}" if self.path else k
+
+    def has(self, k: str) -> bool:
+        return self.data.get(k) is not None
+
+    def get(self, k: str, default=None):
+        v = self.data.get(k)
+        return default if v is None else v
+
+    def boolean(self, k: str, default: bool) -> bool:
+        v = self.data.get(k)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self.cfg.error(self.key(k), f"expected true or false, got {v!r}")
+        return v
+
+    def number(self, k: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
+        v = self.data.get(k)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.cfg.error(self.key(k), f"expected a number, got {v!r}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise self.cfg.error(self.key(k), f"must be between {lo} and {hi}, got {v}")
+        return float(v)
+
+    def integer(self, k: str, default: int | None, lo: int = 0) -> int | None:
+        v = self.data.get(k)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
+            raise self.cfg.error(self.key(k), f"expected an integer, got {v!r}")
+        if v < lo:
+            raise self.cfg.error(self.key(k), f"must be >= {lo}, got {v}")
+        return int(v)
+
+    def choice(self, k: str, options: tuple[str, ...], default: str, aliases: dict | None = None) -> str:
+        v = self.data.get(k)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            raise self.cfg.error(self.key(k), f"expected one of {', '.join(options)}, got {v!r}")
+        v2 = (aliases or {}).get(v.lower(), v.lower())
+        if v2 not in options:
+            raise self.cfg.error(self.key(k), f"expected one of {', '.join(options)}, got {v!r}")
+        return v2
+
+    def length(self, k: str, default: Any, minimum: int = 1) -> LengthDistribution:
+        try:
+            return length_distribution(self.get(k, default), self.key(k), minimum=minimum,
+                                       base_dir=self.cfg.base_dir)
+        except ConfigError as e:
+            self.cfg.reraise(e)
+            raise
+
+    def interval(self, k: str, default: Any = None) -> IntervalDistribution:
+        try:
+            return interval_distribution(self.get(k, default), self.key(k))
+        except ConfigError as e:
+            self.cfg.reraise(e)
+            raise
+
+
+def _tname(v) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(type(v), type(v).__name__)
+
+
+class _Groups:
+    """N prefix groups (distinct shared prefixes, e.g. system prompts) and how sessions pick one."""
+
+    def __init__(self, sec: _Section, seed: int):
+        n = sec.integer("num_groups", None, lo=1)
+        lengths_list = sec.data.get("lengths")
+        if lengths_list is not None:
+            if sec.has("length_generator"):
+                raise sec.cfg.error(sec.key("lengths"), "give either 'lengths' or 'length_generator', not both")
+            if not isinstance(lengths_list, list) or not lengths_list:
+                raise sec.cfg.error(sec.key("lengths"), "expected a non-empty list of token counts")
+            for i, v in enumerate(lengths_list):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise sec.cfg.error(f"{sec.key('lengths')}[{i}]", f"expected an integer >= 1, got {v!r}")
+            if n is not None and n != len(lengths_list):
+                raise sec.cfg.error(sec.key("num_groups"), f"is {n} but 'lengths' has {len(lengths_list)} values")
+            self.lengths = [int(v) for v in lengths_list]
+        else:
+            if n is None:
+                raise sec.cfg.error(sec.key("num_groups"), "missing (or give 'lengths')")
+            dist = sec.length("length_generator", {"type": "fixed", "value": 1000})
+            rng = component_rng(seed, "groups", 0)
+            self.lengths = [dist.sample(rng) for _ in range(n)]
+        n = len(self.lengths)
+        self.n = n
+        gd = sec.get("group_distribution", {"type": "uniform"})
+        path = sec.key("group_distribution")
+        if isinstance(gd, str):
+            gd = {"type": gd}
+        gs = _Section(sec.cfg, gd, path, ("type", "alpha", "weights"))
+        t = gs.choice("type", ("uniform", "zipf", "weights"), "uniform")
+        if t == "uniform":
+            w = np.ones(n)
+            if gs.has("alpha") or gs.has("weights"):
+                raise sec.cfg.error(path, "type 'uniform' takes no parameters")
+        elif t == "zipf":
+            alpha = gs.number("alpha", 1.0, lo=0)
+            w = 1.0 / np.arange(1, n + 1, dtype=float) ** alpha
+        else:
+            ws = gs.data.get("weights")
+            if not isinstance(ws, list) or len(ws) != n:
+                raise sec.cfg.error(f"{path}.weights", f"expected a list of {n} weights (one per group)")
+            for i, x in enumerate(ws):
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0:
+                    raise sec.cfg.error(f"{path}.weights[{i}]", f"expected a number >= 0, got {x!r}")
+            w = np.asarray(ws, dtype=float)
+            if w.sum() <= 0:
+                raise sec.cfg.error(f"{path}.weights", "at least one weight must be > 0")
+        self.cdf = np.cumsum(w) / w.sum()
+        self.role = sec.choice("role", ("system", "user"), "system")
+
+    def pick(self, rng) -> int:
+        return int(min(np.searchsorted(self.cdf, rng.random(), side="right"), self.n - 1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the workload
+
+
+class Workload:
+    """A validated synthetic workload: builds session ``i`` for a seed."""
+
+    def __init__(self, cfg: Config, seed: int, tokenizer=None):
+        self.cfg = cfg
+        self.seed = seed
+        data = cfg.data
+        sg = _Section(cfg, data.get("session_generator"), "session_generator",
+                      ("type", "session_graph", "channels", "output_spec", "inherit_history",
+                       "think_time_generator", "request_params"))
+        sg.choice("type", ("synthetic",), "synthetic")
+
+        # --- graph --------------------------------------------------------------------------------------------
+        gdata = sg.get("session_graph", {"type": "single_request"})
+        if isinstance(gdata, str):
+            gdata = {"type": gdata}
+        if not isinstance(gdata, dict):
+            raise cfg.error("session_generator.session_graph", f"expected a mapping, got {_tname(gdata)}")
+        raw_t = gdata.get("type", "single_request")
+        if not isinstance(raw_t, str) or raw_t.lower() not in _GRAPH_ALIASES:
+            raise cfg.error("session_generator.session_graph.type",
+                            f"expected one of {', '.join(GRAPH_TYPES)}, got {raw_t!r}")
+        self.graph_type = _GRAPH_ALIASES[raw_t.lower()]
+        allowed = {
+            "single_request": ("type",),
+            "linear": ("type", "num_request_generator", "request_wait_generator", "inherit_history"),
+            "branching": ("type", "num_layers_generator", "layer_width_generator", "fan_out_generator",
+                          "fan_in_generator", "connection_dist_generator", "request_wait_generator",
+                          "inherit_history", "single_root"),
+        }[self.graph_type]
+        g = _Section(cfg, gdata, "session_generator.session_graph", allowed)
+        if g.has("inherit_history") and sg.has("inherit_history") and \
+                g.boolean("inherit_history", True) != sg.boolean("inherit_history", True):
+            raise cfg.error("session_generator.inherit_history",
+                            "differs from session_generator.session_graph.inherit_history; give one")
+        self.inherit_history = g.boolean("inherit_history", sg.boolean("inherit_history", True))
+        if self.graph_type == "linear":
+            self.turns = g.length("num_request_generator", {"type": "uniform", "min": 2, "max": 6})
+        elif self.graph_type == "branching":
+            self.layers = g.length("num_layers_generator", {"type": "uniform", "min": 2, "max": 5})
+            self.width = g.length("layer_width_generator", {"type": "uniform", "min": 1, "max": 3})
+            self.fan_out = g.length("fan_out_generator", {"type": "uniform", "min": 1, "max": 2}, minimum=0)
+            self.fan_in = g.length("fan_in_generator", {"type": "uniform", "min": 1, "max": 2})
+            self.conn = g.length("connection_dist_generator", {"type": "fixed", "value": 1})
+            self.single_root = g.boolean("single_root", True)
+        if g.has("request_wait_generator") and sg.has("think_time_generator"):
+            raise cfg.error("session_generator.think_time_generator",
+                            "give either this or session_graph.request_wait_generator (the same thing), not both")
+        if g.has("request_wait_generator"):
+            self.think = g.interval("request_wait_generator")
+        else:
+            self.think = sg.interval("think_time_generator", None)
+
+        # --- channels -----------------------------------------------------------------------------------------
+        chans = sg.get("channels", [{"type": "text"}])
+        if isinstance(chans, dict):
+            chans = [chans]
+        if not isinstance(chans, list) or not chans:
+            raise cfg.error("session_generator.channels", "expected a list with one text channel")
+        if len(chans) > 1:
+            raise cfg.error("session_generator.channels[1]", "vk-gen supports one channel (type: text)")
+        cpath = "session_generator.channels[0]"
+        ch = _Section(cfg, chans[0], cpath,
+                      ("type", "body_length_generator", "shared_prefix_ratio", "shared_prefix_probability",
+                       "prefix_groups", "unique_salt", "input_length_mode", "format", "corpus"))
+        ch.choice("type", ("text",), "text")
+        self.body = ch.length("body_length_generator", DEFAULT_BODY)
+        self.prefix_ratio = ch.number("shared_prefix_ratio", 0.0, 0.0, 1.0)
+        self.prefix_prob = ch.number("shared_prefix_probability", 1.0, 0.0, 1.0)
+        self.groups = None
+        if ch.has("prefix_groups"):
+            if self.prefix_ratio > 0:
+                raise cfg.error(f"{cpath}.prefix_groups", "give either shared_prefix_ratio or prefix_groups, not both")
+            gsec = _Section(cfg, ch.data["prefix_groups"], f"{cpath}.prefix_groups",
+                            ("num_groups", "lengths", "length_generator", "group_distribution", "role"))
+            self.groups = _Groups(gsec, seed)
+        self.unique_salt = ch.boolean("unique_salt", False)
+        self.format = ch.choice("format", FORMATS, "chat", {"completions": "completion", "chat_completions": "chat"})
+        self.input_mode = ch.choice("input_length_mode", INPUT_MODES, "content")
+        if self.input_mode == "templated" and self.format != "chat":
+            raise cfg.error(f"{cpath}.input_length_mode", "'templated' applies to format: chat only")
+        corpus = ch.get("corpus")
+        if corpus is not None:
+            if not isinstance(corpus, str):
+                raise cfg.error(f"{cpath}.corpus", f"expected a file path, got {corpus!r}")
+            p = Path(corpus).expanduser()
+            if not p.is_absolute() and cfg.base_dir is not None:
+                p = cfg.base_dir / p
+            if not p.is_file():
+                raise cfg.error(f"{cpath}.corpus", f"no such file: {p}")
+            corpus = p
+
+        # --- output -------------------------------------------------------------------------------------------
+        out = _Section(cfg, sg.get("output_spec"), "session_generator.output_spec", ("text",))
+        ot = _Section(cfg, out.get("text"), "session_generator.output_spec.text",
+                      ("output_length_generator", "output_control"))
+        self.output = ot.length("output_length_generator", DEFAULT_OUTPUT)
+        self.output_control = ot.choice("output_control", OUTPUT_CONTROLS, "exact")
+
+        params = sg.get("request_params", {})
+        if not isinstance(params, dict):
+            raise cfg.error("session_generator.request_params", f"expected a mapping, got {_tname(params)}")
+        self.params = params
+
+        # --- text ---------------------------------------------------------------------------------------------
+        from vk.gen.content import TextSource
+        from vk.tokenizer import load_tokenizer
+
+        tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else load_tokenizer(tokenizer)
+        self.tokenizer = tok
+        self.text = TextSource(tok, corpus)
+        if self.input_mode == "templated" and not tok.has_chat_template:
+            raise cfg.error(f"{cpath}.input_length_mode",
+                            f"'templated' needs a chat template, and tokenizer '{tok.name}' has none")
+        self._overheads: dict = {}
+        self._instr: dict = {}
+        self._salt_counts: dict = {}
+
+    # -- graph shapes ----------------------------------------------------------------------------------------
+    def _graph(self, rng) -> list[tuple[list[int], int | None]]:
+        """[(parents, history parent or None)] in topological order."""
+        if self.graph_type == "single_request":
+            return [([], None)]
+        if self.graph_type == "linear":
+            n = max(1, self.turns.sample(rng))
+            return [([], None)] + [([j - 1], j - 1 if self.inherit_history else None) for j in range(1, n)]
+        n_layers = max(1, self.layers.sample(rng))
+        layers: list[list[int]] = []
+        k = 0
+        for li in range(n_layers):
+            w = 1 if (li == 0 and self.single_root) else max(1, self.width.sample(rng))
+            layers.append(list(range(k, k + w)))
+            k += w
+        parents: list[set[int]] = [set() for _ in range(k)]
+        for li in range(n_layers - 1):  # forward: fan-out, with skip distance
+            for u in layers[li]:
+                f = self.fan_out.sample(rng)
+                d = max(1, self.conn.sample(rng))
+                targets = layers[min(li + d, n_layers - 1)]
+                m = min(f, len(targets))
+                if m > 0:
+                    for c in rng.choice(len(targets), size=m, replace=False).tolist():
+                        parents[targets[c]].add(u)
+        for li in range(1, n_layers):  # backward: fan-in (every non-root node gets at least one parent)
+            earlier = sum(len(x) for x in layers[:li])
+            for v in layers[li]:
+                need = min(max(1, self.fan_in.sample(rng)), earlier)
+                pl = li - 1
+                while len(parents[v]) < need and pl >= 0:
+                    cand = [u for u in layers[pl] if u not in parents[v]]
+                    if cand:
+                        parents[v].add(cand[int(rng.integers(0, len(cand)))])
+                    else:
+                        pl -= 1
+        out = []
+        for v in range(k):
+            ps = sorted(parents[v])
+            hist = ps[int(rng.integers(0, len(ps)))] if (ps and self.inherit_history) else None
+            out.append((ps, hist))
+        return out
+
+    # -- token bookkeeping -----------------------------------------------------------------------------------
+    def _overhead(self, kind: str) -> int:
+        """Chat-template tokens around a request's new content (templated mode)."""
+        v = self._overheads.get(kind)
+        if v is None:
+            tok = self.tokenizer
+            a = " The sea was calm."
+            b = " We sailed on."
+            c = " The wind rose."
+            ca, cb, cc = tok.count(a), tok.count(b), tok.count(c)
+            if kind == "root":
+                v = tok.count_chat([{"role": "user", "content": a}]) - ca
+            elif kind == "root+system":
+                v = tok.count_chat([{"role": "system", "content": b}, {"role": "user", "content": a}]) - ca - cb
+            else:  # a later turn: the assistant's closing and the new user message's wrapper
+                first = tok.count_chat([{"role": "user", "content": a}])
+                full = tok.count_chat([{"role": "user", "content": a}, {"role": "assistant", "content": b},
+                                       {"role": "user", "content": c}])
+                v = full - first - cb - cc
+            self._overheads[kind] = v = max(0, v)
+        return v
+
+    def _instruction(self, out_tokens: int) -> tuple[str, int]:
+        r = self._instr.get(out_tokens)
+        if r is None:
+            words = max(1, round(out_tokens * 0.75))
+            text = f" Please write a reply of about {words} words."
+            r = self._instr[out_tokens] = (text, self.tokenizer.count(text))
+        return r
+
+    # -- one session -----------------------------------------------------------------------------------------
+    def session(self, i: int, source_extra: dict | None = None) -> dict:
+        seed = self.seed
+        g_rng = component_rng(seed, "graph", i)
+        in_rng = component_rng(seed, "input", i)
+        out_rng = component_rng(seed, "output", i)
+        c_rng = component_rng(seed, "content", i)
+        p_rng = component_rng(seed, "prefix", i)
+        t_rng = component_rng(seed, "think", i)
+        nodes = self._graph(g_rng)
+        text = self.text
+        reqs = []
+        for j, (parents, hist) in enumerate(nodes):
+            is_root = not parents
+            body_len = self.body.sample(in_rng)
+            out_len = max(1, self.output.sample(out_rng))
+            no_think = is_root or (isinstance(self.think, FixedInterval) and self.think.mean == 0)
+            think = 0.0 if no_think else round(self.think.sample(t_rng), 6)
+            # shared prefix (roots only); the draws happen for every request so that streams stay aligned
+            use_prefix = p_rng.random() < self.prefix_prob
+            group = self.groups.pick(p_rng) if self.groups is not None else None
+            prefix_text = ""
+            system_text = None
+            k = 0
+            total = body_len
+            kind = "turn" if hist is not None else "root"
+            if is_root and use_prefix and self.groups is not None:
+                k = self.groups.lengths[group]
+                total = body_len + k
+                ptext = text.block(("prefix-group", seed, group), k)
+                if self.format == "chat" and self.groups.role == "system":
+                    system_text = ptext
+                    kind = "root+system"
+                else:
+                    prefix_text = ptext
+            else:
+                group = None
+            overhead = self._overhead(kind) if self.input_mode == "templated" else 0
+            content_target = max(1, total - overhead)
+            if is_root and use_prefix and self.prefix_ratio > 0:
+                k = int(round(self.prefix_ratio * content_target))
+                prefix_text = text.block(("shared-prefix", seed), k)
+            salt = ""
+            n_salt = 0
+            if self.unique_salt and hist is None:
+                salt = text.unique_salt(f"{seed}.{i}.{j}")
+                n_salt = self.tokenizer.count(salt)
+            instr, n_instr = ("", 0)
+            if self.output_control == "prompt":
+                instr, n_instr = self._instruction(out_len)
+            # the prefix (in the system message or in front), the salt and the instruction come out of the target
+            body_n = max(0, content_target - k - n_salt - n_instr)
+            body = text.sample(body_n, c_rng)
+            user = prefix_text + salt + body + instr
+            n_input = k + n_salt + body_n + n_instr
+            if self.format == "chat":
+                msgs = []
+                if system_text is not None:
+                    msgs.append({"role": "system", "content": system_text})
+                msgs.append({"role": "user", "content": user})
+                content = {"messages": msgs}
+            else:
+                content = {"prompt": user}
+            extra: dict = {}
+            if overhead:
+                extra["template_tokens"] = overhead
+            if group is not None:
+                extra["prefix_group"] = group
+            reqs.append(records.new_request(
+                f"r{j}",
+                parents=[f"r{x}" for x in parents],
+                history=f"r{hist}" if hist is not None else None,
+                think_time=think,
+                input_tokens=n_input,
+                prefix_tokens=k,
+                output_tokens=out_len,
+                output_control=self.output_control,
+                params=dict(self.params) if self.params else None,
+                **content,
+                **extra,
+            ))
+        src = {"generator": "synthetic", "graph": self.graph_type, "seed": seed, "index": i}
+        if source_extra:
+            src.update(source_extra)
+        return records.new_session(f"s{seed}-{i}", reqs, source=src)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def _resolve(config, overrides) -> Config:
+    cfg = load_config(config)
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _top(cfg: Config, seed, count, tokenizer):
+    data = cfg.data
+    for k in data:
+        if k not in TOP_KEYS and k not in FOREIGN_SECTIONS:
+            raise cfg.error(str(k), f"unknown key (expected one of: {', '.join(TOP_KEYS)})")
+    top = _Section(cfg, {k: v for k, v in data.items() if k in ("seed", "count")}, "", ("seed", "count"))
+    if seed is None:
+        seed = top.integer("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise VkError(f"seed: expected an integer >= 0, got {seed!r}")
+    if count is None:
+        count = top.integer("count", None)
+    if tokenizer is None:
+        tokenizer = data.get("tokenizer")
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            raise cfg.error("tokenizer", f"expected a tokenizer name or path, got {tokenizer!r}")
+    return seed, count, tokenizer
+
+
+def ignored_sections(config) -> list[str]:
+    """Top-level sections of the config that belong to other stages and that vk-gen ignores."""
+    cfg = load_config(config)
+    return [k for k in cfg.data if k in FOREIGN_SECTIONS]
+
+
+def generator_type(cfg: Config) -> str:
+    sg = cfg.data.get("session_generator")
+    t = sg.get("type", "synthetic") if isinstance(sg, dict) else "synthetic"
+    return str(t).lower() if t is not None else "synthetic"
+
+
+def generate(config=None, *, seed: int | None = None, count: int | None = None, duration: float | None = None,
+             tokenizer=None, overrides=(), progress: bool = False) -> Iterator[dict]:
+    """Stream session records for a vk-gen config (a dict, a YAML path, or None for the default workload).
+
+    ``seed`` (default: the config's ``seed``, else 0), ``count`` sessions (default: the config's ``count``, else
+    100; 0 means no limit), ``duration``: for trace workloads, stop at sessions whose ``trace_time`` is past it.
+    ``tokenizer``: a name, a path or a ``vk.tokenizer.Tokenizer`` (default: the config's, else qwen2.5).
+    ``overrides``: ``"dotted.key=value"`` strings, as ``--set`` takes them. Errors raise ``VkError``.
+    """
+    cfg = _resolve(config, overrides)
+    seed, count, tokenizer = _top(cfg, seed, count, tokenizer)
+    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
+                                 or duration <= 0):
+        raise VkError(f"--duration: expected a number of seconds > 0, got {duration!r}")
+    gtype = generator_type(cfg)
+    if gtype == "trace":
+        return _trace_sessions(cfg, seed, count, duration, tokenizer, progress)
+    if duration is not None:
+        raise VkError("--duration applies to trace workloads (sessions with a trace_time); synthetic sessions "
+                      "get their start times from vk-schedule: use --count (0 for no limit) and "
+                      "vk-schedule --duration")
+    if count is None:
+        count = DEFAULT_COUNT
+    work = Workload(cfg, seed, tokenizer)
+    return _synthetic_sessions(work, count, progress, cfg.source)
+
+
+def _progress_bar(total, progress: bool):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total or None, unit=" sessions", file=sys.stderr, dynamic_ncols=True, mininterval=0.25)
+
+
+def _synthetic_sessions(work: Workload, count: int, progress: bool, source: str | None) -> Iterator[dict]:
+    bar = _progress_bar(count, progress)
+    extra = {"file": source} if source else None
+    try:
+        i = 0
+        while count == 0 or i < count:
+            yield work.session(i, extra)
+            i += 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _trace_sessions(cfg: Config, seed, count, duration, tokenizer, progress) -> Iterator[dict]:
+    try:
+        from vk.gen import traces
+    except ImportError as e:
+        raise VkError(f"trace workloads need vk.gen.traces, which is not available here ({e})") from None
+    it = traces.generate(cfg.data, seed=seed, count=count or None, tokenizer=tokenizer, progress=progress)
+    if duration is None:
+        return it
+    return _until(it, duration)
+
+
+def _until(it, duration) -> Iterator[dict]:
+    for s in it:
+        t = s.get("trace_time")
+        if t is not None and t > duration:
+            return
+        yield s
+
+
+def trace_stats(config=None, overrides=()) -> str:
+    cfg = _resolve(config, overrides)
+    if generator_type(cfg) != "trace":
+        raise VkError("--stats describes a trace: give --trace FILE (or session_generator.type: trace)")
+    try:
+        from vk.gen import traces
+    except ImportError as e:
+        raise VkError(f"--stats needs vk.gen.traces, which is not available here ({e})") from None
+    return traces.stats(cfg.data)
