@@ -27,15 +27,24 @@ from vk.gen.traces.flavors import FLAVORS, Flavor, Turn
 from vk.gen.traces.options import Options
 from vk.gen.traces.readers import FORMATS, open_source
 
-REQUEST_FORMATS = ("chat", "completions")
-TOP_KEYS = ("type", "trace_file", "flavor", "file_format", "request_format", "output_control", "params", "shuffle",
-            "sample", "max_rows", "window", "wrap_mode", "wrap_share_cache", "id_prefix", "corpus_file")
+REQUEST_FORMATS = ("chat", "completion")
 
 
 def component_rng(seed: int, name: str, *more: int) -> np.random.Generator:
     """A random stream for (seed, component name, ...), independent of every other component's."""
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF,
                                                          zlib.crc32(name.encode()), *more]))
+
+
+def resolve_tokenizer(tokenizer, config: dict | None = None):
+    """A Tokenizer from an object, a name/path, or the config's top-level ``tokenizer`` (default qwen2.5)."""
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        return tokenizer
+    from vk.tokenizer import load_tokenizer
+
+    if tokenizer is None and isinstance(config, dict) and isinstance(config.get("tokenizer"), str):
+        tokenizer = config["tokenizer"]
+    return load_tokenizer(tokenizer)
 
 
 class Warnings:
@@ -80,7 +89,7 @@ class CacheSim:
         """Tokens served from cache for a request with these blocks; then the blocks are cached."""
         served = 0
         hit = True
-        for x, n in zip(ids, sizes):
+        for x, n in zip(ids, sizes, strict=False):
             if hit and self._seen(x):
                 served += n
             else:
@@ -119,9 +128,20 @@ class TraceConfig:
             fl = {"type": fl}
         self.flavor_opts = Options(fl, "session_generator.flavor")
         self.flavor_name = self.flavor_opts.str("type", required=True, choices=tuple(FLAVORS))
-        self.request_format = o.str("request_format", "chat", choices=REQUEST_FORMATS)
-        self.output_control = o.str("output_control", "exact", choices=records.OUTPUT_CONTROLS)
-        self.params = o.mapping("params")
+        fmt = o.str("format", "chat")
+        fmt = {"completions": "completion", "chat_completions": "chat"}.get(fmt, fmt)
+        if fmt not in REQUEST_FORMATS:
+            o.fail("format", f"expected chat or completion, got {fmt!r}")
+        self.request_format = fmt
+        oc = o.str("output_control", None, choices=records.OUTPUT_CONTROLS)
+        # the synthetic generator's place for it (vk-gen --set output.control=...) works too
+        spec = Options(o.mapping("output_spec"), "session_generator.output_spec")
+        text = Options(spec.mapping("text"), "session_generator.output_spec.text")
+        oc2 = text.str("output_control", None, choices=records.OUTPUT_CONTROLS)
+        text.done()
+        spec.done()
+        self.output_control = oc or oc2 or "exact"
+        self.params = o.mapping("request_params")
         self.shuffle = o.bool("shuffle", False)
         self.sample = o.float("sample", 1.0, minimum=0.0, maximum=1.0, exclusive_min=True)
         self.max_rows = o.int("max_rows", None, minimum=1)
@@ -417,7 +437,7 @@ class Builder:
         served = self.cache.serve(keys, sizes)
         blk = self.text.block
         s = self.seed
-        return "".join(blk(f"h{s}:{k}", n) for k, n in zip(keys, sizes)), served
+        return "".join(blk(f"h{s}:{k}", n) for k, n in zip(keys, sizes, strict=False)), served
 
     # -- requests -----------------------------------------------------------------------------------------------
     def plan(self, turns: list[Turn]) -> list[dict]:
@@ -500,7 +520,7 @@ class Builder:
         rng = None
         reqs = []
         chat = cfg.request_format == "chat"
-        for k, (tu, p) in enumerate(zip(turns, plan)):
+        for k, (tu, p) in enumerate(zip(turns, plan, strict=False)):
             prefix_tokens = 0
             system = tu.system
             if tu.text is not None:
@@ -547,56 +567,48 @@ class Builder:
 # the driver
 
 
-def generate(config: dict, *, seed: int, count: int | None = None, tokenizer=None, progress: bool = False,
-             warnings: list | None = None) -> Iterator[dict]:
-    """Session records from a trace. ``warnings`` (a list) receives adjustment notes at the end; without it
-    they are printed on stderr."""
-    cfg = TraceConfig(config)
-    if count is not None and count <= 0:
-        return
-    sc = Scanner(cfg, seed)
-    bar = None
-    try:
-        fl = sc.flavor
-        if tokenizer is None:
-            from vk.tokenizer import load_tokenizer
+class Unit:
+    """One session to build: its turns and where it goes in the output."""
 
-            tokenizer = load_tokenizer()
-        if progress:
-            from tqdm import tqdm
+    __slots__ = ("turns", "epoch", "trace_time", "first_line", "warmup")
 
-            bar = tqdm(total=sc.src.size, unit="B", unit_scale=True, desc=f"vk-gen {fl.name}", leave=False,
-                       dynamic_ncols=True)
-            sc.progress = bar
-        indexed = fl.grouped or fl.needs_index or cfg.shuffle or cfg.wrap
-        n = 0
-        if not indexed:
-            b = Builder(cfg, fl, seed, tokenizer, sc.warn)
-            for line, _off, turns in sc.rows_iter():
-                rel = sc.time_of(turns[0])
-                if sc.drop(turns) or not sc.admit(rel):
-                    continue
-                yield b.session(turns, epoch=0, trace_time=sc.rel_window(rel), first_line=line)
-                n += 1
-                if count is not None and n >= count:
-                    return
-            if n == 0:
-                raise VkError(f"{sc.src.src}: no sessions left after the filters ({_dropped_text(sc)})")
-            return
-        max_id = None
-        idx = Index(sc)
-        if len(idx) == 0:
+    def __init__(self, turns, epoch, trace_time, first_line, warmup=False):
+        self.turns = turns
+        self.epoch = epoch
+        self.trace_time = trace_time
+        self.first_line = first_line
+        self.warmup = warmup
+
+
+def iter_units(cfg: TraceConfig, sc: Scanner, seed: int, *, count: int | None = None,
+               progress_factory=None, on_index=None) -> Iterator[Unit]:
+    """Sessions in output order (warm-ups first), after every filter, shuffle and wrap of the config."""
+    fl = sc.flavor
+    indexed = fl.grouped or fl.needs_index or cfg.shuffle or cfg.wrap
+    n = 0
+    if not indexed:
+        for line, _off, turns in sc.rows_iter():
+            rel = sc.time_of(turns[0])
+            if sc.drop(turns) or not sc.admit(rel):
+                continue
+            yield Unit(turns, 0, sc.rel_window(rel), line)
+            n += 1
+            if count is not None and n >= count:
+                return
+        if n == 0:
             raise VkError(f"{sc.src.src}: no sessions left after the filters ({_dropped_text(sc)})")
-        if fl.hash_ids and cfg.wrap and not cfg.wrap_share_cache:
-            max_id = idx.max_int_id
-        b = Builder(cfg, fl, seed, tokenizer, sc.warn, max_id)
-        if bar is not None:
-            bar.close()
-            bar = tqdm(total=count if count is not None else (len(idx) if not cfg.wrap else None),
-                       unit="session", desc=f"vk-gen {fl.name}", leave=False, dynamic_ncols=True)
+        return
+    idx = Index(sc)
+    if len(idx) == 0:
+        raise VkError(f"{sc.src.src}: no sessions left after the filters ({_dropped_text(sc)})")
+    if on_index is not None:
+        on_index(idx)
+    bar = progress_factory(count if count is not None else (len(idx) if not cfg.wrap else None)) \
+        if progress_factory else None
+    try:
         if fl.name == "rag" and fl.warmup:
             for k, (_doc, _cnt, first) in enumerate(idx.docs):
-                yield b.session(idx.read(sc, first), epoch=0, trace_time=None, first_line=k + 1, warmup=True)
+                yield Unit(idx.read(sc, first), 0, 0.0 if idx.timed else None, k + 1, True)
         period = idx.period()
         epoch = 0
         while True:
@@ -609,13 +621,12 @@ def generate(config: dict, *, seed: int, count: int | None = None, tokenizer=Non
                 slot_times = None
             for slot, k in enumerate(order):
                 k = int(k)
-                turns = idx.read(sc, k)
                 if idx.timed:
                     t = float(slot_times[slot] if shuffled else idx.times[k])
                     tt = None if math.isnan(t) else round(t - cfg.window_start + epoch * period, 6)
                 else:
                     tt = None
-                yield b.session(turns, epoch=epoch, trace_time=tt, first_line=int(idx.first_line[k]))
+                yield Unit(idx.read(sc, k), epoch, tt, int(idx.first_line[k]))
                 if bar is not None:
                     bar.update(1)
                 n += 1
@@ -624,6 +635,46 @@ def generate(config: dict, *, seed: int, count: int | None = None, tokenizer=Non
             if not cfg.wrap:
                 return
             epoch += 1
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def generate(config: dict, *, seed: int, count: int | None = None, tokenizer=None, progress: bool = False,
+             warnings: list | None = None) -> Iterator[dict]:
+    """Session records from a trace. ``warnings`` (a list) receives adjustment notes at the end; without it
+    they are printed on stderr."""
+    cfg = TraceConfig(config)
+    if count is not None and count <= 0:
+        return
+    sc = Scanner(cfg, seed)
+    bar = None
+    try:
+        fl = sc.flavor
+        tokenizer = resolve_tokenizer(tokenizer, config)
+        factory = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sc.src.size, unit="B", unit_scale=True, desc=f"vk-gen {fl.name} (reading)",
+                       leave=False, dynamic_ncols=True)
+            sc.progress = bar
+
+            def factory(total):
+                bar.close()
+                return tqdm(total=total, unit="session", desc=f"vk-gen {fl.name}", leave=False, dynamic_ncols=True)
+
+        holder = {}
+        units = iter_units(cfg, sc, seed, count=count, progress_factory=factory,
+                           on_index=lambda idx: holder.setdefault("idx", idx))
+        b = None
+        for u in units:
+            if b is None:
+                idx = holder.get("idx")
+                max_id = idx.max_int_id if idx is not None and fl.hash_ids and cfg.wrap else None
+                b = Builder(cfg, fl, seed, tokenizer, sc.warn, max_id)
+            yield b.session(u.turns, epoch=u.epoch, trace_time=u.trace_time, first_line=u.first_line,
+                            warmup=u.warmup)
     finally:
         if bar is not None:
             bar.close()

@@ -137,9 +137,15 @@ class Flavor:
         if self._resolved is None:
             self.resolve(obj.keys(), getattr(self, "_line", None))
         c = self._resolved[name]
-        if c is None:
-            return None
+        if c is None and self.src.columns is None:
+            # JSON rows may carry an optional field the first row did not have
+            for cand in self.fields[name].candidates:
+                if cand in obj:
+                    return cand
         return c
+
+    def _colname(self, obj: dict, name: str) -> str:
+        return self.col(obj, name) or self.fields[name].candidates[0]
 
     def get(self, obj: dict, line: int, name: str, *, required: bool | None = None):
         c = self.col(obj, name)
@@ -159,13 +165,13 @@ class Flavor:
         try:
             x = parse_number(v, integer=integer)
         except ValueError as e:
-            raise self.src.error(line, self._resolved[name], str(e)) from None
+            raise self.src.error(line, self._colname(obj, name), str(e)) from None
         if x is None:
             if required if required is not None else self.fields[name].required:
-                raise self.src.error(line, self._resolved[name], "missing value")
+                raise self.src.error(line, self._colname(obj, name), "missing value")
             return None
         if minimum is not None and x < minimum:
-            raise self.src.error(line, self._resolved[name], f"must be >= {minimum}, got {v}")
+            raise self.src.error(line, self._colname(obj, name), f"must be >= {minimum}, got {v}")
         return x
 
     def time(self, obj, line, name="timestamp", *, required=None):
@@ -175,14 +181,14 @@ class Flavor:
         try:
             return parse_time(v, self.time_unit)
         except ValueError as e:
-            raise self.src.error(line, self._resolved[name], str(e)) from None
+            raise self.src.error(line, self._colname(obj, name), str(e)) from None
 
     def string(self, obj, line, name, *, required=None):
         v = self.get(obj, line, name, required=required)
         if v is None:
             return None
         if not isinstance(v, str):
-            raise self.src.error(line, self._resolved[name], f"expected a string, got {type(v).__name__}")
+            raise self.src.error(line, self._colname(obj, name), f"expected a string, got {type(v).__name__}")
         return v
 
     def key_value(self, obj, line, name, *, required=None):
@@ -191,7 +197,7 @@ class Flavor:
         if v is None:
             return None
         if isinstance(v, (dict, list)) or isinstance(v, bool):
-            raise self.src.error(line, self._resolved[name], f"expected a string or number, got {type(v).__name__}")
+            raise self.src.error(line, self._colname(obj, name), f"expected a string or number, got {type(v).__name__}")
         return v
 
     def parse(self, obj: dict, line: int) -> list[Turn]:
@@ -635,7 +641,7 @@ class Requests(Flavor):
             if isinstance(p, str):
                 p = [x for x in p.replace(";", " ").replace("|", " ").replace(",", " ").split() if x]
             if not isinstance(p, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in p):
-                raise self.src.error(line, self._resolved["parents"], "expected a list of request ids")
+                raise self.src.error(line, self._colname(obj, "parents"), "expected a list of request ids")
             tu.parents = [str(x) for x in p]
         h = self.key_value(obj, line, "history")
         if h is not None:

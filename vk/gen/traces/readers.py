@@ -114,7 +114,7 @@ class CsvSource(RowSource):
         if len(vals) != self._ncol:
             raise self.error(line, None, f"expected {self._ncol} comma-separated fields (as in the header), "
                                          f"got {len(vals)}")
-        return dict(zip(self.columns, vals))
+        return dict(zip(self.columns, vals, strict=True))
 
     def scan(self):
         with open(self.path, "rb") as fh:
