@@ -104,6 +104,7 @@ class Stats:
         self.step_lag_max = 0.0
         self.step_lag_sum = 0.0
         self.step_lag_n = 0
+        self.step_lag = Histogram((0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1))
         self.ttft = Histogram(_LAT)
         self.e2e = Histogram(_LAT)
         self.queue = Histogram(_LAT)
@@ -139,6 +140,10 @@ class FixedLatency:
         self.stats = stats
         self.clock = clock
         self.running = 0
+        self.on_step = None
+
+    def deadline(self) -> float:
+        return float("inf")
 
     # the interface -------------------------------------------------------------------------------------------
     def add(self, seq: Seq) -> None:

@@ -148,6 +148,8 @@ def step_time(cfg: EngineConfig, n_tokens: int, kv_tokens: int) -> float:
         lin = cfg.t_weights
     return (cfg.t_fixed + lin + kv_tokens * cfg.t_kv) / cfg.speed
 
+EARLY = 0.0015  # seconds before a step's end that the engine's timer fires (then it sleeps to the exact time)
+
 
 class Block:
     __slots__ = ("hash", "ref")
@@ -235,6 +237,7 @@ class Engine:
         self.batch: list = []
         self.t_end = 0.0
         self.last_step = None  # (t_start, duration, n_tokens, kv_tokens, n_seqs) of the step in flight
+        self.on_step = None  # called after each step (the HTTP layer resumes its intake)
         self.step_log = None  # a list to append (t_planned_end, t_actual, n_tokens, kv_tokens, n_seqs) to, or None
 
     # -- interface --------------------------------------------------------------------------------------------
@@ -248,6 +251,10 @@ class Engine:
 
     def kv_usage(self) -> float:
         return self.kv.usage()
+
+    def deadline(self) -> float:
+        """Until when other work may run without delaying the step in flight."""
+        return self.t_end - EARLY - 0.0005 if self.stepping else float("inf")
 
     def add(self, seq: Seq) -> None:
         if not seq.t_arrival:
@@ -378,12 +385,13 @@ class Engine:
         d = step_time(self.cfg, n_tokens, kv_tokens)
         self.t_end = t0 + d
         self.last_step = (t0, d, n_tokens, kv_tokens, len(batch))
-        self.loop.call_at(self.t_end, self._end)
+        # uvloop's timers fire up to ~1.3 ms off (millisecond resolution): wake early, then sleep the rest.
+        self.loop.call_at(self.t_end - EARLY, self._end)
 
     def _end(self) -> None:
         now = self.clock()
         t_end = self.t_end
-        if now < t_end:  # the event loop's timers have millisecond resolution: do not emit early
+        if now < t_end:  # woken early on purpose: never emit before the model's time
             time.sleep(t_end - now)
             now = self.clock()
         st = self.stats
@@ -391,6 +399,7 @@ class Engine:
         st.steps += 1
         st.step_lag_sum += lag
         st.step_lag_n += 1
+        st.step_lag.observe(lag)
         if lag > st.step_lag_max:
             st.step_lag_max = lag
         if self.step_log is not None:
@@ -433,3 +442,5 @@ class Engine:
         # The next step starts when this one ended in the model (the GPU does not wait for the output to be
         # written); if the server fell more than 50 ms behind, it resynchronises with real time.
         self._begin(t_end if now - t_end < 0.05 else self.clock())
+        if self.on_step is not None:
+            self.on_step()

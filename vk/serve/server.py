@@ -10,12 +10,14 @@ encoding with one SSE event per chunk, as uvicorn sends them for vLLM.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import socket
 import sys
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -132,6 +134,46 @@ class App:
             self.mode = "engine"
         self.model_bytes = orjson.dumps(opts.model)
         self._n = 0
+        self.intake = deque()  # connections with request bytes to handle
+        self.drain_scheduled = False
+        self.sched.on_step = self._after_step
+
+    # -- intake: request handling yields to the engine's step timers ----------------------------------------
+    def enqueue(self, conn: Conn) -> None:
+        if not conn.queued:
+            conn.queued = True
+            self.intake.append(conn)
+            if not self.drain_scheduled:
+                self.drain_scheduled = True
+                self.loop.call_soon(self._drain)
+
+    def _after_step(self) -> None:
+        if self.intake and not self.drain_scheduled:
+            self.drain_scheduled = True
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Handle queued requests in slices of about 1 ms, never past the end of the engine step in flight.
+
+        Parsing, tokenizing and templating requests is the server's heaviest work; done in one go after a burst
+        of arrivals it would delay the step timers. Like vLLM's API server (a process apart from the engine
+        core), intake must not stretch the model's steps: when a step is about to end, the rest waits for it.
+        """
+        self.drain_scheduled = False
+        now = time.monotonic()
+        step_deadline = self.sched.deadline()
+        deadline = min(now + 0.001, step_deadline)
+        intake = self.intake
+        while intake and now < deadline:
+            conn = intake.popleft()
+            conn.queued = False
+            if not conn.busy and not conn.closed:
+                conn.process()
+            now = time.monotonic()
+        if intake and now < step_deadline and not self.drain_scheduled:
+            self.drain_scheduled = True
+            self.loop.call_soon(self._drain)
+        # else: the engine calls _after_step when the step in flight has ended
 
     # -- routing ----------------------------------------------------------------------------------------------
     def handle(self, conn: Conn, method: str, path: str, headers: dict, body: bytes) -> None:
@@ -249,7 +291,7 @@ class App:
         sink_cls = StreamSink if stream else FullSink
         sink = sink_cls(self, conn, chat, rid, xrid, so, req)
         seq = Seq(rid, prompt_ids, out_ids, reason, sink)
-        seq.t_arrival = time.monotonic()
+        seq.t_arrival = conn.t_recv or time.monotonic()
         if fault == "disconnect":
             sink.disconnect_at = max(1, n_out // 2)
         elif fault == "malformed":
@@ -378,6 +420,7 @@ class App:
             ("vllm:request_queue_time_seconds", s.queue, "Histogram of time spent in WAITING phase for request."),
             ("vllm:request_prompt_tokens", s.prompt_hist, "Number of prefill tokens processed."),
             ("vllm:request_generation_tokens", s.gen_hist, "Number of generation tokens processed."),
+            ("vk_serve_step_lag_seconds", s.step_lag, "Lateness of step ends versus the model (vk-serve extension)."),
         ):
             out.append(f"# HELP {name} {help_}")
             out.append(f"# TYPE {name} histogram")
@@ -540,6 +583,8 @@ class Conn(asyncio.Protocol):
         self.close_after = False
         self.closed = False
         self.sent_continue = False
+        self.queued = False
+        self.t_recv = 0.0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -563,9 +608,11 @@ class Conn(asyncio.Protocol):
         self.active = None
 
     def data_received(self, data: bytes) -> None:
+        if not self.buf:
+            self.t_recv = time.monotonic()
         self.buf += data
         if not self.busy:
-            self.process()
+            self.app.enqueue(self)
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -594,11 +641,8 @@ class Conn(asyncio.Protocol):
             self.closed = True
             return
         if self.buf:
-            self.app.loop.call_soon(self._resume)
-
-    def _resume(self) -> None:
-        if not self.busy and not self.closed:
-            self.process()
+            self.t_recv = time.monotonic()
+            self.app.enqueue(self)
 
     def _bad(self, code: int, message: str) -> None:
         self.close_after = True
@@ -707,6 +751,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *, ready=None, **options) -
     asyncio.set_event_loop(loop)
     try:
         app = App(opts, loop)
+        # Long-lived objects (tokenizer, vocabulary tables) leave the cyclic GC's view; fewer, later collections
+        # keep pauses out of the step timing.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50000, 50, 100)
         server = loop.run_until_complete(loop.create_server(lambda: Conn(app), host, port, backlog=4096,
                                                             reuse_address=True))
         bound = server.sockets[0].getsockname()[1]
