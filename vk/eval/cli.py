@@ -1,0 +1,203 @@
+"""vk-eval: metrics, SLOs and goodput from vk-send output; SQL, plots, comparisons and HTML reports.
+
+    vk-eval run.jsonl                         report table (default command)
+    vk-eval sql "SELECT ..." run.jsonl        SQL over views requests, events, sessions, runs
+    vk-eval plot DIR run.jsonl ...            PNG figures
+    vk-eval compare A.jsonl B.jsonl           side by side, with bootstrap confidence intervals
+    vk-eval report DIR run.jsonl ...          self-contained HTML report
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from vk import __version__
+from vk.cli import CONTEXT_SETTINGS, examples, main_wrapper
+from vk.eval.result import FORMATS
+
+SUBCOMMANDS = ("sql", "plot", "compare", "report")
+
+EPILOG = examples(
+    "vk-eval run.jsonl",
+    "vk-eval run.jsonl --json > summary.json",
+    "vk-eval run.jsonl --slo 'ttft:p90<500ms,tpot:p99<50ms' --check      # exit 1 when an SLO is missed",
+    "vk-eval run.jsonl --goodput 'ttft<1s,tpot<60ms' --warmup 30s --cooldown 10s",
+    "vk-eval a.jsonl b.jsonl --format markdown                            # one group per run",
+    "vk-eval run.jsonl --group-by input_bucket --percentiles p50,p99,p99.9",
+    "vk-eval sql 'SELECT status, count(*) FROM requests GROUP BY 1' run.jsonl",
+    "vk-eval plot plots/ run.jsonl        vk-eval report out/ run.jsonl",
+    "vk-eval compare before.jsonl after.jsonl",
+    "",
+    "Subcommands: sql, plot, compare, report (vk-eval SUBCOMMAND --help). Times are in seconds in JSON/CSV",
+    "and in milliseconds in tables.",
+)
+
+
+def _common(fn):
+    opts = [
+        click.option("--percentiles", metavar="LIST", help="Percentiles to report (default p50,p90,p95,p99,p99.9)."),
+        click.option("--warmup", metavar="DURATION",
+                     help="Steady window starts this long after the run start (e.g. 30s); default: after "
+                          "the warm-up requests marked by vk-schedule, else the whole run."),
+        click.option("--cooldown", metavar="DURATION", help="Steady window ends this long before the last response."),
+        click.option("--group-by", "group_by", metavar="FIELDS",
+                     help="Summarise per value of these comma-separated response fields (any top-level field, "
+                          "annotations included; also run, input_bucket, output_bucket). Default: run, when "
+                          "several runs are given."),
+        click.option("--fluidity", metavar="SPEC",
+                     help="Fluidity-index deadlines, e.g. 'ttft=1s,tbt=50ms' (the default)."),
+        click.option("--validate", type=click.Choice(["auto", "full", "fast"]), default="auto", show_default=True,
+                     help="Record-by-record validation: always (full), only for inputs under 32 MiB (auto), or "
+                          "SQL checks of kind/version/status only (fast)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+@click.command("vk-eval", context_settings=CONTEXT_SETTINGS, epilog=EPILOG)
+@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
+@click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="Output format.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option("--slo", metavar="SPEC", help="Aggregate objectives, e.g. 'ttft:p90<500ms,tpot:p99<50ms,error_rate<1%'.")
+@click.option("--goodput", metavar="SPEC",
+              help="Per-request objectives, e.g. 'ttft<1s,tpot<60ms': attainment and goodput (failed requests "
+                   "are violations; one-token outputs have no TPOT and pass a TPOT condition).")
+@click.option("--check", is_flag=True, help="Exit 1 when an SLO is missed.")
+@_common
+@click.option("--db", metavar="FILE", help="Also save the DuckDB database (views requests, events, sessions, runs).")
+@click.option("-o", "--output", metavar="FILE", default="-", help="Write the report to FILE (default stdout).")
+@click.version_option(__version__, "--version", prog_name="vk-eval", message="%(prog)s %(version)s")
+def summary_cmd(files, fmt, as_json, slo, goodput, check, percentiles, warmup, cooldown, group_by, fluidity,
+                validate, db, output):
+    """Summarise vk-send output FILE... (several files: one run each; - is stdin).
+
+    Every latency is computed from the raw event times under one unambiguous name: ttft (first token of any
+    kind), ttfc (first content token), tpot, itl_chunk / itl_token / itl_token_zeros, e2e, normalized_latency,
+    max_stall, and each also *_from_intended (the client's own queueing included). See man vk-eval.
+    """
+    from vk.eval import evaluate
+
+    res = evaluate(list(files), percentiles=percentiles, slo=slo, goodput=goodput, warmup=warmup,
+                   cooldown=cooldown, group_by=group_by, fluidity=fluidity, db=db, validate=validate)
+    text = res.format("json" if as_json else fmt)
+    _write(output, text)
+    if check and not res.slo_ok:
+        missed = [c for c in res["slo"] if not c["ok"]]
+        print(f"vk-eval: {len(missed)} SLO check(s) missed: "
+              + ", ".join(f"{c['slo']} ({c['group']})" for c in missed[:5]), file=sys.stderr)
+        sys.exit(1)
+
+
+def _write(output: str, text: str) -> None:
+    if output == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        from vk.errors import VkError
+
+        try:
+            with open(output, "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise VkError(f"{output}: cannot write ({e.strerror})") from None
+
+
+@click.command("sql", context_settings=CONTEXT_SETTINGS, epilog=examples(
+    "vk-eval sql 'SELECT status, count(*) FROM requests GROUP BY 1' run.jsonl",
+    "vk-eval sql 'SELECT quantile_cont(ttft, 0.99) FROM requests WHERE status = $$ok$$' a.jsonl b.jsonl",
+    "vk-eval sql 'SELECT kind, count(*) FROM events GROUP BY 1' run.jsonl --format csv",
+    "vk-eval sql 'SELECT 1' run.jsonl --db run.duckdb          # then: duckdb run.duckdb",
+))
+@click.argument("query")
+@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
+@click.option("-f", "--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True)
+@click.option("--db", metavar="FILE", help="Save the DuckDB database to FILE.")
+def sql_cmd(query, files, fmt, db):
+    """Run QUERY over views of the records: requests (one row per response, with metric columns), events (one
+    row per streamed event), sessions, runs; tables raw and responses hold the records as read."""
+    from vk.eval.sqlq import format_rows, run_sql
+
+    cols, rows = run_sql(query, list(files), db=db)
+    sys.stdout.write(format_rows(cols, rows, fmt))
+
+
+@click.command("plot", context_settings=CONTEXT_SETTINGS, epilog=examples(
+    "vk-eval plot plots/ run.jsonl",
+    "vk-eval plot plots/ a.jsonl b.jsonl --overlay     # runs overlaid in one set of figures",
+))
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
+@click.option("--overlay", is_flag=True, help="Overlay the runs in one set of figures (default: one set per run).")
+def plot_cmd(outdir, files, overlay):
+    """Write PNG figures to OUTDIR: CDFs of TTFT, TPOT, ITL and e2e; latency and throughput over time; TTFT
+    against prompt length; ITL distribution."""
+    from vk.eval.plots import plot_files
+
+    for p in plot_files(list(files), outdir, overlay=overlay):
+        print(p)
+
+
+@click.command("compare", context_settings=CONTEXT_SETTINGS, epilog=examples(
+    "vk-eval compare before.jsonl after.jsonl",
+    "vk-eval compare a.jsonl b.jsonl --json --bootstrap 2000",
+))
+@click.argument("a", type=click.Path(allow_dash=True))
+@click.argument("b", type=click.Path(allow_dash=True))
+@click.option("-f", "--format", "fmt", type=click.Choice(["table", "json", "markdown", "csv"]), default="table",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option("--bootstrap", default=1000, show_default=True, help="Bootstrap resamples for the intervals.")
+@click.option("--confidence", default=0.95, show_default=True, help="Confidence level of the intervals.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap.")
+@click.option("--percentiles", metavar="LIST", help="Percentiles to compare (default p50,p90,p99).")
+def compare_cmd(a, b, fmt, as_json, bootstrap, confidence, seed, percentiles):
+    """Compare run A with run B: each metric side by side, B - A, and a bootstrap confidence interval of the
+    difference; 'yes' in the last column when the interval excludes zero (larger than the noise)."""
+    from vk.eval.compare import compare_runs, format_compare
+
+    res = compare_runs(a, b, bootstrap=bootstrap, confidence=confidence, seed=seed, percentiles=percentiles)
+    sys.stdout.write(format_compare(res, "json" if as_json else fmt))
+
+
+@click.command("report", context_settings=CONTEXT_SETTINGS, epilog=examples(
+    "vk-eval report out/ run.jsonl          # writes out/report.html",
+    "vk-eval report out/ a.jsonl b.jsonl --slo 'ttft:p90<500ms'",
+))
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
+@click.option("--slo", metavar="SPEC", help="Aggregate objectives to check (as for vk-eval).")
+@click.option("--goodput", metavar="SPEC", help="Per-request objectives (as for vk-eval).")
+@_common
+def report_cmd(outdir, files, slo, goodput, percentiles, warmup, cooldown, group_by, fluidity, validate):
+    """Write OUTDIR/report.html: a self-contained page (figures embedded) with the tables and figures of the
+    run(s), for sharing."""
+    from vk.eval.report import write_report
+
+    print(write_report(list(files), outdir, slo=slo, goodput=goodput, percentiles=percentiles, warmup=warmup,
+                       cooldown=cooldown, group_by=group_by, fluidity=fluidity, validate=validate))
+
+
+class EvalCommand(click.Group):
+    """``vk-eval FILE...`` runs the summary; ``vk-eval sql|plot|compare|report ...`` the subcommands."""
+
+    def main(self, args=None, prog_name=None, **kw):
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] in self.commands:
+            sub = self.commands[args[0]]
+            return sub.main(args=args[1:], prog_name=f"{prog_name or 'vk-eval'} {args[0]}", **kw)
+        return summary_cmd.main(args=args, prog_name=prog_name or "vk-eval", **kw)
+
+
+cli = EvalCommand("vk-eval", context_settings=CONTEXT_SETTINGS)
+for _c in (sql_cmd, plot_cmd, compare_cmd, report_cmd):
+    cli.add_command(_c)
+
+main = main_wrapper(cli, "vk-eval")
+
+if __name__ == "__main__":
+    main()

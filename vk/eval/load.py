@@ -1,0 +1,243 @@
+"""Loading vk-send output into DuckDB, validated, fast.
+
+The fast path reads every file with DuckDB's ``read_ndjson`` (parallel, typed columns) and checks the kind and
+version of every line in SQL. Whenever that check, or DuckDB's parser, finds a problem, the files are read again
+line by line with ``vk.records.validate`` so that the error names the file, the line and the field. Small inputs
+(under ``FULL_VALIDATION_BYTES``) are always validated record by record.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+
+from vk import records
+from vk.errors import RecordError, VkError
+from vk.jsonl import iter_lines, source_name
+
+INPUT_KINDS = ("run", "response", "run_end")
+FULL_VALIDATION_BYTES = 32 * 1024 * 1024
+
+# Fields of response records vk-eval reads, with their DuckDB types. Any other top-level field can still be
+# used with --group-by: it is read as an extra VARCHAR column on demand.
+TIME_COLS = records.TIME_FIELDS
+RESPONSE_COLUMNS: dict[str, str] = {
+    "kind": "VARCHAR",
+    "v": "BIGINT",
+    "run_id": "VARCHAR",
+    "session_id": "VARCHAR",
+    "request_id": "VARCHAR",
+    "session_index": "BIGINT",
+    "warmup": "BOOLEAN",
+    "worker": "VARCHAR",
+    "status": "VARCHAR",
+    "http_status": "BIGINT",
+    "error": "VARCHAR",
+    **{f: "DOUBLE" for f in TIME_COLS},
+    "events": "STRUCT(t DOUBLE[], tokens BIGINT[], kind VARCHAR, server_t DOUBLE[])",
+    "usage": "STRUCT(prompt_tokens BIGINT, completion_tokens BIGINT, cached_tokens BIGINT, reasoning_tokens BIGINT)",
+    "finish_reason": "VARCHAR",
+    "target_input_tokens": "BIGINT",
+    "target_output_tokens": "BIGINT",
+    "prefix_tokens": "BIGINT",
+    "target_prefix_tokens": "BIGINT",
+    # run header and run_end fields (few lines; JSON keeps them as they are)
+    "start_epoch": "DOUBLE",
+    "api": "VARCHAR",
+    "model": "VARCHAR",
+    "endpoint": "VARCHAR",
+    "vk_version": "VARCHAR",
+    "host": "VARCHAR",
+    "lagged": "BOOLEAN",
+    "schedule": "JSON",
+    "argv": "JSON",
+    "totals": "JSON",
+    "lag": "JSON",
+    "reason": "JSON",
+    "ended": "JSON",
+    "end_reason": "JSON",
+    "stop_reason": "JSON",
+}
+
+RUN_FIELDS = ("run_id", "start_epoch", "api", "model", "endpoint", "vk_version", "host", "lagged", "schedule",
+              "argv")
+RUN_END_FIELDS = ("run_id", "lagged", "totals", "lag", "reason", "ended", "end_reason", "stop_reason")
+
+
+def _sql_str(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+class Inputs:
+    """Input files ready for DuckDB: records given as dicts or on stdin are spooled to a temporary file."""
+
+    def __init__(self, inputs: Any):
+        self._tmp: str | None = None
+        self.paths: list[str] = []
+        self.names: list[str] = []
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        items = list(inputs) if not isinstance(inputs, list) else inputs
+        if not items:
+            raise VkError("no input: give one or more vk-send output files")
+        if all(isinstance(x, (str, os.PathLike)) for x in items):
+            for p in items:
+                if str(p) == "-":
+                    self.paths.append(self._spool_stdin())
+                    self.names.append("<stdin>")
+                else:
+                    path = Path(p)
+                    if not path.exists():
+                        raise VkError(f"{p}: no such file")
+                    if path.is_dir():
+                        raise VkError(f"{p}: is a directory, expected a vk-send output file")
+                    self.paths.append(str(path))
+                    self.names.append(str(p))
+        elif all(isinstance(x, dict) for x in items):
+            self.paths.append(self._spool_records(items))
+            self.names.append("<records>")
+        else:
+            raise VkError("inputs must be file paths or record dicts")
+
+    def _tmpdir(self) -> str:
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="vk-eval-")
+        return self._tmp
+
+    def _spool_stdin(self) -> str:
+        path = os.path.join(self._tmpdir(), f"stdin-{len(self.paths)}.jsonl")
+        with open(path, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+        return path
+
+    def _spool_records(self, recs: list[dict]) -> str:
+        path = os.path.join(self._tmpdir(), f"records-{len(self.paths)}.jsonl")
+        with open(path, "wb") as f:
+            for r in recs:
+                f.write(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY))
+        return path
+
+    def name_of(self, path: str) -> str:
+        return self.names[self.paths.index(path)] if path in self.paths else path
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __del__(self):  # temporary files never outlive the evaluation
+        self.close()
+
+
+def validate_files(inputs: Inputs) -> None:
+    """Read every line with the record validators; raise the first RecordError (file, line, field)."""
+    for path, name in zip(inputs.paths, inputs.names, strict=False):
+        seen_any = False
+        with open(path, "rb") as fh:
+            for n, obj in iter_lines(name, fh):
+                kind = obj.get("kind")
+                if kind in ("session", "schedule", "scheduled_session"):
+                    raise RecordError(name, n, "kind", f"got a '{kind}' record: vk-eval reads vk-send output "
+                                                       "(run, response, run_end records)")
+                records.validate(obj, name, n, INPUT_KINDS)
+                seen_any = True
+        if not seen_any:
+            raise VkError(f"{name}: no records (is it vk-send output?)")
+
+
+def load(con: duckdb.DuckDBPyConnection, inputs: Inputs, extra_fields: Iterable[str] = (),
+         validate: str = "auto") -> None:
+    """Create the table ``raw`` (every line of every input, typed) in ``con``.
+
+    ``validate``: ``auto`` (record by record for small inputs, SQL checks for large ones), ``full`` or ``fast``.
+    """
+    con.execute("SET enable_progress_bar = false")
+    total = sum(os.path.getsize(p) for p in inputs.paths)
+    if validate == "full" or (validate == "auto" and total <= FULL_VALIDATION_BYTES):
+        validate_files(inputs)
+        checked = True
+    else:
+        checked = False
+    cols = dict(RESPONSE_COLUMNS)
+    for f in extra_fields:
+        if f not in cols:
+            cols[f] = "VARCHAR"
+    col_sql = "{" + ", ".join(f"{_sql_str(k)}: {_sql_str(v)}" for k, v in cols.items()) + "}"
+    files = "[" + ", ".join(_sql_str(p) for p in inputs.paths) + "]"
+    try:
+        con.execute(
+            f"CREATE OR REPLACE TABLE raw AS SELECT * FROM read_ndjson({files}, columns={col_sql}, "
+            f"filename=true, maximum_object_size=1073741824, ignore_errors=false)"
+        )
+    except duckdb.Error as e:
+        if not checked:
+            validate_files(inputs)  # raises the precise error when the input is at fault
+        raise VkError(f"cannot read the input: {str(e).splitlines()[0]}") from None
+    if not checked:
+        _sql_checks(con, inputs)
+
+
+def _sql_checks(con: duckdb.DuckDBPyConnection, inputs: Inputs) -> None:
+    versions = " ".join(f"WHEN {_sql_str(k)} THEN {records.VERSIONS[k]}" for k in INPUT_KINDS)
+    statuses = ", ".join(_sql_str(s) for s in records.STATUSES)
+    bad = con.execute(
+        f"""SELECT count(*) FROM raw WHERE kind IS NULL OR kind NOT IN ('run', 'response', 'run_end')
+            OR v IS NULL OR v < 1 OR v > (CASE kind {versions} END) OR run_id IS NULL
+            OR (kind = 'response' AND (request_id IS NULL OR status IS NULL OR status NOT IN ({statuses})
+                OR (events IS NOT NULL AND (len(events.t) != length(events.kind)
+                    OR (events.tokens IS NOT NULL AND len(events.tokens) != len(events.t))
+                    OR (events.server_t IS NOT NULL AND len(events.server_t) != len(events.t))))))"""
+    ).fetchone()[0]
+    if bad:
+        validate_files(inputs)
+        raise VkError(f"{bad} input line(s) are not valid vk-send records")
+    n = con.execute("SELECT count(*) FROM raw").fetchone()[0]
+    if n == 0:
+        raise VkError(f"{', '.join(inputs.names)}: no records (is it vk-send output?)")
+
+
+def run_rows(con: duckdb.DuckDBPyConnection, inputs: Inputs) -> list[dict]:
+    """One dict per run (header fields, footer fields, file), in input order."""
+    runs: dict[str, dict] = {}
+    rows = con.execute(
+        f"SELECT kind, filename, {', '.join(sorted(set(RUN_FIELDS) | set(RUN_END_FIELDS)))} FROM raw "
+        "WHERE kind IN ('run', 'run_end')"
+    ).fetchall()
+    names = ["kind", "filename", *sorted(set(RUN_FIELDS) | set(RUN_END_FIELDS))]
+    for row in rows:
+        d = dict(zip(names, row, strict=False))
+        rid = d["run_id"]
+        r = runs.setdefault(rid, {"run_id": rid, "file": inputs.name_of(d["filename"])})
+        if d["kind"] == "run":
+            for f in RUN_FIELDS:
+                v = d[f]
+                r[f] = orjson.loads(v) if f in ("schedule", "argv") and v is not None else v
+            r["lagged_header"] = bool(d["lagged"])
+        else:
+            end = {}
+            for f in RUN_END_FIELDS:
+                if f != "run_id" and d[f] is not None:
+                    end[f] = d[f] if f == "lagged" else orjson.loads(d[f])
+            r["run_end"] = end
+    # runs without a header (responses only)
+    for rid, fn in con.execute(
+        "SELECT run_id, any_value(filename) FROM raw WHERE kind = 'response' GROUP BY run_id ORDER BY min(rowid)"
+    ).fetchall():
+        runs.setdefault(rid, {"run_id": rid, "file": inputs.name_of(fn)})
+    for r in runs.values():
+        end = r.get("run_end") or {}
+        lag = end.get("lag") if isinstance(end.get("lag"), dict) else {}
+        r["lagged"] = bool(r.get("lagged_header") or end.get("lagged") or lag.get("lagged"))
+    return list(runs.values())
+
+
+def source_of(path: str) -> str:
+    return source_name(path)

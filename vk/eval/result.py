@@ -1,0 +1,238 @@
+"""EvalResult and its output formats: table, json, csv, markdown."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import orjson
+
+from vk.errors import VkError
+
+FORMATS = ("table", "json", "csv", "markdown")
+TIME_METRICS = {"ttft", "ttfc", "tpot", "itl_chunk", "itl_token", "itl_token_zeros", "e2e", "normalized_latency",
+                "max_stall", "ttft_from_intended", "ttfc_from_intended", "e2e_from_intended", "queue_delay",
+                "dispatch_lag"}
+
+
+class EvalResult:
+    """The result of ``vk.eval.evaluate``: ``to_dict()`` (JSON-able, stable keys) and ``format(fmt)``."""
+
+    def __init__(self, data: dict):
+        self._d = data
+
+    def to_dict(self) -> dict:
+        return self._d
+
+    def __getitem__(self, k):
+        return self._d[k]
+
+    @property
+    def slo_ok(self) -> bool:
+        return all(c["ok"] for c in self._d.get("slo", []))
+
+    @property
+    def overall(self) -> dict:
+        return self._d["overall"]
+
+    def format(self, fmt: str = "table") -> str:
+        if fmt == "json":
+            return orjson.dumps(self._d, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n"
+        if fmt == "csv":
+            return to_csv(self._d)
+        if fmt in ("table", "markdown"):
+            return to_text(self._d, markdown=fmt == "markdown")
+        raise VkError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
+
+    def __str__(self) -> str:
+        return self.format("table")
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _num(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if unit == "ms":
+        return f"{v * 1000:.2f}"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if v != v:
+            return "-"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out) + "\n"
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=False)))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for r in rows:
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))))
+    return "\n".join(out) + "\n"
+
+
+def _stat_cols(d: dict) -> list[str]:
+    return [f"p{p:g}" for p in d["options"]["percentiles"]] + ["mean", "stddev", "min", "max"]
+
+
+def _heading(text: str, markdown: bool, level: int = 2) -> str:
+    if markdown:
+        return "#" * level + " " + text + "\n\n"
+    return text + "\n" + ("=" if level <= 2 else "-") * len(text) + "\n"
+
+
+def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
+    cols = _stat_cols(d)
+    parts = [_heading(title, markdown, 2)]
+    c = s["counts"]
+    parts.append(
+        f"requests {c['requests']}  measured {c['measured']}  ok {c['ok']}  error {c['error']}  timeout "
+        f"{c['timeout']}  cancelled {c['cancelled']}  skipped {c['skipped']}  warm-up excluded "
+        f"{c['warmup_excluded']}  outside window {c['outside_window']}\n"
+    )
+    src = ", ".join(f"{k} {v}" for k, v in c.get("output_tokens_source", {}).items())
+    if src:
+        parts.append(f"output tokens counted from: {src}\n")
+    flags = s["accuracy"].get("flags", [])
+    if flags:
+        parts.append("\n" + ("**WARNINGS**\n\n" if markdown else "!!! WARNINGS !!!\n"))
+        for f in flags:
+            parts.append(("- " if markdown else "  ! ") + f + "\n")
+    parts.append("\n" + _heading("Latency (ms)", markdown, 3))
+    rows = []
+    for name, st in s["latency"].items():
+        if not st or not st.get("n"):
+            continue
+        rows.append([name, str(st["n"])] + [_num(st.get(k), "ms") for k in cols])
+    parts.append(_table(["metric", "n", *cols], rows, markdown))
+    rows = []
+    for name, st in s["tokens"].items():
+        if st and st.get("n"):
+            rows.append([name, str(st["n"])] + [_num(st.get(k)) for k in cols])
+    if rows:
+        parts.append("\n" + _heading("Tokens per request", markdown, 3))
+        parts.append(_table(["metric", "n", *cols], rows, markdown))
+    t = s["throughput"]
+    parts.append("\n" + _heading("Throughput", markdown, 3))
+    rows = []
+    for label, w in (("whole run", t["whole"]), (f"steady ({t['steady']['window']})", t["steady"])):
+        rows.append([label, _num(w["duration"]), _num(w["requests_per_s"]), _num(w["input_tokens_per_s"]),
+                     _num(w["output_tokens_per_s"]), _num(w["total_tokens_per_s"])])
+    parts.append(_table(["window", "seconds", "req/s", "input tok/s", "output tok/s", "total tok/s"], rows,
+                        markdown))
+    conc = s["concurrency"]
+    parts.append(f"\nconcurrency: mean {_num(conc['mean'])}, max {_num(conc['max'])}\n")
+    if "goodput" in s:
+        g = s["goodput"]
+        parts.append("\n" + _heading(f"Goodput ({g['spec']})", markdown, 3))
+        parts.append(f"good {g['good']} of {g['requests']}  attainment {_num(g['attainment'])}  "
+                     f"goodput {_num(g['requests_per_s'])} req/s, {_num(g['output_tokens_per_s'])} output tok/s\n")
+        for k, v in g["per_condition"].items():
+            parts.append(f"  {k}: {_num(v)}\n")
+    f = s["fluidity"]
+    parts.append("\n" + _heading("Fluidity index (Etalon)", markdown, 3))
+    fi = f["index"] or {}
+    parts.append(f"deadlines: first token {f['prefill_deadline'] * 1000:g} ms, then every "
+                 f"{f['decode_deadline'] * 1000:g} ms; service index {_num(f['service_index'])}; per request "
+                 f"mean {_num(fi.get('mean'))}, min {_num(fi.get('min'))}; share >= 0.9: {_num(f['share_ge_0.9'])}\n")
+    se = s["sessions"]
+    if se.get("sessions"):
+        parts.append("\n" + _heading("Sessions", markdown, 3))
+        tt = se["turns"]
+        du = se["duration"]
+        th = se["think_time"]
+        parts.append(f"sessions {se['sessions']}  turns mean {_num(tt.get('mean'))} max {_num(tt.get('max'))}  "
+                     f"duration p50 {_num(du.get('p50'))} s  think time p50 {_num(th.get('p50'))} s\n")
+        if se.get("ttft_by_turn"):
+            rows = [[k, str(v["n"]), _num(v["ttft_p50"], "ms"), _num(v["ttft_p90"], "ms"),
+                     _num(v["input_tokens_mean"])] for k, v in se["ttft_by_turn"].items()]
+            parts.append(_table(["turn", "n", "ttft p50 ms", "ttft p90 ms", "input tokens"], rows, markdown))
+    a = s["accuracy"]
+    parts.append("\n" + _heading("Run accuracy", markdown, 3))
+    lines = []
+    if "prompt_vs_target" in a:
+        p = a["prompt_vs_target"]
+        lines.append(f"prompt tokens vs target: exact {_num(p['share_exact'])}, mean diff {_num(p['mean_diff'])}")
+    if "output_vs_target" in a:
+        o = a["output_vs_target"]
+        lines.append(f"output tokens vs target: exact {_num(o['share_exact'])}, stopped early "
+                     f"{_num(o['share_stopped_early'])}, longer {_num(o['share_longer'])}")
+    if "events_vs_usage" in a:
+        e = a["events_vs_usage"]
+        lines.append(f"events vs usage: per-event counts {_num(e['share_per_event_counts'])}, mismatch "
+                     f"{_num(e['share_mismatch'])}, tokens per token event {_num(e['tokens_per_token_event'])}")
+    if a.get("chunk_tokens_histogram"):
+        lines.append("tokens per chunk: " + ", ".join(f"{k}: {v}" for k, v in a["chunk_tokens_histogram"].items()))
+    dl = a.get("dispatch_lag") or {}
+    if dl.get("n"):
+        lines.append(f"dispatch lag ms: p50 {_num(dl.get('p50'), 'ms')}, p99 {_num(dl.get('p99'), 'ms')}, "
+                     f"max {_num(dl.get('max'), 'ms')}")
+    r = a.get("rate") or {}
+    if r:
+        lines.append(f"rate: intended {_num(r.get('intended_per_s'))} req/s, achieved {_num(r.get('achieved_per_s'))}"
+                     " req/s")
+    if "timestamp_error" in a:
+        te = a["timestamp_error"]
+        lines.append(f"client timestamp - server send time ms: p50 {_num(te['p50'], 'ms')}, p99 "
+                     f"{_num(te['p99'], 'ms')}, spread {_num(te['spread_p99_minus_p50'], 'ms')}")
+    ca = s["caching"]
+    lines.append(f"prefix caching: cached share {_num(ca.get('cached_share'))} (reported by "
+                 f"{ca.get('n_reporting_cached', 0)} requests), ideal share {_num(ca.get('ideal_share'))}")
+    parts.append("".join(("- " if markdown else "") + ln + "\n" for ln in lines))
+    return "".join(parts)
+
+
+def to_text(d: dict, markdown: bool = False) -> str:
+    out = []
+    if markdown:
+        out.append("# vk-eval report\n\n")
+    for r in d["runs"]:
+        lag = "  LAGGED" if r.get("lagged") else ""
+        out.append(f"run {r['run_id']}  file {r.get('file')}  model {r.get('model')}  api {r.get('api')}{lag}\n")
+    out.append("\n")
+    out.append(summary_text(d, d["overall"], "Overall", markdown))
+    for g in d["groups"]:
+        out.append("\n" + summary_text(d, g["summary"], "Group " + g["label"], markdown))
+    if d.get("slo"):
+        out.append("\n" + _heading("SLOs", markdown, 2))
+        rows = [[c["slo"], c["group"], _num(c["value"], "ms" if c["metric"] in TIME_METRICS and c["stat"] else ""),
+                 "ok" if c["ok"] else "MISSED"] for c in d["slo"]]
+        out.append(_table(["slo", "group", "value (ms for latencies)", "verdict"], rows, markdown))
+    return "".join(out)
+
+
+def _flatten(prefix: str, v: Any, rows: list, group: str) -> None:
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), x, rows, group)
+    elif isinstance(v, list):
+        return
+    else:
+        rows.append([group, prefix, "" if v is None else v])
+
+
+def to_csv(d: dict) -> str:
+    """Long format: group, metric (dotted path, e.g. latency.ttft.p99), value (seconds for times)."""
+    rows: list = []
+    _flatten("", d["overall"], rows, "overall")
+    for g in d["groups"]:
+        _flatten("", g["summary"], rows, g["label"])
+    for c in d.get("slo", []):
+        rows.append([c["group"], f"slo.{c['slo']}", "ok" if c["ok"] else "missed"])
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["group", "metric", "value"])
+    w.writerows(rows)
+    return buf.getvalue()
