@@ -66,15 +66,17 @@ class AiohttpClient(_Base):
 
     def __init__(self, url: str, headers: dict[str, str]):
         super().__init__(url, headers)
-        import aiohttp
-
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False),
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=False,
-        )
+        self.session = None  # created inside the running loop
 
     async def _do(self, ex: Exchange, xrid: str, body: bytes, fbt) -> None:
+        if self.session is None:
+            import aiohttp
+
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False),
+                timeout=aiohttp.ClientTimeout(total=None),
+                auto_decompress=False,
+            )
         h = dict(self.headers)
         h["X-Request-Id"] = xrid
         ex.t_sent = _mono()
@@ -92,7 +94,8 @@ class AiohttpClient(_Base):
             resp.release()
 
     async def close(self) -> None:
-        await self.session.close()
+        if self.session is not None:
+            await self.session.close()
 
 
 class HttpxClient(_Base):

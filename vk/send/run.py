@@ -37,6 +37,7 @@ from vk.send.engine import Config, Engine
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_FIRST_BYTE_TIMEOUT = 120.0
 DEFAULT_LAG_THRESHOLD = 0.001
+SWITCH_INTERVAL = 0.0002  # seconds: GIL hand-over between the event loop and the input reader thread
 QUEUE_AHEAD = 512  # sessions read ahead of the engine per worker (memory stays flat)
 
 _mono = time.monotonic
@@ -392,6 +393,7 @@ def _worker_main(cfg: Config, in_conn, out_conn, stop_event, progress: bool) -> 
     gc.collect()
     gc.freeze()
     gc.disable()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         loop.run_until_complete(main())
     finally:
@@ -565,6 +567,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         for _, out_r in pipes:
             if out_r.recv_bytes() != b"#ready":
                 raise VkError("a worker process failed to start")
+    gc.collect()  # before the start instant: a full collection can take tens of milliseconds
     clock = RunClock(_mono() + (0.15 if workers > 1 else 0.05))  # ahead: workers and loop get ready
     run_rec = records.new_run(
         cfg.run_id, round(clock.epoch0, 6), api=cfg.api, model=cfg.model, endpoint=cfg.endpoint,
@@ -708,13 +711,16 @@ def _run_inprocess(cfg, clock, stream_in, collector, state, input_error, handle_
             if prog is not None:
                 prog.cancel()
 
-    gc.collect()
     gc.freeze()
     was_enabled = gc.isenabled()
     gc.disable()
+    # the reader thread must not hold the GIL for the default 5 ms while a deadline passes
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         loop.run_until_complete(main())
     finally:
+        sys.setswitchinterval(switch)
         feed.stop.set()
         for sig in installed:
             loop.remove_signal_handler(sig)
