@@ -387,6 +387,9 @@ class Index:
 # sessions
 
 
+_TEXT_SOURCES: dict = {}  # (tokenizer, corpus) -> TextSource, built once per process
+
+
 class Builder:
     """Turns of one session -> a session record with exact-length or verbatim content."""
 
@@ -411,7 +414,11 @@ class Builder:
             from vk.gen.content import TextSource
 
             corpus = getattr(self.fl, "corpus_file", None) or self.cfg.corpus_file
-            self._text = TextSource(self.tok, corpus)
+            key = (id(self.tok), corpus)
+            ts = _TEXT_SOURCES.get(key)
+            if ts is None or ts.tokenizer is not self.tok:
+                ts = _TEXT_SOURCES[key] = TextSource(self.tok, corpus)
+            self._text = ts
         return self._text
 
     # -- content ------------------------------------------------------------------------------------------------
@@ -432,12 +439,29 @@ class Builder:
         return x
 
     def hashed(self, ids: list, inp: int, epoch: int) -> tuple[str, int]:
+        """The prompt of a hash-id request: one block of text per id, ``block_size`` tokens (the last may be
+        partial). A block starts with a salt naming its id, so that different ids never give the same tokens
+        (corpus blocks alone can collide), then deterministic corpus text for (seed, id)."""
         sizes = block_sizes(len(ids), inp, self.fl.block_size)
         keys = [self.block_key(x, epoch) for x in ids]
         served = self.cache.serve(keys, sizes)
-        blk = self.text.block
+        text = self.text
         s = self.seed
-        return "".join(blk(f"h{s}:{k}", n) for k, n in zip(keys, sizes, strict=False)), served
+        salts = self._salt_len
+        parts = []
+        for k, n in zip(keys, sizes, strict=True):
+            salt = text.unique_salt(f"{k}")
+            c = salts.get(salt)
+            if c is None:
+                if len(salts) > 1_000_000:
+                    salts.clear()
+                c = salts[salt] = self.tok.count(salt)
+            if n > c:
+                parts.append(salt)
+                parts.append(text.block(f"h{s}:{k}", n - c))
+            else:  # a tiny last block: corpus text only
+                parts.append(text.block(f"h{s}:{k}", n))
+        return "".join(parts), served
 
     # -- requests -----------------------------------------------------------------------------------------------
     def plan(self, turns: list[Turn]) -> list[dict]:
