@@ -116,6 +116,8 @@ class App:
         self.tok = load_tokenizer(opts.tokenizer)
         self.words = words_for(self.tok)
         self.word_ids = np.asarray(self.words.ids, dtype=np.int64)
+        if self.tok.has_chat_template:  # compile the template now, not during the first request
+            self.tok.encode(self.tok.apply_chat_template([{"role": "user", "content": "hi"}]))
         self.rng = np.random.default_rng(np.random.SeedSequence([opts.seed, 0x5E12]))
         self.fault_rng = random.Random(f"vk-serve-faults-{opts.fault_seed}")
         self.stats = Stats()

@@ -1,0 +1,321 @@
+"""vk-serve through its real HTTP interface: API shape (vLLM's), fixed-latency timing, errors, faults, HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import socket
+import time
+
+import httpx
+import orjson
+import pytest
+from conftest import vk_cmd
+
+from vk.tokenizer import load_tokenizer
+
+MSGS = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+def stream_chat(url: str, body: dict, path: str = "/chat/completions", timeout: float = 30.0) -> dict:
+    """POST a streaming request; return status, events (parsed JSON or raw text), their arrival times, t_first_byte."""
+    events, times, raw = [], [], []
+    with httpx.Client(timeout=timeout) as c:
+        t0 = time.monotonic()
+        with c.stream("POST", url + path, json={**body, "stream": True}) as r:
+            return _read_stream(r, t0, events, times, raw)
+
+
+def _read_stream(r, t0, events, times, raw):
+    if True:
+        t_fb = time.monotonic() - t0
+        if r.status_code != 200:
+            r.read()
+            return {"status": r.status_code, "json": r.json(), "t_fb": t_fb}
+        complete = True
+        try:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                now = time.monotonic() - t0
+                assert line.startswith("data: "), line
+                payload = line[6:]
+                raw.append(payload)
+                times.append(now)
+                if payload == "[DONE]":
+                    events.append("[DONE]")
+                    continue
+                try:
+                    events.append(orjson.loads(payload))
+                except orjson.JSONDecodeError:
+                    events.append(("malformed", payload))
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            complete = False
+    return {"status": 200, "events": events, "times": times, "t_fb": t_fb, "complete": complete,
+            "headers": dict(r.headers)}
+
+
+def content_events(res):
+    return [(e, t) for e, t in zip(res["events"], res["times"], strict=True)
+            if isinstance(e, dict) and e["choices"] and "content" in e["choices"][0].get("delta", {"x": 1})
+            and e["choices"][0]["delta"].get("content")]
+
+
+def post(url: str, path: str, body, timeout: float = 30.0) -> httpx.Response:
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=timeout)
+
+
+# -- fixed-latency mode: shape of the stream, timing, usage ------------------------------------------------------
+
+def test_stream_shape_like_vllm(serve):
+    s = serve("--ttft", "0.02", "--tpot", "0.002")
+    res = stream_chat(s.url, {"model": "vk-sim", "messages": MSGS, "max_tokens": 12, "min_tokens": 12,
+                              "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    ev = res["events"]
+    assert res["headers"]["content-type"].startswith("text/event-stream")
+    assert ev[-1] == "[DONE]"
+    first = ev[0]
+    assert first["object"] == "chat.completion.chunk" and first["model"] == "vk-sim"
+    assert first["id"].startswith("chatcmpl-") and isinstance(first["created"], int)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first["choices"][0]["logprobs"] is None and first["choices"][0]["finish_reason"] is None
+    chunks = ev[1:-2]
+    assert len(chunks) == 12
+    assert all(c["id"] == first["id"] for c in ev[:-1])
+    assert [c["usage"]["completion_tokens"] for c in chunks] == list(range(1, 13))  # continuous usage stats
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    final = ev[-2]
+    assert final["choices"] == []
+    usage = final["usage"]
+    tok = load_tokenizer("qwen2.5")
+    assert usage["prompt_tokens"] == tok.count_chat(MSGS)
+    assert usage["completion_tokens"] == 12 and usage["total_tokens"] == usage["prompt_tokens"] + 12
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+    assert len(tok.encode(text)) == 12  # real text that re-encodes to the reported count
+
+
+def test_fixed_latency_timing(serve):
+    s = serve("--ttft", "0.05", "--tpot", "0.01")
+    ttfts, gaps = [], []
+    for _ in range(3):
+        res = stream_chat(s.url, {"messages": MSGS, "max_tokens": 20, "min_tokens": 20})
+        ce = content_events(res)
+        assert len(ce) == 20
+        ttfts.append(ce[0][1])
+        gaps.append((ce[-1][1] - ce[0][1]) / 19)
+    assert 0.045 <= min(ttfts) and sorted(ttfts)[1] <= 0.075, ttfts
+    assert 0.0085 <= sorted(gaps)[1] <= 0.0125, gaps
+
+
+def test_output_lengths(serve):
+    s = serve("--ttft", "0", "--tpot", "0", "--stop-mean", "20")
+    lens, reasons = [], set()
+    for _ in range(12):
+        r = post(s.url, "/chat/completions", {"messages": MSGS, "max_tokens": 200}).json()
+        lens.append(r["usage"]["completion_tokens"])
+        reasons.add(r["choices"][0]["finish_reason"])
+    assert len(set(lens)) > 3 and max(lens) < 200 and "stop" in reasons  # a sampled natural length
+    r = post(s.url, "/chat/completions", {"messages": MSGS, "max_tokens": 150, "ignore_eos": True}).json()
+    assert r["usage"]["completion_tokens"] == 150 and r["choices"][0]["finish_reason"] == "length"
+    r = post(s.url, "/chat/completions", {"messages": MSGS, "max_completion_tokens": 7, "min_tokens": 7}).json()
+    assert r["usage"]["completion_tokens"] == 7
+    r = post(s.url, "/chat/completions", {"messages": MSGS, "max_tokens": 300, "min_tokens": 120}).json()
+    assert 120 <= r["usage"]["completion_tokens"] <= 300
+    msg = r["choices"][0]["message"]
+    assert msg["role"] == "assistant" and r["object"] == "chat.completion"
+    assert len(load_tokenizer().encode(msg["content"])) == r["usage"]["completion_tokens"]
+
+
+def test_completions_endpoint(serve):
+    s = serve("--ttft", "0", "--tpot", "0")
+    tok = load_tokenizer()
+    r = post(s.url, "/completions", {"model": "vk-sim", "prompt": "Once upon a time"}).json()
+    assert r["object"] == "text_completion" and r["id"].startswith("cmpl-")
+    assert r["usage"]["prompt_tokens"] == tok.count("Once upon a time")
+    assert r["usage"]["completion_tokens"] <= 16  # OpenAI's default max_tokens for completions
+    res = stream_chat(s.url, {"prompt": [1, 2, 3, 4], "max_tokens": 5, "min_tokens": 5,
+                              "stream_options": {"include_usage": True}}, path="/completions")
+    ev = res["events"]
+    assert ev[-1] == "[DONE]" and ev[-2]["usage"]["prompt_tokens"] == 4
+    texts = [e["choices"][0]["text"] for e in ev[:-2]]
+    assert len(texts) == 5 and ev[0]["object"] == "text_completion"
+    assert ev[-3]["choices"][0]["finish_reason"] == "length"
+
+
+def test_models_health_metrics(serve):
+    s = serve("--ttft", "0", "--tpot", "0", "--model", "my-model")
+    m = httpx.get(s.url + "/models").json()
+    assert m["object"] == "list" and m["data"][0]["id"] == "my-model"
+    assert httpx.get(s.base + "/health").status_code == 200
+    post(s.url, "/chat/completions", {"messages": MSGS, "max_tokens": 3, "min_tokens": 3})
+    text = httpx.get(s.base + "/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:gpu_cache_usage_perc", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                 "vllm:time_to_first_token_seconds_bucket"):
+        assert name in text, name
+    assert 'vllm:generation_tokens_total{model_name="my-model",engine="0"} 3' in text
+
+
+def test_server_timestamps(serve):
+    s = serve("--ttft", "0.01", "--tpot", "0.005", "--server-timestamps")
+    res = stream_chat(s.url, {"messages": MSGS, "max_tokens": 5, "min_tokens": 5,
+                              "stream_options": {"include_usage": True}})
+    evs = [e for e in res["events"] if isinstance(e, dict)]
+    ts = [e["vk_server_time"] for e in evs]
+    assert len(ts) == 7 and ts == sorted(ts)
+    assert abs(ts[-1] - time.time()) < 5
+    assert ts[-2] - ts[1] == pytest.approx(4 * 0.005, abs=0.004)
+    plain = stream_chat(serve("--ttft", "0", "--tpot", "0").url, {"messages": MSGS, "max_tokens": 2})
+    assert all("vk_server_time" not in e for e in plain["events"] if isinstance(e, dict))
+
+
+# -- errors like vLLM's ------------------------------------------------------------------------------------------
+
+def test_error_bodies(serve):
+    s = serve("--ttft", "0", "--tpot", "0", "--max-model-len", "1000")
+
+    def check(resp, code, param=None):
+        assert resp.status_code == code, resp.text
+        body = resp.json()
+        assert set(body) == {"object", "message", "type", "param", "code"}
+        assert body["object"] == "error" and body["code"] == code and body["message"]
+        if param:
+            assert body["param"] == param
+        return body
+
+    assert check(post(s.url, "/chat/completions", {"model": "vk-sim"}), 400, "messages")["type"] == "BadRequestError"
+    check(post(s.url, "/chat/completions", b"{not json"), 400)
+    check(post(s.url, "/chat/completions", {"messages": "hi"}), 400, "messages")
+    long = [{"role": "user", "content": "word " * 1200}]
+    assert "maximum context length is 1000" in check(post(s.url, "/chat/completions", {"messages": long}), 400)[
+        "message"]
+    check(post(s.url, "/chat/completions", {"messages": MSGS, "max_tokens": 990}), 400)
+    check(post(s.url, "/chat/completions", {"messages": MSGS, "max_tokens": 0}), 400, "max_tokens")
+    check(post(s.url, "/chat/completions", {"messages": MSGS, "n": 2}), 400, "n")
+    check(post(s.url, "/chat/completions", {"messages": MSGS, "stream_options": {"include_usage": True}}), 400)
+    check(post(s.url, "/chat/completions", {"messages": MSGS, "max_tokens": 5, "min_tokens": 9}), 400)
+    check(post(s.url, "/completions", {"max_tokens": 5}), 400, "prompt")
+    assert check(post(s.url, "/chat/completions", {"model": "gpt-9", "messages": MSGS}), 404)["type"] == \
+        "NotFoundError"
+    r = httpx.get(s.url + "/nope")
+    assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+    assert httpx.get(s.url + "/chat/completions").status_code == 405
+    # the server is still fine afterwards
+    assert post(s.url, "/chat/completions", {"messages": MSGS, "max_tokens": 2}).status_code == 200
+
+
+# -- faults --------------------------------------------------------------------------------------------------------
+
+def test_fault_status_rates(serve):
+    s = serve("--ttft", "0", "--tpot", "0", "--fault-429", "0.1", "--fault-500", "0.1", "--fault-503", "0.2",
+              "--fault-seed", "3")
+    n = 400
+    codes = {}
+    with httpx.Client(timeout=10) as c:
+        for _ in range(n):
+            r = c.post(s.url + "/chat/completions", json={"messages": MSGS, "max_tokens": 1})
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            if r.status_code != 200:
+                assert r.json()["object"] == "error" and r.json()["code"] == r.status_code
+    # binomial: sd = sqrt(n p (1-p)) ~ 6 for 10%, 8 for 20%: allow 4 sd
+    assert abs(codes.get(429, 0) - 40) <= 24, codes
+    assert abs(codes.get(500, 0) - 40) <= 24, codes
+    assert abs(codes.get(503, 0) - 80) <= 32, codes
+    assert sum(codes.values()) == n
+
+
+def test_fault_stream_rates(serve):
+    s = serve("--ttft", "0.001", "--tpot", "0.001", "--fault-disconnect", "0.25", "--fault-malformed", "0.25",
+              "--fault-stall", "0.2", "--stall-seconds", "0.4", "--fault-seed", "11")
+    n = 120
+    body = {"messages": MSGS, "max_tokens": 6, "min_tokens": 6, "stream_options": {"include_usage": True}}
+    with cf.ThreadPoolExecutor(24) as ex:
+        results = list(ex.map(lambda _: stream_chat(s.url, body), range(n)))
+    disc = sum(1 for r in results if not r["complete"])
+    malformed = sum(1 for r in results if any(isinstance(e, tuple) for e in r["events"]))
+    stalled = sum(1 for r in results if r["t_fb"] >= 0.35)
+    assert all(r["status"] == 200 for r in results)
+    for got, p in ((disc, 0.25), (malformed, 0.25), (stalled, 0.2)):
+        assert abs(got - n * p) <= 4 * (n * p * (1 - p)) ** 0.5 + 1, (disc, malformed, stalled)
+    for r in results:  # a disconnected stream stops mid-way; the others end with [DONE]
+        if r["complete"]:
+            assert r["events"][-1] == "[DONE]"
+        else:
+            assert "[DONE]" not in r["events"] and 0 < len(content_events(r)) < 6
+    # the same seed gives the same faults
+    s2 = serve("--ttft", "0", "--tpot", "0", "--fault-429", "0.5", "--fault-seed", "5")
+    s3 = serve("--ttft", "0", "--tpot", "0", "--fault-429", "0.5", "--fault-seed", "5")
+    a = [post(s2.url, "/chat/completions", {"messages": MSGS, "max_tokens": 1}).status_code for _ in range(20)]
+    b = [post(s3.url, "/chat/completions", {"messages": MSGS, "max_tokens": 1}).status_code for _ in range(20)]
+    assert a == b and 429 in a and 200 in a
+
+
+# -- HTTP details: keep-alive, pipelining, split bodies, chunked bodies ------------------------------------------
+
+def _read_responses(sock, count, timeout=10.0):
+    sock.settimeout(timeout)
+    data = b""
+    out = []
+    while len(out) < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        while True:
+            i = data.find(b"\r\n\r\n")
+            if i < 0:
+                break
+            head = data[:i].decode()
+            cl = int([h.split(":")[1] for h in head.split("\r\n") if h.lower().startswith("content-length")][0])
+            if len(data) < i + 4 + cl:
+                break
+            out.append((head.split(" ")[1], orjson.loads(data[i + 4:i + 4 + cl])))
+            data = data[i + 4 + cl:]
+    return out
+
+
+def test_pipelined_and_split_requests(serve):
+    s = serve("--ttft", "0", "--tpot", "0")
+    port = int(s.url.rsplit(":", 1)[1].split("/")[0])
+    body = orjson.dumps({"messages": MSGS, "max_tokens": 3, "min_tokens": 3})
+    req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(req * 3)  # three pipelined requests in one write
+        got = _read_responses(sock, 3)
+        assert [g[0] for g in got] == ["200"] * 3
+        assert all(g[1]["usage"]["completion_tokens"] == 3 for g in got)
+        for i in range(0, len(req), 7):  # one request in 7-byte pieces
+            sock.sendall(req[i:i + 7])
+            time.sleep(0.001)
+        assert _read_responses(sock, 1)[0][0] == "200"
+        chunked = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + b"%x\r\n%s\r\n" % (10, body[:10]) + b"%x\r\n%s\r\n" % (len(body) - 10, body[10:]) + b"0\r\n\r\n")
+        sock.sendall(chunked)
+        assert _read_responses(sock, 1)[0][0] == "200"
+
+
+def test_many_concurrent_streams(serve):
+    s = serve("--ttft", "0.01", "--tpot", "0.002")
+    body = {"messages": MSGS, "max_tokens": 30, "min_tokens": 30, "stream_options": {"include_usage": True}}
+    with cf.ThreadPoolExecutor(40) as ex:
+        results = list(ex.map(lambda _: stream_chat(s.url, body), range(80)))
+    assert all(len(content_events(r)) == 30 and r["events"][-1] == "[DONE]" for r in results)
+
+
+# -- the command line -----------------------------------------------------------------------------------------------
+
+def test_cli_errors_and_help():
+    import subprocess
+
+    p = subprocess.run([*vk_cmd("vk-serve"), "--fault-429", "1.5"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    p = subprocess.run([*vk_cmd("vk-serve"), "--profile", "nope"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown profile" in p.stderr
+    p = subprocess.run([*vk_cmd("vk-serve"), "--help"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and "Examples:" in p.stdout and "--ttft" in p.stdout
+    p = subprocess.run([*vk_cmd("vk-serve"), "--list-profiles"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and "llama3.1-8b-h100" in p.stdout
