@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import math
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -29,7 +30,7 @@ from vk.jsonl import dumps, open_input, source_name
 from vk.schedule import processes
 from vk.schedule.stats import StatsAcc, schedule_stats  # noqa: F401 - re-exported
 
-CHUNK = 1 << 18  # bytes read at a time
+CHUNK = 1 << 16  # bytes read at a time
 
 _HEAD = b'{"kind":"scheduled_session","v":1,"index":%d,"start":%r,"session":'
 _HEAD_WARM = b'{"kind":"scheduled_session","v":1,"index":%d,"start":%r,"warmup":true,"session":'
@@ -286,7 +287,20 @@ def make_process(cfg: Config) -> processes.Process:
 
 
 def _read_chunks(fh) -> Iterator[list[bytes]]:
-    """Lists of complete lines (without the newline), one list per read of whatever is available."""
+    """Lists of complete lines (trailing newline optional), for a regular file in blocks of about 256 KiB, for a
+    pipe or terminal one list per read of whatever is available (so output never waits for input that has not
+    arrived yet)."""
+    try:
+        regular = stat.S_ISREG(os.fstat(fh.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError):
+        regular = False
+    if regular and hasattr(fh, "readlines"):
+        readlines = fh.readlines
+        while True:
+            lines = readlines(CHUNK)
+            if not lines:
+                return
+            yield lines
     read = fh.read1 if hasattr(fh, "read1") else fh.read
     carry = b""
     while True:
