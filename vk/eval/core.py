@@ -186,7 +186,7 @@ class Data:
         st = None
         if has_server_t:
             st = _f(con.execute(
-                "SELECT unnest(coalesce(events.server_t, list_transform(events.t, x -> NULL::DOUBLE))) AS st "
+                "SELECT unnest(coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))) AS st "
                 "FROM (SELECT row, events FROM responses ORDER BY row)").fetchnumpy()["st"])
         flat = M.Flat(n_events, t, kind_bytes, k, st)
         del t, k, st
@@ -265,6 +265,8 @@ class Data:
                     raise VkError(f"--group-by: no field {f!r} in the response records")
                 v = self.con.execute(f'SELECT CAST("{f}" AS VARCHAR) FROM responses ORDER BY row').fetchnumpy()
                 col = _obj(list(v.values())[0])
+                if all(x is None for x in col):
+                    raise VkError(f"--group-by: no field {f!r} in the response records")
                 parts.append(np.array(["(none)" if x is None else str(x) for x in col], dtype=object))
         if len(parts) == 1:
             return parts[0]
@@ -664,8 +666,25 @@ def evaluate_data(d: Data, opts: Options) -> dict:
     }
     from vk.eval.slo import check_slos
 
+    result = clean(result)
     result["slo"] = check_slos(opts.slo, result)
     return result
+
+
+def clean(obj: Any) -> Any:
+    """numpy scalars to Python numbers, NaN/inf to None: a JSON-able result with stable types."""
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    return obj
 
 
 def _run_info(r: dict) -> dict:

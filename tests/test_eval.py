@@ -1,0 +1,482 @@
+"""vk-eval on hand-built records with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import orjson
+import pytest
+from conftest import DATA, run_vk
+
+from vk.errors import VkError
+from vk.eval import compare, evaluate, plot, report, sql
+from vk.eval import metrics as M
+
+RUN = {"kind": "run", "v": 1, "run_id": "run-a", "start_epoch": 1.7e9, "api": "http://127.0.0.1:1/v1",
+       "model": "sim", "endpoint": "chat", "vk_version": "0.1.0", "host": "h", "argv": [], "schedule": None,
+       "lagged": False}
+
+
+def resp(rid, *, run="run-a", session=None, status="ok", t_intended=0.0, t_dispatched=None, t_sent=None,
+         events=None, usage=None, t_done=None, target_out=None, target_in=None, **extra):
+    """A response record; token times derived from events = [(t, kind, tokens), ...]."""
+    t_dispatched = t_intended if t_dispatched is None else t_dispatched
+    t_sent = t_dispatched if t_sent is None else t_sent
+    rec = {"kind": "response", "v": 1, "run_id": run, "session_id": session or rid, "request_id": rid,
+           "status": status, "t_intended": t_intended, "t_dispatched": t_dispatched, "t_sent": t_sent}
+    if events is not None:
+        tok = [e for e in events if e[1] in "crt"]
+        con = [e for e in events if e[1] == "c"]
+        rec["t_first_byte"] = events[0][0] if events else None
+        rec["t_first_token"] = tok[0][0] if tok else None
+        rec["t_first_content"] = con[0][0] if con else None
+        rec["t_last_token"] = tok[-1][0] if tok else None
+        rec["events"] = {"t": [e[0] for e in events], "kind": "".join(e[1] for e in events),
+                         "tokens": [e[2] for e in events]}
+        rec["t_done"] = events[-1][0] + 0.01 if t_done is None else t_done
+    else:
+        rec["t_done"] = t_done
+    if usage is not None:
+        rec["usage"] = usage
+    if target_out is not None:
+        rec["target_output_tokens"] = target_out
+    if target_in is not None:
+        rec["target_input_tokens"] = target_in
+    rec.update(extra)
+    return rec
+
+
+# A: reasoning then content; B: multi-token chunks; C: one token; D: error; E: timeout
+A = resp("A", t_intended=1.0, t_sent=1.1,
+         events=[(1.2, "e", None), (1.3, "r", 1), (1.4, "r", 1), (1.5, "c", 1), (1.6, "c", 1), (1.7, "u", None)],
+         usage={"prompt_tokens": 100, "completion_tokens": 4, "reasoning_tokens": 2, "cached_tokens": 0},
+         target_out=4, target_in=100)
+B = resp("B", t_intended=1.9, t_sent=1.9, events=[(2.0, "c", 2), (2.2, "c", 2), (2.6, "c", 4)],
+         usage={"prompt_tokens": 200, "completion_tokens": 8, "cached_tokens": 50}, target_out=8, target_in=200,
+         t_done=2.6)
+C = resp("C", t_intended=2.8, t_sent=3.0, events=[(3.5, "c", 1)], usage={"prompt_tokens": 10, "completion_tokens": 1},
+         target_out=1, target_in=10, t_done=3.5)
+D = resp("D", status="error", t_intended=3.0, t_sent=3.0, t_done=3.05, http_status=500, error="HTTP 500")
+E = resp("E", status="timeout", t_intended=3.1, t_sent=3.1, t_done=4.0)
+RECORDS = [RUN, A, B, C, D, E, {"kind": "run_end", "v": 1, "run_id": "run-a", "lagged": False}]
+
+
+def write(path, recs):
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def res():
+    return evaluate(RECORDS, percentiles="p50,p90,p99").to_dict()
+
+
+def lat(res, m):
+    return res["overall"]["latency"][m]
+
+
+def test_counts(res):
+    c = res["overall"]["counts"]
+    assert (c["requests"], c["ok"], c["error"], c["timeout"], c["failed"]) == (5, 3, 1, 1, 2)
+    assert c["error_rate"] == pytest.approx(0.4)
+    assert c["output_tokens_source"] == {"usage": 3}
+
+
+def test_ttft_counts_reasoning_ttfc_does_not(res):
+    # A: 0.2 (reasoning at 1.3), B: 0.1, C: 0.5
+    assert lat(res, "ttft")["n"] == 3
+    assert lat(res, "ttft")["min"] == pytest.approx(0.1)
+    assert lat(res, "ttft")["max"] == pytest.approx(0.5)
+    assert lat(res, "ttft")["p50"] == pytest.approx(0.2)
+    assert lat(res, "ttfc")["p50"] == pytest.approx(0.4)  # A's first content at 1.5: 0.4; B 0.1; C 0.5
+
+
+def test_tpot_excludes_one_token_outputs(res):
+    t = lat(res, "tpot")
+    assert t["n"] == 2  # C has one token: no TPOT
+    assert sorted([t["min"], t["max"]]) == pytest.approx(sorted([0.3 / 3, 0.6 / 7]))
+
+
+def test_itl_variants_with_multi_token_chunks(res):
+    # chunk gaps: A 0.1, 0.1, 0.1 ; B 0.2, 0.4
+    ch = lat(res, "itl_chunk")
+    assert ch["n"] == 5
+    assert ch["mean"] == pytest.approx(0.18)
+    assert ch["max"] == pytest.approx(0.4)
+    # split evenly: A 3 x 0.1; B 0.2/2 twice and 0.4/4 four times -> all 0.1
+    tok = lat(res, "itl_token")
+    assert tok["n"] == 9
+    assert tok["min"] == pytest.approx(0.1) and tok["max"] == pytest.approx(0.1)
+    # with zeros: the chunk gaps plus (2-1) + (2-1) + (4-1) zeros = 5 + 5 values
+    z = lat(res, "itl_token_zeros")
+    assert z["n"] == 10
+    assert z["mean"] == pytest.approx(0.09)
+    assert z["min"] == 0.0
+
+
+def test_e2e_normalized_stall_and_intended(res):
+    e = lat(res, "e2e")
+    # A: 1.71 - 1.1 = 0.61 ; B: 0.7 ; C: 0.5
+    assert sorted([e["min"], e["p50"], e["max"]]) == pytest.approx([0.5, 0.61, 0.7])
+    nl = lat(res, "normalized_latency")
+    assert nl["max"] == pytest.approx(0.5)  # C: 0.5 s for one token
+    assert lat(res, "max_stall")["max"] == pytest.approx(0.4)
+    # from the intended time: C was due at 2.8 but sent at 3.0
+    assert lat(res, "ttft_from_intended")["max"] == pytest.approx(0.7)
+    assert lat(res, "e2e_from_intended")["max"] == pytest.approx(0.71)
+    assert lat(res, "queue_delay")["max"] == pytest.approx(0.2)
+
+
+def test_throughput_and_concurrency(res):
+    w = res["overall"]["throughput"]["whole"]
+    # first sent 1.1, last done 4.0 (the timeout)
+    assert w["duration"] == pytest.approx(2.9)
+    assert w["requests_per_s"] == pytest.approx(3 / 2.9)
+    assert w["output_tokens_per_s"] == pytest.approx(13 / 2.9)
+    assert w["input_tokens_per_s"] == pytest.approx(310 / 2.9)
+    assert res["overall"]["concurrency"]["max"] == 2  # C with D at 3.0, C with E at 3.1
+
+
+def test_accuracy_and_caching(res):
+    acc = res["overall"]["accuracy"]
+    assert acc["output_vs_target"]["share_exact"] == 1.0
+    assert acc["chunk_tokens_histogram"] == {"1": 5, "2": 2, "4": 1}
+    assert acc["events_vs_usage"]["share_mismatch"] == 0.0
+    assert any(f.startswith("FAILED") for f in acc["flags"])
+    ca = res["overall"]["caching"]
+    assert ca["cached_share"] == pytest.approx(50 / 300)  # A and B report cached tokens
+    assert ca["ideal_share"] == pytest.approx(0.0)
+
+
+def test_output_tokens_without_usage_fall_back_to_events():
+    r1 = resp("x", events=[(0.1, "c", 3), (0.2, "c", 2)], t_done=0.3)
+    r2 = resp("y", events=[(0.1, "c", None), (0.3, "c", None), (0.4, "c", None)], t_done=0.5)
+    res = evaluate([RUN, r1, r2]).to_dict()
+    assert res["overall"]["counts"]["output_tokens_source"] == {"events.tokens": 1, "token events": 1}
+    assert res["overall"]["tokens"]["output_tokens"]["min"] == 3
+    assert res["overall"]["tokens"]["output_tokens"]["max"] == 5
+    # y: TPOT = 0.3 / 2 ; x: 0.1 / 4
+    assert sorted([res["overall"]["latency"]["tpot"]["min"], res["overall"]["latency"]["tpot"]["max"]]) == \
+        pytest.approx([0.025, 0.15])
+
+
+def test_length_problems_are_flagged():
+    r = resp("s", events=[(0.1, "c", 1), (0.2, "c", 1)], usage={"completion_tokens": 2, "prompt_tokens": 5},
+             target_out=10)
+    res = evaluate([RUN, r]).to_dict()
+    assert res["overall"]["accuracy"]["output_vs_target"]["share_stopped_early"] == 1.0
+    assert any(f.startswith("LENGTH") for f in res["overall"]["accuracy"]["flags"])
+    assert "LENGTH" in evaluate([RUN, r]).format("table")
+
+
+def test_lagged_run_is_flagged():
+    lagged = dict(RUN, lagged=True)
+    res = evaluate([lagged, A]).to_dict()
+    assert res["runs"][0]["lagged"] is True
+    assert any("LAGGED" in f for f in res["overall"]["accuracy"]["flags"])
+    text = evaluate([RUN, A, {"kind": "run_end", "v": 1, "run_id": "run-a", "lagged": True}]).format("table")
+    assert "LAGGED" in text
+
+
+# ----------------------------------------------------------------------------------------------- fluidity
+
+
+def test_fluidity_known_answer():
+    # D_p = 1 s, D_d = 0.1 s; arrivals 0.5, 0.55, 0.9 meet their deadlines (1.0, 1.1, 1.2); 1.55 is 0.35 s
+    # late against 1.3 -> misses floor(0.25 / 0.1) + 1 = 3 deadlines; 1.6 meets the reset deadline 1.65.
+    arr = [0.5, 0.55, 0.9, 1.55, 1.6]
+    fi, missed, total = M.fluidity_reference(arr, 0.0, 1.0, 0.1)
+    assert (missed, total) == (3, 7)
+    assert fi == pytest.approx(4 / 7)
+    te = M.TokenEvents(np.zeros(5, np.int64), np.array(arr), np.ones(5, np.int64), np.ones(5, bool))
+    v, m, t = M.fluidity(1, te, np.array([0.0]), 1.0, 0.1)
+    assert (m[0], t[0]) == (3, 7)
+    assert v[0] == pytest.approx(4 / 7)
+
+
+def test_fluidity_vectorised_matches_the_papers_algorithm():
+    rng = np.random.default_rng(1)
+    n = 300
+    lens = rng.integers(1, 40, n)
+    starts = rng.uniform(0, 50, n)
+    seg, times = [], []
+    expect = []
+    for i in range(n):
+        gaps = rng.exponential(0.04, lens[i]) + (rng.random(lens[i]) < 0.05) * rng.uniform(0, 0.5, lens[i])
+        arr = starts[i] + rng.uniform(0.1, 1.5) + np.cumsum(gaps)
+        times += arr.tolist()
+        seg += [i] * lens[i]
+        expect.append(M.fluidity_reference(arr.tolist(), starts[i], 1.0, 0.05))
+    te = M.TokenEvents(np.array(seg), np.array(times), np.ones(len(seg), np.int64), np.ones(len(seg), bool))
+    v, m, t = M.fluidity(n, te, starts, 1.0, 0.05, chunk_rows=37)
+    assert np.allclose(v, [e[0] for e in expect])
+    assert np.array_equal(m, [e[1] for e in expect])
+    assert np.array_equal(t, [e[2] for e in expect])
+
+
+def test_fluidity_in_summary_multi_token_chunk():
+    # three tokens arrive together at 0.33 (one chunk); D_p = 0.2 s -> the first token is 0.13 s late
+    # (floor(0.13/0.05) + 1 = 3 missed deadlines), the next two meet 0.38 and 0.43 after the reset
+    r = resp("m", events=[(0.33, "c", 3)], usage={"completion_tokens": 3})
+    res = evaluate([RUN, r], fluidity="ttft=200ms,tbt=50ms").to_dict()
+    f = res["overall"]["fluidity"]
+    assert f["prefill_deadline"] == 0.2 and f["decode_deadline"] == 0.05
+    assert f["service_index"] == pytest.approx(1 - 3 / 5)
+
+
+# ----------------------------------------------------------------------------------------------- SLO, goodput
+
+
+def test_goodput_failures_are_violations_and_one_token_passes_tpot():
+    res = evaluate(RECORDS, goodput="ttft<300ms,tpot<95ms").to_dict()
+    g = res["overall"]["goodput"]
+    # A: ttft 0.2 ok, tpot 0.1 fails; B: ttft 0.1, tpot 0.0857 ok; C: ttft 0.5 fails; D, E failed
+    assert (g["good"], g["requests"]) == (1, 5)
+    assert g["attainment"] == pytest.approx(0.2)
+    assert g["requests_per_s"] == pytest.approx(1 / 2.9)
+    assert g["output_tokens_per_s"] == pytest.approx(8 / 2.9)
+    res = evaluate(RECORDS, goodput="ttft<600ms,tpot<200ms").to_dict()
+    assert res["overall"]["goodput"]["good"] == 3  # C has one token: no TPOT, not a violation
+
+
+def test_slo_checks():
+    r = evaluate(RECORDS, slo="ttft:p50<250ms,ttft:max<300ms,error_rate<50%")
+    checks = {c["slo"]: c["ok"] for c in r["slo"]}
+    assert checks == {"ttft:p50<250ms": True, "ttft:max<300ms": False, "error_rate<50%": True}
+    assert r.slo_ok is False
+    assert evaluate(RECORDS, slo="ttft:p50<250ms").slo_ok is True
+
+
+@pytest.mark.parametrize("spec", ["ttft<", "ttft:p90", "ttft:q90<1s", "ttft<abc", "nosuch:p50<1"])
+def test_bad_slo_specs(spec):
+    with pytest.raises(VkError):
+        evaluate(RECORDS, slo=spec)
+
+
+def test_bad_goodput_spec():
+    with pytest.raises(VkError, match="goodput"):
+        evaluate(RECORDS, goodput="ttft:p50<1s")
+
+
+# ----------------------------------------------------------------------------------------------- windows, groups
+
+
+def test_steady_window_and_warmup_marks():
+    recs = [RUN]
+    for i in range(10):
+        recs.append(resp(f"r{i}", t_intended=float(i), events=[(i + 0.1, "c", 1), (i + 0.2, "c", 1)],
+                         usage={"completion_tokens": 2, "prompt_tokens": 10}, t_done=i + 0.2, warmup=i < 2))
+    res = evaluate(recs).to_dict()["overall"]
+    assert res["counts"]["warmup_excluded"] == 2
+    assert res["latency"]["ttft"]["n"] == 8
+    assert res["throughput"]["steady"]["window"] == "after the warm-up requests"
+    assert res["throughput"]["steady"]["windows"]["run-a"][0] == pytest.approx(1.2)
+    res = evaluate(recs, warmup="3s", cooldown="1900ms").to_dict()["overall"]
+    w = res["throughput"]["steady"]
+    assert w["windows"]["run-a"] == pytest.approx([3.0, 7.3])
+    assert w["duration"] == pytest.approx(4.3)
+    # responses completed inside [3, 7.3]: r3..r7
+    assert w["requests"] == 5
+    assert res["latency"]["ttft"]["n"] == 5  # sent at 3,4,5,6,7 (warm-up marks also excluded)
+
+
+def test_group_by_annotation_and_several_runs(tmp_path):
+    a = write(tmp_path / "a.jsonl", [RUN, resp("1", events=[(0.1, "c", 1)], label="x"),
+                                      resp("2", events=[(0.3, "c", 1)], label="y")])
+    run_b = dict(RUN, run_id="run-b")
+    b = write(tmp_path / "b.jsonl", [run_b, resp("1", run="run-b", events=[(0.2, "c", 1)], label="x")])
+    res = evaluate([a, b]).to_dict()
+    assert [g["label"] for g in res["groups"]] == ["run-a", "run-b"]
+    assert res["groups"][1]["summary"]["latency"]["ttft"]["p50"] == pytest.approx(0.2)
+    res = evaluate([a, b], group_by="label").to_dict()
+    assert {g["label"]: g["summary"]["counts"]["requests"] for g in res["groups"]} == {"x": 2, "y": 1}
+    res = evaluate([a, b], group_by="run,label").to_dict()
+    assert len(res["groups"]) == 3
+    with pytest.raises(VkError, match="no field"):
+        evaluate([a], group_by="nosuchfield")
+
+
+def test_sessions_turns_and_think_time():
+    recs = [RUN,
+            resp("t1", session="s1", t_intended=0.0, events=[(0.1, "c", 1)], t_done=0.2),
+            resp("t2", session="s1", t_intended=1.2, events=[(1.5, "c", 1)], t_done=1.6),
+            resp("t3", session="s1", t_intended=2.6, events=[(3.0, "c", 1)], t_done=3.1),
+            resp("u1", session="s2", t_intended=0.5, events=[(0.6, "c", 1)], t_done=0.7)]
+    s = evaluate(recs).to_dict()["overall"]["sessions"]
+    assert s["sessions"] == 2
+    assert s["turns"]["max"] == 3
+    assert s["duration"]["max"] == pytest.approx(3.1)
+    assert s["think_time"]["n"] == 2 and s["think_time"]["mean"] == pytest.approx(1.0)
+    assert s["ttft_by_turn"]["2"]["ttft_p50"] == pytest.approx(0.3)
+    assert s["ttft_by_turn"]["3"]["ttft_p50"] == pytest.approx(0.4)
+
+
+def test_server_timestamp_error():
+    r = resp("s", events=[(0.1, "c", 1), (0.2, "c", 1)])
+    r["events"]["server_t"] = [0.098, 0.197]
+    te = evaluate([RUN, r]).to_dict()["overall"]["accuracy"]["timestamp_error"]
+    assert te["n"] == 2
+    assert te["min"] == pytest.approx(0.002) and te["max"] == pytest.approx(0.003)
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "csv", "markdown"])
+def test_formats(res, fmt):
+    out = evaluate(RECORDS).format(fmt)
+    if fmt == "json":
+        d = json.loads(out)
+        assert d["overall"]["latency"]["ttft"]["n"] == 3
+    elif fmt == "csv":
+        assert out.startswith("group,metric,value\n")
+        assert "overall,latency.ttft.p50," in out
+    elif fmt == "markdown":
+        assert "| ttft |" in out
+    else:
+        assert "ttft" in out and "itl_token_zeros" in out
+
+
+def test_to_dict_is_json_and_stable(res):
+    d = evaluate(RECORDS).to_dict()
+    assert json.loads(json.dumps(d)) == json.loads(orjson.dumps(d))
+    assert set(d) >= {"vk_eval", "inputs", "runs", "options", "definitions", "overall", "groups", "slo",
+                      "timeseries"}
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_records_name_file_line_field(tmp_path):
+    bad = dict(A, status="weird")
+    p = write(tmp_path / "bad.jsonl", [RUN, B, bad])
+    with pytest.raises(VkError, match=r"bad.jsonl:3: field 'status'"):
+        evaluate(p)
+    p2 = tmp_path / "broken.jsonl"
+    p2.write_text(json.dumps(RUN) + "\n{not json\n")
+    with pytest.raises(VkError, match=r"broken.jsonl:2"):
+        evaluate(str(p2))
+    p3 = write(tmp_path / "session.jsonl", [{"kind": "session", "v": 1, "id": "s", "requests": []}])
+    with pytest.raises(VkError, match="vk-send output"):
+        evaluate(p3)
+    with pytest.raises(VkError, match="no such file"):
+        evaluate(str(tmp_path / "missing.jsonl"))
+
+
+def test_fast_validation_finds_the_line(tmp_path):
+    bad = dict(B, v=99)
+    p = write(tmp_path / "v.jsonl", [RUN, A, bad])
+    with pytest.raises(VkError, match=r"v.jsonl:3: field 'v'"):
+        evaluate(p, validate="fast")
+
+
+# ----------------------------------------------------------------------------------------------- sql, plots, html
+
+
+def test_sql_views(tmp_path):
+    p = write(tmp_path / "r.jsonl", RECORDS)
+    cols, rows = sql("SELECT request_id, round(ttft, 3), output_tokens FROM requests WHERE status = 'ok' "
+                     "ORDER BY request_id", p)
+    assert cols[0] == "request_id"
+    assert rows == [("A", 0.2, 4), ("B", 0.1, 8), ("C", 0.5, 1)]
+    cols, rows = sql("SELECT kind, count(*) FROM events GROUP BY 1 ORDER BY 1", p)
+    assert dict(rows) == {"c": 6, "e": 1, "r": 2, "u": 1}
+    _, rows = sql("SELECT run_id, model, responses FROM runs", p)
+    assert rows == [("run-a", "sim", 5)]
+    _, rows = sql("SELECT count(*) FROM sessions", p)
+    assert rows == [(5,)]
+    with pytest.raises(VkError, match="sql"):
+        sql("SELECT nosuch FROM requests", p)
+
+
+def _is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_and_report(tmp_path):
+    p = write(tmp_path / "r.jsonl", RECORDS)
+    figs = plot(p, str(tmp_path / "plots"))
+    names = sorted(x.rsplit("/", 1)[1] for x in figs)
+    assert names == ["cdf.png", "itl_hist.png", "over_time.png", "ttft_vs_prompt.png"]
+    assert all(_is_png(f) for f in figs)
+    run_b = dict(RUN, run_id="run-b")
+    p2 = write(tmp_path / "b.jsonl", [run_b, dict(B, run_id="run-b")])
+    figs = plot([p, p2], str(tmp_path / "per-run"))
+    assert len(figs) == 8 and any("run-b-cdf.png" in f for f in figs)
+    html = report([p, p2], str(tmp_path / "rep"), slo="ttft:p99<1s")
+    text = open(html, encoding="utf-8").read()
+    assert text.startswith("<!DOCTYPE html>")
+    assert text.count("data:image/png;base64,") == 4
+    assert "run-a" in text and "run-b" in text and "ttft:p99&lt;1s" in text
+
+
+def test_compare_bootstrap(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def run(rid, ttft_mean):
+        recs = [dict(RUN, run_id=rid)]
+        for i in range(200):
+            t0 = i * 0.1
+            tf = t0 + rng.exponential(ttft_mean)
+            recs.append(resp(f"q{i}", run=rid, t_intended=t0, events=[(tf, "c", 1), (tf + 0.02, "c", 1)],
+                             usage={"completion_tokens": 2}))
+        return write(tmp_path / f"{rid}.jsonl", recs)
+
+    a, b, c = run("a", 0.1), run("b", 0.2), run("c", 0.1)
+    res = compare(a, b, bootstrap=300)
+    row = next(r for r in res["metrics"] if r["metric"] == "ttft" and r["stat"] == "mean")
+    assert row["diff"] > 0 and row["significant"] is True
+    lo, hi = row["ci"]
+    assert lo < row["diff"] < hi
+    res = compare(a, c, bootstrap=300)
+    row = next(r for r in res["metrics"] if r["metric"] == "ttft" and r["stat"] == "p50")
+    assert row["significant"] is False
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+
+def test_cli_report_check_and_errors(tmp_path):
+    p = write(tmp_path / "r.jsonl", RECORDS)
+    ok = run_vk("vk-eval", p, "--slo", "ttft:p50<250ms", "--check")
+    assert ok.returncode == 0, ok.stderr
+    assert b"ttft" in ok.stdout and b"SLOs" in ok.stdout
+    miss = run_vk("vk-eval", p, "--slo", "ttft:max<300ms", "--check", "--json")
+    assert miss.returncode == 1
+    assert json.loads(miss.stdout)["slo"][0]["ok"] is False
+    assert b"missed" in miss.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "response", "v": 1}\n')
+    err = run_vk("vk-eval", str(bad))
+    assert err.returncode == 2
+    lines = err.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "bad.jsonl:1" in lines[0] and "Traceback" not in lines[0]
+    err = run_vk("vk-eval", p, "--slo", "ttft<<1")
+    assert err.returncode == 2 and len(err.stderr.decode().strip().splitlines()) == 1
+
+
+def test_cli_subcommands(tmp_path):
+    p = write(tmp_path / "r.jsonl", RECORDS)
+    out = run_vk("vk-eval", "sql", "SELECT count(*) AS n FROM requests", p, "--format", "csv", check=True)
+    assert out.stdout == b"n\n5\n"
+    out = run_vk("vk-eval", "report", str(tmp_path / "rep"), p, check=True)
+    assert (tmp_path / "rep" / "report.html").exists()
+    out = run_vk("vk-eval", "compare", p, p, "--json", "--bootstrap", "50", check=True)
+    assert json.loads(out.stdout)["metrics"]
+    # stdin and --help with examples
+    out = subprocess.run([sys.executable, "-m", "vk.eval.cli", "-", "--format", "json"], input=open(p, "rb").read(),
+                         capture_output=True)
+    assert out.returncode == 0 and json.loads(out.stdout)["inputs"] == ["<stdin>"]
+    h = run_vk("vk-eval", "--help", check=True)
+    assert b"Examples" in h.stdout and b"vk-eval sql" in h.stdout
+
+
+def test_sample_file_in_tests_data():
+    res = evaluate(str(DATA / "eval" / "small-run.jsonl")).to_dict()
+    assert res["overall"]["counts"]["ok"] > 0
+    assert not math.isnan(res["overall"]["latency"]["ttft"]["p50"])
