@@ -33,6 +33,21 @@ ALIASES = {
     "prefix_groups": "session_generator.channels.0.prefix_groups",
 }
 
+DEFAULT_BODY = {"type": "fixed", "value": 512}
+DEFAULT_OUTPUT = {"type": "fixed", "value": 128}
+
+# What a missing section stands for, so that --set can change one field of a default (input.length.value=64).
+DEFAULTS = {
+    ("session_generator",): {"type": "synthetic"},
+    ("session_generator", "session_graph"): {"type": "single_request"},
+    ("session_generator", "channels"): [{"type": "text", "body_length_generator": DEFAULT_BODY}],
+    ("session_generator", "channels", 0): {"type": "text", "body_length_generator": DEFAULT_BODY},
+    ("session_generator", "channels", 0, "body_length_generator"): DEFAULT_BODY,
+    ("session_generator", "output_spec"): {"text": {"output_length_generator": DEFAULT_OUTPUT}},
+    ("session_generator", "output_spec", "text"): {"output_length_generator": DEFAULT_OUTPUT},
+    ("session_generator", "output_spec", "text", "output_length_generator"): DEFAULT_OUTPUT,
+}
+
 SESSION_GENERATOR_KEYS = ("type", "session_graph", "channels", "output_spec", "inherit_history",
                           "think_time_generator", "request_params", "trace_file", "flavor", "wrap_mode")
 
@@ -175,19 +190,23 @@ def apply_overrides(cfg: Config, overrides) -> None:
         node: Any = cfg.data
         for i, p in enumerate(parts[:-1]):
             nxt = parts[i + 1]
+            default = DEFAULTS.get(tuple(parts[: i + 1]))
             if isinstance(p, int):
                 if not isinstance(node, list):
                     raise VkError(f"--set {key}: {'.'.join(map(str, parts[:i]))} is not a list")
                 if p > len(node):
                     raise VkError(f"--set {key}: index {p} is past the end of the list ({len(node)} items)")
                 if p == len(node):
-                    node.append({"type": "text"} if parts[i - 1] == "channels" else {})
+                    node.append(copy.deepcopy(default) if default is not None else {})
                 node = node[p]
             else:
                 if not isinstance(node, dict):
                     raise VkError(f"--set {key}: {'.'.join(map(str, parts[:i]))} is not a mapping")
                 if node.get(p) is None:
-                    node[p] = [] if isinstance(nxt, int) else {}
+                    if default is not None:
+                        node[p] = copy.deepcopy(default)
+                    else:
+                        node[p] = [] if isinstance(nxt, int) else {}
                 node = node[p]
             cfg.lines.pop(tuple(parts[: i + 1]), None)
         last = parts[-1]

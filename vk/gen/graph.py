@@ -29,7 +29,7 @@ def _body(session: dict, prefix: str = "", indent: str = "  ") -> list[str]:
         if r.get("prefix_tokens"):
             label.append(f"prefix {r['prefix_tokens']}")
         if r.get("think_time"):
-            label.append(f"think {r['think_time']:.2f}s")
+            label.append(f"think {r['think_time']:.3g}s")
         shape = "box" if r.get("parents") else "box, peripheries=2"
         lines.append(f"{indent}{_q(prefix + str(rid))} [label={_q(chr(10).join(label))}, shape={shape}];")
     for r in session.get("requests", []):

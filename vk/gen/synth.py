@@ -21,7 +21,15 @@ import numpy as np
 
 from vk import records
 from vk.errors import VkError
-from vk.gen.config import FOREIGN_SECTIONS, TOP_KEYS, Config, apply_overrides, load_config
+from vk.gen.config import (
+    DEFAULT_BODY,
+    DEFAULT_OUTPUT,
+    FOREIGN_SECTIONS,
+    TOP_KEYS,
+    Config,
+    apply_overrides,
+    load_config,
+)
 from vk.gen.distributions import (
     ConfigError,
     FixedInterval,
@@ -32,8 +40,6 @@ from vk.gen.distributions import (
 )
 
 DEFAULT_COUNT = 100
-DEFAULT_BODY = {"type": "fixed", "value": 512}
-DEFAULT_OUTPUT = {"type": "fixed", "value": 128}
 
 GRAPH_TYPES = ("single_request", "linear", "branching")
 _GRAPH_ALIASES = {"single": "single_request", "single_request": "single_request", "singlerequest": "single_request",

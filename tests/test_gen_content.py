@@ -1,0 +1,123 @@
+"""vk-gen content: text of exactly N tokens under two real tokenizers, samples, concatenations, blocks, salts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vk.errors import VkError
+from vk.gen.content import TextSource
+from vk.tokenizer import load_tokenizer
+
+TOKENIZERS = ["qwen2.5", "deepseek-v3"]
+
+
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def src(request):
+    tok = load_tokenizer(request.param)
+    return TextSource(tok)
+
+
+def test_boundary_mode_holds_for_builtin_tokenizers(src):
+    # the self-check found no mismatch, so the fast path is in use for both tokenizers
+    assert src.mode == "boundary"
+    assert src.failures == 0
+    assert src.corpus_tokens > 100_000
+
+
+def test_samples_have_exact_lengths(src):
+    tok = src.tokenizer
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(1, 2500, size=150).tolist() + [1, 2, 3, 5, 8, 13, 999, 1000, 1001, 4096]
+    texts = [src.sample(n, rng) for n in lengths]
+    got = [len(ids) for ids in tok.encode_batch(texts)]
+    assert got == lengths
+
+
+def test_concatenations_stay_exact(src):
+    tok = src.tokenizer
+    rng = np.random.default_rng(8)
+    joined, want = [], []
+    for _ in range(60):
+        parts = rng.integers(1, 700, size=int(rng.integers(2, 6))).tolist()
+        joined.append("".join(src.sample(n, rng) for n in parts))
+        want.append(sum(parts))
+    assert [len(x) for x in tok.encode_batch(joined)] == want
+
+
+def test_longer_than_the_corpus_is_still_exact(src):
+    rng = np.random.default_rng(9)
+    n = src.corpus_tokens + 12_345
+    assert src.tokenizer.count(src.sample(n, rng)) == n
+
+
+def test_zero_and_negative(src):
+    rng = np.random.default_rng(0)
+    assert src.sample(0, rng) == ""
+    assert src.block("k", 0) == ""
+    with pytest.raises(ValueError):
+        src.sample(-1, rng)
+
+
+def test_blocks_are_deterministic_exact_and_prefixes(src):
+    tok = src.tokenizer
+    rng = np.random.default_rng(10)
+    prefix_ok = 0
+    trials = 100
+    for key in range(trials):
+        n = int(rng.integers(2, 1200))
+        m = int(rng.integers(1, n))
+        bn, bm = src.block(key, n), src.block(key, m)
+        assert tok.count(bn) == n
+        assert tok.count(bm) == m
+        assert src.block(key, n) == bn  # deterministic
+        prefix_ok += tok.encode(bn)[:m] == tok.encode(bm)
+    assert prefix_ok >= trials * 0.95, f"block(key, m) a token prefix of block(key, n) in {prefix_ok}/{trials}"
+    # different keys give different text
+    assert src.block("a", 200) != src.block("b", 200)
+    # a block followed by samples stays exact (a trace prompt: hash blocks, then new text)
+    text = src.block(("h", 1), 512) + src.block(("h", 2), 300) + src.sample(77, rng)
+    assert tok.count(text) == 512 + 300 + 77
+
+
+def test_salt_joins_exactly(src):
+    tok = src.tokenizer
+    rng = np.random.default_rng(11)
+    salts = [src.unique_salt(i) for i in range(50)]
+    assert len(set(salts)) == 50
+    for i, salt in enumerate(salts[:20]):
+        body = src.sample(100 + i, rng)
+        head = src.block(("p", i), 40)
+        assert tok.count(salt + body) == tok.count(salt) + 100 + i
+        assert tok.count(head + salt + body) == 40 + tok.count(salt) + 100 + i
+
+
+def test_custom_corpus_and_errors(tmp_path):
+    tok = load_tokenizer("qwen2.5")
+    words = ("the whale swam under a grey sky while sailors sang old songs about home and far away islands "
+             "where palm trees swayed in warm wind ").split()
+    rng = np.random.default_rng(1)
+    text = " ".join(words[i] for i in rng.integers(0, len(words), 6000)) + "\n"
+    p = tmp_path / "corpus.txt"
+    p.write_text(text)
+    src = TextSource(tok, corpus=str(p))
+    assert src.corpus_label == str(p)
+    s = src.sample(333, rng)
+    assert tok.count(s) == 333 and s in text
+    small = tmp_path / "small.txt"
+    small.write_text("too short")
+    with pytest.raises(VkError, match="too short"):
+        TextSource(tok, corpus=str(small))
+    with pytest.raises(VkError, match="cannot read"):
+        TextSource(tok, corpus=tmp_path / "missing.txt")
+
+
+def test_verify_mode_is_exact_too():
+    # force the slow path (used for tokenizers where the boundary property does not hold) and check it
+    tok = load_tokenizer("qwen2.5")
+    src = TextSource(tok, self_check=False)
+    src.mode = "verify"
+    rng = np.random.default_rng(3)
+    for n in (1, 17, 256, 1000):
+        assert tok.count(src.sample(n, rng)) == n
+        assert tok.count(src.block(("v", n), n)) == n
