@@ -8,7 +8,6 @@ import time
 
 import httpx
 import orjson
-import pytest
 from conftest import vk_cmd
 
 from vk.tokenizer import load_tokenizer
