@@ -407,6 +407,7 @@ class Builder:
         self.cache = CacheSim() if flavor.hash_ids else None
         self.stride = (max_int_id + 1) if max_int_id is not None else None
         self._salt_len: dict[str, int] = {}
+        self._salt_const: int | None | bool = False  # not checked yet
 
     @property
     def text(self):
@@ -431,6 +432,18 @@ class Builder:
                 return salt + self.text.sample(n - c, rng)
         return self.text.sample(n, rng)
 
+    @property
+    def salt_const(self) -> int | None:
+        """The token count of every 12-digit block salt, when the tokenizer gives them all the same count
+        (checked on a sample; digit-splitting tokenizers do), else None (each salt is counted)."""
+        if self._salt_const is False:
+            rng = np.random.default_rng(7)
+            labels = [f"{int(x):012d}" for x in rng.integers(0, 10**12, size=200)] + \
+                     [f"{x:012d}" for x in (0, 1, 9, 10, 99, 100, 999, 1000, 4095, 65536, 10**6, 10**11)]
+            counts = {len(e) for e in self.tok.encode_batch([self.text.unique_salt(x) for x in labels])}
+            self._salt_const = counts.pop() if len(counts) == 1 else None
+        return self._salt_const
+
     def block_key(self, x, epoch: int):
         if epoch and not self.cfg.wrap_share_cache and x not in self.fl.keep_set:
             if isinstance(x, int) and self.stride is not None and x >= 0:
@@ -449,13 +462,18 @@ class Builder:
         s = self.seed
         salts = self._salt_len
         parts = []
+        const = self.salt_const
         for k, n in zip(keys, sizes, strict=True):
-            salt = text.unique_salt(f"{k}")
-            c = salts.get(salt)
-            if c is None:
-                if len(salts) > 1_000_000:
-                    salts.clear()
-                c = salts[salt] = self.tok.count(salt)
+            if const is not None and isinstance(k, int) and 0 <= k < 10**12:
+                salt = text.unique_salt(f"{k:012d}")
+                c = const
+            else:
+                salt = text.unique_salt(f"{k}")
+                c = salts.get(salt)
+                if c is None:
+                    if len(salts) > 100_000:
+                        salts.clear()
+                    c = salts[salt] = self.tok.count(salt)
             if n > c:
                 parts.append(salt)
                 parts.append(text.block(f"h{s}:{k}", n - c))

@@ -1,0 +1,183 @@
+"""Trace conversion figures for ``make bench``: rows/s and peak memory on large synthesized traces.
+
+The traces are synthesized from the real slices in ``tests/data/traces`` (Mooncake FAST'25, Azure 2023): copies
+of the slice one after another, timestamps shifted and hash ids offset per copy, so that each copy keeps the real
+prefix-reuse structure. Memory is measured in a fresh process (``resource.getrusage`` peak RSS) converting a
+million-row trace to /dev/null, next to the same conversion of its first 100,000 rows: flat memory means the two
+peaks are about equal.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[3]
+DATA = ROOT / "tests" / "data" / "traces"
+
+
+def _synth_mooncake(src: Path, dst: Path, rows: int) -> None:
+    base = [orjson.loads(x) for x in src.read_bytes().splitlines() if x.strip()]
+    span = base[-1]["timestamp"] - base[0]["timestamp"] + 1000
+    top = max(max(r["hash_ids"]) for r in base) + 1
+    with open(dst, "wb") as f:
+        n = 0
+        copy = 0
+        while n < rows:
+            for r in base:
+                if n >= rows:
+                    break
+                ids = [h if h == 0 else h + copy * top for h in r["hash_ids"]]
+                f.write(orjson.dumps({"timestamp": r["timestamp"] + copy * span, "input_length": r["input_length"],
+                                      "output_length": r["output_length"], "hash_ids": ids}) + b"\n")
+                n += 1
+            copy += 1
+
+
+def _synth_light(dst: Path, rows: int) -> None:
+    """A million-row mooncake-like trace with short prompts (1-2 blocks of 32 tokens): per-row cost, not text."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    k = rng.integers(1, 3, size=rows)
+    last = rng.integers(1, 33, size=rows)
+    out = rng.integers(1, 200, size=rows)
+    reuse = rng.random(size=rows) < 0.3
+    with open(dst, "wb") as f:
+        nid = 1
+        buf = []
+        for i in range(rows):
+            if k[i] == 1:
+                ids = [0]
+            else:
+                ids = [0, int(rng.integers(1, nid + 1)) if reuse[i] else nid + 1]
+                nid += 1
+            buf.append(orjson.dumps({"timestamp": i * 7, "input_length": int(32 * (k[i] - 1) + last[i]),
+                                     "output_length": int(out[i]), "hash_ids": ids}))
+            if len(buf) >= 10000:
+                f.write(b"\n".join(buf) + b"\n")
+                buf = []
+        if buf:
+            f.write(b"\n".join(buf) + b"\n")
+
+
+def _synth_azure(src: Path, dst: Path, rows: int) -> None:
+    lines = src.read_text().splitlines()
+    header, body = lines[0], lines[1:]
+    import datetime as dt
+
+    t0 = dt.datetime.fromisoformat(body[0].split(",")[0][:26])
+    t1 = dt.datetime.fromisoformat(body[-1].split(",")[0][:26])
+    span = (t1 - t0) + dt.timedelta(seconds=1)
+    with open(dst, "w") as f:
+        f.write(header + "\n")
+        n = 0
+        copy = 0
+        while n < rows:
+            for ln in body:
+                if n >= rows:
+                    break
+                ts, a, b = ln.split(",")
+                t = dt.datetime.fromisoformat(ts[:26]) + copy * span
+                f.write(f"{t.isoformat(sep=' ')},{a},{b}\n")
+                n += 1
+            copy += 1
+
+
+def _convert_rate(path: Path, flavor: dict, tok) -> tuple[float, int, float]:
+    from vk.gen import traces
+    from vk.jsonl import dumps
+
+    cfg = {"session_generator": {"type": "trace", "trace_file": str(path), "flavor": flavor}}
+    list(traces.generate(cfg, seed=1, count=2, tokenizer=tok, warnings=[]))  # warm: corpus, tokenizer
+    t = time.perf_counter()
+    n = 0
+    size = 0
+    for s in traces.generate(cfg, seed=1, tokenizer=tok, warnings=[]):
+        size += len(dumps(s))
+        n += 1
+    dt = time.perf_counter() - t
+    return n / dt, n, size / dt
+
+
+_MEM_SCRIPT = r"""
+import resource, sys
+from vk.gen import traces
+from vk.jsonl import dumps
+from vk.tokenizer import load_tokenizer
+cfg = {"session_generator": {"type": "trace", "trace_file": sys.argv[1], "flavor": {"type": "mooncake", "block_size": 32},
+       "max_rows": int(sys.argv[2])}}
+with open(__import__("os").devnull, "wb") as out:
+    for s in traces.generate(cfg, seed=1, tokenizer=load_tokenizer(), warnings=[]):
+        out.write(dumps(s))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_rss_mb(path: Path, rows: int) -> tuple[float, float]:
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(path), str(rows)], capture_output=True, text=True,
+                       cwd=str(ROOT))
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "memory probe failed")
+    return int(p.stdout.strip().splitlines()[-1]) / 1024.0, time.perf_counter() - t
+
+
+def run(quick: bool = False) -> list[dict]:
+    from vk.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="vk-trace-bench-") as d:
+        d = Path(d)
+        mc = d / "mooncake.jsonl"
+        n_mc = 400 if quick else 20000
+        _synth_mooncake(DATA / "mooncake_head200.jsonl", mc, n_mc)
+        rate, n, bps = _convert_rate(mc, {"type": "mooncake"}, tok)
+        rows.append({"figure": f"mooncake conversion ({n} rows, ~14k-token prompts, 512-token hash blocks)",
+                     "value": f"{rate:,.0f} rows/s ({bps / 1e6:.0f} MB/s of sessions)", "target": ">= 1,000 rows/s",
+                     "ok": None if quick else rate >= 1000})
+        az = d / "azure.csv"
+        n_az = 2000 if quick else 100000
+        _synth_azure(DATA / "azure2023_head200.csv", az, n_az)
+        rate, n, bps = _convert_rate(az, {"type": "azure"}, tok)
+        rows.append({"figure": f"azure conversion ({n} rows, CSV by column name)",
+                     "value": f"{rate:,.0f} rows/s", "target": ">= 5,000 rows/s", "ok": None if quick else rate >= 5000})
+        from vk.gen import traces
+
+        t = time.perf_counter()
+        st = traces.stats_dict({"session_generator": {"type": "trace", "trace_file": str(mc), "flavor": "mooncake"}})
+        dt = time.perf_counter() - t
+        rows.append({"figure": f"--stats on the mooncake trace ({st['requests']} rows)",
+                     "value": f"{st['requests'] / dt:,.0f} rows/s (cache share {100 * st['cache_share']:.1f}%)",
+                     "target": ">= 10,000 rows/s", "ok": None if quick else st["requests"] / dt >= 10000})
+        big = d / "light.jsonl"
+        n_big = 20000 if quick else 1_000_000
+        small = n_big // 10
+        _synth_light(big, n_big)
+        mem_small, _ = _peak_rss_mb(big, small)
+        mem_big, secs = _peak_rss_mb(big, n_big)
+        growth = mem_big - mem_small
+        rows.append({"figure": f"peak memory converting {n_big:,} rows (vs its first {small:,})",
+                     "value": f"{mem_big:.0f} MB (vs {mem_small:.0f} MB: +{growth:.0f} MB; {n_big / secs:,.0f} rows/s)",
+                     "target": "flat: < +50 MB", "ok": None if quick else growth < 50})
+        try:
+            os.unlink(big)
+        except OSError:
+            pass
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    for r in run(ap.parse_args().quick):
+        print(f"{r['figure']:<70} {r['value']:<50} {r['target']:<20} {r['ok']}")
