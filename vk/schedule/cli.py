@@ -7,7 +7,7 @@ import sys
 import click
 import orjson
 
-from vk.cli import command, examples, main_wrapper
+from vk.cli import _quiet_broken_pipe, command, examples, main_wrapper
 from vk.jsonl import Writer
 from vk.schedule.core import Input, Scheduler, make_config, needs_rewind
 from vk.schedule.stats import format_summary
@@ -80,11 +80,14 @@ def cli_command(files, seed, poisson, gamma, cv, constant, ramp, stages, onoff, 
         first = True
         for chunk in sch.run():
             if writer is not None:
-                writer.write_raw(chunk)
-                writer.flush()
+                writer.write_raw(chunk)  # one chunk per read of the input: flushed as soon as it is written
+                writer.fh.flush()
             if bar is not None:
                 bar.update(chunk.count(b"\n") - (1 if first else 0))
             first = False
+    except BrokenPipeError:
+        # the reader went away (vk-schedule | head): not an error. (click would turn it into exit status 1.)
+        _quiet_broken_pipe()
     finally:
         if bar is not None:
             bar.close()
