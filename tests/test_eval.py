@@ -192,7 +192,7 @@ def test_fluidity_known_answer():
     fi, missed, total = M.fluidity_reference(arr, 0.0, 1.0, 0.1)
     assert (missed, total) == (3, 7)
     assert fi == pytest.approx(4 / 7)
-    te = M.TokenEvents(np.zeros(5, np.int64), np.array(arr), np.ones(5, np.int64), np.ones(5, bool))
+    te = M.TokenEvents(np.array([5]), np.array([0]), np.array(arr), None, None)
     v, m, t = M.fluidity(1, te, np.array([0.0]), 1.0, 0.1)
     assert (m[0], t[0]) == (3, 7)
     assert v[0] == pytest.approx(4 / 7)
@@ -211,7 +211,7 @@ def test_fluidity_vectorised_matches_the_papers_algorithm():
         times += arr.tolist()
         seg += [i] * lens[i]
         expect.append(M.fluidity_reference(arr.tolist(), starts[i], 1.0, 0.05))
-    te = M.TokenEvents(np.array(seg), np.array(times), np.ones(len(seg), np.int64), np.ones(len(seg), bool))
+    te = M.TokenEvents(lens, np.r_[0, np.cumsum(lens)[:-1]], np.array(times), None, None)
     v, m, t = M.fluidity(n, te, starts, 1.0, 0.05, chunk_rows=37)
     assert np.allclose(v, [e[0] for e in expect])
     assert np.array_equal(m, [e[1] for e in expect])

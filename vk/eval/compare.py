@@ -22,7 +22,8 @@ def _samples(d) -> dict[str, np.ndarray]:
     out = {}
     for m in COMPARED:
         if m == "itl_chunk":
-            v = d.pe["gaps"][okm[d.pe["gap_seg"]]]
+            gm = M.gap_mask(d.pe, okm)
+            v = d.pe["gaps"] if gm is None else d.pe["gaps"][gm]
         else:
             v = a[m][okm]
         out[m] = v[np.isfinite(v)]

@@ -172,14 +172,18 @@ class Data:
         t = _f(con.execute("SELECT unnest(events.t) AS t FROM (SELECT row, events FROM responses ORDER BY row)").fetchnumpy()["t"])
         # per-event token counts: fetched sparsely (only the events whose count is not 1)
         offsets = np.r_[0, np.cumsum(n_events)[:-1]]
-        k = np.ones(len(t))
-        k[np.repeat(np.asarray(cols_tokens_null, dtype=bool), n_events)] = np.nan
+        k = None
+        if cols_tokens_null.any():
+            k = np.ones(len(t))
+            k[np.repeat(cols_tokens_null, n_events)] = np.nan
         sparse = con.execute(
             "SELECT row, i, k FROM (SELECT row, generate_subscripts(events.tokens, 1) AS i, "
             "unnest(events.tokens) AS k FROM responses WHERE events.tokens IS NOT NULL) "
             "WHERE k IS DISTINCT FROM 1"
         ).fetchnumpy()
         if len(sparse["row"]):
+            if k is None:
+                k = np.ones(len(t))
             ordinal = np.searchsorted(rows, np.asarray(sparse["row"], dtype=np.int64))
             pos = offsets[ordinal] + np.asarray(sparse["i"], dtype=np.int64) - 1
             k[pos] = _f(sparse["k"])
@@ -357,16 +361,18 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
 
     # latencies
     lat: dict[str, Any] = {}
-    gap_in = okm[d.pe["gap_seg"]]
-    gaps = d.pe["gaps"][gap_in]
-    gk = d.pe["gap_k"][gap_in]
+    gm = M.gap_mask(d.pe, okm)
+    gaps = d.pe["gaps"] if gm is None else d.pe["gaps"][gm]
+    gk = d.pe["gap_k"]
+    if gk is not None and gm is not None:
+        gk = gk[gm]
     for name in LATENCY_METRICS:
         if name == "itl_chunk":
             s = M.stats(gaps, P)
         elif name == "itl_token":
-            s = lat["itl_chunk"] if (gk == 1).all() else M.stats(np.repeat(gaps / gk, gk), P)
+            s = lat["itl_chunk"] if gk is None or (gk == 1).all() else M.stats(np.repeat(gaps / gk, gk), P)
         elif name == "itl_token_zeros":
-            zeros = int((gk - 1).sum() + (d.pe["first_k"][okm] - 1).clip(0).sum())
+            zeros = int((0 if gk is None else (gk - 1).sum()) + (d.pe["first_k"][okm] - 1).clip(0).sum())
             s = lat["itl_chunk"] if zeros == 0 else M.stats(gaps, P, weights_zero=zeros)
         elif name in ("queue_delay", "dispatch_lag"):
             s = M.stats(a[name][measured], P)
@@ -401,15 +407,26 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
              "total_tokens_per_s": rate(tin + tout, dur)}
     # steady: completions, prefills and token arrivals inside the window
     te = d.te
-    ev_in = okg[te.seg]
-    ev_t = te.t[ev_in]
-    ev_r = run[te.seg[ev_in]]
-    tok_in_win = float(te.k[ev_in][(ev_t >= w0[ev_r]) & (ev_t <= w1[ev_r])].sum())
+    em = None if okg.all() else np.repeat(okg, te.n)
+    ev_t = te.t if em is None else te.t[em]
+    if len(d.runs) == 1:
+        lo_w, hi_w = w0[0], w1[0]
+    else:
+        ev_r = np.repeat(run, te.n) if em is None else np.repeat(run, te.n)[em]
+        lo_w, hi_w = w0[ev_r], w1[ev_r]
+    inwin = (ev_t >= lo_w) & (ev_t <= hi_w)
+    if te.k is None:
+        tok_in_win = float(inwin.sum())
+        ev_total = float(len(ev_t))
+    else:
+        ek = te.k if em is None else te.k[em]
+        tok_in_win = float(ek[inwin].sum())
+        ev_total = float(ek.sum())
+    del inwin
     done_in = okg & (a["t_done"] >= w0[run]) & (a["t_done"] <= w1[run])
     pre_in = okg & (a["t_first_token"] >= w0[run]) & (a["t_first_token"] <= w1[run])
     sin = float(np.nansum(a["input_tokens"][pre_in]))
     # scale event-counted tokens to usage counts when events under-count (no per-chunk usage)
-    ev_total = float(te.k[ev_in].sum())
     if ev_total > 0 and tout > 0:
         tok_in_win *= tout / ev_total
     steady = {"window": window_how, "duration": sdur, "requests": int(done_in.sum()),
@@ -546,15 +563,20 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
         out["reasoning_tokens"] = M.stats(a["reasoning_tokens"][rm], [50, 99])
     # chunk-size histogram (tokens per token event)
     te = d.te
-    sel = okm[te.seg]
-    k = te.k[sel & te.known]
+    em = np.repeat(okm, te.n)
+    if te.k is None:
+        k = np.ones(int(em.sum()), dtype=np.int64)
+        unknown = 0
+    else:
+        kn = em if te.known is None else em & te.known
+        k = te.k[kn]
+        unknown = 0 if te.known is None else int((em & ~te.known).sum())
     hist = {}
     for lo, hi, lab in ((1, 1, "1"), (2, 2, "2"), (3, 3, "3"), (4, 4, "4"), (5, 8, "5-8"), (9, 16, "9-16"),
                         (17, 1 << 62, "17+")):
         c = int(((k >= lo) & (k <= hi)).sum())
         if c:
             hist[lab] = c
-    unknown = int((sel & ~te.known).sum())
     if unknown:
         hist["unknown"] = unknown
     out["chunk_tokens_histogram"] = hist
@@ -580,7 +602,7 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
         flags.append(f"LAG: p99 dispatch lag is {dl['p99'] * 1000:.0f} ms (requests left later than scheduled)")
     # timestamp error against the server's ground truth
     if d.flat.server_t is not None:
-        sel_ev = gmask[d.flat.seg] & np.isfinite(d.flat.server_t)
+        sel_ev = np.repeat(gmask, d.flat.n_events) & np.isfinite(d.flat.server_t)
         err = d.flat.t[sel_ev] - d.flat.server_t[sel_ev]
         if len(err):
             e = M.stats(err, [50, 90, 99])
@@ -736,8 +758,8 @@ def timeseries(d: Data, bins: int = 120) -> dict:
             return np.bincount(b, weights=weights, minlength=nb)[:nb]
 
         done = binned(a["t_done"][okm]) / width
-        ev = (a["run"] == r)[te.seg] & a["ok"][te.seg] if len(d.runs) > 1 else a["ok"][te.seg]
-        toks = binned(te.t[ev], te.k[ev]) / width
+        ev = np.repeat((a["run"] == r) & a["ok"], te.n)
+        toks = binned(te.t[ev], None if te.k is None else te.k[ev]) / width
         ttft = a["ttft"][okm]
         sent = a["t_sent"][okm]
         idx = np.clip(np.searchsorted(edges, sent, side="right") - 1, 0, nb - 1)

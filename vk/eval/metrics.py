@@ -17,7 +17,7 @@ Every metric has one unambiguous name (see man/vk-eval.1 for the mapping to othe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,66 +26,129 @@ TOKEN_KIND_CODES = (ord("c"), ord("r"), ord("t"))
 
 @dataclass
 class Flat:
-    """The events of all responses, flattened: ``seg[i]`` is the request (row) of event ``i``."""
+    """The events of all responses, flattened in request order; ``n_events`` per request."""
 
     n_events: np.ndarray  # per request
     t: np.ndarray  # per event
     kind: np.ndarray  # uint8 per event
-    tokens: np.ndarray  # float per event, NaN where unknown
+    tokens: np.ndarray | None  # float per event, NaN where unknown; None: every event carries 1 token
     server_t: np.ndarray | None  # per event or None when no request has it
 
-    seg: np.ndarray = field(init=False)
-
-    def __post_init__(self):
-        self.seg = np.repeat(np.arange(len(self.n_events), dtype=np.int64), self.n_events)
+    @property
+    def seg(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.n_events), dtype=np.int32), self.n_events)
 
 
 @dataclass
 class TokenEvents:
-    seg: np.ndarray
+    """The events that carry tokens (content, reasoning, tool calls), in request order."""
+
+    n: np.ndarray  # token events per request
+    starts: np.ndarray  # index of each request's first token event
     t: np.ndarray
-    k: np.ndarray  # tokens per event (known or 1), int64
-    known: np.ndarray  # bool: k from events.tokens
+    k: np.ndarray | None  # tokens per event (known or 1), int64; None when every event carries one token
+    known: np.ndarray | None  # bool: k from events.tokens; None when all are known
+
+    @property
+    def seg(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.n), dtype=np.int32), self.n)
+
+    @property
+    def all_one(self) -> bool:
+        return self.k is None
+
+    def k_or_ones(self) -> np.ndarray:
+        return np.ones(len(self.t), dtype=np.int64) if self.k is None else self.k
+
+    def total_tokens(self, mask: np.ndarray | None = None) -> float:
+        if self.k is None:
+            return float(len(self.t) if mask is None else mask.sum())
+        return float(self.k.sum() if mask is None else self.k[mask].sum())
 
 
 def token_events(flat: Flat) -> TokenEvents:
     lut = np.zeros(256, dtype=bool)
     lut[list(TOKEN_KIND_CODES)] = True
     mask = lut[flat.kind]
-    k = flat.tokens[mask]
-    known = ~np.isnan(k)
-    kk = np.where(known, k, 1.0)
-    kk = np.maximum(kk, 1.0).astype(np.int64)  # a token event carries at least one token
-    return TokenEvents(flat.seg[mask], flat.t[mask], kk, known)
+    offsets = np.r_[0, np.cumsum(flat.n_events)].astype(np.int64)
+    if mask.all():
+        n_tok = flat.n_events.astype(np.int64)
+        t = flat.t
+        tokens = flat.tokens
+    else:
+        csum = np.r_[0, np.cumsum(mask, dtype=np.int64)]
+        n_tok = csum[offsets[1:]] - csum[offsets[:-1]]
+        t = flat.t[mask]
+        tokens = None if flat.tokens is None else flat.tokens[mask]
+    del mask
+    starts = np.r_[0, np.cumsum(n_tok)[:-1]].astype(np.int64)
+    if tokens is None:
+        return TokenEvents(n_tok, starts, t, None, None)
+    known = ~np.isnan(tokens)
+    k = np.where(known, tokens, 1.0)
+    k = np.maximum(k, 1.0).astype(np.int64)  # a token event carries at least one token
+    if (k == 1).all() and known.all():
+        return TokenEvents(n_tok, starts, t, None, None)
+    return TokenEvents(n_tok, starts, t, k, None if known.all() else known)
 
 
 def per_request_events(n: int, te: TokenEvents) -> dict[str, np.ndarray]:
-    """Per-request figures from the token events: counts, max stall, gaps."""
-    n_tok_events = np.bincount(te.seg, minlength=n)
-    sum_k = np.bincount(te.seg, weights=te.k, minlength=n)
-    n_unknown = np.bincount(te.seg, weights=~te.known, minlength=n)
-    same = te.seg[1:] == te.seg[:-1]
-    gaps = (te.t[1:] - te.t[:-1])[same]
-    gap_seg = te.seg[1:][same]
-    gap_k = te.k[1:][same]
+    """Per-request figures from the token events: counts, max stall, gaps (pooled, in request order)."""
+    n_tok = te.n
+    if te.k is None:
+        sum_k = n_tok.astype(np.float64)
+        all_known = n_tok > 0
+    else:
+        sum_k = segment_sums(te.k, te.starts, n_tok).astype(np.float64)
+        if te.known is None:
+            all_known = n_tok > 0
+        else:
+            unk = np.r_[0, np.cumsum(~te.known, dtype=np.int64)]
+            n_unknown = unk[te.starts + n_tok] - unk[te.starts]
+            all_known = (n_unknown == 0) & (n_tok > 0)
+    # gaps between consecutive token events of the same request: drop the gap across each request boundary
+    gaps = np.diff(te.t) if len(te.t) else np.zeros(0)
+    boundary = (te.starts[1:] - 1)[n_tok[1:] > 0] if n > 1 else np.zeros(0, np.int64)
+    boundary = boundary[(boundary >= 0) & (boundary < len(gaps))]
+    keep_k = None
+    if len(boundary):
+        gaps = np.delete(gaps, boundary)
+        if te.k is not None:
+            keep_k = np.delete(te.k[1:], boundary)
+    elif te.k is not None:
+        keep_k = te.k[1:]
+    n_gaps = np.maximum(n_tok - 1, 0)
+    gap_starts = np.r_[0, np.cumsum(n_gaps)[:-1]].astype(np.int64)
     max_stall = np.full(n, np.nan)
+    has = n_gaps > 0
     if len(gaps):
-        starts = np.flatnonzero(np.r_[True, gap_seg[1:] != gap_seg[:-1]])
-        max_stall[gap_seg[starts]] = np.maximum.reduceat(gaps, starts)
-    # k of each request's first token event (its extra tokens arrive with the first token)
-    first = np.flatnonzero(np.r_[True, te.seg[1:] != te.seg[:-1]]) if len(te.seg) else np.array([], np.int64)
-    first_k = np.zeros(n, dtype=np.int64)
-    first_k[te.seg[first]] = te.k[first]
+        max_stall[has] = np.maximum.reduceat(gaps, gap_starts[has])
+    first_k = np.where(n_tok > 0, 1, 0).astype(np.int64)
+    if te.k is not None:
+        first_k[n_tok > 0] = te.k[te.starts[n_tok > 0]]
     return {
-        "n_token_events": n_tok_events,
+        "n_token_events": n_tok,
         "event_tokens": sum_k,
-        "all_tokens_known": (n_unknown == 0) & (n_tok_events > 0),
+        "all_tokens_known": all_known,
         "max_stall": max_stall,
         "gaps": gaps,
-        "gap_seg": gap_seg,
-        "gap_k": gap_k,
+        "n_gaps": n_gaps,
+        "gap_k": keep_k,  # None: every chunk carries one token
         "first_k": first_k,
     }
+
+
+def segment_sums(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Sum of ``values[starts[i]:starts[i] + lens[i]]`` for every i (empty segments sum to 0)."""
+    c = np.r_[0, np.cumsum(values, dtype=np.int64 if values.dtype.kind in "iub" else np.float64)]
+    return c[starts + lens] - c[starts]
+
+
+def gap_mask(pe: dict, req_mask: np.ndarray) -> np.ndarray | None:
+    """Mask over the pooled gaps of the requests in ``req_mask`` (None when all requests are selected)."""
+    if req_mask.all():
+        return None
+    return np.repeat(req_mask, pe["n_gaps"])
 
 
 def fluidity(n: int, te: TokenEvents, t_start: np.ndarray, prefill_deadline: float, decode_deadline: float,
@@ -105,40 +168,43 @@ def fluidity(n: int, te: TokenEvents, t_start: np.ndarray, prefill_deadline: flo
     Returns (fluidity, missed, total) per request; NaN/0 where a request has no tokens.
     """
     missed = np.zeros(n)
-    total = np.zeros(n)
-    if len(te.seg) == 0:
-        return np.full(n, np.nan), missed, total
-    # expand multi-token chunks into tokens
-    if (te.k == 1).all():
-        seg, a = te.seg, te.t
+    met = np.zeros(n)
+    if len(te.t) == 0:
+        return np.full(n, np.nan), missed, missed.copy()
+    # tokens per request (multi-token chunks expanded) and where each request's tokens start
+    if te.k is None:
+        ntok = te.n
     else:
-        seg = np.repeat(te.seg, te.k)
-        a = np.repeat(te.t, te.k)
-    starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
-    lens = np.diff(np.r_[starts, len(seg)])
-    idx = np.arange(len(seg)) - np.repeat(starts, lens)
-    x = a - idx * decode_deadline - (t_start[seg] + prefill_deadline)  # e_i - B_0
-    del a, idx
-    # segmented running max of max(x, 0), done in blocks of requests to keep float offsets small
-    prev = np.empty_like(x)
-    nseg = len(starts)
-    for b0 in range(0, nseg, chunk_rows):
-        b1 = min(nseg, b0 + chunk_rows)
-        lo = starts[b0]
-        hi = starts[b1] if b1 < nseg else len(seg)
-        xs = np.maximum(x[lo:hi], 0.0)
-        span = float(xs.max()) + 1.0 if len(xs) else 1.0
-        local = np.repeat(np.arange(b1 - b0, dtype=np.float64), lens[b0:b1]) * span
-        cm = np.maximum.accumulate(xs + local) - local
-        # exclusive: shift by one within each request; the first token compares with 0 (B_0)
-        p = np.empty_like(cm)
-        p[1:] = cm[:-1]
-        p[starts[b0:b1] - lo] = 0.0
-        prev[lo:hi] = p
-    miss = x > prev + 1e-12
-    counts = np.where(miss, np.floor((x - prev) / decode_deadline) + 1.0, 0.0)
-    missed = np.bincount(seg, weights=counts, minlength=n)
-    met = np.bincount(seg, weights=~miss, minlength=n)
+        ntok = segment_sums(te.k, te.starts, te.n)
+    base = (t_start + prefill_deadline)
+    # blocks of requests: every temporary stays small (cache-friendly, no giant allocations)
+    for b0 in range(0, n, chunk_rows):
+        b1 = min(n, b0 + chunk_rows)
+        e0 = te.starts[b0] if b0 < n else 0
+        e1 = te.starts[b1 - 1] + te.n[b1 - 1]
+        if e1 <= e0:
+            continue
+        lens = ntok[b0:b1]
+        if te.k is None:
+            a = te.t[e0:e1]
+        else:
+            a = np.repeat(te.t[e0:e1], te.k[e0:e1])
+        local = np.repeat(np.arange(b1 - b0, dtype=np.int64), lens)
+        tstart = np.r_[0, np.cumsum(lens)[:-1]]
+        idx = np.arange(len(a)) - tstart[local]
+        x = a - idx * decode_deadline - base[b0:b1][local]  # e_i - B_0
+        xs = np.maximum(x, 0.0)
+        span = float(xs.max()) + 1.0
+        off = local * span
+        cm = np.maximum.accumulate(xs + off) - off
+        # exclusive running max within each request; the first token compares with 0 (B_0)
+        prev = np.empty_like(cm)
+        prev[1:] = cm[:-1]
+        prev[tstart[lens > 0]] = 0.0
+        miss = x > prev + 1e-12
+        counts = np.where(miss, np.floor((x - prev) / decode_deadline) + 1.0, 0.0)
+        missed[b0:b1] = np.bincount(local, weights=counts, minlength=b1 - b0)
+        met[b0:b1] = np.bincount(local, weights=~miss, minlength=b1 - b0)
     total = missed + met
     with np.errstate(invalid="ignore", divide="ignore"):
         fi = np.where(total > 0, 1.0 - missed / np.where(total > 0, total, 1), np.nan)
@@ -180,8 +246,11 @@ def stats(values: np.ndarray, percentiles: list[float], weights_zero: int = 0) -
         return {"n": 0}
     srt = np.sort(v)  # a vectorised sort is faster than numpy's percentile (partition) on large samples
     mean = float(srt.sum()) / n
-    d = srt - mean
-    var = float(np.dot(d, d)) / n
+    if n > 1_000_000:  # no n-sized temporary: E[x^2] - mean^2 (fine for latencies)
+        var = max(0.0, float(np.dot(srt, srt)) / n - mean * mean)
+    else:
+        d = srt - mean
+        var = float(np.dot(d, d)) / n
     out = {"n": int(n), "mean": mean, "stddev": var ** 0.5, "min": float(srt[0]), "max": float(srt[-1])}
     for p in percentiles:
         pos = p / 100.0 * (n - 1)

@@ -40,8 +40,11 @@ def _cdf(ax, values: np.ndarray, label: str) -> None:
 def _run_data(d, r: int) -> dict[str, np.ndarray]:
     a = d.a
     m = (a["run"] == r) & a["ok"] & ~a["warmup"]
-    gsel = m[d.pe["gap_seg"]]
-    return {"ttft": a["ttft"][m], "tpot": a["tpot"][m], "e2e": a["e2e"][m], "itl": d.pe["gaps"][gsel],
+    from vk.eval.metrics import gap_mask
+
+    gsel = gap_mask(d.pe, m)
+    itl = d.pe["gaps"] if gsel is None else d.pe["gaps"][gsel]
+    return {"ttft": a["ttft"][m], "tpot": a["tpot"][m], "e2e": a["e2e"][m], "itl": itl,
             "input": a["input_tokens"][m]}
 
 
