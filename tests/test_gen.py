@@ -383,3 +383,43 @@ def test_png_without_graphviz_is_a_clear_error(tmp_path, monkeypatch):
     s = next(iter(generate(None, count=1)))
     with pytest.raises(VkError, match="Graphviz's 'dot' command, which is not installed"):
         render_session_graph(s, tmp_path / "x.png")
+
+
+# -- end to end: the lengths a real server counts --------------------------------------------------------------
+
+def _pipeline(serve_url: str, gen_args: list[str]) -> list[dict]:
+    import subprocess
+
+    from conftest import vk_cmd
+
+    gen = subprocess.Popen([*vk_cmd("vk-gen"), *gen_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sch = subprocess.Popen([*vk_cmd("vk-schedule"), "--concurrency", "2", "-q"], stdin=gen.stdout,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    gen.stdout.close()
+    out, err = subprocess.Popen([*vk_cmd("vk-send"), "--api", serve_url], stdin=sch.stdout,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE).communicate(timeout=120)
+    assert gen.wait(30) == 0, gen.stderr.read()
+    assert sch.wait(30) == 0, sch.stderr.read()
+    recs = [orjson.loads(line) for line in out.splitlines()]
+    return [r for r in recs if r.get("kind") == "response"]
+
+
+def test_templated_lengths_are_the_servers_prompt_tokens(serve):
+    srv = serve("--ttft", "0.001", "--tpot", "0.0005")
+    resp = _pipeline(srv.url, ["--count", "3", "--seed", "4", "--set", "graph=linear",
+                               "--set", "graph.num_request_generator=3", "--set", "channel.input_length_mode=templated",
+                               "--set", "input.length={type: uniform, min: 50, max: 400}",
+                               "--set", "output.length.value=16"])
+    assert len(resp) == 9 and all(r["status"] == "ok" for r in resp), resp[:1]
+    by = {(r["session_id"], r["request_id"]): r for r in resp}
+    for (sid, rid), r in by.items():
+        target = r["target_input_tokens"] + r["template_tokens"]
+        j = int(rid[1:])
+        if j == 0:
+            assert r["usage"]["prompt_tokens"] == target  # a first message: exactly the target
+        else:
+            prev = by[(sid, f"r{j - 1}")]
+            # a later turn adds exactly its target to the parent's prompt and answer
+            assert r["usage"]["prompt_tokens"] == (prev["usage"]["prompt_tokens"] + prev["usage"]["completion_tokens"]
+                                                   + target)
+        assert r["usage"]["completion_tokens"] == 16

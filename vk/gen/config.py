@@ -202,6 +202,8 @@ def apply_overrides(cfg: Config, overrides) -> None:
             else:
                 if not isinstance(node, dict):
                     raise VkError(f"--set {key}: {'.'.join(map(str, parts[:i]))} is not a mapping")
+                if isinstance(node.get(p), str) and not isinstance(nxt, int):
+                    node[p] = {"type": node[p]}  # graph=linear, then graph.num_request_generator=...
                 if node.get(p) is None:
                     if default is not None:
                         node[p] = copy.deepcopy(default)
