@@ -38,6 +38,12 @@ class RunClock:
         self.epoch0 = epoch0
         self.wall_off = time.time() - _mono()
 
+    def set_start(self, mono0: float) -> None:
+        """Fix the run's start instant (objects holding this clock see the change)."""
+        self.wall_off = time.time() - _mono()
+        self.mono0 = mono0
+        self.epoch0 = mono0 + self.wall_off
+
     def refresh(self) -> None:
         self.wall_off = time.time() - _mono()
 

@@ -345,10 +345,6 @@ def _worker_main(cfg: Config, in_conn, out_conn, stop_event, progress: bool) -> 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     loop = _new_loop()
     asyncio.set_event_loop(loop)
-    out_conn.send_bytes(b"#ready")
-    msg = in_conn.recv_bytes()  # b"start MONO0 EPOCH0"
-    _, m0, e0 = msg.split()
-    clock = RunClock(float(m0), float(e0))
     lock = threading.Lock()
 
     def emit(rec: dict) -> None:
@@ -356,8 +352,13 @@ def _worker_main(cfg: Config, in_conn, out_conn, stop_event, progress: bool) -> 
         with lock:
             out_conn.send_bytes(line)
 
+    clock = RunClock()
     engine = Engine(cfg, clock, loop, emit)
     feed = ThreadFeed(loop)
+    out_conn.send_bytes(b"#ready")
+    msg = in_conn.recv_bytes()  # b"start MONO0 EPOCH0"
+    _, m0, _e0 = msg.split()
+    clock.set_start(float(m0))
 
     def reader() -> None:
         try:
@@ -567,8 +568,12 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         for _, out_r in pipes:
             if out_r.recv_bytes() != b"#ready":
                 raise VkError("a worker process failed to start")
+    collector = Collector(writer, max_errors, progress, None)
+    clock = RunClock()
+    if workers == 1:
+        inproc = _InProcess(cfg, clock, collector, state, input_error, handle_signals)
     gc.collect()  # before the start instant: a full collection can take tens of milliseconds
-    clock = RunClock(_mono() + (0.15 if workers > 1 else 0.05))  # ahead: workers and loop get ready
+    clock.set_start(_mono() + (0.1 if workers > 1 else 0.02))  # a little ahead: everything is ready by then
     run_rec = records.new_run(
         cfg.run_id, round(clock.epoch0, 6), api=cfg.api, model=cfg.model, endpoint=cfg.endpoint,
         vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or [])), schedule=header,
@@ -578,10 +583,9 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     header_line = dumps(run_rec)
     writer.write_raw(header_line)
 
-    collector = Collector(writer, max_errors, progress, None)
     stats: dict[str, Any] = {}
     if workers == 1:
-        stats = _run_inprocess(cfg, clock, stream_in, collector, state, input_error, handle_signals)
+        stats = inproc.run(stream_in)
     else:
         stats = _run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pipes, stop_event,
                              handle_signals)
@@ -667,71 +671,77 @@ def _feeder(stream_in, put, end, input_error: list, on_bad) -> None:
         end()
 
 
-def _run_inprocess(cfg, clock, stream_in, collector, state, input_error, handle_signals) -> dict:
-    loop = _new_loop()
-    engine = Engine(cfg, clock, loop, collector.add)
-    feed = ThreadFeed(loop)
-    collector.on_stop = lambda reason, ended: (_set_reason(state, reason, ended), engine.request_stop(reason))
+class _InProcess:
+    """One worker in this process: the loop and engine are built before the start instant is fixed."""
 
-    def on_signal(signame: str) -> None:
+    def __init__(self, cfg, clock, collector, state, input_error, handle_signals):
+        self.loop = loop = _new_loop()
+        self.engine = engine = Engine(cfg, clock, loop, collector.add)
+        self.feed = ThreadFeed(loop)
+        self.collector = collector
+        self.state = state
+        self.input_error = input_error
+        self.handle_signals = handle_signals
+        collector.on_stop = lambda reason, ended: (_set_reason(state, reason, ended), engine.request_stop(reason))
+
+    def on_signal(self, signame: str) -> None:
+        state = self.state
         state["signals"] += 1
         if state["signals"] >= 2:
-            collector.writer.flush()
-            if collector.writing:
-                collector.exit_after_write = True
+            self.collector.writer.flush()
+            if self.collector.writing:
+                self.collector.exit_after_write = True
             else:
                 os._exit(130)
             return
         print(f"\nvk-send: {signame}: stopping (cancelling requests in flight; again to exit at once)",
               file=sys.stderr)
         _set_reason(state, f"interrupted by {signame}", "interrupted")
-        engine.request_stop(f"interrupted by {signame}")
+        self.engine.request_stop(f"interrupted by {signame}")
 
-    def on_bad(_e) -> None:
-        pass  # the feeder ends the queue; sessions already running finish normally
+    def run(self, stream_in) -> dict:
+        loop, engine, feed, collector = self.loop, self.engine, self.feed, self.collector
+        installed = []
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, self.on_signal, sig.name)
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
+        th = threading.Thread(target=_feeder, args=(stream_in, feed.put, feed.end, self.input_error,
+                                                    lambda e: None), daemon=True, name="vk-send-feeder")
 
-    installed = []
-    if handle_signals and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        async def main() -> None:
+            prog = loop.create_task(_progress_task(engine, collector)) if collector.bar is not None else None
+            th.start()
             try:
-                loop.add_signal_handler(sig, on_signal, sig.name)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
+                await engine.run(_QueueView(feed))
+            finally:
+                if prog is not None:
+                    prog.cancel()
 
-    th = threading.Thread(target=_feeder, args=(stream_in, feed.put, feed.end, input_error, on_bad), daemon=True,
-                          name="vk-send-feeder")
-
-    async def main() -> None:
-        prog = loop.create_task(_progress_task(engine, collector)) if collector.bar is not None else None
-        th.start()
+        gc.freeze()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        # the reader thread must not hold the GIL for the default 5 ms while a deadline passes
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
         try:
-            await engine.run(_QueueView(feed))
+            loop.run_until_complete(main())
         finally:
-            if prog is not None:
-                prog.cancel()
-
-    gc.freeze()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    # the reader thread must not hold the GIL for the default 5 ms while a deadline passes
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL)
-    try:
-        loop.run_until_complete(main())
-    finally:
-        sys.setswitchinterval(switch)
-        feed.stop.set()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
-        if was_enabled:
-            gc.enable()
-        gc.unfreeze()
-    return {"sessions_started": engine.sessions_started, "sessions_done": engine.sessions_done,
-            "sessions_not_started": engine.sessions_not_started, "duration_reached": engine.duration_reached,
-            "kernel_timestamps": getattr(engine.client, "kts_ok", None)}
+            sys.setswitchinterval(switch)
+            feed.stop.set()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            if was_enabled:
+                gc.enable()
+            gc.unfreeze()
+        return {"sessions_started": engine.sessions_started, "sessions_done": engine.sessions_done,
+                "sessions_not_started": engine.sessions_not_started, "duration_reached": engine.duration_reached,
+                "kernel_timestamps": getattr(engine.client, "kts_ok", None)}
 
 
 def _set_reason(state, reason, ended) -> None:
