@@ -401,6 +401,12 @@ def validate_schedule(rec: Any, source: str = "<schedule>", line: int | None = N
     if mode == "closed":
         _num(ctx, rec, "concurrency", minimum=1, integer=True)
     _num(ctx, rec, "start_at", required=False, nullable=True, minimum=0)
+    # optional fields written by vk-schedule (vk-send reads duration, ramp_up, rate_limit)
+    _num(ctx, rec, "duration", required=False, nullable=True, minimum=0)
+    _num(ctx, rec, "max_sessions", required=False, nullable=True, minimum=1, integer=True)
+    _num(ctx, rec, "warmup", required=False, nullable=True, minimum=0, integer=True)
+    _num(ctx, rec, "ramp_up", required=False, nullable=True, minimum=0)
+    _num(ctx, rec, "rate_limit", required=False, nullable=True, minimum=0)
     return rec
 
 
