@@ -482,3 +482,19 @@ def test_end_to_end_conversation_trace_against_vk_serve(serve, tmp_path):
     assert by[("conversations-1", "r1")]["usage"]["prompt_tokens"] > by[("conversations-1", "r0")]["usage"][
         "prompt_tokens"]
     assert by[("conversations-1", "r1")]["target_output_tokens"] == 3
+
+
+def test_streaming_and_indexed_modes_agree(tok):
+    """The indexed mode (here: wrap) yields the same first copy as the one-pass streaming mode."""
+    a = gen(AZURE, "azure", tok, sample=0.5, seed=9)
+    b = gen(AZURE, "azure", tok, sample=0.5, seed=9, wrap_mode=True, count=len(a) + 3)
+    assert b[: len(a)] == a
+    assert [s["source"].get("epoch") for s in b[len(a):]] == [1, 1, 1]
+    c = gen(T / "sharegpt.json", "conversations", tok, shuffle=True, seed=1)  # JSON elements read back by offset
+    assert sorted(s["id"] for s in c) == ["conversations-1", "conversations-2"]
+    assert {s["id"]: s for s in c} == {s["id"]: s for s in gen(T / "sharegpt.json", "conversations", tok)}
+
+
+def test_window_needs_timestamps(tok):
+    with pytest.raises(VkError, match="has no timestamps to take a time window of"):
+        gen(T / "sharegpt.json", "conversations", tok, window={"start": 1})

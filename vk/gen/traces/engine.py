@@ -228,6 +228,9 @@ class Scanner:
     def admit(self, rel: float | None) -> bool:
         """Decide once per session (at its first row): inside the window, and drawn by the sample fraction."""
         cfg = self.cfg
+        if rel is None and cfg.windowed:
+            raise VkError(f"session_generator.window: {self.src.src} has no timestamps to take a time window of "
+                          f"(use max_rows or sample instead)")
         if rel is not None and cfg.windowed:
             if rel < cfg.window_start or (cfg.window_end is not None and rel >= cfg.window_end):
                 return False

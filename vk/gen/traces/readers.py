@@ -10,6 +10,7 @@ byte offset so that the indexed mode (shuffle, wrap, multi-turn grouping) can co
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
 import shutil
@@ -139,44 +140,150 @@ class CsvSource(RowSource):
 
 
 class JsonArraySource(RowSource):
-    """A JSON array of objects (ShareGPT files). Loaded whole: convert big ones to JSONL to stream them."""
+    """A JSON array of objects (ShareGPT files), streamed: one element in memory at a time.
+
+    Elements are cut out of the text with the C scanner of ``json.JSONDecoder.raw_decode`` over a sliding
+    buffer; each element's byte offset is kept so that the indexed mode can come back to it. Rows are numbered
+    by position (1-based). A top-level object holding one list of objects (``{"data": [...]}``) is read whole.
+    """
 
     kind = "json"
+    CHUNK = 1 << 22
 
     def __init__(self, path, display=None):
         super().__init__(path, display)
-        self._items: list | None = None
+        self._items: list | None = None  # only for the {"key": [...]} shape
+        self._fh = None
+        import json
 
-    def _load(self) -> list:
-        if self._items is None:
-            with open(self.path, "rb") as fh:
-                data = fh.read()
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError as e:
-                raise VkError(f"{self.src}: not valid JSON ({e})") from None
-            if isinstance(obj, dict):
-                # {"data": [...]} or a single conversation
-                lists = [v for v in obj.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
-                obj = lists[0] if len(lists) == 1 and "conversations" not in obj and "messages" not in obj \
-                    else [obj]
-            if not isinstance(obj, list):
-                raise VkError(f"{self.src}: expected a JSON array of objects")
-            self._items = obj
-        return self._items
+        self._dec = json.JSONDecoder()
 
     def error(self, line, field, message):
         where = f"[{line}]" + (f".{field}" if field else "")
         return RecordError(self.src, None, where, message)
 
+    def _load_wrapped(self) -> list:
+        with open(self.path, "rb") as fh:
+            data = fh.read()
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            raise VkError(f"{self.src}: not valid JSON ({e})") from None
+        if isinstance(obj, dict):
+            lists = [v for v in obj.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
+            if len(lists) == 1 and "conversations" not in obj and "messages" not in obj:
+                return lists[0]
+            return [obj]
+        raise VkError(f"{self.src}: expected a JSON array of objects")
+
+    def _elements(self, fh, start_byte: int = 0, first: bool = True):
+        """(byte offset, element) from ``fh`` positioned at an element (or at the array's '[' if first)."""
+        dec = self._dec
+        buf = ""
+        pos = 0  # char position in buf
+        byte = start_byte  # byte offset of buf[pos]
+        eof = False
+
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+
+        def more() -> bool:
+            nonlocal buf, pos, eof
+            if eof:
+                return False
+            chunk = fh.read(self.CHUNK)
+            if not chunk:
+                eof = True
+                return False
+            try:
+                text = decoder.decode(chunk)  # a character split between reads waits for the next read
+            except UnicodeDecodeError as e:
+                raise VkError(f"{self.src}: not valid UTF-8 ({e.reason})") from None
+            buf = buf[pos:] + text
+            pos = 0
+            return True
+
+        def skip_ws() -> str | None:
+            nonlocal pos, byte
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                    byte += 1
+                if pos < len(buf):
+                    return buf[pos]
+                if not more():
+                    return None
+
+        if first:
+            c = skip_ws()
+            if c != "[":
+                return
+            pos += 1
+            byte += 1
+        n = 0
+        while True:
+            c = skip_ws()
+            if c is None:
+                raise VkError(f"{self.src}: the JSON array is not closed (truncated file?)")
+            if c == "]":
+                return
+            if c == ",":
+                if n == 0 and first:
+                    raise VkError(f"{self.src}: not valid JSON (a comma before the first element)")
+                pos += 1
+                byte += 1
+                continue
+            while True:
+                try:
+                    obj, end = dec.raw_decode(buf, pos)
+                    if end == len(buf) and not eof:
+                        raise ValueError("maybe truncated")
+                    break
+                except ValueError:
+                    if not more():
+                        try:
+                            obj, end = dec.raw_decode(buf, pos)
+                            break
+                        except ValueError as e:
+                            raise VkError(f"{self.src}: element {n + 1}: not valid JSON ({e})") from None
+            yield byte, obj
+            byte += len(buf[pos:end].encode("utf-8"))
+            pos = end
+            n += 1
+            if not first:
+                return
+
     def scan(self):
-        for i, obj in enumerate(self._load(), 1):
-            if not isinstance(obj, dict):
-                raise self.error(i, None, "expected a JSON object")
-            yield i, i - 1, obj
+        with open(self.path, "rb") as fh:
+            head = fh.read(64).lstrip()
+            fh.seek(0)
+            if not head.startswith(b"["):
+                self._items = self._load_wrapped()
+                for i, obj in enumerate(self._items, 1):
+                    if not isinstance(obj, dict):
+                        raise self.error(i, None, "expected a JSON object")
+                    yield i, -i, obj
+                return
+            for i, (off, obj) in enumerate(self._elements(fh), 1):
+                if not isinstance(obj, dict):
+                    raise self.error(i, None, "expected a JSON object")
+                yield i, off, obj
 
     def read_at(self, offset, line):
-        return self._load()[offset]
+        if offset < 0:
+            if self._items is None:
+                self._items = self._load_wrapped()
+            return self._items[-offset - 1]
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(offset)
+        for _off, obj in self._elements(self._fh, offset, first=False):
+            return obj
+        raise self.error(line, None, "cannot read the element again (the file changed?)")
+
+    def close(self):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 def sniff_format(path: str) -> str:
