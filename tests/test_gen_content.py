@@ -19,10 +19,31 @@ def src(request):
 
 
 def test_boundary_mode_holds_for_builtin_tokenizers(src):
-    # the self-check found no mismatch, so the fast path is in use for both tokenizers
+    # run the self-check now (the loaded one may come from the disk cache): no mismatch, the fast path holds
+    src._self_check()
     assert src.mode == "boundary"
     assert src.failures == 0
     assert src.corpus_tokens > 100_000
+
+
+def test_disk_cache_round_trip(tmp_path, monkeypatch):
+    from vk.gen import content
+
+    monkeypatch.setenv("VK_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("VK_NO_CACHE", raising=False)
+    tok = load_tokenizer("qwen2.5")
+    text, label = content._read_corpus(None)
+    fresh = content._Corpus(text, label, tok)
+    assert fresh.check is None and fresh.cache_file.parent == tmp_path
+    content._write_cache(fresh, "boundary", 0)
+    again = content._Corpus(text, label, tok)
+    assert again.check == ("boundary", 0)
+    assert np.array_equal(again.ids, fresh.ids) and np.array_equal(again.safe, fresh.safe)
+    # a damaged cache file is rebuilt, not trusted
+    fresh.cache_file.write_bytes(b"garbage")
+    assert content._Corpus(text, label, tok).check is None
+    monkeypatch.setenv("VK_NO_CACHE", "1")
+    assert content._Corpus(text, label, tok).cache_file is None
 
 
 def test_samples_have_exact_lengths(src):

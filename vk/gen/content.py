@@ -16,6 +16,7 @@ says which mode is in use.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from vk.errors import VkError
 CORPUS_PATH = Path(__file__).resolve().parent.parent / "data" / "moby-dick.txt"
 
 _SELF_CHECK_SAMPLES = 200
-_FILLER_MAX = 64  # remainders up to this many tokens are filled from precomputed exact segments
+_FILLER_MAX = 64
+_CACHE_FORMAT = 1  # remainders up to this many tokens are filled from precomputed exact segments
 
 _cache: dict[tuple, _Corpus] = {}
 _cache_lock = threading.Lock()
@@ -61,17 +63,23 @@ class _Corpus:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         self.text = text
         self.label = label
-        enc = tokenizer.backend.encode(text, add_special_tokens=False)
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        offs = enc.offsets
+        self.check: tuple[str, int] | None = None  # (mode, failures) of an earlier self-check, from the disk cache
+        self.cache_file = _cache_file(tokenizer, text)
+        cached = _read_cache(self.cache_file)
+        if cached is not None:
+            ids, starts, self.check = cached
+        else:
+            enc = tokenizer.backend.encode(text, add_special_tokens=False)
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(ids))
         n = len(ids)
         if n < 2000:
             raise VkError(f"corpus {label}: too short ({n} tokens); give at least a few thousand tokens of text")
-        starts = np.fromiter((o[0] for o in offs), dtype=np.int64, count=n)
         self.ids = ids
         self.n_tokens = n
         # char offset where token i starts; one extra entry: the end of the text
         self.char_at = np.append(starts, len(text))
+        self.starts = starts
         safe = []
         prev = -1
         for i, s in enumerate(starts.tolist()):
@@ -99,6 +107,58 @@ class _Corpus:
 
     def slice(self, a: int, b: int) -> str:
         return self.text[self.char_at[a]:self.char_at[b]]
+
+
+def _cache_file(tokenizer, text: str) -> Path | None:
+    """Where the tokenized corpus is kept between processes (None: no disk cache).
+
+    Keyed by the tokenizer file (path, size, mtime), the corpus text and the cache format. ``VK_CACHE_DIR``
+    moves it (default ``~/.cache/vk``); ``VK_NO_CACHE=1`` turns it off.
+    """
+    if os.environ.get("VK_NO_CACHE"):
+        return None
+    directory = getattr(tokenizer, "directory", None)
+    if directory is None:
+        return None
+    try:
+        tj = Path(directory) / "tokenizer.json"
+        st = tj.stat()
+    except OSError:
+        return None
+    h = hashlib.sha1()
+    h.update(f"{_CACHE_FORMAT}|{tj.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+    h.update(text.encode("utf-8", "surrogatepass"))
+    root = Path(os.environ.get("VK_CACHE_DIR") or Path.home() / ".cache" / "vk")
+    return root / f"corpus-{h.hexdigest()[:24]}.npz"
+
+
+def _read_cache(path: Path | None):
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ids, starts = z["ids"].astype(np.int64), z["starts"].astype(np.int64)
+            check = (str(z["mode"]), int(z["failures"])) if "mode" in z else None
+        if len(ids) != len(starts):
+            return None
+        return ids, starts, check
+    except Exception:  # noqa: BLE001 - a damaged cache is only a cache: rebuild it
+        return None
+
+
+def _write_cache(c: _Corpus, mode: str, failures: int) -> None:
+    path = c.cache_file
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, ids=c.ids.astype(np.int32), starts=c.starts.astype(np.int32), mode=np.str_(mode),
+                 failures=np.int64(failures))
+        os.replace(tmp, path)
+        c.check = (mode, failures)
+    except OSError:
+        pass  # read-only home, full disk: keep going without the cache
 
 
 def _load_corpus(tokenizer, corpus) -> _Corpus:
@@ -141,7 +201,11 @@ class TextSource:
         self.mode = "boundary"
         self.failures = 0  # self-check mismatches found at load
         if self_check:
-            self._self_check()
+            if self._c.check is not None:
+                self.mode, self.failures = self._c.check
+            else:
+                self._self_check()
+                _write_cache(self._c, self.mode, self.failures)
 
     # -- public API -------------------------------------------------------------------------------------------
     @property
