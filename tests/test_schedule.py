@@ -327,3 +327,25 @@ def test_api_schedule_and_stats():
     assert [r["start"] for r in recs[1:]] == [0.5 * k for k in range(1, 11)]
     with pytest.raises(VkError, match="--gamma RATE needs --cv"):
         schedule(sessions, gamma=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end: the schedule drives vk-send against vk-serve
+
+
+def test_schedule_drives_vk_send(tmp_path, serve):
+    srv = serve("--ttft", "0.01", "--tpot", "0.001")
+    src = write_sessions(tmp_path / "few.jsonl", [session(i) for i in range(4)])
+    sched = run_vk("vk-schedule", str(src), "--constant", "10", "--warmup", "2", "--cycle", "--max-sessions", "7",
+                   "-q", check=True).stdout
+    _, ss = parse(sched)
+    run = run_vk("vk-send", "--api", srv.url, input=sched, check=True).stdout
+    resp = [r for r in (orjson.loads(x) for x in run.splitlines()) if r["kind"] == "response"]
+    assert len(resp) == 7 and all(r["status"] == "ok" for r in resp)
+    by_id = {r["session_id"]: r for r in resp}
+    for s in ss:
+        r = by_id[s["session"]["id"]]
+        assert r["session_index"] == s["index"]
+        assert r["t_intended"] == pytest.approx(s["start"], abs=1e-6)  # root requests start at the offset
+        assert r["warmup"] == s.get("warmup", False)
+    assert by_id["s0#2"]["copy_of"] == "s0"  # the copy's provenance reaches the responses

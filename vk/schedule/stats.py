@@ -171,8 +171,13 @@ class StatsAcc:
             return out
         if self.window is None and self._pending:
             self._flush_pending(final=True)
+        # the schedule's span: --duration, unless the input ran out (or --max-sessions hit) before it
         end = h.get("duration") or self.last or 0.0
+        if stop in ("end of input", "--max-sessions") and self.last is not None:
+            end = self.last
         out["duration"] = end
+        if h.get("duration"):
+            out["scheduled_duration"] = h["duration"]
         out["first_start"] = self.first
         out["last_start"] = self.last
         out["rate"] = self.n / end if end else None
@@ -264,5 +269,8 @@ def format_summary(s: dict) -> str:
     if s.get("gap_max") is not None:
         lines.append(f"  {'longest gap':<16}{_fmt(s['gap_max']):>10} s")
     if s.get("stopped_by"):
-        lines.append(f"  {'stopped by':<16}{s['stopped_by']}")
+        why = s["stopped_by"]
+        if why == "end of input" and s.get("scheduled_duration") and s["duration"] < s["scheduled_duration"]:
+            why += f" before --duration {s['scheduled_duration']:g} s (--cycle reuses the sessions)"
+        lines.append(f"  {'stopped by':<16}{why}")
     return "\n".join(lines)
