@@ -423,3 +423,31 @@ def test_templated_lengths_are_the_servers_prompt_tokens(serve):
             assert r["usage"]["prompt_tokens"] == (prev["usage"]["prompt_tokens"] + prev["usage"]["completion_tokens"]
                                                    + target)
         assert r["usage"]["completion_tokens"] == 16
+
+
+# -- delegation to vk.gen.traces, progress -----------------------------------------------------------------------
+
+TRACE = ROOT / "tests" / "data" / "traces" / "mooncake_head200.jsonl"
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason="the traces engineer's test data is not here")
+def test_trace_options_delegate_to_vk_gen_traces():
+    pytest.importorskip("vk.gen.traces")
+    p = run_vk("vk-gen", "--trace", str(TRACE), "--flavor", "mooncake", "--count", "5", "--seed", "1", check=True)
+    ss = [orjson.loads(x) for x in p.stdout.splitlines()]
+    assert len(ss) == 5
+    for s in ss:
+        validate_session(s)
+    p = run_vk("vk-gen", "--trace", str(TRACE), "--flavor", "mooncake", "--duration", "5", check=True)
+    times = [orjson.loads(x)["trace_time"] for x in p.stdout.splitlines()]
+    assert times and max(times) <= 5
+    p = run_vk("vk-gen", "--trace", str(TRACE), "--flavor", "mooncake", "--stats", check=True)
+    assert b"mooncake" in p.stdout
+
+
+def test_progress_bar_on_stderr(tmp_path):
+    p = run_vk("vk-gen", "--count", "30", "--progress", "-o", str(tmp_path / "s.jsonl"), check=True)
+    assert b"30/30" in p.stderr
+    assert len((tmp_path / "s.jsonl").read_bytes().splitlines()) == 30
+    p = run_vk("vk-gen", "--count", "3", check=True)
+    assert p.stderr == b""  # not a terminal, no --progress: quiet

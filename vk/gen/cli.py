@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import click
@@ -71,19 +72,21 @@ def cli_command(config, seed, count, duration, tokenizer, overrides, output, pro
     if ign:
         print(f"vk-gen: note: ignoring {', '.join(ign)} (settings of other stages)", file=sys.stderr)
     if stats:
-        print(trace_stats(cfg, overrides).rstrip("\n"))
+        print(trace_stats(cfg, overrides, seed=seed, tokenizer=tokenizer).rstrip("\n"))
         return
     show = progress or (sys.stderr.isatty() and not dot and not png)
     if (dot or png) and count is None:
         count = 1
+    if (dot or png) and count == 0:
+        raise VkError("--dot/--png need a number of sessions: --count N (at most 200)")
     sessions = generate(cfg, seed=seed, count=count, duration=duration, tokenizer=tokenizer,
                         overrides=overrides, progress=show)
     if dot or png:
         from vk.gen.graph import graph_to_dot, render_session_graph
 
-        items = list(sessions)
+        items = list(itertools.islice(sessions, 201))
         if len(items) > 200:
-            raise VkError(f"--dot/--png draw at most 200 sessions, asked for {len(items)}: use --count")
+            raise VkError("--dot/--png draw at most 200 sessions: use --count")
         if png:
             path = render_session_graph(items[0] if len(items) == 1 else items, png)
             print(f"vk-gen: wrote {path}", file=sys.stderr)

@@ -90,7 +90,7 @@ class Config:
         """Re-raise a ConfigError ('path: message') with the file and line in front."""
         msg = str(e)
         m = re.match(r"^([A-Za-z0-9_\.\[\]]+): (.*)$", msg, re.S)
-        if m and self.source:
+        if m:
             raise VkError(self.where(m.group(1)) + m.group(2)) from None
         raise VkError((f"{self.source}: " if self.source else "") + msg) from None
 

@@ -61,7 +61,8 @@ class _Params:
         unknown = [k for k in cfg if k != "type" and k not in allowed]
         if unknown:
             exp = ", ".join(allowed) if allowed else "no parameters"
-            _fail(where, str(unknown[0]), f"unknown key for type '{kind}' (expected: {exp})")
+            _fail(where, str(unknown[0]), f"unknown key for type '{kind}' (expected: {exp}; to change the type, "
+                                          "give the whole generator, e.g. {type: uniform, min: 1, max: 200})")
 
     def has(self, key: str) -> bool:
         return key in self.cfg and self.cfg[key] is not None

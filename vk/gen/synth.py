@@ -591,12 +591,25 @@ def _until(it, duration) -> Iterator[dict]:
         yield s
 
 
-def trace_stats(config=None, overrides=()) -> str:
+def trace_stats(config=None, overrides=(), *, seed: int | None = None, tokenizer=None) -> str:
+    """The summary ``vk-gen --trace FILE --stats`` prints (from ``vk.gen.traces.stats``)."""
     cfg = _resolve(config, overrides)
+    seed, _, tokenizer = _top(cfg, seed, None, tokenizer)
     if generator_type(cfg) != "trace":
         raise VkError("--stats describes a trace: give --trace FILE (or session_generator.type: trace)")
     try:
         from vk.gen import traces
     except ImportError as e:
         raise VkError(f"--stats needs vk.gen.traces, which is not available here ({e})") from None
-    return traces.stats(cfg.data)
+    import inspect
+
+    kw = {}
+    try:
+        accepted = inspect.signature(traces.stats).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    if tokenizer is not None and "tokenizer" in accepted:
+        kw["tokenizer"] = tokenizer
+    if seed is not None and "seed" in accepted:
+        kw["seed"] = seed
+    return traces.stats(cfg.data, **kw)
