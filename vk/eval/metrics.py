@@ -106,23 +106,19 @@ def per_request_events(n: int, te: TokenEvents) -> dict[str, np.ndarray]:
             unk = np.r_[0, np.cumsum(~te.known, dtype=np.int64)]
             n_unknown = unk[te.starts + n_tok] - unk[te.starts]
             all_known = (n_unknown == 0) & (n_tok > 0)
-    # gaps between consecutive token events of the same request: drop the gap across each request boundary
+    # gaps between consecutive token events, aligned with the token events from the second one on: gap j is
+    # t[j+1] - t[j]; the slot across a request boundary is NaN (dropped by every statistic)
     gaps = np.diff(te.t) if len(te.t) else np.zeros(0)
-    boundary = (te.starts[1:] - 1)[n_tok[1:] > 0] if n > 1 else np.zeros(0, np.int64)
-    boundary = boundary[(boundary >= 0) & (boundary < len(gaps))]
-    keep_k = None
-    if len(boundary):
-        gaps = np.delete(gaps, boundary)
-        if te.k is not None:
-            keep_k = np.delete(te.k[1:], boundary)
-    elif te.k is not None:
-        keep_k = te.k[1:]
+    last = (te.starts + n_tok - 1)[(n_tok > 0)]
+    last = last[last < len(gaps)]
+    gaps[last] = np.nan
     n_gaps = np.maximum(n_tok - 1, 0)
-    gap_starts = np.r_[0, np.cumsum(n_gaps)[:-1]].astype(np.int64)
     max_stall = np.full(n, np.nan)
     has = n_gaps > 0
-    if len(gaps):
-        max_stall[has] = np.maximum.reduceat(gaps, gap_starts[has])
+    if has.any():
+        with np.errstate(invalid="ignore"):
+            max_stall[has] = np.fmax.reduceat(gaps, te.starts[has])
+    keep_k = None if te.k is None else te.k[1:]
     first_k = np.where(n_tok > 0, 1, 0).astype(np.int64)
     if te.k is not None:
         first_k[n_tok > 0] = te.k[te.starts[n_tok > 0]]
@@ -148,7 +144,7 @@ def gap_mask(pe: dict, req_mask: np.ndarray) -> np.ndarray | None:
     """Mask over the pooled gaps of the requests in ``req_mask`` (None when all requests are selected)."""
     if req_mask.all():
         return None
-    return np.repeat(req_mask, pe["n_gaps"])
+    return np.repeat(req_mask, pe["n_token_events"])[1:]
 
 
 def fluidity(n: int, te: TokenEvents, t_start: np.ndarray, prefill_deadline: float, decode_deadline: float,
@@ -238,13 +234,13 @@ def stats(values: np.ndarray, percentiles: list[float], weights_zero: int = 0) -
     Percentiles interpolate linearly between order statistics (numpy's and DuckDB's quantile_cont default);
     stddev is the population standard deviation.
     """
-    v = values[~np.isnan(values)] if values.dtype.kind == "f" else values
+    srt = values[~np.isnan(values)] if values.dtype.kind == "f" else values.copy()  # a copy: sorted in place
     if weights_zero:
-        v = np.concatenate([np.zeros(weights_zero), v])
-    n = len(v)
+        srt = np.concatenate([np.zeros(weights_zero), srt])
+    n = len(srt)
     if n == 0:
         return {"n": 0}
-    srt = np.sort(v)  # a vectorised sort is faster than numpy's percentile (partition) on large samples
+    srt.sort()  # a vectorised sort is faster than numpy's percentile (partition) on large samples
     mean = float(srt.sum()) / n
     if n > 1_000_000:  # no n-sized temporary: E[x^2] - mean^2 (fine for latencies)
         var = max(0.0, float(np.dot(srt, srt)) / n - mean * mean)
