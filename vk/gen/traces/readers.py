@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import csv
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -340,6 +341,7 @@ def open_source(path: str, fmt: str = "auto") -> tuple[RowSource, object | None]
 # ----------------------------------------------------------------------------------------------------------------
 # timestamps
 
+_FRACTION = re.compile(r"^(.*?[T ]\d{2}:\d{2}:\d{2}\.)(\d+)(.*)$")
 _UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -387,10 +389,19 @@ def parse_time(value, unit: str = "s") -> float | None:
             return float(s) * _UNITS[unit]
         except ValueError:
             pass
+        if s.endswith("Z"):
+            s = s[:-1] + "+00:00"
         try:
-            dt = datetime.fromisoformat(s.replace("Z", "+00:00") if s.endswith("Z") else s)
+            dt = datetime.fromisoformat(s)
         except ValueError:
-            raise ValueError(f"expected a number or an ISO date-time, got {value!r}") from None
+            # Azure writes 7 fractional digits; Python < 3.11 reads at most 6 (vk keeps microseconds)
+            m = _FRACTION.match(s)
+            try:
+                if m is None:
+                    raise ValueError
+                dt = datetime.fromisoformat(m.group(1) + m.group(2)[:6].ljust(6, "0") + m.group(3))
+            except ValueError:
+                raise ValueError(f"expected a number or an ISO date-time, got {value!r}") from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=timezone.utc)
         return (dt - _EPOCH).total_seconds()
