@@ -602,8 +602,11 @@ class Scheduler:
         period = self._period(n_read, tau)
         natural = n_read / period
         factor = target / natural
-        m = max(1, math.ceil(factor - 1e-12))
-        keep = factor / m
+        m = max(1, math.ceil(factor - 1e-9))
+        # copies 1..m-1 are kept whole, the last one is thinned to the fraction left (all of it when f is whole)
+        keep = factor - (m - 1)
+        if keep > 1.0 - 1e-9:
+            keep = 1.0
         g = processes.rng(self.cfg.seed, "replay-shift")
         shifts = [0.0] + g.uniform(0.0, period, m - 1).tolist()
         p.update({"natural_rate": natural, "period": period, "trace_sessions": n_read, "factor": factor,
@@ -617,6 +620,9 @@ class Scheduler:
         u: list[float] = []
         j = 0
         for item in merged:
+            if (item[1] - 1) % m + 1 < m:  # not the last copy of its pass: kept whole
+                yield item
+                continue
             if j >= len(u):
                 u = thin.random(processes.BLOCK).tolist()
                 j = 0
