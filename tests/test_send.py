@@ -522,3 +522,63 @@ def test_help_and_version():
     p = run_vk("vk-send", "--help")
     assert p.returncode == 0 and b"Examples:" in p.stdout and b"--max-errors" in p.stdout
     assert os.path.exists(os.path.join(os.path.dirname(__file__), "..", "man", "vk-send.1"))
+
+
+def test_lagged_rewritten_when_stdout_is_redirected_to_a_file(serve, tmp_path):
+    srv = serve("--ttft", "0.01", "--tpot", "0.001")
+    path = write_jsonl(tmp_path / "s.jsonl", open_schedule([session("s", [req("a")])], [0.0]))
+    out = tmp_path / "run.jsonl"
+    out.write_bytes(b"")
+    with open(out, "ab") as fh:  # like `vk-send ... >> run.jsonl`
+        fh.write(b'{"kind":"note"}\n')
+        fh.flush()
+        p = subprocess.run([*vk_cmd("vk-send"), path, "--api", srv.url, "--lag-threshold", "-1", "--workers",
+                            "1"], stdout=fh, stderr=subprocess.PIPE, timeout=60)
+    assert p.returncode == 0
+    lines = out.read_bytes().splitlines()
+    assert lines[0] == b'{"kind":"note"}' and lines[1].endswith(b'"lagged":true }')
+
+
+def test_closed_loop_rate_limit_and_ramp_up(serve):
+    srv = serve("--ttft", "0.01", "--tpot", "0.001")
+    sessions = [session(f"s{i}", [req("a", out=3)]) for i in range(10)]
+    w = ListWriter()
+    send(closed_schedule(sessions, 4, rate_limit=20.0), api=srv.url, output=w, workers=1, handle_signals=False,
+         quiet=True)
+    starts = sorted(r["t_intended"] for r in responses(w.records))
+    assert len(starts) == 10 and starts[0] >= 0
+    assert all(b - a >= 0.05 - 1e-6 for a, b in zip(starts, starts[1:], strict=False))
+    slow = serve("--ttft", "0.5", "--tpot", "0.001")
+    w = ListWriter()
+    send(closed_schedule(sessions[:4], 4, ramp_up=0.3), api=slow.url, output=w, workers=1, handle_signals=False,
+         quiet=True)
+    starts = sorted(r["t_intended"] for r in responses(w.records))
+    assert starts == pytest.approx([0.0, 0.075, 0.15, 0.225], abs=1e-6)
+
+
+def test_non_streaming_and_progress(serve, tmp_path):
+    srv = serve("--ttft", "0.01", "--tpot", "0.001")
+    path = write_jsonl(tmp_path / "s.jsonl", open_schedule([session(f"s{i}", [req("a", out=5)]) for i in range(3)],
+                                                            [0, 0.01, 0.02]))
+    p = run_vk("vk-send", path, "--api", srv.url, "--no-stream", "--progress", "--workers", "1", "--save-text")
+    assert p.returncode == 0, p.stderr.decode()
+    assert b"req" in p.stderr  # the progress bar
+    rs = responses(read_run(p.stdout))
+    assert [r["status"] for r in rs] == ["ok"] * 3
+    assert all(r["usage"]["completion_tokens"] == 5 and r["text"] and r["t_first_token"] for r in rs)
+
+
+def test_second_signal_exits_at_once_with_valid_lines(serve, tmp_path):
+    srv = serve("--ttft", "0.05", "--tpot", "0.05")
+    sessions = [session(f"s{i}", [req("a", out=200)]) for i in range(40)]
+    path = write_jsonl(tmp_path / "s.jsonl", open_schedule(sessions, [i * 0.05 for i in range(40)]))
+    out = tmp_path / "run.jsonl"
+    p = subprocess.Popen([*vk_cmd("vk-send"), path, "--api", srv.url, "-o", str(out), "--workers", "1"],
+                         stderr=subprocess.PIPE)
+    time.sleep(1.2)
+    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=30)
+    assert p.returncode == 130
+    for n, line in enumerate(out.read_bytes().splitlines(), 1):
+        records.validate(orjson.loads(line), "run", n)

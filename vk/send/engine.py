@@ -262,16 +262,21 @@ class Engine:
         cfg = self.cfg
         slots = max(1, cfg.concurrency)
         self._next_start = self.clock.mono0
+        if self.clock.mono0 > _mono():
+            await self.deadlines.sleep_until(self.clock.mono0)  # nothing starts before the run does
         self._queue_done = False
         runners = [self.loop.create_task(self._slot(queue, i, slots)) for i in range(slots)]
         await asyncio.gather(*runners)
 
-    async def _slot(self, queue: asyncio.Queue, i: int, slots: int) -> None:
+    async def _slot(self, queue, i: int, slots: int) -> None:
+        """One closed-loop slot: run sessions back to back; each is intended when its slot became free."""
         cfg = self.cfg
         mono0 = self.clock.mono0
-        if cfg.ramp_up and i:
-            await self.deadlines.sleep_until(mono0 + cfg.ramp_up * i / slots)
+        t_open = mono0 + (cfg.ramp_up * i / slots if cfg.ramp_up else 0.0)
+        if t_open > _mono():
+            await self.deadlines.sleep_until(t_open)
         while not self.stopping and not self._queue_done:
+            waited = queue.empty()
             ss = await queue.get()
             if ss is None:
                 self._queue_done = True
@@ -282,16 +287,18 @@ class Engine:
                 self._queue_done = True
                 self.duration_reached = True
                 return
-            t_start = now
+            # intended: when the slot opened, unless the input itself kept us waiting
+            t_start = now if waited else min(t_open, now)
             if cfg.rate_limit:
-                t_start = max(now, self._next_start)
+                t_start = max(t_start, self._next_start)
                 self._next_start = t_start + 1.0 / cfg.rate_limit
-                if t_start > now:
+                if t_start > _mono():
                     await self.deadlines.sleep_until(t_start)
                     if self.stopping:
                         return
             s = self._start_session(ss, t_start)
             await s.fut
+            t_open = max(s.t_done.values()) if s.t_done else _mono()
 
     def _start_session(self, ss: dict, t_start: float) -> _Sess:
         s = _Sess(ss, t_start, self.client.new_pool(), self.loop)

@@ -30,7 +30,7 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value (asm-gener
 _SOL_SOCKET = socket.SOL_SOCKET
 _ANC = socket.CMSG_SPACE(16)
 _TS = struct.Struct("@qq")
-_RECV = 262144
+_RECV = 65536  # below glibc's mmap threshold: a bigger buffer costs an mmap and page faults per read
 
 # parser states
 _IDLE, _HEAD, _CHUNKED, _LENGTH, _UNTIL_CLOSE, _TRAILER = range(6)
@@ -255,6 +255,18 @@ class Conn:
             self.ex.chunks.append((t, data))
 
     def _chunked(self, t: float, data: bytes) -> None:
+        if not self.buf and self.remaining == 0:
+            # fast path: the read holds exactly one whole chunk (one SSE event), the common case when streaming
+            i = data.find(b"\r\n", 0, 12)
+            if i > 0:
+                try:
+                    size = int(data[:i], 16)
+                except ValueError:
+                    size = -1
+                end = i + 2 + size
+                if size > 0 and len(data) == end + 2 and data.endswith(b"\r\n"):
+                    self.ex.chunks.append((t, data[i + 2:end]))
+                    return
         buf = self.buf + data if self.buf else data
         pos = 0
         n = len(buf)

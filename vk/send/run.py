@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import gc
+import io
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -326,6 +329,9 @@ class _QueueView:
         self.feed.slots.acquire(blocking=False)
         self.feed.q.put_nowait(item)
 
+    def empty(self) -> bool:
+        return self.feed.q.empty()
+
 
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
@@ -581,6 +587,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         lag_threshold=lag_threshold, open_files_limit=nofile,
     )
     header_line = dumps(run_rec)
+    header_pos = _tell(writer)
     writer.write_raw(header_line)
 
     stats: dict[str, Any] = {}
@@ -621,7 +628,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     writer.write(end)
     writer.flush()
     if lagged:
-        rewritten = _rewrite_lagged(writer, header_line)
+        rewritten = _rewrite_lagged(writer, header_line, header_pos)
         if not quiet:
             print(f"vk-send: WARNING: THE CLIENT LAGGED: p99 dispatch lag {lag['p99'] * 1e3:.2f} ms exceeds "
                   f"{lag_threshold * 1e3:g} ms; requests left later than the schedule said, so this run measures "
@@ -636,24 +643,43 @@ def _r(x):
     return None if x is None else round(x, 7)
 
 
-def _rewrite_lagged(writer: Writer, header_line: bytes) -> bool:
+def _tell(writer: Writer) -> int | None:
+    """Where the next write lands, when the output is a regular file (a path, or stdout redirected to one)."""
+    try:
+        fd = writer.fh.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        writer.fh.flush()
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+            return os.fstat(fd).st_size  # appending: the next write lands at the end
+        return os.lseek(fd, 0, os.SEEK_CUR)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return None
+
+
+def _rewrite_lagged(writer: Writer, header_line: bytes, pos: int | None) -> bool:
     """Rewrite the header's ``"lagged":false`` to ``"lagged":true `` in place (same length)."""
-    if not writer.is_regular_file:
+    if pos is None:
         return False
     old = b'"lagged":false'
     i = header_line.rfind(old)
     if i < 0:
         return False
     try:
-        with open(writer.path, "r+b") as f:
-            head = f.read(len(header_line))
-            if head != header_line:
-                return False
-            f.seek(i)
-            f.write(b'"lagged":true ')
+        writer.fh.flush()
+        # a fresh read-write descriptor: stdout may be write-only, and pwrite on O_APPEND appends on Linux
+        fd = os.open(f"/proc/self/fd/{writer.fh.fileno()}", os.O_RDWR)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    try:
+        if os.pread(fd, len(header_line), pos) != header_line:
+            return False
+        os.pwrite(fd, b'"lagged":true ', pos + i)
         return True
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def _feeder(stream_in, put, end, input_error: list, on_bad) -> None:
