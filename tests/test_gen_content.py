@@ -142,3 +142,46 @@ def test_verify_mode_is_exact_too():
     for n in (1, 17, 256, 1000):
         assert tok.count(src.sample(n, rng)) == n
         assert tok.count(src.block(("v", n), n)) == n
+
+
+def _wordlevel_tokenizer(tmp_path):
+    """A real tokenizer without space-led tokens (word level, whitespace pre-tokenizer), saved as tokenizer.json."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from vk.gen.content import CORPUS_PATH
+
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", CORPUS_PATH.read_text(encoding="utf-8"))))
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    d = tmp_path / "wordlevel"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    return load_tokenizer(str(d))
+
+
+def test_tokenizer_without_word_boundaries_falls_back_to_verify_mode(tmp_path, monkeypatch, capsys):
+    from vk.gen import generate
+
+    monkeypatch.setenv("VK_NO_CACHE", "1")
+    tok = _wordlevel_tokenizer(tmp_path)
+    src = TextSource(tok)
+    assert src.mode == "verify"
+    assert "cutting prompts with verification" in capsys.readouterr().err
+    rng = np.random.default_rng(5)
+    for n in (1, 9, 250, 1000):
+        assert tok.count(src.sample(n, rng)) == n
+    # whole sessions stay exact: prefix, salt and body are counted together and corrected
+    cfg = {"session_generator": {"session_graph": {"type": "linear"},
+                                 "channels": [{"type": "text", "shared_prefix_ratio": 0.3, "unique_salt": True,
+                                               "body_length_generator": {"type": "uniform", "min": 20,
+                                                                         "max": 300}}]}}
+    for s in generate(cfg, count=5, tokenizer=tok):
+        for r in s["requests"]:
+            assert tok.count(r["messages"][0]["content"]) == r["input_tokens"]
+            assert 20 <= r["input_tokens"] <= 300
+    cfg["session_generator"]["channels"][0]["body_length_generator"] = {"type": "fixed", "value": 150}
+    for s in generate(cfg, count=5, tokenizer=tok):
+        assert [r["input_tokens"] for r in s["requests"]] == [150] * len(s["requests"])

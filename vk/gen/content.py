@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class _Corpus:
         self.text = text
         self.label = label
         self.check: tuple[str, int] | None = None  # (mode, failures) of an earlier self-check, from the disk cache
+        self.warned = False
         self.cache_file = _cache_file(tokenizer, text)
         cached = _read_cache(self.cache_file)
         if cached is not None:
@@ -88,9 +90,10 @@ class _Corpus:
                 if ("a" <= c <= "z") or ("A" <= c <= "Z"):
                     safe.append(i)
             prev = s
-        if len(safe) < 1000:
-            raise VkError(f"corpus {label}: too few word boundaries for this tokenizer")
-        # a boundary at the very end too: slices may end at the end of the last safe word run
+        # too few boundaries (a tokenizer without space-led tokens, e.g. WordPiece): verify mode only
+        self.has_boundaries = len(safe) >= 1000
+        if not self.has_boundaries:
+            safe = list(range(0, n, max(1, n // 1000)))[:1000] if n >= 1000 else list(range(n))
         self.safe = np.asarray(safe, dtype=np.int64)
         self.is_safe = np.zeros(n + 1, dtype=bool)
         self.is_safe[self.safe] = True
@@ -200,12 +203,20 @@ class TextSource:
         self._c = _load_corpus(tokenizer, corpus)
         self.mode = "boundary"
         self.failures = 0  # self-check mismatches found at load
-        if self_check:
+        if not self._c.has_boundaries:
+            self.mode = "verify"
+        elif self_check:
             if self._c.check is not None:
                 self.mode, self.failures = self._c.check
             else:
                 self._self_check()
                 _write_cache(self._c, self.mode, self.failures)
+        if self.mode == "verify" and not self._c.warned:
+            self._c.warned = True
+            why = (f"{self.failures} of {_SELF_CHECK_SAMPLES + 40} self-check cuts changed length"
+                   if self._c.has_boundaries else "its tokens do not start words with a space")
+            print(f"vk-gen: note: tokenizer '{getattr(tokenizer, 'name', tokenizer)}': {why}; cutting prompts "
+                  "with verification (exact, but slower)", file=sys.stderr)
 
     # -- public API -------------------------------------------------------------------------------------------
     @property
@@ -324,24 +335,41 @@ class TextSource:
         return "".join(parts)
 
     def _sample_verified(self, n: int, rng: np.random.Generator) -> str:
+        """Verify mode: cut by token offsets, encode, and adjust the end until the count is exact."""
         c = self._c
-        enc = self.tokenizer.encode
-        for _ in range(200):
+        count = self.tokenizer.count
+        if n > c.n_tokens // 2:
+            # longer than one piece of the corpus: join pieces, then correct the last one until the total is exact
+            head_parts = []
+            left = n
+            while left > c.n_tokens // 4:
+                k = c.n_tokens // 4
+                head_parts.append(self._sample_verified(k, rng))
+                left -= k
+            head = "".join(head_parts)
+            want_tail = left
+            for _ in range(20):
+                tail = self._sample_verified(max(1, want_tail), rng)
+                got = count(head + tail)
+                if got == n:
+                    return head + tail
+                want_tail += n - got
+                if want_tail < 1:
+                    break
+            raise VkError(f"cannot cut text of exactly {n} tokens with tokenizer '{self.tokenizer.name}'")
+        for _ in range(100):
             a = int(rng.integers(0, max(1, c.n_tokens - n - 1)))
-            b = min(a + n, c.n_tokens)
             if a > 0 and c.char_at[a] == c.char_at[a - 1]:
-                continue  # inside a split character
-            text = c.slice(a, b)
-            got = len(enc(text))
-            if got == n:
-                return text
-            # nudge the end and try again
-            for d in (-1, 1, -2, 2):
-                bb = b + (n - got) + d
-                if a < bb <= c.n_tokens:
-                    t2 = c.slice(a, bb)
-                    if len(enc(t2)) == n:
-                        return t2
+                continue  # inside a character split over several tokens
+            b = a + n
+            for _ in range(6):
+                if not a < b <= c.n_tokens:
+                    break
+                text = c.slice(a, b)
+                got = count(text)
+                if got == n:
+                    return text
+                b += n - got
         raise VkError(f"cannot cut text of exactly {n} tokens with tokenizer '{self.tokenizer.name}'")
 
     def _self_check(self) -> None:

@@ -449,6 +449,17 @@ class Workload:
             body = text.sample(body_n, c_rng)
             user = prefix_text + salt + body + instr
             n_input = k + n_salt + body_n + n_instr
+            if text.mode == "verify":
+                # joins are not guaranteed exact under this tokenizer: count, and correct the body until they are
+                n_sys = self.tokenizer.count(system_text) if system_text is not None else 0
+                want = n_input
+                for _ in range(10):
+                    n_input = n_sys + self.tokenizer.count(user)
+                    if n_input == want or body_n + want - n_input < 0:
+                        break
+                    body_n += want - n_input
+                    body = text.sample(body_n, c_rng)
+                    user = prefix_text + salt + body + instr
             if self.format == "chat":
                 msgs = []
                 if system_text is not None:
