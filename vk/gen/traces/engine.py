@@ -3,8 +3,8 @@
 Two modes, chosen from the config:
 
 - streaming: single-request sessions read front to back in one pass, one row in memory at a time;
-- indexed: a first pass validates every row and keeps, per selected row, its byte offset, line number and
-  session (about 20 bytes a row); a second pass reads sessions back by offset. Used when rows must be grouped
+- indexed: a first pass validates every row and keeps, per selected row, its byte offset, line number, session
+  and time (with the shuffle permutation, about 60 bytes a row); a second pass reads sessions back by offset. Used when rows must be grouped
   into multi-turn sessions, for shuffle and wrap, and for rag's document frequencies.
 
 Both modes select the same sessions: the time window and the sample draw are decided per session, in order of
@@ -312,7 +312,6 @@ class Index:
                 i = len(s_time)
                 s_time.append(rel if rel is not None else math.nan)
                 s_keep.append(sc.admit(rel))
-                s_line.append(line)
                 if is_rag:
                     d = doc_ids.get(tu.doc)
                     if d is None:
@@ -324,12 +323,15 @@ class Index:
             if s_keep[i]:
                 offs.append(off)
                 lines.append(line)
-                sidx.append(i)
+                if grouped:
+                    sidx.append(i)
         del keys
         self.max_int_id = max_id if max_id >= 0 else None
         self.n_sessions_seen = len(s_time)
-        keep = np.frombuffer(bytes(s_keep), dtype=np.uint8).astype(bool) if len(s_keep) else np.zeros(0, bool)
-        self.docs: list[tuple[Any, int]] = []
+        keep0 = np.frombuffer(bytes(s_keep), dtype=np.uint8).astype(bool) if len(s_keep) else np.zeros(0, bool)
+        del s_keep
+        keep = keep0.copy()
+        self.docs: list[tuple[Any, int, int]] = []
         if is_rag and len(doc_count):
             counts = np.asarray(doc_count)
             # most frequent first; ties by first appearance
@@ -344,25 +346,37 @@ class Index:
             kd = docs_arr[np.flatnonzero(keep)]
             # (document, rows, the first kept session of the document): warm-up sessions, most frequent first
             self.docs = [(inv[d], int(counts[d]), int(np.flatnonzero(kd == d)[0])) for d in top]
-        self.kept = np.flatnonzero(keep)  # session numbers, in order of first row
         times = np.frombuffer(s_time, dtype=np.float64) if len(s_time) else np.zeros(0)
-        self.times = times[self.kept]
-        self.first_line = np.frombuffer(s_line, dtype=np.int64)[self.kept] if len(s_line) else np.zeros(0, np.int64)
-        # rows grouped by session, file order within a session
-        sid = np.frombuffer(sidx, dtype=np.int64) if len(sidx) else np.zeros(0, np.int64)
-        keep_row = keep[sid] if len(sid) else np.zeros(0, bool)
-        sid = sid[keep_row]
-        self.offs = (np.frombuffer(offs, dtype=np.int64) if len(offs) else np.zeros(0, np.int64))[keep_row]
-        self.lines = (np.frombuffer(lines, dtype=np.int64) if len(lines) else np.zeros(0, np.int64))[keep_row]
-        order = np.argsort(sid, kind="stable")
-        self.offs = self.offs[order]
-        self.lines = self.lines[order]
-        sid = sid[order]
-        # position of each kept session's rows
-        pos = np.searchsorted(sid, self.kept, side="left")
-        end = np.searchsorted(sid, self.kept, side="right")
-        self.row_start = pos
-        self.row_end = end
+        offs_a = np.frombuffer(offs, dtype=np.int64) if len(offs) else np.zeros(0, np.int64)
+        lines_a = np.frombuffer(lines, dtype=np.int64) if len(lines) else np.zeros(0, np.int64)
+        if not grouped:
+            # one row per session, rows stored for the sessions admitted at the first pass, in order
+            sid = np.flatnonzero(keep0)
+            keep_row = keep[sid]
+            self.kept = sid[keep_row]
+            self.offs = offs_a[keep_row]
+            self.lines = lines_a[keep_row]
+            self.first_line = self.lines
+            self.times = times[self.kept]
+            self.row_start = np.arange(len(self.kept), dtype=np.int64)
+            self.row_end = self.row_start + 1
+        else:
+            self.kept = np.flatnonzero(keep)  # session numbers, in order of first row
+            self.times = times[self.kept]
+            self.first_line = np.frombuffer(s_line, dtype=np.int64)[self.kept] if len(s_line) else \
+                np.zeros(0, np.int64)
+            # rows grouped by session, file order within a session
+            sid = np.frombuffer(sidx, dtype=np.int64) if len(sidx) else np.zeros(0, np.int64)
+            keep_row = keep[sid] if len(sid) else np.zeros(0, bool)
+            sid = sid[keep_row]
+            order = np.argsort(sid, kind="stable")
+            self.offs = offs_a[keep_row][order]
+            self.lines = lines_a[keep_row][order]
+            sid = sid[order]
+            # where each kept session's rows are
+            self.row_start = np.searchsorted(sid, self.kept, side="left")
+            self.row_end = np.searchsorted(sid, self.kept, side="right")
+        del offs_a, lines_a, offs, lines, s_time
         self.timed = sc.timed and len(self.times) > 0 and not np.isnan(self.times).all()
 
     def __len__(self) -> int:
