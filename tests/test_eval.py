@@ -192,7 +192,7 @@ def test_fluidity_known_answer():
     fi, missed, total = M.fluidity_reference(arr, 0.0, 1.0, 0.1)
     assert (missed, total) == (3, 7)
     assert fi == pytest.approx(4 / 7)
-    te = M.TokenEvents(np.array([5]), np.array([0]), np.array(arr), None, None)
+    te = M.TokenEvents(np.array([5]), np.array([0]), np.array(arr), None, None, np.zeros(1, np.int64))
     v, m, t = M.fluidity(1, te, np.array([0.0]), 1.0, 0.1)
     assert (m[0], t[0]) == (3, 7)
     assert v[0] == pytest.approx(4 / 7)
@@ -211,7 +211,7 @@ def test_fluidity_vectorised_matches_the_papers_algorithm():
         times += arr.tolist()
         seg += [i] * lens[i]
         expect.append(M.fluidity_reference(arr.tolist(), starts[i], 1.0, 0.05))
-    te = M.TokenEvents(lens, np.r_[0, np.cumsum(lens)[:-1]], np.array(times), None, None)
+    te = M.TokenEvents(lens, np.r_[0, np.cumsum(lens)[:-1]], np.array(times), None, None, np.zeros(n, np.int64))
     v, m, t = M.fluidity(n, te, starts, 1.0, 0.05, chunk_rows=37)
     assert np.allclose(v, [e[0] for e in expect])
     assert np.array_equal(m, [e[1] for e in expect])
@@ -480,3 +480,20 @@ def test_sample_file_in_tests_data():
     res = evaluate(str(DATA / "eval" / "small-run.jsonl")).to_dict()
     assert res["overall"]["counts"]["ok"] > 0
     assert not math.isnan(res["overall"]["latency"]["ttft"]["p50"])
+
+
+def test_events_without_token_counts_and_time_series():
+    r1 = resp("a", events=[(0.1, "e", None), (0.2, "c", None), (0.4, "c", None), (0.5, "u", None)],
+              usage={"completion_tokens": 6, "prompt_tokens": 3})
+    del r1["events"]["tokens"]
+    r2 = resp("b", t_intended=1.0, events=[(1.2, "c", 3), (1.3, "c", 1)], usage={"completion_tokens": 4})
+    res = evaluate([RUN, r1, r2]).to_dict()
+    acc = res["overall"]["accuracy"]
+    assert acc["chunk_tokens_histogram"] == {"1": 1, "3": 1, "unknown": 2}
+    assert acc["events_vs_usage"]["share_per_event_counts"] == 0.5
+    assert acc["events_vs_usage"]["tokens_per_token_event"] == pytest.approx(10 / 4)
+    assert res["overall"]["latency"]["itl_chunk"]["n"] == 2
+    ts = res["timeseries"]["run-a"]
+    width = ts["t"][1] - ts["t"][0]
+    assert sum(ts["output_tokens_per_s"]) * width == pytest.approx(10, rel=1e-3)
+    assert sum(ts["completed_per_s"]) * width == pytest.approx(2, rel=1e-3)

@@ -144,7 +144,8 @@ class Data:
             "usage.cached_tokens AS cached_tokens, usage.reasoning_tokens AS reasoning_tokens, "
             "target_input_tokens, target_output_tokens, coalesce(prefix_tokens, target_prefix_tokens) AS prefix, "
             "coalesce(len(events.t), 0) AS n_events, coalesce(events.kind, '') AS ekind, "
-            "events.server_t IS NOT NULL AS has_server_t, events.tokens IS NULL AS tokens_null, row "
+            "events.server_t IS NOT NULL AS has_server_t, events.tokens IS NULL AS tokens_null, row, "
+            "length(regexp_replace(coalesce(events.kind, ''), '[^crt]', '', 'g')) AS n_tok "
             "FROM responses ORDER BY row"
         ).fetchnumpy()
         self.a: dict[str, np.ndarray] = {}
@@ -167,37 +168,33 @@ class Data:
         has_server_t = bool(np.any(np.asarray(cols["has_server_t"], dtype=bool)))
         cols_tokens_null = np.asarray(cols["tokens_null"], dtype=bool)
         rows = np.asarray(cols["row"], dtype=np.int64)
+        n_tok = np.asarray(cols["n_tok"], dtype=np.int64)
         del cols, kinds
         # event times (insertion order is preserved: no ORDER BY over millions of events)
         t = _f(con.execute("SELECT unnest(events.t) AS t FROM (SELECT row, events FROM responses ORDER BY row)").fetchnumpy()["t"])
-        # per-event token counts: fetched sparsely (only the events whose count is not 1)
-        offsets = np.r_[0, np.cumsum(n_events)[:-1]]
-        k = None
-        if cols_tokens_null.any():
-            k = np.ones(len(t))
-            k[np.repeat(cols_tokens_null, n_events)] = np.nan
+        # per-event token counts, fetched sparsely: only the token events whose count is not 1, with their rank
+        # among the request's token events
         sparse = con.execute(
-            "SELECT row, i, k FROM (SELECT row, generate_subscripts(events.tokens, 1) AS i, "
-            "unnest(events.tokens) AS k FROM responses WHERE events.tokens IS NOT NULL) "
-            "WHERE k IS DISTINCT FROM 1"
+            "SELECT row, length(regexp_replace(substr(ks, 1, i), '[^crt]', '', 'g')) - 1 AS rank, k FROM "
+            "(SELECT row, events.kind AS ks, generate_subscripts(events.tokens, 1) AS i, unnest(events.tokens) AS k "
+            "FROM responses WHERE events.tokens IS NOT NULL) "
+            "WHERE k IS DISTINCT FROM 1 AND substr(ks, i, 1) IN ('c', 'r', 't')"
         ).fetchnumpy()
+        sp = None
         if len(sparse["row"]):
-            if k is None:
-                k = np.ones(len(t))
             ordinal = np.searchsorted(rows, np.asarray(sparse["row"], dtype=np.int64))
-            pos = offsets[ordinal] + np.asarray(sparse["i"], dtype=np.int64) - 1
-            k[pos] = _f(sparse["k"])
+            sp = (ordinal, np.asarray(sparse["rank"], dtype=np.int64), _f(sparse["k"]))
         st = None
         if has_server_t:
             st = _f(con.execute(
                 "SELECT unnest(coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))) AS st "
                 "FROM (SELECT row, events FROM responses ORDER BY row)").fetchnumpy()["st"])
-        flat = M.Flat(n_events, t, kind_bytes, k, st)
-        del t, k, st
+        flat = M.Flat(n_events, t, kind_bytes, None, st)
+        del t, st
         if len(flat.t) != len(flat.kind):
             raise VkError("events.t and events.kind disagree in length")
         self.flat = flat
-        self.te = M.token_events(flat)
+        self.te = M.token_events(flat, n_tok, cols_tokens_null, sp)
         pe = M.per_request_events(self.n, self.te)
         self.pe = pe
         # output tokens: usage, else the sum of known per-event counts, else the number of token events
@@ -564,14 +561,13 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
         out["reasoning_tokens"] = M.stats(a["reasoning_tokens"][rm], [50, 99])
     # chunk-size histogram (tokens per token event)
     te = d.te
+    unknown = int(te.n_unknown[okm].sum())
     if te.k is None:
-        k = np.ones(int(te.n[okm].sum()), dtype=np.int8)
-        unknown = 0
+        k = np.ones(int(te.n[okm].sum()) - unknown, dtype=np.int8)
     else:
         em = np.repeat(okm, te.n)
         kn = em if te.known is None else em & te.known
         k = te.k[kn]
-        unknown = 0 if te.known is None else int((em & ~te.known).sum())
     hist = {}
     for lo, hi, lab in ((1, 1, "1"), (2, 2, "2"), (3, 3, "3"), (4, 4, "4"), (5, 8, "5-8"), (9, 16, "9-16"),
                         (17, 1 << 62, "17+")):

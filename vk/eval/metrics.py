@@ -46,8 +46,9 @@ class TokenEvents:
     n: np.ndarray  # token events per request
     starts: np.ndarray  # index of each request's first token event
     t: np.ndarray
-    k: np.ndarray | None  # tokens per event (known or 1), int64; None when every event carries one token
-    known: np.ndarray | None  # bool: k from events.tokens; None when all are known
+    k: np.ndarray | None  # tokens per event (1 where unknown), int64; None when every event counts one token
+    known: np.ndarray | None  # per event: count from events.tokens; None when all are known
+    n_unknown: np.ndarray  # per request: token events without a count
 
     @property
     def seg(self) -> np.ndarray:
@@ -57,55 +58,50 @@ class TokenEvents:
     def all_one(self) -> bool:
         return self.k is None
 
-    def k_or_ones(self) -> np.ndarray:
-        return np.ones(len(self.t), dtype=np.int64) if self.k is None else self.k
 
-    def total_tokens(self, mask: np.ndarray | None = None) -> float:
-        if self.k is None:
-            return float(len(self.t) if mask is None else mask.sum())
-        return float(self.k.sum() if mask is None else self.k[mask].sum())
+def token_events(flat: Flat, n_tok: np.ndarray, tokens_null: np.ndarray,
+                 sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> TokenEvents:
+    """Token events from the flat events.
 
-
-def token_events(flat: Flat) -> TokenEvents:
-    lut = np.zeros(256, dtype=bool)
-    lut[list(TOKEN_KIND_CODES)] = True
-    mask = lut[flat.kind]
-    offsets = np.r_[0, np.cumsum(flat.n_events)].astype(np.int64)
-    if mask.all():
-        n_tok = flat.n_events.astype(np.int64)
+    ``n_tok``: token events per request; ``tokens_null``: requests without events.tokens (every count unknown);
+    ``sparse``: (request ordinal, rank among the request's token events, count or NaN) for the token events
+    whose count is not 1, so that the common case never builds an events-sized count array.
+    """
+    n_tok = np.asarray(n_tok, dtype=np.int64)
+    tokens_null = np.asarray(tokens_null, dtype=bool)
+    if int(n_tok.sum()) == len(flat.t):
         t = flat.t
-        tokens = flat.tokens
     else:
-        csum = np.r_[0, np.cumsum(mask, dtype=np.int64)]
-        n_tok = csum[offsets[1:]] - csum[offsets[:-1]]
-        t = flat.t[mask]
-        tokens = None if flat.tokens is None else flat.tokens[mask]
-    del mask
-    starts = np.r_[0, np.cumsum(n_tok)[:-1]].astype(np.int64)
-    if tokens is None:
-        return TokenEvents(n_tok, starts, t, None, None)
-    known = ~np.isnan(tokens)
-    k = np.where(known, tokens, 1.0)
-    k = np.maximum(k, 1.0).astype(np.int64)  # a token event carries at least one token
-    if (k == 1).all() and known.all():
-        return TokenEvents(n_tok, starts, t, None, None)
-    return TokenEvents(n_tok, starts, t, k, None if known.all() else known)
+        lut = np.zeros(256, dtype=bool)
+        lut[list(TOKEN_KIND_CODES)] = True
+        t = flat.t[lut[flat.kind]]
+    starts = np.r_[0, np.cumsum(n_tok)[:-1]].astype(np.int64) if len(n_tok) else np.zeros(0, np.int64)
+    n_unknown = np.where(tokens_null, n_tok, 0).astype(np.int64)
+    k = known = None
+    if sparse is not None and len(sparse[0]):
+        ordinal, rank, vals = sparse
+        pos = starts[ordinal] + rank
+        unk = np.isnan(vals)
+        np.add.at(n_unknown, ordinal[unk], 1)
+        k = np.ones(len(t), dtype=np.int64)
+        k[pos] = np.where(unk, 1, np.maximum(np.nan_to_num(vals, nan=1.0), 1)).astype(np.int64)
+        if unk.any():
+            known = np.ones(len(t), dtype=bool)
+            known[pos[unk]] = False
+        if (k == 1).all():
+            k = None
+    if tokens_null.any() and k is not None:  # per-event flags only matter next to per-event counts
+        if known is None:
+            known = np.ones(len(t), dtype=bool)
+        known[np.repeat(tokens_null, n_tok)] = False
+    return TokenEvents(n_tok, starts, t, k, known, n_unknown)
 
 
 def per_request_events(n: int, te: TokenEvents) -> dict[str, np.ndarray]:
     """Per-request figures from the token events: counts, max stall, gaps (pooled, in request order)."""
     n_tok = te.n
-    if te.k is None:
-        sum_k = n_tok.astype(np.float64)
-        all_known = n_tok > 0
-    else:
-        sum_k = segment_sums(te.k, te.starts, n_tok).astype(np.float64)
-        if te.known is None:
-            all_known = n_tok > 0
-        else:
-            unk = np.r_[0, np.cumsum(~te.known, dtype=np.int64)]
-            n_unknown = unk[te.starts + n_tok] - unk[te.starts]
-            all_known = (n_unknown == 0) & (n_tok > 0)
+    sum_k = n_tok.astype(np.float64) if te.k is None else segment_sums(te.k, te.starts, n_tok).astype(np.float64)
+    all_known = (te.n_unknown == 0) & (n_tok > 0)
     # gaps between consecutive token events, aligned with the token events from the second one on: gap j is
     # t[j+1] - t[j]; the slot across a request boundary is NaN (dropped by every statistic)
     gaps = np.diff(te.t) if len(te.t) else np.zeros(0)
