@@ -498,3 +498,21 @@ def test_streaming_and_indexed_modes_agree(tok):
 def test_window_needs_timestamps(tok):
     with pytest.raises(VkError, match="has no timestamps to take a time window of"):
         gen(T / "sharegpt.json", "conversations", tok, window={"start": 1})
+
+
+def test_session_grouped_file_is_replayed_in_time_order(tok):
+    """A trace grouped by session (not sorted by time): sessions come out by start time, from the earliest."""
+    p = T / "claude_code_by_session.csv"
+    out = gen(p, "claude_code", tok)
+    assert [s["source"]["row"] for s in out] == [4, 6, 2]
+    assert [s["trace_time"] for s in out] == [0.0, 15.0, 30.0]
+    assert [r["input_tokens"] for r in out[0]["requests"]] == [300, 500 - 330]
+    win = gen(p, "claude_code", tok, window={"start": 10, "end": 30})  # starts 15 and 30 s after the first
+    assert [s["source"]["row"] for s in win] == [6] and win[0]["trace_time"] == 5.0
+    st = traces.stats_dict(cfg(p, "claude_code"))
+    assert st["duration_s"] == 38.0 and st["requests"] == 5
+    # single-request traces are read in one pass: out-of-order rows are an error naming the row
+    bad = T / "azure_unsorted.csv"
+    with pytest.raises(VkError, match=r"azure_unsorted.csv:3: field 'TIMESTAMP': earlier than the first row"):
+        gen(bad, "azure", tok)
+    assert [s["source"]["row"] for s in gen(bad, "azure", tok, shuffle=True, seed=0)] != []

@@ -189,6 +189,7 @@ class Scanner:
         self.warn = Warnings()
         self._sample_rng = component_rng(seed, "vk.gen.traces.sample")
         self.progress = None
+        self.lenient = False  # the indexed mode accepts rows out of time order (it sorts sessions)
         self._prime()
 
     def _prime(self) -> None:
@@ -218,25 +219,44 @@ class Scanner:
         if not self.timed:
             return None
         rel = t - self.origin
-        if rel < -1e-9:
+        if rel < -1e-9 and not self.lenient:
             raise self.src.error(tu.line, self.flavor._resolved.get("timestamp") if self.flavor._resolved
                                  else "timestamp",
-                                 f"earlier than the first row by {-rel:.6g} s: vk reads time-ordered traces "
-                                 f"(sort the file by time first)")
-        return max(rel, 0.0)
+                                 f"earlier than the first row by {-rel:.6g} s: single-request traces are read "
+                                 f"in one pass, in time order (sort the file by time, or set shuffle)")
+        return rel if self.lenient else max(rel, 0.0)
 
     def admit(self, rel: float | None) -> bool:
         """Decide once per session (at its first row): inside the window, and drawn by the sample fraction."""
         cfg = self.cfg
         if rel is None and cfg.windowed:
-            raise VkError(f"session_generator.window: {self.src.src} has no timestamps to take a time window of "
-                          f"(use max_rows or sample instead)")
+            self.no_window()
         if rel is not None and cfg.windowed:
             if rel < cfg.window_start or (cfg.window_end is not None and rel >= cfg.window_end):
                 return False
         if cfg.sample < 1.0:
             return bool(self._sample_rng.random() < cfg.sample)
         return True
+
+    def admit_all(self, rel: np.ndarray) -> np.ndarray:
+        """``admit`` for every session at once (times relative to the trace start; NaN = untimed), drawing the
+        sample in the same order as ``admit`` would, so both modes select the same sessions."""
+        cfg = self.cfg
+        keep = np.ones(len(rel), bool)
+        if cfg.windowed:
+            if len(rel) and np.isnan(rel).any():
+                self.no_window()
+            keep &= rel >= cfg.window_start
+            if cfg.window_end is not None:
+                keep &= rel < cfg.window_end
+        if cfg.sample < 1.0:
+            ix = np.flatnonzero(keep)
+            keep[ix] = self._sample_rng.random(len(ix)) < cfg.sample
+        return keep
+
+    def no_window(self):
+        raise VkError(f"session_generator.window: {self.src.src} has no timestamps to take a time window of "
+                      f"(use max_rows or sample instead)")
 
     def rows_iter(self) -> Iterator[tuple[int, int, list[Turn]]]:
         """(line, offset, turns) for every data row within the head limit (turns may carry ``drop``)."""
@@ -273,24 +293,28 @@ class Scanner:
 
 
 class Index:
-    """Per selected row: offset, line, session number; per session: relative time, first line."""
+    """Per row: offset, line, session number; per session: start time, first line; then the selection.
+
+    Sessions come out in order of their start time (ties: file order), so a trace grouped by session rather
+    than sorted by time replays correctly; the trace's start is its earliest timestamp.
+    """
 
     def __init__(self, sc: Scanner):
         fl = sc.flavor
+        sc.lenient = True
         offs = array("q")
         lines = array("q")
         sidx = array("q")
         s_time = array("d")
-        s_keep = bytearray()
         s_line = array("q")
         keys: dict[Any, int] = {}
-        doc_of: array = array("q")
+        doc_of = array("q")
         doc_ids: dict[Any, int] = {}
-        doc_count: list[int] = []
         grouped = fl.grouped
         is_rag = fl.name == "rag"
         hashed = fl.hash_ids
         max_id = -1
+        nan = math.nan
         for line, off, turns in sc.rows_iter():
             tu = turns[0]
             rel = sc.time_of(tu)
@@ -305,79 +329,74 @@ class Index:
                 if i is None:
                     i = len(s_time)
                     keys[tu.key] = i
-                    s_time.append(rel if rel is not None else math.nan)
-                    s_keep.append(sc.admit(rel))
+                    s_time.append(nan if rel is None else rel)
                     s_line.append(line)
+                sidx.append(i)
             else:
-                i = len(s_time)
-                s_time.append(rel if rel is not None else math.nan)
-                s_keep.append(sc.admit(rel))
+                s_time.append(nan if rel is None else rel)
                 if is_rag:
                     d = doc_ids.get(tu.doc)
                     if d is None:
-                        d = doc_ids[tu.doc] = len(doc_count)
-                        doc_count.append(0)
+                        d = doc_ids[tu.doc] = len(doc_ids)
                     doc_of.append(d)
-                    if s_keep[i]:
-                        doc_count[d] += 1
-            if s_keep[i]:
-                offs.append(off)
-                lines.append(line)
-                if grouped:
-                    sidx.append(i)
+            offs.append(off)
+            lines.append(line)
         del keys
         self.max_int_id = max_id if max_id >= 0 else None
         self.n_sessions_seen = len(s_time)
-        keep0 = np.frombuffer(bytes(s_keep), dtype=np.uint8).astype(bool) if len(s_keep) else np.zeros(0, bool)
-        del s_keep
-        keep = keep0.copy()
+        times = np.frombuffer(s_time, dtype=np.float64).copy() if len(s_time) else np.zeros(0)
+        del s_time
+        # the trace starts at its earliest timestamp
+        if sc.timed and len(times) and not np.isnan(times).all():
+            t0 = float(np.nanmin(times))
+            times -= t0
+            sc.origin += t0
+        keep = sc.admit_all(times)
         self.docs: list[tuple[Any, int, int]] = []
-        if is_rag and len(doc_count):
-            counts = np.asarray(doc_count)
+        if is_rag and len(doc_ids):
+            docs_arr = np.frombuffer(doc_of, dtype=np.int64)
+            counts = np.bincount(docs_arr[keep], minlength=len(doc_ids))
             # most frequent first; ties by first appearance
             order = np.lexsort((np.arange(len(counts)), -counts))
             top = [int(d) for d in order[: fl.num_documents] if counts[d] > 0]
-            inv = {v: k for k, v in doc_ids.items()}
             top_mask = np.zeros(len(counts), bool)
             top_mask[top] = True
-            docs_arr = np.frombuffer(doc_of, dtype=np.int64)
             sc.dropped["not a top document"] = int((keep & ~top_mask[docs_arr]).sum())
             keep &= top_mask[docs_arr]
-            kd = docs_arr[np.flatnonzero(keep)]
-            # (document, rows, the first kept session of the document): warm-up sessions, most frequent first
-            self.docs = [(inv[d], int(counts[d]), int(np.flatnonzero(kd == d)[0])) for d in top]
-        times = np.frombuffer(s_time, dtype=np.float64) if len(s_time) else np.zeros(0)
+        kept = np.flatnonzero(keep)
+        if len(kept) and sc.timed:
+            kept = kept[np.argsort(times[kept], kind="stable")]  # by start time, file order among equals
+        self.kept = kept
+        self.times = times[kept]
         offs_a = np.frombuffer(offs, dtype=np.int64) if len(offs) else np.zeros(0, np.int64)
         lines_a = np.frombuffer(lines, dtype=np.int64) if len(lines) else np.zeros(0, np.int64)
         if not grouped:
-            # one row per session, rows stored for the sessions admitted at the first pass, in order
-            sid = np.flatnonzero(keep0)
-            keep_row = keep[sid]
-            self.kept = sid[keep_row]
-            self.offs = offs_a[keep_row]
-            self.lines = lines_a[keep_row]
+            self.offs = offs_a[kept]
+            self.lines = lines_a[kept]
             self.first_line = self.lines
-            self.times = times[self.kept]
-            self.row_start = np.arange(len(self.kept), dtype=np.int64)
+            self.row_start = np.arange(len(kept), dtype=np.int64)
             self.row_end = self.row_start + 1
         else:
-            self.kept = np.flatnonzero(keep)  # session numbers, in order of first row
-            self.times = times[self.kept]
-            self.first_line = np.frombuffer(s_line, dtype=np.int64)[self.kept] if len(s_line) else \
-                np.zeros(0, np.int64)
-            # rows grouped by session, file order within a session
+            self.first_line = np.frombuffer(s_line, dtype=np.int64)[kept] if len(s_line) else np.zeros(0, np.int64)
             sid = np.frombuffer(sidx, dtype=np.int64) if len(sidx) else np.zeros(0, np.int64)
-            keep_row = keep[sid] if len(sid) else np.zeros(0, bool)
-            sid = sid[keep_row]
-            order = np.argsort(sid, kind="stable")
-            self.offs = offs_a[keep_row][order]
-            self.lines = lines_a[keep_row][order]
-            sid = sid[order]
-            # where each kept session's rows are
-            self.row_start = np.searchsorted(sid, self.kept, side="left")
-            self.row_end = np.searchsorted(sid, self.kept, side="right")
-        del offs_a, lines_a, offs, lines, s_time
-        self.timed = sc.timed and len(self.times) > 0 and not np.isnan(self.times).all()
+            order = np.argsort(sid, kind="stable")  # rows grouped by session, file order within a session
+            sid_sorted = sid[order]
+            start = np.searchsorted(sid_sorted, kept, side="left")
+            end = np.searchsorted(sid_sorted, kept, side="right")
+            # keep only the kept sessions' rows, laid out in output order
+            lens = end - start
+            take = np.concatenate([order[a:b] for a, b in zip(start, end, strict=True)]) if len(kept) else \
+                np.zeros(0, np.int64)
+            self.offs = offs_a[take]
+            self.lines = lines_a[take]
+            self.row_end = np.cumsum(lens)
+            self.row_start = self.row_end - lens
+        if is_rag and len(doc_ids):
+            kd = np.frombuffer(doc_of, dtype=np.int64)[kept]
+            inv = {v: k for k, v in doc_ids.items()}
+            # (document, rows, the first kept session of the document): warm-up sessions, most frequent first
+            self.docs = [(inv[d], int(counts[d]), int(np.flatnonzero(kd == d)[0])) for d in top]
+        self.timed = bool(sc.timed and len(self.times) > 0 and not np.isnan(self.times).all())
 
     def __len__(self) -> int:
         return len(self.kept)
