@@ -14,6 +14,7 @@ import numpy as np
 
 from vk.schedule import processes
 
+BLOCK = 8192
 WINDOW_SESSIONS = 50  # the index of dispersion counts sessions in windows holding about this many each
 MIN_WINDOWS = 10
 
@@ -73,6 +74,7 @@ class StatsAcc:
         self.g_max = 0.0
         # windows for the index of dispersion
         self.window = None
+        self._buf: list[float] = []  # starts not yet folded in (processed in blocks: numpy per call is not free)
         self._pending: list[float] = []
         self.w_cur = 0
         self.w_cnt = 0
@@ -100,13 +102,19 @@ class StatsAcc:
 
     def add(self, starts: list[float], warmup: int = 0) -> None:
         """Add the start offsets of consecutive sessions (None in a closed loop)."""
-        if not starts:
-            return
         self.warmup += warmup
         if not self.open:
             self.n += len(starts)
             return
-        t = np.asarray(starts, dtype=np.float64)
+        self._buf.extend(starts)
+        if len(self._buf) >= BLOCK:
+            self._process()
+
+    def _process(self) -> None:
+        if not self._buf:
+            return
+        t = np.asarray(self._buf, dtype=np.float64)
+        self._buf = []
         prev = self.last
         self.n += len(t)
         if self.first is None:
@@ -160,6 +168,7 @@ class StatsAcc:
         self.w_cnt = 0
 
     def result(self, stop: str | None = None) -> dict:
+        self._process()
         h = self.header
         out: dict = {"sessions": self.n, "warmup": self.warmup, "mode": h.get("mode"), "process": h.get("process")}
         if h.get("shard"):
