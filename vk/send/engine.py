@@ -137,6 +137,7 @@ class Engine:
         self.client = self._make_client()
         self.run_short = cfg.run_id.replace("-", "")[:8]
         self._wake_stop = loop.create_future()
+        self._idle: asyncio.Future | None = None  # set once the input ended and no session is active
         base = {"model": cfg.model} if cfg.model else {}
         if cfg.stream:
             base["stream"] = True
@@ -208,9 +209,9 @@ class Engine:
             elif feeder.exception() is not None:
                 raise feeder.exception()
             # wait for the active sessions to finish (or the stop signal)
-            while self.active and not self.stopping:
-                futs = [s.fut for s in self.active]
-                await asyncio.wait([*futs, self._wake_stop], return_when=asyncio.FIRST_COMPLETED)
+            if self.active and not self.stopping:
+                self._idle = self.loop.create_future()
+                await asyncio.wait([self._idle, self._wake_stop], return_when=asyncio.FIRST_COMPLETED)
             if self.stopping:
                 await self._cancel_all()
         finally:
@@ -323,6 +324,8 @@ class Engine:
             s.conv.clear()
             if not s.fut.done():
                 s.fut.set_result(None)
+            if not self.active and self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
 
     def _request_done(self, s: _Sess, rid: str, status: str, t_done: float) -> None:
         s.status[rid] = status
