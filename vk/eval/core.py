@@ -173,11 +173,14 @@ class Data:
         # event times (insertion order is preserved: no ORDER BY over millions of events)
         t = _f(con.execute("SELECT unnest(events.t) AS t FROM (SELECT row, events FROM responses ORDER BY row)").fetchnumpy()["t"])
         # per-event token counts, fetched sparsely: only the token events whose count is not 1, with their rank
-        # among the request's token events
+        # among the request's token events. Rows whose counts are all 1, one per token event, are skipped
+        # without unnesting (assumes the usual: empty and usage-only events carry no count).
         sparse = con.execute(
             "SELECT row, length(regexp_replace(substr(ks, 1, i), '[^crt]', '', 'g')) - 1 AS rank, k FROM "
             "(SELECT row, events.kind AS ks, generate_subscripts(events.tokens, 1) AS i, unnest(events.tokens) AS k "
-            "FROM responses WHERE events.tokens IS NOT NULL) "
+            "FROM responses WHERE events.tokens IS NOT NULL AND NOT (list_min(events.tokens) = 1 AND "
+            "list_max(events.tokens) = 1 AND list_count(events.tokens) = "
+            "length(regexp_replace(coalesce(events.kind, ''), '[^crt]', '', 'g')))) "
             "WHERE k IS DISTINCT FROM 1 AND substr(ks, i, 1) IN ('c', 'r', 't')"
         ).fetchnumpy()
         sp = None
