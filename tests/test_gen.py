@@ -451,3 +451,16 @@ def test_progress_bar_on_stderr(tmp_path):
     assert len((tmp_path / "s.jsonl").read_bytes().splitlines()) == 30
     p = run_vk("vk-gen", "--count", "3", check=True)
     assert p.stderr == b""  # not a terminal, no --progress: quiet
+
+
+def test_endless_stream_stops_quietly_when_the_reader_goes_away():
+    import subprocess
+
+    from conftest import vk_cmd
+
+    gen = subprocess.Popen([*vk_cmd("vk-gen"), "--count", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = gen.stdout.readline()
+    gen.stdout.close()  # like `vk-gen --count 0 | head -n 1`
+    assert gen.wait(60) == 0
+    assert gen.stderr.read() == b""
+    validate_session(orjson.loads(first))

@@ -103,9 +103,24 @@ def cli_command(config, seed, count, duration, tokenizer, overrides, output, pro
         return
     from vk.jsonl import Writer
 
-    with Writer(output, flush_each=(output == "-")) as w:
-        for s in sessions:
-            w.write(s)
+    try:
+        with Writer(output, flush_each=(output == "-")) as w:
+            for s in sessions:
+                w.write(s)
+    except BrokenPipeError:
+        # the reader went away (vk-gen --count 0 | head): not an error. click would turn this into exit 1.
+        _stdout_to_devnull()
+        raise click.exceptions.Exit(0) from None
+
+
+def _stdout_to_devnull() -> None:
+    import os
+
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+    except OSError:
+        pass
 
 
 main = main_wrapper(cli_command, "vk-gen")
