@@ -516,3 +516,16 @@ def test_session_grouped_file_is_replayed_in_time_order(tok):
     with pytest.raises(VkError, match=r"azure_unsorted.csv:3: field 'TIMESTAMP': earlier than the first row"):
         gen(bad, "azure", tok)
     assert [s["source"]["row"] for s in gen(bad, "azure", tok, shuffle=True, seed=0)] != []
+
+
+def test_cli_stats_stdin_and_progress():
+    p = run_vk("vk-gen", "--trace", str(AZURE), "--flavor", "azure", "--stats")
+    assert p.returncode == 0, p.stderr.decode()
+    out = p.stdout.decode()
+    assert "requests      200" in out and "arrival CV" in out and "input tokens  p50" in out
+    q = run_vk("vk-gen", "--trace", "-", "--flavor", "azure", "--count", "3", "--progress",
+               input=AZURE.read_bytes())
+    assert q.returncode == 0, q.stderr.decode()
+    recs = [orjson.loads(x) for x in q.stdout.splitlines()]
+    assert [r["id"] for r in recs] == ["azure-2", "azure-3", "azure-4"]
+    assert recs[0]["source"]["file"] == "-"
