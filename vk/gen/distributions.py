@@ -232,8 +232,8 @@ class Zipf(LengthDistribution):
     def __init__(self, lo, hi, alpha, scramble=False):
         self.low, self.high, self.alpha = lo, hi, alpha
         n = hi - lo + 1
-        if n > 50_000_000:
-            raise VkError("zipf: max - min is too large (at most 50,000,000 values)")
+        if n > 10_000_000:
+            raise VkError("zipf: max - min is too large (at most 10,000,000 values)")
         w = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** alpha
         self.cdf = np.cumsum(w)
         self.cdf /= self.cdf[-1]
