@@ -466,6 +466,8 @@ def test_cli_subcommands(tmp_path):
     assert out.stdout == b"n\n5\n"
     out = run_vk("vk-eval", "report", str(tmp_path / "rep"), p, check=True)
     assert (tmp_path / "rep" / "report.html").exists()
+    out = run_vk("vk-eval", "plot", p, "-o", str(tmp_path / "figs"), check=True)
+    assert len(out.stdout.splitlines()) == 4 and _is_png(tmp_path / "figs" / "cdf.png")
     out = run_vk("vk-eval", "compare", p, p, "--json", "--bootstrap", "50", check=True)
     assert json.loads(out.stdout)["metrics"]
     # stdin and --help with examples

@@ -27,7 +27,7 @@ EPILOG = examples(
     "vk-eval a.jsonl b.jsonl --format markdown                            # one group per run",
     "vk-eval run.jsonl --group-by input_bucket --percentiles p50,p99,p99.9",
     "vk-eval sql 'SELECT status, count(*) FROM requests GROUP BY 1' run.jsonl",
-    "vk-eval plot plots/ run.jsonl        vk-eval report out/ run.jsonl",
+    "vk-eval plot plots/ run.jsonl        vk-eval report out/ run.jsonl     (or -o DIR after the files)",
     "vk-eval compare before.jsonl after.jsonl",
     "",
     "Subcommands: sql, plot, compare, report (vk-eval SUBCOMMAND --help). Times are in seconds in JSON/CSV",
@@ -130,15 +130,16 @@ def sql_cmd(query, files, fmt, db):
     "vk-eval plot plots/ run.jsonl",
     "vk-eval plot plots/ a.jsonl b.jsonl --overlay     # runs overlaid in one set of figures",
 ))
-@click.argument("outdir", type=click.Path(file_okay=False))
-@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
+@click.argument("args", nargs=-1, required=True, type=click.Path(allow_dash=True), metavar="[DIR] FILE...")
+@click.option("-o", "--outdir", metavar="DIR", help="Output directory (else the first argument).")
 @click.option("--overlay", is_flag=True, help="Overlay the runs in one set of figures (default: one set per run).")
-def plot_cmd(outdir, files, overlay):
-    """Write PNG figures to OUTDIR: CDFs of TTFT, TPOT, ITL and e2e; latency and throughput over time; TTFT
-    against prompt length; ITL distribution."""
+def plot_cmd(args, outdir, overlay):
+    """Write PNG figures to DIR: CDFs of TTFT, TPOT, ITL and e2e; latency and throughput over time; TTFT
+    against prompt length; ITL distribution. DIR is -o DIR or the first argument."""
     from vk.eval.plots import plot_files
 
-    for p in plot_files(list(files), outdir, overlay=overlay):
+    outdir, files = _dir_and_files(outdir, args)
+    for p in plot_files(files, outdir, overlay=overlay):
         print(p)
 
 
@@ -168,18 +169,28 @@ def compare_cmd(a, b, fmt, as_json, bootstrap, confidence, seed, percentiles):
     "vk-eval report out/ run.jsonl          # writes out/report.html",
     "vk-eval report out/ a.jsonl b.jsonl --slo 'ttft:p90<500ms'",
 ))
-@click.argument("outdir", type=click.Path(file_okay=False))
-@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
+@click.argument("args", nargs=-1, required=True, type=click.Path(allow_dash=True), metavar="[DIR] FILE...")
+@click.option("-o", "--outdir", metavar="DIR", help="Output directory (else the first argument).")
 @click.option("--slo", metavar="SPEC", help="Aggregate objectives to check (as for vk-eval).")
 @click.option("--goodput", metavar="SPEC", help="Per-request objectives (as for vk-eval).")
 @_common
-def report_cmd(outdir, files, slo, goodput, percentiles, warmup, cooldown, group_by, fluidity, validate):
-    """Write OUTDIR/report.html: a self-contained page (figures embedded) with the tables and figures of the
-    run(s), for sharing."""
+def report_cmd(args, outdir, slo, goodput, percentiles, warmup, cooldown, group_by, fluidity, validate):
+    """Write DIR/report.html: a self-contained page (figures embedded) with the tables and figures of the
+    run(s), for sharing. DIR is -o DIR or the first argument."""
     from vk.eval.report import write_report
+
+    outdir, files = _dir_and_files(outdir, args)
 
     print(write_report(list(files), outdir, slo=slo, goodput=goodput, percentiles=percentiles, warmup=warmup,
                        cooldown=cooldown, group_by=group_by, fluidity=fluidity, validate=validate))
+
+
+def _dir_and_files(outdir: str | None, args: tuple[str, ...]) -> tuple[str, list[str]]:
+    if outdir is None:
+        if len(args) < 2:
+            raise click.UsageError("give the output directory (DIR or -o DIR) and at least one input FILE")
+        return args[0], list(args[1:])
+    return outdir, list(args)
 
 
 class EvalCommand(click.Group):

@@ -76,7 +76,7 @@ def figures(d, runs: list[int], ts: dict, prefix: str, outdir: str, plt) -> list
             continue
         t = np.array(s["t"])
         ttft = np.array([np.nan if v is None else v * 1000 for v in s["ttft_p50"]])
-        axes[0].plot(t, ttft, label=labels[r])
+        axes[0].plot(t, ttft, marker=".", label=labels[r])
         axes[1].plot(t, s["output_tokens_per_s"], label=labels[r])
         axes[2].plot(t, s["concurrency"], label=labels[r])
     axes[0].set_ylabel("TTFT p50 (ms)")
