@@ -499,3 +499,27 @@ def test_events_without_token_counts_and_time_series():
     width = ts["t"][1] - ts["t"][0]
     assert sum(ts["output_tokens_per_s"]) * width == pytest.approx(10, rel=1e-3)
     assert sum(ts["completed_per_s"]) * width == pytest.approx(2, rel=1e-3)
+
+
+def test_db_file_and_empty_input(tmp_path):
+    import duckdb
+
+    p = write(tmp_path / "r.jsonl", RECORDS)
+    db = str(tmp_path / "run.duckdb")
+    evaluate(p, db=db)
+    con = duckdb.connect(db)
+    assert con.execute("SELECT count(*) FROM requests WHERE status = 'ok'").fetchone()[0] == 3
+    assert con.execute("SELECT count(*) FROM events").fetchone()[0] == 10
+    con.close()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(VkError, match="no records"):
+        evaluate(str(empty))
+    with pytest.raises(VkError, match="no response records"):
+        evaluate([RUN])
+
+
+def test_prompt_tokens_first_turns():
+    r = resp("a", events=[(0.1, "c", 1)], usage={"prompt_tokens": 108, "completion_tokens": 1}, target_in=100)
+    p = evaluate([RUN, r]).to_dict()["overall"]["accuracy"]["prompt_vs_target"]
+    assert p["first_turns"] == {"n": 1, "share_exact": 0.0, "mean_diff": 8.0, "max_abs_diff": 8.0}

@@ -520,6 +520,14 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
                                    "mean_abs_diff": float(np.abs(diff).mean()),
                                    "ratio": M.stats(a["prompt_tokens"][pm] / np.maximum(a["target_input_tokens"][pm], 1),
                                                     [50, 99])}
+        # target_input_tokens counts a request's new content only: history and the chat template add to
+        # prompt_tokens, so first turns (no history) are also reported on their own
+        first = pm & (d.sessions()["turn"] == 1)
+        if first.any():
+            fd = a["prompt_tokens"][first] - a["target_input_tokens"][first]
+            out["prompt_vs_target"]["first_turns"] = {"n": int(first.sum()), "share_exact": float((fd == 0).mean()),
+                                                      "mean_diff": float(fd.mean()),
+                                                      "max_abs_diff": float(np.abs(fd).max())}
     # output tokens against targets
     om = okm & np.isfinite(a["completion_tokens"]) & np.isfinite(a["target_output_tokens"])
     if om.any():

@@ -164,7 +164,12 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
     lines = []
     if "prompt_vs_target" in a:
         p = a["prompt_vs_target"]
-        lines.append(f"prompt tokens vs target: exact {_num(p['share_exact'])}, mean diff {_num(p['mean_diff'])}")
+        line = f"prompt tokens vs target: exact {_num(p['share_exact'])}, mean diff {_num(p['mean_diff'])}"
+        if "first_turns" in p:
+            f1 = p["first_turns"]
+            line += (f" (first turns, no history: exact {_num(f1['share_exact'])}, mean diff "
+                     f"{_num(f1['mean_diff'])} - the chat template)")
+        lines.append(line)
     if "output_vs_target" in a:
         o = a["output_vs_target"]
         lines.append(f"output tokens vs target: exact {_num(o['share_exact'])}, stopped early "
