@@ -3,12 +3,13 @@
 Two modes, chosen from the config:
 
 - streaming: single-request sessions read front to back in one pass, one row in memory at a time;
-- indexed: a first pass validates every row and keeps, per selected row, its byte offset, line number, session
-  and time (with the shuffle permutation, about 60 bytes a row); a second pass reads sessions back by offset. Used when rows must be grouped
-  into multi-turn sessions, for shuffle and wrap, and for rag's document frequencies.
+- indexed: a first pass validates every row and keeps its byte offset, line number, session and time (with the
+  shuffle permutation, under 100 bytes a row); a second pass reads sessions back by offset, in order of their
+  start time. Used when rows must be grouped into multi-turn sessions, for shuffle and wrap, and for rag's
+  document frequencies.
 
-Both modes select the same sessions: the time window and the sample draw are decided per session, in order of
-the session's first row, before anything else.
+Both modes select the same sessions from a time-ordered trace: the time window and the sample draw are decided
+per session, in order of the session's first row, before anything else.
 """
 
 from __future__ import annotations
@@ -366,16 +367,15 @@ class Index:
         kept = np.flatnonzero(keep)
         if len(kept) and sc.timed:
             kept = kept[np.argsort(times[kept], kind="stable")]  # by start time, file order among equals
-        self.kept = kept
         self.times = times[kept]
+        del times
         offs_a = np.frombuffer(offs, dtype=np.int64) if len(offs) else np.zeros(0, np.int64)
         lines_a = np.frombuffer(lines, dtype=np.int64) if len(lines) else np.zeros(0, np.int64)
         if not grouped:
             self.offs = offs_a[kept]
             self.lines = lines_a[kept]
             self.first_line = self.lines
-            self.row_start = np.arange(len(kept), dtype=np.int64)
-            self.row_end = self.row_start + 1
+            self.row_end = None  # one row per session: session k is row k
         else:
             self.first_line = np.frombuffer(s_line, dtype=np.int64)[kept] if len(s_line) else np.zeros(0, np.int64)
             sid = np.frombuffer(sidx, dtype=np.int64) if len(sidx) else np.zeros(0, np.int64)
@@ -399,11 +399,14 @@ class Index:
         self.timed = bool(sc.timed and len(self.times) > 0 and not np.isnan(self.times).all())
 
     def __len__(self) -> int:
-        return len(self.kept)
+        return len(self.times)
 
     def read(self, sc: Scanner, k: int) -> list[Turn]:
         """The turns of the k-th kept session (parsed again from the file)."""
         out: list[Turn] = []
+        if self.row_end is None:
+            j = k
+            return sc.flavor.parse(sc.src.read_at(int(self.offs[j]), int(self.lines[j])), int(self.lines[j]))
         for j in range(int(self.row_start[k]), int(self.row_end[k])):
             out.extend(sc.flavor.parse(sc.src.read_at(int(self.offs[j]), int(self.lines[j])), int(self.lines[j])))
         return out
