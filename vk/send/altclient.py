@@ -66,6 +66,8 @@ class AiohttpClient(_Base):
 
     def __init__(self, url: str, headers: dict[str, str]):
         super().__init__(url, headers)
+        import aiohttp  # noqa: F401 - imported now, not on the first request (that would stall the loop)
+
         self.session = None  # created inside the running loop
 
     async def _do(self, ex: Exchange, xrid: str, body: bytes, fbt) -> None:

@@ -208,6 +208,7 @@ class Collector:
         self.errors = 0
         self.t_last_done = 0.0
         self.writing = False
+        self.broken = False
         self.exit_after_write = False
         self.inflight = 0
         self.bar = None
@@ -218,9 +219,15 @@ class Collector:
             self.bar = tqdm(unit="req", file=sys.stderr, dynamic_ncols=True, mininterval=0.5, smoothing=0.1)
 
     def add(self, rec: dict, line: bytes | None = None) -> None:
-        self.writing = True
-        self.writer.write_raw(line if line is not None else dumps(rec))
-        self.writing = False
+        if not self.broken:
+            self.writing = True
+            try:
+                self.writer.write_raw(line if line is not None else dumps(rec))
+            except BrokenPipeError:
+                # the reader went away (vk-send ... | head): stop sending, nothing more can be recorded
+                self.broken = True
+                self.on_stop("the output was closed (broken pipe)", "output_closed")
+            self.writing = False
         if self.exit_after_write:
             os._exit(130)
         self.n += 1
@@ -625,6 +632,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         kernel_timestamps=stats.get("kernel_timestamps"),
         workers=workers,
     )
+    if collector.broken:
+        raise BrokenPipeError("the output was closed")
     writer.write(end)
     writer.flush()
     if lagged:
