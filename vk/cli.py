@@ -60,12 +60,17 @@ def main_wrapper(cmd: click.Command, prog: str) -> Callable[..., None]:
             sys.exit(130)
         except click.ClickException as e:
             _flush_quietly()
-            print(f"{prog}: {e.format_message()}", file=sys.stderr)
-            if isinstance(e, click.UsageError):
-                print(f"Try '{prog} --help' for help.", file=sys.stderr)
+            msg = " ".join(e.format_message().split())
+            hint = f" (see {prog} --help)" if isinstance(e, click.UsageError) else ""
+            print(f"{prog}: {msg}{hint}", file=sys.stderr)
             sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
+        except SystemExit as e:
+            # click turns EPIPE on stdout into exit(1) after wrapping stdout; a closed pipe is not an error.
+            if e.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+                _quiet_broken_pipe()
+            raise
         except BrokenPipeError:
             _quiet_broken_pipe()
         except KeyboardInterrupt:

@@ -1,0 +1,137 @@
+"""End to end: the four commands as processes, piped, against a real vk-serve, checked against what the server
+was told to do."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import subprocess
+
+import orjson
+import pytest
+
+from vk import records
+from vk.jsonl import read_records
+
+from conftest import run_vk, vk_cmd
+
+WORKLOAD = """
+session_generator:
+  type: synthetic
+  channels:
+    - type: text
+      body_length_generator: {type: fixed, value: 200}
+  output_spec:
+    text:
+      output_length_generator: {type: fixed, value: 20}
+"""
+
+
+def sh(*parts: list[str]) -> str:
+    return " | ".join(shlex.join(p) for p in parts)
+
+
+def test_pipeline_measures_what_the_server_was_told(serve, tmp_path):
+    """TTFT 50 ms and 10 ms per output token at the server must come out as 50 ms and 10 ms in vk-eval."""
+    server = serve("--ttft", "0.05", "--tpot", "0.01")
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(WORKLOAD)
+    run = tmp_path / "run.jsonl"
+    pipeline = sh(
+        [*vk_cmd("vk-gen"), str(cfg), "--seed", "3", "--count", "30"],
+        [*vk_cmd("vk-schedule"), "--poisson", "20", "--seed", "3"],
+        [*vk_cmd("vk-send"), "--api", server.url, "--workers", "1", "-o", str(run)],
+    )
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], capture_output=True, timeout=180)
+    assert p.returncode == 0, p.stderr.decode()
+
+    recs = [r for _, _, r in read_records(run)]
+    assert recs[0]["kind"] == "run" and recs[-1]["kind"] == "run_end"
+    responses = [r for r in recs if r["kind"] == "response"]
+    assert len(responses) == 30
+    assert all(r["status"] == "ok" for r in responses)
+    assert all(r["usage"]["completion_tokens"] == 20 for r in responses)
+    # Independent of vk-eval: the raw times in the records.
+    ttft = [r["t_first_token"] - r["t_sent"] for r in responses]
+    tpot = [(r["t_last_token"] - r["t_first_token"]) / 19 for r in responses]
+    assert statistics.median(ttft) == pytest.approx(0.050, abs=0.005)
+    assert statistics.median(tpot) == pytest.approx(0.010, abs=0.002)
+
+    # vk-eval's report agrees with the raw records.
+    p = run_vk("vk-eval", str(run), "--json", check=True)
+    report = json.loads(p.stdout)
+    lat = report["overall"]["latency"]  # seconds
+    assert report["overall"]["counts"]["ok"] == 30
+    assert lat["ttft"]["p50"] == pytest.approx(statistics.median(ttft), abs=1e-4)
+    assert lat["ttft"]["p50"] == pytest.approx(0.050, abs=0.005)
+    assert lat["tpot"]["p50"] == pytest.approx(0.010, abs=0.002)
+
+
+def test_files_replay_the_same_schedule(serve, tmp_path):
+    """A cached schedule file runs again against a second server; both runs evaluate side by side."""
+    a = serve("--ttft", "0.02", "--tpot", "0.005")
+    b = serve("--ttft", "0.06", "--tpot", "0.005")
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(WORKLOAD)
+    sessions = run_vk("vk-gen", str(cfg), "--seed", "1", "--count", "10", check=True).stdout
+    sched = tmp_path / "sched.jsonl"
+    sched.write_bytes(run_vk("vk-schedule", "--constant", "20", "--seed", "1", input=sessions, check=True).stdout)
+    for server, name in ((a, "a"), (b, "b")):
+        run_vk("vk-send", str(sched), "--api", server.url, "--workers", "1", "-o", str(tmp_path / f"{name}.jsonl"),
+               check=True)
+    ta = [r["t_first_token"] - r["t_sent"] for _, _, r in read_records(tmp_path / "a.jsonl") if r["kind"] == "response"]
+    tb = [r["t_first_token"] - r["t_sent"] for _, _, r in read_records(tmp_path / "b.jsonl") if r["kind"] == "response"]
+    assert len(ta) == len(tb) == 10
+    assert statistics.median(tb) - statistics.median(ta) == pytest.approx(0.04, abs=0.01)
+    p = run_vk("vk-eval", "compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"))
+    assert p.returncode == 0, p.stderr.decode()
+    assert b"ttft" in p.stdout.lower()
+
+
+def test_every_stage_output_validates(serve, tmp_path):
+    """Each intermediate stream is made only of valid records of the expected kinds."""
+    server = serve("--ttft", "0.005", "--tpot", "0.001")
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(WORKLOAD)
+    sessions = run_vk("vk-gen", str(cfg), "--count", "5", check=True).stdout
+    sched = run_vk("vk-schedule", "--concurrency", "2", input=sessions, check=True).stdout
+    out = run_vk("vk-send", "--api", server.url, "--workers", "1", input=sched, check=True).stdout
+    for blob, kinds in ((sessions, {"session"}), (sched, {"schedule", "scheduled_session"}),
+                        (out, {"run", "response", "run_end"})):
+        lines = [orjson.loads(x) for x in blob.splitlines() if x.strip()]
+        assert {r["kind"] for r in lines} == kinds
+        for i, r in enumerate(lines, 1):
+            records.validate(r, "stream", i)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "session", "v": 1, "id": "s1", "requests": [{"id": "a", "parents": ["zz"], '
+                   '"messages": []}]}\n')
+    sched = tmp_path / "sched.jsonl"
+    sched.write_text('{"kind": "schedule", "v": 1, "mode": "open", "process": "poisson", "params": {}, "seed": 1}\n'
+                     '{"kind": "scheduled_session", "v": 1, "index": 0, "start": 0, "session": '
+                     + bad.read_text().strip() + '}\n')
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"kind": "session", "v": 1, "id": "s1"}\n')
+    for cmd, args, where in (
+        ("vk-schedule", ["--poisson", "1", "--validate", str(bad)], "bad.jsonl:1"),  # full check on request
+        ("vk-schedule", ["--poisson", "1", str(broken)], "broken.jsonl:1"),  # the quick check of every line
+        ("vk-send", ["--api", "http://127.0.0.1:9/v1", str(sched)], "sched.jsonl:2"),
+    ):
+        p = run_vk(cmd, *args)
+        assert p.returncode == 2, (cmd, p.stderr)
+        err = p.stderr.decode().strip()
+        assert "\n" not in err and "Traceback" not in err, err
+        assert where in err, err
+    p = run_vk("vk-gen", str(tmp_path / "missing.yaml"))
+    assert p.returncode == 2 and "missing.yaml" in p.stderr.decode()
+
+
+@pytest.mark.parametrize("cmd", ["vk-gen", "vk-schedule", "vk-send", "vk-eval", "vk-serve"])
+def test_help_has_examples_and_version(cmd):
+    p = run_vk(cmd, "--help", check=True)
+    assert b"Example" in p.stdout
+    v = run_vk(cmd, "--version", check=True)
+    assert v.stdout.decode().strip() == f"{cmd} 0.1.0"
