@@ -529,3 +529,17 @@ def test_cli_stats_stdin_and_progress():
     recs = [orjson.loads(x) for x in q.stdout.splitlines()]
     assert [r["id"] for r in recs] == ["azure-2", "azure-3", "azure-4"]
     assert recs[0]["source"]["file"] == "-"
+
+
+def test_requests_with_hash_ids_in_csv(tok):
+    fl = {"type": "requests", "block_size": 16, "time_unit": "ms",
+          "columns": {"timestamp": "arrival_ms", "input": "prompt_len", "output": "gen_len", "ids": "blocks"}}
+    out = gen(T / "requests_hash.csv", fl, tok, format="completion")
+    enc = [tok.encode(s["requests"][0]["prompt"]) for s in out]
+    assert [len(x) for x in enc] == [40, 33, 20]
+    assert enc[0][:32] == enc[1][:32] and enc[0][32:33] != enc[1][32:33]  # ids 7, 8 shared; 9 vs 3 not
+    assert enc[2][:16] == enc[0][:16] and enc[2][16:20] != enc[0][16:20]
+    assert [s["requests"][0].get("prefix_tokens", 0) for s in out] == [0, 32, 16]
+    assert [s["trace_time"] for s in out] == [0.0, 0.25, 0.9]
+    st = traces.stats_dict(cfg(T / "requests_hash.csv", fl))
+    assert st["cached_tokens"] == 48 and st["cache_share"] == pytest.approx(48 / 93)

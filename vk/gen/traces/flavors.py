@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from vk.errors import VkError
 from vk.gen.traces.options import Options
 from vk.gen.traces.readers import RowSource, parse_number, parse_time
@@ -240,25 +242,35 @@ class Mooncake(Flavor):
         t = self.time(obj, line)
         inp = self.number(obj, line, "input", minimum=1)
         out = self.number(obj, line, "output", minimum=0)
-        ids = self.get(obj, line, "ids")
-        c = self._resolved["ids"]
-        if not isinstance(ids, list) or not ids:
-            raise self.src.error(line, c, "expected a non-empty list of hash ids")
-        for x in ids:
-            if isinstance(x, bool) or not isinstance(x, (int, str)):
-                raise self.src.error(line, c, f"expected integer or string hash ids, got {x!r}")
-        bs = self.block_size
-        k = len(ids)
-        if not (bs * (k - 1) < inp <= bs * k):
-            raise self.src.error(
-                line, c, f"{k} hash ids of {bs}-token blocks do not fit input_length {inp} "
-                         f"(need {bs * (k - 1) + 1}..{bs * k} tokens; is block_size right?)")
         tu = Turn(line, None, t, inp, out)
-        tu.ids = ids
+        tu.ids = check_hash_ids(self, obj, line, inp)
         return [tu]
 
     def describe(self):
         return {"flavor": self.name, "lengths": "single-turn", "block_size": self.block_size}
+
+
+def check_hash_ids(fl: Flavor, obj: dict, line: int, inp: int) -> list:
+    """The row's hash ids: a non-empty list of ints or strings that fits the input length in blocks."""
+    c = fl._colname(obj, "ids")
+    ids = fl.get(obj, line, "ids", required=True)
+    if isinstance(ids, str):  # CSV: "[1, 2, 3]" or "1 2 3"
+        try:
+            ids = orjson.loads(ids) if ids.strip().startswith("[") else [int(x) for x in ids.replace(";", " ").split()]
+        except (orjson.JSONDecodeError, ValueError):
+            raise fl.src.error(line, c, f"expected a list of hash ids, got {ids[:40]!r}") from None
+    if not isinstance(ids, list) or not ids:
+        raise fl.src.error(line, c, "expected a non-empty list of hash ids")
+    for x in ids:
+        if isinstance(x, bool) or not isinstance(x, (int, str)):
+            raise fl.src.error(line, c, f"expected integer or string hash ids, got {x!r}")
+    bs = fl.block_size
+    k = len(ids)
+    if inp is None or not (bs * (k - 1) < inp <= bs * k):
+        raise fl.src.error(
+            line, c, f"{k} hash ids of {bs}-token blocks do not fit input length {inp} "
+                     f"(need {bs * (k - 1) + 1}..{bs * k} tokens; is block_size right?)")
+    return ids
 
 
 class Azure(Flavor):
@@ -593,10 +605,14 @@ class Requests(Flavor):
         "parents": (("parents", "parent_ids"), False),
         "history": (("history", "history_parent"), False),
         "think": (("think_time",), False),
+        "ids": (("hash_ids",), False),
     }
 
     def __init__(self, opts, src):
         super().__init__(opts, src)
+        self.block_size = opts.int("block_size", 512, minimum=1)
+        self.wrap_keep_ids = opts.list("wrap_keep_ids", [])
+        self.keep_set = set(self.wrap_keep_ids)
         cols = opts.mapping("columns")
         co = Options(cols, opts.key("columns"))
         for logical in self.FIELDS:
@@ -610,13 +626,18 @@ class Requests(Flavor):
 
     @classmethod
     def option_names(cls):
-        return ("time_unit", "columns", "lengths", "history")
+        return ("time_unit", "columns", "lengths", "history", "block_size", "wrap_keep_ids")
 
     def resolve(self, columns, line=None):
         super().resolve(columns, line)
         if self._resolved["input"] is None and self._resolved["text"] is None:
             raise VkError(f"{self.src.src}: the requests flavor needs an input length column (input_length) or a "
                           f"prompt text column (prompt); set flavor.columns.input or flavor.columns.text")
+        if self._resolved["ids"] is not None:
+            if self._resolved["session"] is not None:
+                raise VkError(f"{self.src.src}: hash ids describe a request's whole prompt: the requests flavor "
+                              f"takes them for single-request rows only (no session column)")
+            self.hash_ids = True
         if self._resolved["session"] is not None:
             self.grouped = True
             if self.lengths_opt is None:
@@ -649,10 +670,17 @@ class Requests(Flavor):
         th = self.number(obj, line, "think", integer=False, minimum=0)
         if th is not None:
             tu.think = float(th)
+        if self.hash_ids:
+            tu.ids = check_hash_ids(self, obj, line, inp)
+            if text is not None:
+                raise self.src.error(line, self._colname(obj, "text"), "a row has either text or hash ids, not both")
         return [tu]
 
     def describe(self):
-        return {"flavor": self.name, "lengths": self.lengths if self.grouped else "single-turn"}
+        d = {"flavor": self.name, "lengths": self.lengths if self.grouped else "single-turn"}
+        if self.hash_ids:
+            d["block_size"] = self.block_size
+        return d
 
 
 FLAVORS: dict[str, type[Flavor]] = {
