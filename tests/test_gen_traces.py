@@ -543,3 +543,29 @@ def test_requests_with_hash_ids_in_csv(tok):
     assert [s["trace_time"] for s in out] == [0.0, 0.25, 0.9]
     st = traces.stats_dict(cfg(T / "requests_hash.csv", fl))
     assert st["cached_tokens"] == 48 and st["cache_share"] == pytest.approx(48 / 93)
+
+
+def test_hash_id_prefix_reuse_reaches_the_server_cache(serve, tmp_path):
+    """Blocks shared by hash id are token-identical: vk-serve's prefix cache serves exactly the predicted tokens."""
+    srv = serve("--block-size", "16")  # engine model with a paged prefix cache of 16-token blocks
+    sess = tmp_path / "s.jsonl"
+    sched = tmp_path / "sched.jsonl"
+    run = tmp_path / "run.jsonl"
+    p = run_vk("vk-gen", "--trace", str(T / "mooncake_small_blocks.jsonl"), "--flavor", "mooncake",
+               "--set", "flavor.block_size=16", "--set", "session_generator.format=completion", "-o", str(sess))
+    assert p.returncode == 0, p.stderr.decode()
+    p = run_vk("vk-schedule", "--concurrency", "1", str(sess), "-o", str(sched))  # one at a time, in order
+    assert p.returncode == 0, p.stderr.decode()
+    p = run_vk("vk-send", "--api", srv.url, "--endpoint", "completions", str(sched), "-o", str(run), timeout=60)
+    assert p.returncode == 0, p.stderr.decode()
+    reqs = {s["id"]: s["requests"][0] for s in map(orjson.loads, sess.read_bytes().splitlines())}
+    resp = [r for r in map(orjson.loads, run.read_bytes().splitlines()) if r["kind"] == "response"]
+    assert len(resp) == 5 and all(r["status"] == "ok" for r in resp)
+    got = []
+    for r in resp:
+        q = reqs[r["session_id"]]
+        assert r["usage"]["prompt_tokens"] == q["input_tokens"]
+        # a paged cache holds whole blocks, and the last prompt token is always computed
+        want = min(q.get("prefix_tokens", 0), q["input_tokens"] - 1) // 16 * 16
+        got.append((r["usage"]["cached_tokens"], want))
+    assert [g for g, _ in got] == [w for _, w in got] and sum(g for g, _ in got) == 128
