@@ -495,6 +495,13 @@ def test_streaming_and_indexed_modes_agree(tok):
     assert {s["id"]: s for s in c} == {s["id"]: s for s in gen(T / "sharegpt.json", "conversations", tok)}
 
 
+def test_trace_start_is_the_first_row_even_when_filtered_out(tok):
+    fl = {"type": "burstgpt", "models": ["GPT-4"], "failed": "keep"}
+    one_pass = gen(T / "burstgpt.csv", fl, tok)
+    indexed = gen(T / "burstgpt.csv", fl, tok, wrap_mode=True, count=2)
+    assert [s["trace_time"] for s in one_pass] == [s["trace_time"] for s in indexed] == [113.0, 147.0]
+
+
 def test_window_needs_timestamps(tok):
     with pytest.raises(VkError, match="has no timestamps to take a time window of"):
         gen(T / "sharegpt.json", "conversations", tok, window={"start": 1})

@@ -205,6 +205,13 @@ class Scanner:
         if self._spool is not None:
             self._spool.close()
 
+    def _tcol(self) -> str:
+        fl = self.flavor
+        c = (fl._resolved or {}).get("timestamp") or getattr(fl, "timestamp_key", None)
+        if c is None and "timestamp" in fl.fields:
+            c = fl.fields["timestamp"].candidates[0]
+        return c or "timestamp"
+
     def time_of(self, tu: Turn) -> float | None:
         """The row's time relative to the trace origin (the first row); checks every row is timed alike."""
         t = tu.t
@@ -214,15 +221,13 @@ class Scanner:
                 self.origin = t
         if t is None:
             if self.timed:
-                raise self.src.error(tu.line, self.flavor._resolved.get("timestamp") if self.flavor._resolved
-                                     else "timestamp", "missing timestamp (earlier rows have one)")
+                raise self.src.error(tu.line, self._tcol(), "missing timestamp (earlier rows have one)")
             return None
         if not self.timed:
             return None
         rel = t - self.origin
         if rel < -1e-9 and not self.lenient:
-            raise self.src.error(tu.line, self.flavor._resolved.get("timestamp") if self.flavor._resolved
-                                 else "timestamp",
+            raise self.src.error(tu.line, self._tcol(),
                                  f"earlier than the first row by {-rel:.6g} s: single-request traces are read "
                                  f"in one pass, in time order (sort the file by time, or set shuffle)")
         return rel if self.lenient else max(rel, 0.0)
@@ -316,9 +321,12 @@ class Index:
         hashed = fl.hash_ids
         max_id = -1
         nan = math.nan
+        t_first = 0.0  # the earliest timestamp of any row, dropped ones included
         for line, off, turns in sc.rows_iter():
             tu = turns[0]
             rel = sc.time_of(tu)
+            if rel is not None and rel < t_first:
+                t_first = rel
             if sc.drop(turns):
                 continue
             if hashed:
@@ -347,11 +355,10 @@ class Index:
         self.n_sessions_seen = len(s_time)
         times = np.frombuffer(s_time, dtype=np.float64).copy() if len(s_time) else np.zeros(0)
         del s_time
-        # the trace starts at its earliest timestamp
-        if sc.timed and len(times) and not np.isnan(times).all():
-            t0 = float(np.nanmin(times))
-            times -= t0
-            sc.origin += t0
+        # the trace starts at its earliest timestamp (the first row's, for a time-ordered file)
+        if sc.timed and t_first < 0:
+            times -= t_first
+            sc.origin += t_first
         keep = sc.admit_all(times)
         self.docs: list[tuple[Any, int, int]] = []
         if is_rag and len(doc_ids):
