@@ -230,6 +230,8 @@ def test_rag_top_documents_and_warmups(tok):
     warm = [s for s in out if s.get("warmup")]
     assert [s["id"] for s in out[:2]] == [s["id"] for s in warm]  # warm-ups first
     assert [s["source"]["doc_id"] for s in warm] == ["d1", "d2"]  # most frequent first
+    assert [s["id"] for s in warm] == ["rag-warmup-1", "rag-warmup-2"]
+    assert [s["source"]["row"] for s in warm] == [1, 2]  # the document's first row
     assert all(s["requests"][0]["output_tokens"] == 1 for s in warm)
     measured = out[2:]
     assert [s["source"]["row"] for s in measured] == [1, 2, 3, 5, 6]  # d3 (one row) is not a top document

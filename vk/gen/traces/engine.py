@@ -603,7 +603,8 @@ class Builder:
                 warmup: bool = False, ordinal: int = 0) -> dict:
         cfg = self.cfg
         fl = self.fl
-        sid = f"{self.prefix}-{'warmup-' if warmup else ''}{first_line}" + (f"-w{epoch}" if epoch else "")
+        sid = f"{self.prefix}-warmup-{ordinal}" if warmup else \
+            f"{self.prefix}-{first_line}" + (f"-w{epoch}" if epoch else "")
         plan = self.plan(turns)
         rng = None
         reqs = []
@@ -658,9 +659,10 @@ class Builder:
 class Unit:
     """One session to build: its turns and where it goes in the output."""
 
-    __slots__ = ("turns", "epoch", "trace_time", "first_line", "warmup")
+    __slots__ = ("turns", "epoch", "trace_time", "first_line", "warmup", "rank")
 
     def __init__(self, turns, epoch, trace_time, first_line, warmup=False):
+        self.rank = 0  # warm-ups: 1 for the most frequent document, ...
         self.turns = turns
         self.epoch = epoch
         self.trace_time = trace_time
@@ -696,7 +698,9 @@ def iter_units(cfg: TraceConfig, sc: Scanner, seed: int, *, count: int | None = 
     try:
         if fl.name == "rag" and fl.warmup:
             for k, (_doc, _cnt, first) in enumerate(idx.docs):
-                yield Unit(idx.read(sc, first), 0, 0.0 if idx.timed else None, k + 1, True)
+                u = Unit(idx.read(sc, first), 0, 0.0 if idx.timed else None, int(idx.first_line[first]), True)
+                u.rank = k + 1
+                yield u
         period = idx.period()
         epoch = 0
         while True:
@@ -762,7 +766,7 @@ def generate(config: dict, *, seed: int, count: int | None = None, tokenizer=Non
                 max_id = idx.max_int_id if idx is not None and fl.hash_ids and cfg.wrap else None
                 b = Builder(cfg, fl, seed, tokenizer, sc.warn, max_id)
             yield b.session(u.turns, epoch=u.epoch, trace_time=u.trace_time, first_line=u.first_line,
-                            warmup=u.warmup)
+                            warmup=u.warmup, ordinal=u.rank)
     finally:
         if bar is not None:
             bar.close()
