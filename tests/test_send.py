@@ -430,7 +430,7 @@ def test_sigint_mid_run_gives_a_complete_valid_file(serve, tmp_path):
     out = tmp_path / "run.jsonl"
     p = subprocess.Popen([*vk_cmd("vk-send"), path, "--api", srv.url, "-o", str(out), "--workers", "1"],
                          stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    _wait_for_responses(out, 3)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=30)
     assert p.returncode == 130, err.decode()
@@ -453,7 +453,7 @@ def test_sigterm_with_workers(serve, tmp_path):
     out = tmp_path / "run.jsonl"
     p = subprocess.Popen([*vk_cmd("vk-send"), path, "--api", srv.url, "-o", str(out), "--workers", "2"],
                          stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    _wait_for_responses(out, 3)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=30)
     assert p.returncode == 130, err.decode()
@@ -575,10 +575,20 @@ def test_second_signal_exits_at_once_with_valid_lines(serve, tmp_path):
     out = tmp_path / "run.jsonl"
     p = subprocess.Popen([*vk_cmd("vk-send"), path, "--api", srv.url, "-o", str(out), "--workers", "1"],
                          stderr=subprocess.PIPE)
-    time.sleep(1.2)
+    _wait_for_responses(out, 1)
     p.send_signal(signal.SIGINT)
     p.send_signal(signal.SIGINT)
     p.communicate(timeout=30)
     assert p.returncode == 130
     for n, line in enumerate(out.read_bytes().splitlines(), 1):
         records.validate(orjson.loads(line), "run", n)
+
+
+def _wait_for_responses(out, n=1, timeout=30.0):
+    """Wait until the run file holds n response records (the run is under way), so signals land mid-run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_bytes().count(b'"kind":"response"') >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError("vk-send produced no responses in time")
