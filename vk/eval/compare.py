@@ -23,7 +23,7 @@ def _samples(d) -> dict[str, np.ndarray]:
     for m in COMPARED:
         if m == "itl_chunk":
             gm = M.gap_mask(d.pe, okm)
-            v = d.pe["gaps"] if gm is None else d.pe["gaps"][gm]
+            v = d.pe["gaps"] if gm is None else M.take(d.pe["gaps"], gm)
         else:
             v = a[m][okm]
         out[m] = v[np.isfinite(v)]

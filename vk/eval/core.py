@@ -80,6 +80,21 @@ FROM (SELECT * FROM raw WHERE kind = 'run') h LEFT JOIN (SELECT * FROM raw WHERE
 """
 
 
+_T0 = [0.0]
+
+
+def tick(label: str) -> None:
+    """Stage timings on stderr when VK_EVAL_TIMING is set (for the bench and for profiling)."""
+    if os.environ.get("VK_EVAL_TIMING"):
+        import sys
+        import time
+
+        now = time.perf_counter()
+        if label != "start":
+            print(f"vk-eval timing: {label:<24} {now - _T0[0]:7.3f} s", file=sys.stderr)
+        _T0[0] = now
+
+
 def _f(x) -> np.ndarray:
     """A DuckDB numpy column as float64 with NaN for null."""
     if isinstance(x, np.ma.MaskedArray):
@@ -121,7 +136,9 @@ class Data:
             self.con = duckdb.connect(db)
         else:
             self.con = duckdb.connect()
+        tick("start")
         L.load(self.con, self.inputs, extra_fields, validate)
+        tick("load (DuckDB)")
         self.con.execute(
             "CREATE OR REPLACE VIEW responses AS SELECT rowid AS row, * EXCLUDE "
             "(kind, start_epoch, api, model, endpoint, vk_version, host, lagged, schedule, argv, totals, lag, "
@@ -197,8 +214,11 @@ class Data:
         if len(flat.t) != len(flat.kind):
             raise VkError("events.t and events.kind disagree in length")
         self.flat = flat
+        tick("fetch arrays")
         self.te = M.token_events(flat, n_tok, cols_tokens_null, sp)
+        tick("token events")
         pe = M.per_request_events(self.n, self.te)
+        tick("gaps, stalls")
         self.pe = pe
         # output tokens: usage, else the sum of known per-event counts, else the number of token events
         out = a["completion_tokens"].copy()
@@ -362,10 +382,10 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     # latencies
     lat: dict[str, Any] = {}
     gm = M.gap_mask(d.pe, okm)
-    gaps = d.pe["gaps"] if gm is None else d.pe["gaps"][gm]
+    gaps = d.pe["gaps"] if gm is None else M.take(d.pe["gaps"], gm)
     gk = d.pe["gap_k"]
     if gk is not None and gm is not None:
-        gk = gk[gm]
+        gk = M.take(gk, gm)
     for name in LATENCY_METRICS:
         if name == "itl_chunk":
             s = M.stats(gaps, P)
@@ -381,6 +401,7 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
             s = M.stats(a[name][okm], P)
         lat[name] = s
     out["latency"] = lat
+    tick("  latency stats")
     out["tokens"] = {k: M.stats(a[k][okm], P) for k in COUNT_METRICS}
 
     # throughput: whole run (first request sent -> last response done, per run, summed) and steady window
@@ -409,19 +430,19 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     # steady: completions, prefills and token arrivals inside the window
     te = d.te
     em = None if okg.all() else np.repeat(okg, te.n)
-    ev_t = te.t if em is None else te.t[em]
+    ev_t = te.t if em is None else M.take(te.t, em)
     if len(d.runs) == 1:
         lo_w, hi_w = w0[0], w1[0]
     else:
-        ev_r = np.repeat(run, te.n) if em is None else np.repeat(run, te.n)[em]
+        ev_r = np.repeat(run, te.n) if em is None else M.take(np.repeat(run, te.n), em)
         lo_w, hi_w = w0[ev_r], w1[ev_r]
     inwin = (ev_t >= lo_w) & (ev_t <= hi_w)
     if te.k is None:
         tok_in_win = float(inwin.sum())
         ev_total = float(len(ev_t))
     else:
-        ek = te.k if em is None else te.k[em]
-        tok_in_win = float(ek[inwin].sum())
+        ek = te.k if em is None else M.take(te.k, em)
+        tok_in_win = float(M.take(ek, inwin).sum())
         ev_total = float(ek.sum())
     del inwin
     done_in = okg & (a["t_done"] >= w0[run]) & (a["t_done"] <= w1[run])
@@ -436,6 +457,7 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
               "windows": {d.runs[r]["run_id"]: [float(w0[r]), float(w1[r]) if np.isfinite(w1[r]) else None]
                           for r in runs_in}}
     out["throughput"] = {"whole": whole, "steady": steady}
+    tick("  throughput")
 
     # concurrency (requests in flight between t_sent and t_done)
     busy = gmask & np.isfinite(a["t_sent"]) & np.isfinite(a["t_done"])
@@ -449,8 +471,11 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
             mx = max(mx, int(np.cumsum(step[o]).max()))
     out["concurrency"] = {"mean": rate(float(np.sum(a["t_done"][busy] - a["t_sent"][busy])), dur), "max": mx}
 
+    tick("  concurrency")
     out["sessions"] = _sessions(d, gmask & ~a["warmup"], P)
+    tick("  sessions")
     out["accuracy"] = _accuracy(d, gmask, measured, okm, P)
+    tick("  accuracy")
     out["caching"] = _caching(d, okm)
     fi, missed, total = fl
     fsel = okm & np.isfinite(fi)
@@ -578,7 +603,7 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
     else:
         em = np.repeat(okm, te.n)
         kn = em if te.known is None else em & te.known
-        k = te.k[kn]
+        k = M.take(te.k, kn)
     hist = {}
     for lo, hi, lab in ((1, 1, "1"), (2, 2, "2"), (3, 3, "3"), (4, 4, "4"), (5, 8, "5-8"), (9, 16, "9-16"),
                         (17, 1 << 62, "17+")):
@@ -671,12 +696,15 @@ def _goodput(d: Data, g: Goodput, measured, duration: float) -> dict:
 def evaluate_data(d: Data, opts: Options) -> dict:
     """The whole evaluation as a JSON-able dict."""
     w0, w1, how = _windows(d, opts.warmup, opts.cooldown)
+    tick("start")
     fl = M.fluidity(d.n, d.te, d.a["t_sent"], *opts.fluidity)
+    tick("fluidity")
     group_by = opts.group_by
     if not group_by and len(d.runs) > 1:
         group_by = ["run"]
     everything = np.ones(d.n, dtype=bool)
     overall = summarize(d, opts, everything, w0, w1, how, fl)
+    tick("summary")
     groups = []
     if group_by:
         keys = d.group_keys(group_by)
@@ -696,6 +724,7 @@ def evaluate_data(d: Data, opts: Options) -> dict:
     }
     from vk.eval.slo import check_slos
 
+    tick("groups, time series")
     result = clean(result)
     result["slo"] = check_slos(opts.slo, result)
     return result

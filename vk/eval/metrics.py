@@ -74,7 +74,7 @@ def token_events(flat: Flat, n_tok: np.ndarray, tokens_null: np.ndarray,
     else:
         lut = np.zeros(256, dtype=bool)
         lut[list(TOKEN_KIND_CODES)] = True
-        t = flat.t[lut[flat.kind]]
+        t = take(flat.t, lut[flat.kind])
     starts = np.r_[0, np.cumsum(n_tok)[:-1]].astype(np.int64) if len(n_tok) else np.zeros(0, np.int64)
     n_unknown = np.where(tokens_null, n_tok, 0).astype(np.int64)
     k = known = None
@@ -128,6 +128,11 @@ def per_request_events(n: int, te: TokenEvents) -> dict[str, np.ndarray]:
         "gap_k": keep_k,  # None: every chunk carries one token
         "first_k": first_k,
     }
+
+
+def take(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``values[mask]``, faster: numpy's boolean indexing is several times slower than an index gather."""
+    return values[np.flatnonzero(mask)]
 
 
 def segment_sums(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -230,7 +235,12 @@ def stats(values: np.ndarray, percentiles: list[float], weights_zero: int = 0) -
     Percentiles interpolate linearly between order statistics (numpy's and DuckDB's quantile_cont default);
     stddev is the population standard deviation.
     """
-    srt = values[~np.isnan(values)] if values.dtype.kind == "f" else values.copy()  # a copy: sorted in place
+    if values.dtype.kind == "f":
+        nan = np.isnan(values)
+        srt = values.copy() if not nan.any() else take(values, ~nan)  # a copy: sorted in place
+        del nan
+    else:
+        srt = values.copy()
     if weights_zero:
         srt = np.concatenate([np.zeros(weights_zero), srt])
     n = len(srt)

@@ -43,7 +43,7 @@ def _run_data(d, r: int) -> dict[str, np.ndarray]:
     from vk.eval.metrics import gap_mask
 
     gsel = gap_mask(d.pe, m)
-    itl = d.pe["gaps"] if gsel is None else d.pe["gaps"][gsel]
+    itl = d.pe["gaps"] if gsel is None else d.pe["gaps"][np.flatnonzero(gsel)]
     return {"ttft": a["ttft"][m], "tpot": a["tpot"][m], "e2e": a["e2e"][m], "itl": itl,
             "input": a["input_tokens"][m]}
 
