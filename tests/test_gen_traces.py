@@ -578,3 +578,14 @@ def test_hash_id_prefix_reuse_reaches_the_server_cache(serve, tmp_path):
         want = min(q.get("prefix_tokens", 0), q["input_tokens"] - 1) // 16 * 16
         got.append((r["usage"]["cached_tokens"], want))
     assert [g for g, _ in got] == [w for _, w in got] and sum(g for g, _ in got) == 128
+
+
+def test_output_control_prompt_asks_for_the_length(tok):
+    gen_ = gen(T / "azure2024_code.csv", "azure", tok, count=2, output_control="prompt")
+    r = gen_[0]["requests"][0]
+    assert r["output_control"] == "prompt" and content(r).endswith(" Please write a reply of about 4 words.")
+    assert r["input_tokens"] == 2162 == tok.count(content(r))  # the instruction is inside the trace's length
+    txt = gen(T / "requests_text.jsonl", "requests", tok, count=1, output_spec={"text": {"output_control": "prompt"}})
+    r = txt[0]["requests"][0]
+    assert content(r) == "Write a haiku about the sea. Please write a reply of about 22 words."
+    assert r["input_tokens"] == tok.count(content(r))  # verbatim text + the instruction

@@ -454,6 +454,7 @@ class Builder:
         self.stride = (max_int_id + 1) if max_int_id is not None else None
         self._salt_len: dict[str, int] = {}
         self._salt_const: int | None | bool = False  # not checked yet
+        self._instr: dict[int, tuple[str, int]] = {}
 
     @property
     def text(self):
@@ -489,6 +490,14 @@ class Builder:
             counts = {len(e) for e in self.tok.encode_batch([self.text.unique_salt(x) for x in labels])}
             self._salt_const = counts.pop() if len(counts) == 1 else None
         return self._salt_const
+
+    def instruction(self, out_tokens: int) -> tuple[str, int]:
+        """``output_control: prompt``: the sentence asking for the output length, and its token count."""
+        r = self._instr.get(out_tokens)
+        if r is None:
+            text = f" Please write a reply of about {max(1, round(out_tokens * 0.75))} words."
+            r = self._instr[out_tokens] = (text, self.tok.count(text))
+        return r
 
     def block_key(self, x, epoch: int):
         if epoch and not self.cfg.wrap_share_cache and x not in self.fl.keep_set:
@@ -609,7 +618,8 @@ class Builder:
         rng = None
         reqs = []
         chat = cfg.request_format == "chat"
-        for k, (tu, p) in enumerate(zip(turns, plan, strict=False)):
+        instr_mode = cfg.output_control == "prompt"
+        for k, (tu, p) in enumerate(zip(turns, plan, strict=True)):
             prefix_tokens = 0
             system = tu.system
             if tu.text is not None:
@@ -621,8 +631,16 @@ class Builder:
             else:
                 if rng is None:
                     rng = component_rng(self.seed, "vk.gen.traces.content", epoch, first_line)
-                text = self.fresh(p["new"], rng, sid if k == 0 else None)
-                n_in = p["new"]
+                n_gen = p["new"]
+                if instr_mode:  # the instruction comes out of the target: the total stays the trace's length
+                    n_gen = max(1, n_gen - self.instruction(self.output_tokens(tu))[1])
+                text = self.fresh(n_gen, rng, sid if k == 0 else None)
+                n_in = n_gen
+            out_tokens = fl.warmup_output_tokens if warmup else self.output_tokens(tu)
+            if instr_mode:
+                instr, n_instr = self.instruction(out_tokens)
+                text += instr
+                n_in += n_instr
             if chat:
                 msgs = ([{"role": "system", "content": system}] if system else []) + \
                        [{"role": "user", "content": text}]
@@ -631,7 +649,6 @@ class Builder:
                 body = {"prompt": (system + "\n\n" + text) if system else text}
                 if system:
                     n_in = self.tok.count(body["prompt"])
-            out_tokens = fl.warmup_output_tokens if warmup else self.output_tokens(tu)
             extra = tu.extra or {}
             reqs.append(records.new_request(
                 p["id"], parents=p["parents"], history=p["history"], think_time=p["think"],
