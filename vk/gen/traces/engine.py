@@ -622,6 +622,7 @@ class Builder:
         for k, (tu, p) in enumerate(zip(turns, plan, strict=True)):
             prefix_tokens = 0
             system = tu.system
+            out_tokens = fl.warmup_output_tokens if warmup else self.output_tokens(tu)
             if tu.text is not None:
                 text = tu.text
                 n_in = self.tok.count(text) + (self.tok.count(system) if system else 0)
@@ -633,10 +634,9 @@ class Builder:
                     rng = component_rng(self.seed, "vk.gen.traces.content", epoch, first_line)
                 n_gen = p["new"]
                 if instr_mode:  # the instruction comes out of the target: the total stays the trace's length
-                    n_gen = max(1, n_gen - self.instruction(self.output_tokens(tu))[1])
+                    n_gen = max(1, n_gen - self.instruction(out_tokens)[1])
                 text = self.fresh(n_gen, rng, sid if k == 0 else None)
                 n_in = n_gen
-            out_tokens = fl.warmup_output_tokens if warmup else self.output_tokens(tu)
             if instr_mode:
                 instr, n_instr = self.instruction(out_tokens)
                 text += instr
