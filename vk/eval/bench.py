@@ -65,7 +65,8 @@ from vk.eval import evaluate
 r = evaluate(sys.argv[1], goodput="ttft<1s,tpot<50ms")
 el = time.perf_counter() - t0
 assert r.to_dict()["overall"]["counts"]["ok"] == int(sys.argv[2])
-print(el, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(el, ru.ru_maxrss, ru.ru_utime + ru.ru_stime)
 """
 
 
@@ -77,19 +78,23 @@ def run(quick: bool = False) -> list[dict]:
         generate(path, n)
         gen_s = time.perf_counter() - g0
         size = os.path.getsize(path)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         p = subprocess.run([sys.executable, "-c", CHILD, path, str(n)], capture_output=True, text=True)
         if p.returncode != 0:
             return [{"figure": f"vk-eval: summarise {n:,} responses x {EVENTS} events",
                      "value": "failed: " + (p.stderr.strip().splitlines() or ["?"])[-1], "target": "< 10 s",
                      "ok": False}]
-        el, rss_kb = p.stdout.split()
+        el, rss_kb, cpu = p.stdout.split()
         el = float(el)
+        cpu = float(cpu)
         rss_mb = int(rss_kb) / 1024
     target = 10.0
     return [
         {"figure": f"vk-eval: summarise {n:,} responses x {EVENTS} events ({size / 1e6:,.0f} MB JSONL)",
          "value": f"{el:.2f} s ({n / el:,.0f} responses/s)", "target": f"< {target:g} s at 1M",
          "ok": el < target if not quick else None},
+        {"figure": "vk-eval: CPU time of that summary (user+sys; load average before it)",
+         "value": f"{cpu:.1f} s (load {load:.1f})", "target": "-", "ok": None},
         {"figure": "vk-eval: peak memory (RSS) of that summary", "value": f"{rss_mb:,.0f} MiB", "target": "reported",
          "ok": None},
         {"figure": f"vk-eval bench: generating the {n:,}-record input", "value": f"{gen_s:.1f} s", "target": "-",
