@@ -206,6 +206,7 @@ def test_claude_code_cumulative_history_and_waits(tok):
     assert [r.get("history") for r in a["requests"]] == [None, "r0", "r1"]
     assert [r.get("think_time", 0) for r in a["requests"]] == [0, 2.0, 1.25]  # the trace's own wait column
     assert [s["trace_time"] for s in out] == [0.0, 1.5, 12.0]
+    assert [s["source"]["session"] for s in out] == ["a", "b", "c"]  # the trace's own session ids
     for s in out:
         for r in s["requests"]:
             assert tok.count(content(r)) == r["input_tokens"]
@@ -262,6 +263,7 @@ def test_mooncake_conv_text_and_turns(tok):
 def test_sharegpt_every_turn_becomes_a_request(tok):
     out = gen(T / "sharegpt.json", "conversations", tok)
     assert len(out) == 2  # conv-3 has no answered user turn
+    assert [s["source"]["session"] for s in out] == ["conv-1", "conv-2"]
     c1 = out[0]["requests"]
     assert len(c1) == 3
     assert c1[0]["messages"] == [{"role": "system", "content": "You are a helpful sailor."},

@@ -661,6 +661,8 @@ class Builder:
             rows = sorted({tu.line for tu in turns})
             if len(rows) > 1:
                 source["rows"] = rows
+        if turns[0].key is not None:
+            source["session"] = turns[0].key  # the trace's own session (or conversation) id
         if epoch:
             source["epoch"] = epoch
         extra = {"warmup": True} if warmup else {}

@@ -571,7 +571,9 @@ class Conversations(Flavor):
         if pairs and pairs[-1][1] is None and self.last_output_tokens is None:
             pairs.pop()  # the last user turn has no reply to take a length from
         turns = []
-        key = obj.get("id", line)
+        key = obj.get("id")
+        if isinstance(key, (dict, list)):
+            key = None
         for k, (u, a) in enumerate(pairs):
             tu = Turn(line, key, t if k == 0 else None, None, None)
             tu.text = u
