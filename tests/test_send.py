@@ -592,3 +592,18 @@ def _wait_for_responses(out, n=1, timeout=30.0):
             return
         time.sleep(0.05)
     raise AssertionError("vk-send produced no responses in time")
+
+
+def test_closed_output_stops_the_run_quietly(serve):
+    srv = serve("--ttft", "0.01", "--tpot", "0.01")
+    sessions = [session(f"s{i}", [req("a", out=20)]) for i in range(100)]
+    data = b"".join(orjson.dumps(r) + b"\n" for r in open_schedule(sessions, [i * 0.05 for i in range(100)]))
+    p = subprocess.Popen([*vk_cmd("vk-send"), "--api", srv.url, "--workers", "1"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdin.write(data)
+    p.stdin.close()
+    assert p.stdout.readline().startswith(b'{"kind":"run"')
+    assert p.stdout.readline().startswith(b'{"kind":"response"')
+    p.stdout.close()  # like `vk-send ... | head -2`
+    err = p.stderr.read()
+    assert p.wait(timeout=30) == 0 and b"Traceback" not in err

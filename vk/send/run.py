@@ -16,6 +16,7 @@ import fcntl
 import gc
 import io
 import os
+import queue
 import signal
 import socket
 import stat
@@ -207,10 +208,14 @@ class Collector:
         self.n = 0
         self.errors = 0
         self.t_last_done = 0.0
-        self.writing = False
         self.broken = False
-        self.exit_after_write = False
+        self.write_error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.lock: threading.Lock | None = None
+        self.q = None
+        self.on_broken = None
         self.inflight = 0
+        self.sessions_done = 0
         self.bar = None
         self.t_bar = 0.0
         if progress:
@@ -218,18 +223,53 @@ class Collector:
 
             self.bar = tqdm(unit="req", file=sys.stderr, dynamic_ncols=True, mininterval=0.5, smoothing=0.1)
 
-    def add(self, rec: dict, line: bytes | None = None) -> None:
-        if not self.broken:
-            self.writing = True
-            try:
-                self.writer.write_raw(line if line is not None else dumps(rec))
-            except BrokenPipeError:
-                # the reader went away (vk-send ... | head): stop sending, nothing more can be recorded
-                self.broken = True
-                self.on_stop("the output was closed (broken pipe)", "output_closed")
-            self.writing = False
-        if self.exit_after_write:
+    # -- output: a writer thread, so that a slow disk never stalls the event loop -------------------------------
+    def start_writer(self, on_broken) -> None:
+        """From here on records are written by a thread (one write and flush per record, in order)."""
+        self.on_broken = on_broken
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._write_loop, daemon=True, name="vk-send-writer")
+        self.thread.start()
+
+    def _write_loop(self) -> None:
+        q = self.q
+        while True:
+            line = q.get()
+            if line is None:
+                return
+            if self.broken:
+                continue
+            with self.lock:
+                try:
+                    self.writer.write_raw(line)
+                except BrokenPipeError:
+                    # the reader went away (vk-send ... | head): stop sending, nothing more can be recorded
+                    self.broken = True
+                    self.on_broken()
+                except (OSError, ValueError) as e:
+                    self.broken = True
+                    self.write_error = e
+                    self.on_broken()
+
+    def stop_writer(self) -> None:
+        """Wait until every record handed over is written."""
+        if self.thread is not None:
+            self.q.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def exit_now(self) -> None:
+        """A second signal: leave at once, but never in the middle of a line."""
+        if self.lock is not None:
+            self.lock.acquire(timeout=2.0)
+        try:
+            self.writer.flush()
+        finally:
             os._exit(130)
+
+    def add(self, rec: dict, line: bytes | None = None) -> None:
+        self.q.put(line if line is not None else dumps(rec))
         self.n += 1
         st = rec.get("status")
         self.counts[st] += 1
@@ -260,7 +300,7 @@ class Collector:
         self.t_bar = _mono()
         self.bar.n = self.n
         p99 = self.lag_stats()["p99"]
-        self.bar.set_postfix_str(f"errors={self.errors} in_flight={self.inflight} "
+        self.bar.set_postfix_str(f"sessions={self.sessions_done} errors={self.errors} in_flight={self.inflight} "
                                  f"lag_p99={'-' if p99 is None else f'{p99 * 1e3:.2f}ms'}", refresh=False)
         self.bar.refresh()
 
@@ -395,7 +435,7 @@ def _worker_main(cfg: Config, in_conn, out_conn, stop_event, progress: bool) -> 
                 return
             if progress:
                 with lock:
-                    out_conn.send_bytes(b"#inflight %d" % engine.inflight)
+                    out_conn.send_bytes(b"#inflight %d %d" % (engine.inflight, engine.sessions_done))
 
     async def main() -> None:
         w = loop.create_task(watch_stop())
@@ -597,13 +637,28 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     header_pos = _tell(writer)
     writer.write_raw(header_line)
 
+    def on_broken() -> None:  # from the writer thread
+        why = "the output was closed (broken pipe)" if collector.write_error is None else \
+            f"cannot write the output ({collector.write_error})"
+        _set_reason(state, why, "output_closed")
+        if workers == 1:
+            inproc.loop.call_soon_threadsafe(inproc.engine.request_stop, why)
+        else:
+            stop_event.set()
+
+    collector.start_writer(on_broken)
     stats: dict[str, Any] = {}
-    if workers == 1:
-        stats = inproc.run(stream_in)
-    else:
-        stats = _run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pipes, stop_event,
-                             handle_signals)
+    try:
+        if workers == 1:
+            stats = inproc.run(stream_in)
+        else:
+            stats = _run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pipes, stop_event,
+                                 handle_signals)
+    finally:
+        collector.stop_writer()
     collector.close_bar()
+    if collector.write_error is not None:
+        raise VkError(f"{writer.path}: cannot write ({collector.write_error})")
 
     lag = collector.lag_stats()
     lagged = lag["p99"] is not None and lag["p99"] > lag_threshold
@@ -723,11 +778,7 @@ class _InProcess:
         state = self.state
         state["signals"] += 1
         if state["signals"] >= 2:
-            self.collector.writer.flush()
-            if self.collector.writing:
-                self.collector.exit_after_write = True
-            else:
-                os._exit(130)
+            self.collector.exit_now()
             return
         print(f"\nvk-send: {signame}: stopping (cancelling requests in flight; again to exit at once)",
               file=sys.stderr)
@@ -789,6 +840,7 @@ async def _progress_task(engine, collector) -> None:
     while True:
         await asyncio.sleep(0.5)
         collector.inflight = engine.inflight
+        collector.sessions_done = engine.sessions_done
         collector.refresh_bar()
 
 
@@ -826,14 +878,10 @@ def _run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pi
             state["signals"] += 1
             name = signal.Signals(signum).name
             if state["signals"] >= 2:
-                if collector.writing:
-                    collector.exit_after_write = True
-                    return
-                collector.writer.flush()
                 for p in procs:
                     if p.is_alive():
                         p.kill()
-                os._exit(130)
+                collector.exit_now()
             print(f"\nvk-send: {name}: stopping (cancelling requests in flight; again to exit at once)",
                   file=sys.stderr)
             _set_reason(state, f"interrupted by {name}", "interrupted")
@@ -850,6 +898,7 @@ def _run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pi
     stats = {"sessions_started": 0, "sessions_done": 0, "sessions_not_started": 0, "duration_reached": False,
              "kernel_timestamps": None}
     inflight = [0] * workers
+    sessions = [0] * workers
     try:
         while alive:
             for c in wait(list(alive), timeout=0.25):
@@ -861,8 +910,11 @@ def _run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pi
                 if msg[:1] == b"{":
                     collector.add(orjson.loads(msg), msg)
                 elif msg.startswith(b"#inflight"):
-                    inflight[alive[c]] = int(msg.split()[1])
+                    _, a, b = msg.split()
+                    inflight[alive[c]] = int(a)
+                    sessions[alive[c]] = int(b)
                     collector.inflight = sum(inflight)
+                    collector.sessions_done = sum(sessions)
                 elif msg.startswith(b"#done"):
                     st = orjson.loads(msg[6:])
                     for k in ("sessions_started", "sessions_done", "sessions_not_started"):
