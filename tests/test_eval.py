@@ -523,3 +523,19 @@ def test_prompt_tokens_first_turns():
     r = resp("a", events=[(0.1, "c", 1)], usage={"prompt_tokens": 108, "completion_tokens": 1}, target_in=100)
     p = evaluate([RUN, r]).to_dict()["overall"]["accuracy"]["prompt_vs_target"]
     assert p["first_turns"] == {"n": 1, "share_exact": 0.0, "mean_diff": 8.0, "max_abs_diff": 8.0}
+
+
+def test_token_event_selection_sql_and_numpy_paths_agree(monkeypatch):
+    from vk.eval.core import Data
+
+    # non-contiguous token events (an empty chunk between two content chunks) and server times
+    r = resp("nc", events=[(0.1, "e", None), (0.2, "c", 1), (0.25, "e", None), (0.4, "c", 2), (0.5, "u", None)],
+             usage={"completion_tokens": 3})
+    r["events"]["server_t"] = [0.09, 0.19, 0.24, 0.39, 0.49]
+    recs = RECORDS + [r]
+    fast = evaluate(recs).to_dict()
+    monkeypatch.setattr(Data, "USE_SQL_TOKEN_FILTER", False)
+    slow = evaluate(recs).to_dict()
+    assert fast == slow
+    assert fast["overall"]["latency"]["itl_chunk"]["n"] == 6
+    assert fast["overall"]["accuracy"]["timestamp_error"]["n"] == 2

@@ -80,7 +80,7 @@ FROM (SELECT * FROM raw WHERE kind = 'run') h LEFT JOIN (SELECT * FROM raw WHERE
 """
 
 
-_T0 = [0.0]
+_T0 = [0.0, 0.0]
 
 
 def tick(label: str) -> None:
@@ -90,9 +90,11 @@ def tick(label: str) -> None:
         import time
 
         now = time.perf_counter()
+        cpu = time.process_time()
         if label != "start":
-            print(f"vk-eval timing: {label:<24} {now - _T0[0]:7.3f} s", file=sys.stderr)
-        _T0[0] = now
+            print(f"vk-eval timing: {label:<24} {now - _T0[0]:7.3f} s wall {cpu - _T0[1]:7.3f} s cpu",
+                  file=sys.stderr)
+        _T0[:] = [now, cpu]
 
 
 def _f(x) -> np.ndarray:
@@ -160,7 +162,7 @@ class Data:
             + ", usage.prompt_tokens AS prompt_tokens, usage.completion_tokens AS completion_tokens, "
             "usage.cached_tokens AS cached_tokens, usage.reasoning_tokens AS reasoning_tokens, "
             "target_input_tokens, target_output_tokens, coalesce(prefix_tokens, target_prefix_tokens) AS prefix, "
-            "coalesce(len(events.t), 0) AS n_events, coalesce(events.kind, '') AS ekind, "
+            "coalesce(len(events.t), 0) AS n_events, "
             "events.server_t IS NOT NULL AS has_server_t, events.tokens IS NULL AS tokens_null, row, "
             "length(regexp_replace(coalesce(events.kind, ''), '[^crt]', '', 'g')) AS n_tok "
             "FROM responses ORDER BY row"
@@ -180,15 +182,12 @@ class Data:
                   "target_input_tokens", "target_output_tokens", "prefix"):
             a[f] = _f(cols[f])
         n_events = np.asarray(cols["n_events"], dtype=np.int64)
-        kinds = _obj(cols["ekind"])
-        kind_bytes = np.frombuffer("".join(kinds.tolist()).encode("ascii", "replace"), dtype=np.uint8)
         has_server_t = bool(np.any(np.asarray(cols["has_server_t"], dtype=bool)))
         cols_tokens_null = np.asarray(cols["tokens_null"], dtype=bool)
         rows = np.asarray(cols["row"], dtype=np.int64)
         n_tok = np.asarray(cols["n_tok"], dtype=np.int64)
-        del cols, kinds
-        # event times (insertion order is preserved: no ORDER BY over millions of events)
-        t = _f(con.execute("SELECT unnest(events.t) AS t FROM (SELECT row, events FROM responses ORDER BY row)").fetchnumpy()["t"])
+        del cols
+        t, st, kind_bytes = self._event_times(n_tok, has_server_t)
         # per-event token counts, fetched sparsely: only the token events whose count is not 1, with their rank
         # among the request's token events. Rows whose counts are all 1, one per token event, are skipped
         # without unnesting (assumes the usual: empty and usage-only events carry no count).
@@ -204,14 +203,9 @@ class Data:
         if len(sparse["row"]):
             ordinal = np.searchsorted(rows, np.asarray(sparse["row"], dtype=np.int64))
             sp = (ordinal, np.asarray(sparse["rank"], dtype=np.int64), _f(sparse["k"]))
-        st = None
-        if has_server_t:
-            st = _f(con.execute(
-                "SELECT unnest(coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))) AS st "
-                "FROM (SELECT row, events FROM responses ORDER BY row)").fetchnumpy()["st"])
-        flat = M.Flat(n_events, t, kind_bytes, None, st)
+        flat = M.Flat(n_events if kind_bytes is not None else n_tok, t, kind_bytes, None, st)
         del t, st
-        if len(flat.t) != len(flat.kind):
+        if flat.kind is not None and len(flat.t) != len(flat.kind):
             raise VkError("events.t and events.kind disagree in length")
         self.flat = flat
         tick("fetch arrays")
@@ -247,6 +241,45 @@ class Data:
         a["queue_delay"] = a["t_sent"] - a["t_intended"]
         a["dispatch_lag"] = a["t_dispatched"] - a["t_intended"]
         a["server_t_err"] = None
+
+    USE_SQL_TOKEN_FILTER = True
+
+    def _event_times(self, n_tok: np.ndarray, has_server_t: bool):
+        """Times (and server times) of the events: only the token events when DuckDB can select them (a slice
+        when a request's token events are contiguous, the usual case, else a filter by event kind), else every
+        event with the event kinds, for numpy to select. Returns (t, server_t or None, kind bytes or None)."""
+        con = self.con
+        order = "FROM (SELECT row, events FROM responses ORDER BY row)"
+        if self.USE_SQL_TOKEN_FILTER:
+            ks = "coalesce(events.kind, '')"
+            a = f"(length({ks}) - length(ltrim({ks}, 'eu')) + 1)"
+            b = f"length(rtrim({ks}, 'eu'))"
+            ntok = f"length(regexp_replace({ks}, '[^crt]', '', 'g'))"
+
+            def pick(col: str) -> str:
+                return (f"unnest(CASE WHEN {b} - {a} + 1 = {ntok} THEN list_slice({col}, {a}, {b}) "
+                        f"ELSE list_filter({col}, lambda x, i: substr({ks}, i, 1) IN ('c', 'r', 't')) END)")
+
+            try:
+                t = _f(con.execute(f"SELECT {pick('events.t')} AS t {order}").fetchnumpy()["t"])
+                st = None
+                if has_server_t:
+                    st = _f(con.execute(
+                        f"SELECT {pick('coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))')} "
+                        f"AS st {order}").fetchnumpy()["st"])
+                if len(t) == int(n_tok.sum()):
+                    return t, st, None
+            except duckdb.Error:  # a DuckDB without lambda x: ... (before 1.3)
+                pass
+        kinds = _obj(con.execute(f"SELECT coalesce(events.kind, '') AS k {order}").fetchnumpy()["k"])
+        kind_bytes = np.frombuffer("".join(kinds.tolist()).encode("ascii", "replace"), dtype=np.uint8)
+        t = _f(con.execute(f"SELECT unnest(events.t) AS t {order}").fetchnumpy()["t"])
+        st = None
+        if has_server_t:
+            st = _f(con.execute(
+                "SELECT unnest(coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))) AS st "
+                f"{order}").fetchnumpy()["st"])
+        return t, st, kind_bytes
 
     def _codes(self, values: np.ndarray) -> np.ndarray:
         uniq, inv = np.unique(values.astype(str), return_inverse=True)
@@ -388,13 +421,13 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
         gk = M.take(gk, gm)
     for name in LATENCY_METRICS:
         if name == "itl_chunk":
-            s = M.stats(gaps, P)
+            s = M.stats(gaps, P, pooled=True)
         elif name == "itl_token":
-            s = lat["itl_chunk"] if gk is None or (gk == 1).all() else M.stats(np.repeat(gaps / gk, gk), P)
+            s = lat["itl_chunk"] if gk is None or (gk == 1).all() else M.stats(np.repeat(gaps / gk, gk), P, pooled=True)
         elif name == "itl_token_zeros":
-            zeros = int((0 if gk is None else (gk[~np.isnan(gaps)] - 1).sum())
+            zeros = int((0 if gk is None else (gk[np.isfinite(gaps)] - 1).sum())
                         + (d.pe["first_k"][okm] - 1).clip(0).sum())
-            s = lat["itl_chunk"] if zeros == 0 else M.stats(gaps, P, weights_zero=zeros)
+            s = lat["itl_chunk"] if zeros == 0 else M.stats(gaps, P, weights_zero=zeros, pooled=True)
         elif name in ("queue_delay", "dispatch_lag"):
             s = M.stats(a[name][measured], P)
         else:
@@ -634,9 +667,9 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
     if dl.get("n") and dl.get("p99", 0) is not None and dl.get("p99", 0) > 0.1 and not lagged:
         flags.append(f"LAG: p99 dispatch lag is {dl['p99'] * 1000:.0f} ms (requests left later than scheduled)")
     # timestamp error against the server's ground truth
-    if d.flat.server_t is not None:
-        sel_ev = np.repeat(gmask, d.flat.n_events) & np.isfinite(d.flat.server_t)
-        err = d.flat.t[sel_ev] - d.flat.server_t[sel_ev]
+    if d.te.server_t is not None:  # over the token events
+        sel_ev = np.repeat(gmask, d.te.n) & np.isfinite(d.te.server_t)
+        err = M.take(d.te.t, sel_ev) - M.take(d.te.server_t, sel_ev)
         if len(err):
             e = M.stats(err, [50, 90, 99])
             e["spread_p99_minus_p50"] = e["p99"] - e["p50"]

@@ -172,15 +172,22 @@ def load(con: duckdb.DuckDBPyConnection, inputs: Inputs, extra_fields: Iterable[
             cols[f] = "VARCHAR"
     col_sql = "{" + ", ".join(f"{_sql_str(k)}: {_sql_str(v)}" for k, v in cols.items()) + "}"
     files = "[" + ", ".join(_sql_str(p) for p in inputs.paths) + "]"
-    try:
-        con.execute(
-            f"CREATE OR REPLACE TABLE raw AS SELECT * FROM read_ndjson({files}, columns={col_sql}, "
-            f"filename=true, maximum_object_size=1073741824, ignore_errors=false)"
-        )
-    except duckdb.Error as e:
-        if not checked:
-            validate_files(inputs)  # raises the precise error when the input is at fault
-        raise VkError(f"cannot read the input: {str(e).splitlines()[0]}") from None
+    # DuckDB's default maximum object size (16 MB) keeps the reader parallel; a larger one (records with very
+    # long texts) is tried only when needed, as it reads with fewer threads
+    for size in (None, 1 << 30):
+        opt = f", maximum_object_size={size}" if size else ""
+        try:
+            con.execute(
+                f"CREATE OR REPLACE TABLE raw AS SELECT * FROM read_ndjson({files}, columns={col_sql}, "
+                f"filename=true{opt})"
+            )
+            break
+        except duckdb.Error as e:
+            if size is None and "maximum_object_size" in str(e):
+                continue
+            if not checked:
+                validate_files(inputs)  # raises the precise error when the input is at fault
+            raise VkError(f"cannot read the input: {str(e).splitlines()[0]}") from None
     if not checked:
         _sql_checks(con, inputs)
 

@@ -30,7 +30,7 @@ class Flat:
 
     n_events: np.ndarray  # per request
     t: np.ndarray  # per event
-    kind: np.ndarray  # uint8 per event
+    kind: np.ndarray | None  # uint8 per event; None when t holds the token events only
     tokens: np.ndarray | None  # float per event, NaN where unknown; None: every event carries 1 token
     server_t: np.ndarray | None  # per event or None when no request has it
 
@@ -49,6 +49,7 @@ class TokenEvents:
     k: np.ndarray | None  # tokens per event (1 where unknown), int64; None when every event counts one token
     known: np.ndarray | None  # per event: count from events.tokens; None when all are known
     n_unknown: np.ndarray  # per request: token events without a count
+    server_t: np.ndarray | None = None  # per token event: the server's send time, when given
 
     @property
     def seg(self) -> np.ndarray:
@@ -69,12 +70,16 @@ def token_events(flat: Flat, n_tok: np.ndarray, tokens_null: np.ndarray,
     """
     n_tok = np.asarray(n_tok, dtype=np.int64)
     tokens_null = np.asarray(tokens_null, dtype=bool)
-    if int(n_tok.sum()) == len(flat.t):
+    if flat.kind is None or int(n_tok.sum()) == len(flat.t):  # already the token events only
         t = flat.t
+        st = flat.server_t
     else:
         lut = np.zeros(256, dtype=bool)
         lut[list(TOKEN_KIND_CODES)] = True
-        t = take(flat.t, lut[flat.kind])
+        idx = np.flatnonzero(lut[flat.kind])
+        t = flat.t[idx]
+        st = None if flat.server_t is None else flat.server_t[idx]
+        del idx
     starts = np.r_[0, np.cumsum(n_tok)[:-1]].astype(np.int64) if len(n_tok) else np.zeros(0, np.int64)
     n_unknown = np.where(tokens_null, n_tok, 0).astype(np.int64)
     k = known = None
@@ -94,7 +99,7 @@ def token_events(flat: Flat, n_tok: np.ndarray, tokens_null: np.ndarray,
         if known is None:
             known = np.ones(len(t), dtype=bool)
         known[np.repeat(tokens_null, n_tok)] = False
-    return TokenEvents(n_tok, starts, t, k, known, n_unknown)
+    return TokenEvents(n_tok, starts, t, k, known, n_unknown, st)
 
 
 def per_request_events(n: int, te: TokenEvents) -> dict[str, np.ndarray]:
@@ -103,7 +108,7 @@ def per_request_events(n: int, te: TokenEvents) -> dict[str, np.ndarray]:
     sum_k = n_tok.astype(np.float64) if te.k is None else segment_sums(te.k, te.starts, n_tok).astype(np.float64)
     all_known = (te.n_unknown == 0) & (n_tok > 0)
     # gaps between consecutive token events, aligned with the token events from the second one on: gap j is
-    # t[j+1] - t[j]; the slot across a request boundary is NaN (dropped by every statistic)
+    # t[j+1] - t[j]; the slot across a request boundary is +inf (dropped by every statistic)
     gaps = np.diff(te.t) if len(te.t) else np.zeros(0)
     last = (te.starts + n_tok - 1)[(n_tok > 0)]
     last = last[last < len(gaps)]
@@ -114,6 +119,8 @@ def per_request_events(n: int, te: TokenEvents) -> dict[str, np.ndarray]:
     if has.any():
         with np.errstate(invalid="ignore"):
             max_stall[has] = np.fmax.reduceat(gaps, te.starts[has])
+    # +inf marks the boundary slots from here on: inf sorts last, so statistics drop them without a NaN pass
+    gaps[last] = np.inf
     keep_k = None if te.k is None else te.k[1:]
     first_k = np.where(n_tok > 0, 1, 0).astype(np.int64)
     if te.k is not None:
@@ -229,13 +236,17 @@ def fluidity_reference(arrivals: list[float], t_start: float, prefill_deadline: 
     return (1.0 - missed / total if total else float("nan")), missed, total
 
 
-def stats(values: np.ndarray, percentiles: list[float], weights_zero: int = 0) -> dict | None:
+def stats(values: np.ndarray, percentiles: list[float], weights_zero: int = 0, pooled: bool = False) -> dict | None:
     """Summary statistics of a sample (NaN dropped); ``weights_zero`` extra zeros are pooled in.
+
+    ``pooled``: a pooled gap array, whose missing slots are +inf (and never NaN): sorted as is, the infs cut off.
 
     Percentiles interpolate linearly between order statistics (numpy's and DuckDB's quantile_cont default);
     stddev is the population standard deviation.
     """
-    if values.dtype.kind == "f":
+    if pooled:
+        srt = values.copy()
+    elif values.dtype.kind == "f":
         nan = np.isnan(values)
         srt = values.copy() if not nan.any() else take(values, ~nan)  # a copy: sorted in place
         del nan
@@ -243,10 +254,12 @@ def stats(values: np.ndarray, percentiles: list[float], weights_zero: int = 0) -
         srt = values.copy()
     if weights_zero:
         srt = np.concatenate([np.zeros(weights_zero), srt])
+    srt.sort()  # a vectorised sort is faster than numpy's percentile (partition) on large samples
+    if pooled:
+        srt = srt[: int(np.searchsorted(srt, np.inf))]
     n = len(srt)
     if n == 0:
         return {"n": 0}
-    srt.sort()  # a vectorised sort is faster than numpy's percentile (partition) on large samples
     mean = float(srt.sum()) / n
     if n > 1_000_000:  # no n-sized temporary: E[x^2] - mean^2 (fine for latencies)
         var = max(0.0, float(np.dot(srt, srt)) / n - mean * mean)
