@@ -33,6 +33,8 @@ from vk.send.sse import error_body_text, parse_json_body, parse_stream
 _mono = time.monotonic
 
 LOOKAHEAD = 1.0  # seconds: how early an open-loop session is taken from the queue before its start
+PARSE_GUARD = 0.0006  # seconds: a finished response is parsed only when no dispatch is due sooner than this
+PARSE_WAIT_MAX = 0.02  # seconds: ... but never postponed longer than this
 
 # fields of the input records that vk-send interprets; every other field is copied into the response
 _SS_KNOWN = {"kind", "v", "index", "start", "warmup", "session"}
@@ -431,6 +433,8 @@ class Engine:
                 ex.t_done = _mono()
         finally:
             self.inflight -= 1
+        if self.deadlines.heap and not self.stopping:
+            await self._quiet_moment()
         status, text = self._finish_record(s, r, ex, t_intended, t_dispatched, xrid)
         if rid in s.keep_conv and status == STATUS_OK:
             if self.completions:
@@ -438,6 +442,21 @@ class Engine:
             else:
                 s.conv[rid] = content + [{"role": "assistant", "content": text}]
         self._request_done(s, rid, status, ex.t_done)
+
+    async def _quiet_moment(self) -> None:
+        """Wait until no dispatch is due within PARSE_GUARD, so that parsing a finished response (a few hundred
+        microseconds for a long stream) never makes a scheduled request late; gives up after PARSE_WAIT_MAX."""
+        heap = self.deadlines.heap
+        give_up = _mono() + PARSE_WAIT_MAX
+        while heap:
+            d = heap[0][0]
+            now = _mono()
+            if d - now > PARSE_GUARD or now > give_up:
+                return
+            try:
+                await self.deadlines.sleep_until(d + 1e-6)
+            except asyncio.CancelledError:
+                return
 
     def _finish_record(self, s: _Sess, r: dict, ex: Exchange, t_intended, t_dispatched, xrid) -> tuple[str, str]:
         mono0 = self.clock.mono0
