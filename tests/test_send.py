@@ -607,3 +607,12 @@ def test_closed_output_stops_the_run_quietly(serve):
     p.stdout.close()  # like `vk-send ... | head -2`
     err = p.stderr.read()
     assert p.wait(timeout=30) == 0 and b"Traceback" not in err
+
+
+def test_start_at_sets_the_run_start(scripted):
+    at = time.time() + 0.5
+    w = ListWriter()
+    send(open_schedule([session("s", [req("a")])], [0.0], start_at=at), api=scripted.url, output=w, workers=1,
+         model="m", handle_signals=False, quiet=True)
+    assert w.records[0]["start_epoch"] == pytest.approx(at, abs=0.002)
+    assert responses(w.records)[0]["status"] == "ok"

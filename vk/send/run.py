@@ -594,11 +594,6 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     state = {"reason": None, "ended": None, "signals": 0}
     input_error: list[BaseException] = []
 
-    # start instant: a little ahead so that workers are ready and the first sessions are not late
-    if header is not None and header.get("start_at"):
-        wait = float(header["start_at"]) - time.time()
-        if wait > 0:
-            time.sleep(wait)
     procs = []
     if workers > 1:
         import multiprocessing as mp
@@ -626,7 +621,11 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     if workers == 1:
         inproc = _InProcess(cfg, clock, collector, state, input_error, handle_signals)
     gc.collect()  # before the start instant: a full collection can take tens of milliseconds
-    clock.set_start(_mono() + (0.1 if workers > 1 else 0.02))  # a little ahead: everything is ready by then
+    # the start instant: a little ahead, so that everything is ready by then; or the schedule's start_at (epoch)
+    ahead = 0.1 if workers > 1 else 0.02
+    if header is not None and header.get("start_at"):
+        ahead = max(ahead, float(header["start_at"]) - time.time())
+    clock.set_start(_mono() + ahead)
     run_rec = records.new_run(
         cfg.run_id, round(clock.epoch0, 6), api=cfg.api, model=cfg.model, endpoint=cfg.endpoint,
         vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or [])), schedule=header,
