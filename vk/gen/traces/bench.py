@@ -1,8 +1,9 @@
-"""Trace conversion figures for ``make bench``: rows/s and peak memory on large synthesized traces.
+"""Trace conversion figures for ``make bench``: rows/s and memory on large synthesized traces.
 
-The traces are synthesized from the real slices in ``tests/data/traces`` (Mooncake FAST'25, Azure 2023): copies
-of the slice one after another, timestamps shifted and hash ids offset per copy, so that each copy keeps the real
-prefix-reuse structure. Memory is measured in a fresh process converting a million-row trace to /dev/null: the peak RSS
+The traces are synthesized from real ones (the whole Mooncake FAST'25 conversation trace when
+``../shared/data/traces`` is there, else the slice in ``tests/data/traces``; the Azure 2023 slice): copies one
+after another, timestamps shifted and hash ids offset per copy, so that each copy keeps the real prefix-reuse
+structure. Memory is measured in a fresh process converting a million-row trace to /dev/null: the peak RSS
 (``resource.getrusage``) and the growth of the resident set during the conversion, after the tokenizer and the
 corpus are loaded (flat memory: no growth in one pass; a few dozen bytes a row in the indexed mode).
 """
@@ -156,7 +157,8 @@ def run(quick: bool = False) -> list[dict]:
         d = Path(d)
         mc = d / "mooncake.jsonl"
         n_mc = 200 if quick else 20000
-        _synth_mooncake(DATA / "mooncake_head200.jsonl", mc, n_mc)
+        real = ROOT.parent / "shared" / "data" / "traces" / "mooncake_conversation_trace.jsonl"
+        _synth_mooncake(real if real.is_file() else DATA / "mooncake_head200.jsonl", mc, n_mc)
         rate, n, bps = _convert_rate(mc, {"type": "mooncake"}, tok)
         rows.append({"figure": f"mooncake conversion ({n} rows, ~14k-token prompts, 512-token hash blocks)",
                      "value": f"{rate:,.0f} rows/s ({bps / 1e6:.0f} MB/s of sessions)", "target": ">= 1,000 rows/s",

@@ -17,7 +17,8 @@ mooncake        single-turn rows (prefix reuse is in ``hash_ids``, not in sessio
 azure           single-turn
 burstgpt        single-turn; with ``session_column`` set: cumulative unless ``lengths`` says otherwise
 conversations   per turn: the real text of each user turn
-requests        explicit: ``lengths: per_turn | cumulative`` is required when rows carry session ids
+requests        explicit: ``lengths: per_turn | cumulative`` is required when rows carry session ids;
+                optional ``hash_ids`` for single-request rows (blocks as for mooncake)
 ==============  ===================================================================================
 """
 
