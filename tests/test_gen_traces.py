@@ -591,3 +591,19 @@ def test_output_control_prompt_asks_for_the_length(tok):
     r = txt[0]["requests"][0]
     assert content(r) == "Write a haiku about the sea. Please write a reply of about 22 words."
     assert r["input_tokens"] == tok.count(content(r))  # verbatim text + the instruction
+
+
+def test_compressed_trace_files(tok, tmp_path):
+    import gzip
+    import lzma
+
+    gz = tmp_path / "azure.csv.gz"
+    gz.write_bytes(gzip.compress((T / "azure2024_code.csv").read_bytes()))
+    xz = tmp_path / "mc.jsonl.xz"
+    xz.write_bytes(lzma.compress((T / "bad_mooncake.jsonl").read_bytes()))
+    assert [s["trace_time"] for s in gen(gz, "azure", tok)] == [0.0, 0.01554, 0.51353, 1.24007, 1.990071]
+    assert len(gen(xz, "mooncake", tok, max_rows=2)) == 2
+    bad = tmp_path / "x.jsonl.gz"
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(VkError, match="x.jsonl.gz: cannot read"):
+        gen(bad, "mooncake", tok)

@@ -287,8 +287,9 @@ class JsonArraySource(RowSource):
             self._fh = None
 
 
-def sniff_format(path: str) -> str:
-    low = path.lower()
+def sniff_format(path: str, name: str | None = None) -> str:
+    """jsonl, json or csv: by the extension of ``name`` (default ``path``), else by the first bytes."""
+    low = (name or path).lower()
     for ext, kind in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".csv", "csv"), (".tsv", "csv")):
         if low.endswith(ext):
             return kind
@@ -308,12 +309,16 @@ def sniff_format(path: str) -> str:
 
 
 class _Spool:
-    """stdin copied to a temporary file (the indexed mode needs to come back to rows)."""
+    """stdin, or a compressed file, copied to a temporary file (the indexed mode comes back to rows by offset)."""
 
-    def __init__(self):
+    def __init__(self, stream=None, label: str = "<stdin>"):
         fd, self.path = tempfile.mkstemp(prefix="vk-trace-", suffix=".spool")
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(sys.stdin.buffer, out, 1 << 20)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(sys.stdin.buffer if stream is None else stream, out, 1 << 20)
+        except Exception as e:  # noqa: BLE001 - gzip/bz2/lzma each raise their own kind: one line for all
+            self.close()
+            raise VkError(f"{label}: cannot read ({e})") from None
 
     def close(self):
         try:
@@ -326,6 +331,7 @@ def open_source(path: str, fmt: str = "auto") -> tuple[RowSource, object | None]
     """Open a trace file (``-`` is stdin, spooled to a temporary file). Returns (source, cleanup-handle)."""
     spool = None
     display = "<stdin>" if path == "-" else path
+    inner = path
     if path == "-":
         spool = _Spool()
         path = spool.path
@@ -333,7 +339,21 @@ def open_source(path: str, fmt: str = "auto") -> tuple[RowSource, object | None]
         raise VkError(f"{path}: no such file")
     elif os.path.isdir(path):
         raise VkError(f"{path}: is a directory, expected a trace file")
-    kind = fmt if fmt != "auto" else (sniff_format(path) if path.lower() != "-" else "jsonl")
+    else:
+        low = path.lower()
+        for ext, mod in ((".gz", "gzip"), (".bz2", "bz2"), (".xz", "lzma")):
+            if low.endswith(ext):
+                import importlib
+
+                with importlib.import_module(mod).open(path, "rb") as z:
+                    spool = _Spool(z, path)
+                inner = path[: -len(ext)]
+                path = spool.path
+                break
+    if fmt == "auto":
+        kind = sniff_format(path, inner)
+    else:
+        kind = fmt
     cls = {"jsonl": JsonlSource, "csv": CsvSource, "json": JsonArraySource}[kind]
     return cls(path, display), spool
 
