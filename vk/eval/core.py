@@ -165,7 +165,7 @@ class Data:
             "coalesce(len(events.t), 0) AS n_events, "
             "events.server_t IS NOT NULL AS has_server_t, events.tokens IS NULL AS tokens_null, row, "
             "length(regexp_replace(coalesce(events.kind, ''), '[^crt]', '', 'g')) AS n_tok "
-            "FROM responses ORDER BY row"
+            "FROM responses"
         ).fetchnumpy()
         self.a: dict[str, np.ndarray] = {}
         a = self.a
@@ -186,8 +186,12 @@ class Data:
         cols_tokens_null = np.asarray(cols["tokens_null"], dtype=bool)
         rows = np.asarray(cols["row"], dtype=np.int64)
         n_tok = np.asarray(cols["n_tok"], dtype=np.int64)
+        if len(rows) > 1 and not (np.diff(rows) > 0).all():  # insertion order is what aligns the queries
+            raise VkError("internal error: DuckDB returned the responses out of order")
         del cols
+        tick("  scalars")
         t, st, kind_bytes = self._event_times(n_tok, has_server_t)
+        tick("  event times")
         # per-event token counts, fetched sparsely: only the token events whose count is not 1, with their rank
         # among the request's token events. Rows whose counts are all 1, one per token event, are skipped
         # without unnesting (assumes the usual: empty and usage-only events carry no count).
@@ -247,38 +251,36 @@ class Data:
     def _event_times(self, n_tok: np.ndarray, has_server_t: bool):
         """Times (and server times) of the events: only the token events when DuckDB can select them (a slice
         when a request's token events are contiguous, the usual case, else a filter by event kind), else every
-        event with the event kinds, for numpy to select. Returns (t, server_t or None, kind bytes or None)."""
-        con = self.con
-        order = "FROM (SELECT row, events FROM responses ORDER BY row)"
-        if self.USE_SQL_TOKEN_FILTER:
-            ks = "coalesce(events.kind, '')"
-            a = f"(length({ks}) - length(ltrim({ks}, 'eu')) + 1)"
-            b = f"length(rtrim({ks}, 'eu'))"
-            ntok = f"length(regexp_replace({ks}, '[^crt]', '', 'g'))"
+        event with the event kinds, for numpy to select. Returns (t, server_t or None, kind bytes or None).
 
+        No ORDER BY: DuckDB keeps insertion order (preserve_insertion_order, on by default), the order of the
+        per-request query in _arrays; sorting millions of list rows would double the cost."""
+        con = self.con
+        if self.USE_SQL_TOKEN_FILTER:
             def pick(col: str) -> str:
-                return (f"unnest(CASE WHEN {b} - {a} + 1 = {ntok} THEN list_slice({col}, {a}, {b}) "
-                        f"ELSE list_filter({col}, lambda x, i: substr({ks}, i, 1) IN ('c', 'r', 't')) END)")
+                return (f"SELECT unnest(CASE WHEN b - a + 1 = nt THEN list_slice(x, a, b) ELSE list_filter(x, "
+                        f"lambda v, i: substr(ks, i, 1) IN ('c', 'r', 't')) END) AS x FROM (SELECT {col} AS x, ks, "
+                        "length(ks) - length(ltrim(ks, 'eu')) + 1 AS a, length(rtrim(ks, 'eu')) AS b, "
+                        "length(regexp_replace(ks, '[^crt]', '', 'g')) AS nt FROM "
+                        "(SELECT events, coalesce(events.kind, '') AS ks FROM responses))")
 
             try:
-                t = _f(con.execute(f"SELECT {pick('events.t')} AS t {order}").fetchnumpy()["t"])
+                t = _f(con.execute(pick("events.t")).fetchnumpy()["x"])
                 st = None
                 if has_server_t:
-                    st = _f(con.execute(
-                        f"SELECT {pick('coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))')} "
-                        f"AS st {order}").fetchnumpy()["st"])
+                    st = _f(con.execute(pick("coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))"))
+                            .fetchnumpy()["x"])
                 if len(t) == int(n_tok.sum()):
                     return t, st, None
-            except duckdb.Error:  # a DuckDB without lambda x: ... (before 1.3)
+            except duckdb.Error:  # a DuckDB without lambda v, i: ... (before 1.3)
                 pass
-        kinds = _obj(con.execute(f"SELECT coalesce(events.kind, '') AS k {order}").fetchnumpy()["k"])
+        kinds = _obj(con.execute("SELECT coalesce(events.kind, '') AS k FROM responses").fetchnumpy()["k"])
         kind_bytes = np.frombuffer("".join(kinds.tolist()).encode("ascii", "replace"), dtype=np.uint8)
-        t = _f(con.execute(f"SELECT unnest(events.t) AS t {order}").fetchnumpy()["t"])
+        t = _f(con.execute("SELECT unnest(events.t) AS t FROM responses").fetchnumpy()["t"])
         st = None
         if has_server_t:
-            st = _f(con.execute(
-                "SELECT unnest(coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))) AS st "
-                f"{order}").fetchnumpy()["st"])
+            st = _f(con.execute("SELECT unnest(coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))) "
+                                "AS st FROM responses").fetchnumpy()["st"])
         return t, st, kind_bytes
 
     def _codes(self, values: np.ndarray) -> np.ndarray:
@@ -289,6 +291,13 @@ class Data:
     def sessions(self) -> dict[str, np.ndarray]:
         """Per request: session code, turn number (1-based, by intended time), observed think time."""
         if hasattr(self, "_sess"):
+            return self._sess
+        multi = self.con.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM responses GROUP BY run_id, session_id HAVING count(*) > 1)"
+        ).fetchone()[0]
+        if not multi:  # one request per session: turn 1 everywhere, no think time
+            self._sess = {"code": np.arange(self.n, dtype=np.int64), "turn": np.ones(self.n, np.int64),
+                          "think": np.full(self.n, np.nan)}
             return self._sess
         r = self.con.execute(
             """SELECT dense_rank() OVER (ORDER BY run_id, session_id) - 1 AS code,
@@ -430,6 +439,9 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
             s = lat["itl_chunk"] if zeros == 0 else M.stats(gaps, P, weights_zero=zeros, pooled=True)
         elif name in ("queue_delay", "dispatch_lag"):
             s = M.stats(a[name][measured], P)
+        elif name in ("ttfc", "ttfc_from_intended") and np.array_equal(a[name][okm], a["ttft" + name[4:]][okm],
+                                                                        equal_nan=True):
+            s = lat["ttft" + name[4:]]  # no reasoning or tool calls before the content: the same sample
         else:
             s = M.stats(a[name][okm], P)
         lat[name] = s
@@ -632,17 +644,20 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
     te = d.te
     unknown = int(te.n_unknown[okm].sum())
     if te.k is None:
-        k = np.ones(int(te.n[okm].sum()) - unknown, dtype=np.int8)
+        k = None
+        ones = int(te.n[okm].sum()) - unknown
     else:
         em = np.repeat(okm, te.n)
         kn = em if te.known is None else em & te.known
         k = M.take(te.k, kn)
     hist = {}
-    for lo, hi, lab in ((1, 1, "1"), (2, 2, "2"), (3, 3, "3"), (4, 4, "4"), (5, 8, "5-8"), (9, 16, "9-16"),
+    for lo, hi, lab in () if k is None else ((1, 1, "1"), (2, 2, "2"), (3, 3, "3"), (4, 4, "4"), (5, 8, "5-8"), (9, 16, "9-16"),
                         (17, 1 << 62, "17+")):
         c = int(((k >= lo) & (k <= hi)).sum())
         if c:
             hist[lab] = c
+    if k is None and ones:
+        hist["1"] = ones
     if unknown:
         hist["unknown"] = unknown
     out["chunk_tokens_histogram"] = hist
