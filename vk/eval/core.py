@@ -36,6 +36,7 @@ POOLED = ("itl_chunk", "itl_token", "itl_token_zeros")
 COUNT_METRICS = ("input_tokens", "output_tokens")
 STATUSES = ("ok", "error", "timeout", "cancelled", "skipped")
 DERIVED_GROUP_FIELDS = ("run", "input_bucket", "output_bucket")
+MAX_GROUPS = 1000
 
 VIEWS_SQL = """
 CREATE OR REPLACE VIEW requests AS
@@ -756,6 +757,10 @@ def evaluate_data(d: Data, opts: Options) -> dict:
     groups = []
     if group_by:
         keys = d.group_keys(group_by)
+        ngroups = len(set(keys.tolist()))
+        if ngroups > MAX_GROUPS:
+            raise VkError(f"--group-by {','.join(group_by)}: {ngroups} groups (at most {MAX_GROUPS}); group by a "
+                          "coarser field, or use vk-eval sql for per-value figures")
         for k in sorted(set(keys.tolist()), key=lambda x: (str(x))):
             gm = keys == k
             groups.append({"key": dict(zip(group_by, str(k).split(", ") if len(group_by) > 1 else [k], strict=False)),
