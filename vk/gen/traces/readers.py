@@ -93,15 +93,16 @@ class CsvSource(RowSource):
 
     kind = "csv"
 
-    def __init__(self, path, display=None):
+    def __init__(self, path, display=None, delimiter: str = ","):
         super().__init__(path, display)
         self._fh = None
+        self.delimiter = delimiter
         with open(path, "rb") as fh:
             head = fh.readline()
         text = head.decode("utf-8-sig", errors="replace").rstrip("\r\n")
         if not text.strip():
             raise VkError(f"{self.src}: empty CSV file (expected a header line with column names)")
-        self.columns = [c.strip() for c in next(csv.reader([text]))]
+        self.columns = [c.strip() for c in next(csv.reader([text], delimiter=delimiter))]
         self._ncol = len(self.columns)
 
     def _parse(self, raw: bytes, line: int) -> dict | None:
@@ -112,10 +113,11 @@ class CsvSource(RowSource):
         text = text.rstrip("\r\n")
         if not text.strip():
             return None
-        vals = text.split(",") if '"' not in text else next(csv.reader([text]))
+        d = self.delimiter
+        vals = text.split(d) if '"' not in text else next(csv.reader([text], delimiter=d))
         if len(vals) != self._ncol:
-            raise self.error(line, None, f"expected {self._ncol} comma-separated fields (as in the header), "
-                                         f"got {len(vals)}")
+            what = "comma-separated" if d == "," else "tab-separated"
+            raise self.error(line, None, f"expected {self._ncol} {what} fields (as in the header), got {len(vals)}")
         return dict(zip(self.columns, vals, strict=True))
 
     def scan(self):
@@ -354,7 +356,9 @@ def open_source(path: str, fmt: str = "auto") -> tuple[RowSource, object | None]
         kind = sniff_format(path, inner)
     else:
         kind = fmt
-    cls = {"jsonl": JsonlSource, "csv": CsvSource, "json": JsonArraySource}[kind]
+    if kind == "csv":
+        return CsvSource(path, display, "\t" if inner.lower().endswith(".tsv") else ","), spool
+    cls = {"jsonl": JsonlSource, "json": JsonArraySource}[kind]
     return cls(path, display), spool
 
 
