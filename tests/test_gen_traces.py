@@ -607,3 +607,18 @@ def test_compressed_trace_files(tok, tmp_path):
     bad.write_bytes(b"not gzip")
     with pytest.raises(VkError, match="x.jsonl.gz: cannot read"):
         gen(bad, "mooncake", tok)
+
+
+@pytest.mark.parametrize("name,flavor", [
+    ("mooncake_head200.jsonl", "mooncake"), ("azure2023_head200.csv", "azure"), ("azure2024_code.csv", "azure"),
+    ("burstgpt.csv", "burstgpt"), ("burstgpt_sessions.csv", {"type": "burstgpt", "session_column": "Session ID"}),
+    ("claude_code.jsonl", "claude_code"), ("claude_code_clip.csv", "claude_code"), ("rag.jsonl", "rag"),
+    ("mooncake_conv.jsonl", "mooncake_conv"), ("sharegpt.json", "conversations"),
+    ("chat_messages.jsonl", "conversations"), ("requests_dag.jsonl", {"type": "requests", "lengths": "per_turn"}),
+    ("requests_cumulative.csv", {"type": "requests", "lengths": "cumulative"}), ("requests_text.jsonl", "requests"),
+])
+def test_every_prompt_has_exactly_its_input_tokens(tok, name, flavor):
+    out = gen(T / name, flavor, tok, count=25, format="completion")
+    prompts = [r["prompt"] for s in out for r in s["requests"]]
+    want = [r["input_tokens"] for s in out for r in s["requests"]]
+    assert [len(x) for x in tok.encode_batch(prompts)] == want
