@@ -533,7 +533,8 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
         "share_ge_0.9": float((fi[fsel] >= 0.9).mean()) if fsel.any() else None,
     }
     if opts.goodput is not None:
-        out["goodput"] = _goodput(d, opts.goodput, measured, sdur if steady_given else dur)
+        # over the steady window when there is one (--warmup/--cooldown or warm-up marks), else the whole run
+        out["goodput"] = _goodput(d, opts.goodput, measured, sdur if window_how != "whole run" else dur)
     return out
 
 
