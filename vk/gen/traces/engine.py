@@ -14,6 +14,7 @@ per session, in order of the session's first row, before anything else.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from array import array
@@ -470,11 +471,16 @@ class Builder:
         return self._text
 
     # -- content ------------------------------------------------------------------------------------------------
-    def fresh(self, n: int, rng: np.random.Generator, salt_label: str | None) -> str:
-        """n tokens of new text; with a salt label the text starts with a salt unique to the label."""
-        if salt_label is not None:
-            salt = self.text.unique_salt(salt_label)
-            c = self.tok.count(salt)
+    def fresh(self, n: int, rng: np.random.Generator, salt_key: tuple | None) -> str:
+        """n tokens of new text. With a salt key, the text starts with a salt: a 12-digit number hashed from
+        (seed, key), so that sessions (and runs with other seeds) never share a prompt's first tokens."""
+        if salt_key is not None:
+            h = int.from_bytes(hashlib.blake2b(repr((self.seed, *salt_key)).encode(), digest_size=8).digest(),
+                               "little") % 10**12
+            salt = self.text.unique_salt(f"{h:012d}")
+            c = self.salt_const
+            if c is None:
+                c = self.tok.count(salt)
             if n > c:
                 return salt + self.text.sample(n - c, rng)
         return self.text.sample(n, rng)
@@ -635,7 +641,7 @@ class Builder:
                 n_gen = p["new"]
                 if instr_mode:  # the instruction comes out of the target: the total stays the trace's length
                     n_gen = max(1, n_gen - self.instruction(out_tokens)[1])
-                text = self.fresh(n_gen, rng, sid if k == 0 else None)
+                text = self.fresh(n_gen, rng, (epoch, first_line, self.prefix) if k == 0 else None)
                 n_in = n_gen
             if instr_mode:
                 instr, n_instr = self.instruction(out_tokens)
