@@ -48,6 +48,7 @@ def _common(fn):
                           "several runs are given."),
         click.option("--fluidity", metavar="SPEC",
                      help="Fluidity-index deadlines, e.g. 'ttft=1s,tbt=50ms' (the default)."),
+        click.option("--progress", is_flag=True, help="Show a progress bar on stderr (default: when it is a terminal)."),
         click.option("--validate", type=click.Choice(["auto", "full", "fast"]), default="auto", show_default=True,
                      help="Record-by-record validation: always (full), only for inputs under 32 MiB (auto), or "
                           "SQL checks of kind/version/status only (fast)."),
@@ -72,7 +73,7 @@ def _common(fn):
 @click.option("-o", "--output", metavar="FILE", default="-", help="Write the report to FILE (default stdout).")
 @click.version_option(__version__, "--version", prog_name="vk-eval", message="%(prog)s %(version)s")
 def summary_cmd(files, fmt, as_json, slo, goodput, check, percentiles, warmup, cooldown, group_by, fluidity,
-                validate, db, output):
+                progress, validate, db, output):
     """Summarise vk-send output FILE... (several files: one run each; - is stdin).
 
     Every latency is computed from the raw event times under one unambiguous name: ttft (first token of any
@@ -81,8 +82,10 @@ def summary_cmd(files, fmt, as_json, slo, goodput, check, percentiles, warmup, c
     """
     from vk.eval import evaluate
 
+    _progress(progress)
     res = evaluate(list(files), percentiles=percentiles, slo=slo, goodput=goodput, warmup=warmup,
                    cooldown=cooldown, group_by=group_by, fluidity=fluidity, db=db, validate=validate)
+    _progress_done()
     text = res.format("json" if as_json else fmt)
     _write(output, text)
     if check and not res.slo_ok:
@@ -90,6 +93,18 @@ def summary_cmd(files, fmt, as_json, slo, goodput, check, percentiles, warmup, c
         print(f"vk-eval: {len(missed)} SLO check(s) missed: "
               + ", ".join(f"{c['slo']} ({c['group']})" for c in missed[:5]), file=sys.stderr)
         sys.exit(1)
+
+
+def _progress(flag: bool) -> None:
+    from vk.eval.core import progress
+
+    progress(flag or sys.stderr.isatty())
+
+
+def _progress_done() -> None:
+    from vk.eval.core import progress
+
+    progress(False)
 
 
 def _write(output: str, text: str) -> None:
@@ -174,15 +189,17 @@ def compare_cmd(a, b, fmt, as_json, bootstrap, confidence, seed, percentiles):
 @click.option("--slo", metavar="SPEC", help="Aggregate objectives to check (as for vk-eval).")
 @click.option("--goodput", metavar="SPEC", help="Per-request objectives (as for vk-eval).")
 @_common
-def report_cmd(args, outdir, slo, goodput, percentiles, warmup, cooldown, group_by, fluidity, validate):
+def report_cmd(args, outdir, slo, goodput, percentiles, warmup, cooldown, group_by, fluidity, progress, validate):
     """Write DIR/report.html: a self-contained page (figures embedded) with the tables and figures of the
     run(s), for sharing. DIR is -o DIR or the first argument."""
     from vk.eval.report import write_report
 
     outdir, files = _dir_and_files(outdir, args)
-
-    print(write_report(list(files), outdir, slo=slo, goodput=goodput, percentiles=percentiles, warmup=warmup,
-                       cooldown=cooldown, group_by=group_by, fluidity=fluidity, validate=validate))
+    _progress(progress)
+    path = write_report(files, outdir, slo=slo, goodput=goodput, percentiles=percentiles, warmup=warmup,
+                       cooldown=cooldown, group_by=group_by, fluidity=fluidity, validate=validate)
+    _progress_done()
+    print(path)
 
 
 def _dir_and_files(outdir: str | None, args: tuple[str, ...]) -> tuple[str, list[str]]:

@@ -84,8 +84,26 @@ FROM (SELECT * FROM raw WHERE kind = 'run') h LEFT JOIN (SELECT * FROM raw WHERE
 _T0 = [0.0, 0.0]
 
 
+PROGRESS: dict[str, Any] = {"bar": None}
+
+
+def progress(enabled: bool) -> None:
+    """Show a progress bar over vk-eval's stages on stderr (the CLI: when stderr is a TTY or --progress)."""
+    if PROGRESS["bar"] is not None:
+        PROGRESS["bar"].close()
+        PROGRESS["bar"] = None
+    if enabled:
+        from tqdm import tqdm
+
+        PROGRESS["bar"] = tqdm(total=7, desc="vk-eval", unit="stage", leave=False, file=__import__("sys").stderr)
+
+
 def tick(label: str) -> None:
-    """Stage timings on stderr when VK_EVAL_TIMING is set (for the bench and for profiling)."""
+    """Stage timings on stderr when VK_EVAL_TIMING is set (for the bench and for profiling); progress bar."""
+    bar = PROGRESS["bar"]
+    if bar is not None and label != "start" and not label.startswith(" "):
+        bar.set_postfix_str(label, refresh=False)
+        bar.update(1)
     if os.environ.get("VK_EVAL_TIMING"):
         import sys
         import time
