@@ -32,7 +32,8 @@ from typing import Any
 
 import orjson
 
-from vk import __version__, records
+from vk import __version__
+from vk import records as vkrecords
 from vk.errors import RecordError, VkError
 from vk.jsonl import Writer, dumps
 from vk.send.clock import RunClock
@@ -61,7 +62,7 @@ def _prepare(it: Iterator[dict], validate: bool, source: str, line0: int) -> Ite
         if kind == "schedule":
             raise RecordError(source, line, "kind", "a schedule header may only be the first record")
         if validate:
-            records.validate(rec, source, line, ("scheduled_session", "session"))
+            vkrecords.validate(rec, source, line, ("scheduled_session", "session"))
         elif kind not in ("scheduled_session", "session"):
             raise RecordError(source, line, "kind", f"expected 'scheduled_session' or 'session', got {kind!r}")
         if kind == "session":
@@ -466,7 +467,7 @@ def _worker_main(cfg: Config, in_conn, out_conn, stop_event, progress: bool) -> 
 
 
 def send(
-    records_in: Iterable[dict],
+    records: Iterable[dict],
     *,
     api: str,
     output: str | Writer = "-",
@@ -497,9 +498,9 @@ def send(
     handle_signals: bool = True,
     quiet: bool = False,
 ) -> dict:
-    """Run the sessions of ``records_in`` against ``api``; write run, response... and run_end records.
+    """Run the sessions of ``records`` against ``api``; write run, response... and run_end records.
 
-    ``records_in``: an optional ``schedule`` header, then ``scheduled_session`` records; or plain ``session``
+    ``records``: an optional ``schedule`` header, then ``scheduled_session`` records; or plain ``session``
     records, which run as a closed loop of ``concurrency`` sessions (default 1: one after another).
     Returns the ``run_end`` record. Bad input met during the run (a pipe) stops the run cleanly and raises
     ``RecordError`` after the footer is written.
@@ -516,14 +517,14 @@ def send(
     workers = max(1, int(workers))
 
     # the first record decides the mode
-    it = iter(records_in)
+    it = iter(records)
     header = None
     first = None
     line0 = 0
     for rec in it:
         if isinstance(rec, dict) and rec.get("kind") == "schedule":
             if validate:
-                records.validate_schedule(rec, source, 1)
+                vkrecords.validate_schedule(rec, source, 1)
             header = rec
             line0 = 1
         else:
@@ -626,7 +627,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     if header is not None and header.get("start_at"):
         ahead = max(ahead, float(header["start_at"]) - time.time())
     clock.set_start(_mono() + ahead)
-    run_rec = records.new_run(
+    run_rec = vkrecords.new_run(
         cfg.run_id, round(clock.epoch0, 6), api=cfg.api, model=cfg.model, endpoint=cfg.endpoint,
         vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or [])), schedule=header,
         workers=workers, client=cfg.client if not cfg.http2 else "httpx-http2", stream=cfg.stream,
@@ -667,7 +668,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         reason = f"stopped at bad input: {input_error[0]}"
     if ended == "complete" and stats.get("duration_reached"):
         reason = "schedule duration reached"
-    end = records.new_run_end(
+    end = vkrecords.new_run_end(
         cfg.run_id,
         ended=ended,
         reason=reason or "all sessions done",
