@@ -456,6 +456,8 @@ class Builder:
         self._salt_len: dict[str, int] = {}
         self._salt_const: int | None | bool = False  # not checked yet
         self._instr: dict[int, tuple[str, int]] = {}
+        # salts start with the seed's digits: runs with other seeds do not share a block's first tokens either
+        self.seed_tag = f"{self.seed % 10**6:06d}"
 
     @property
     def text(self):
@@ -477,7 +479,7 @@ class Builder:
         if salt_key is not None:
             h = int.from_bytes(hashlib.blake2b(repr((self.seed, *salt_key)).encode(), digest_size=8).digest(),
                                "little") % 10**12
-            salt = self.text.unique_salt(f"{h:012d}")
+            salt = self.text.unique_salt(f"{self.seed_tag}{h:012d}")
             c = self.salt_const
             if c is None:
                 c = self.tok.count(salt)
@@ -487,12 +489,13 @@ class Builder:
 
     @property
     def salt_const(self) -> int | None:
-        """The token count of every 12-digit block salt, when the tokenizer gives them all the same count
+        """The token count of every salt (seed tag + 12 digits), when the tokenizer gives them all the same count
         (checked on a sample; digit-splitting tokenizers do), else None (each salt is counted)."""
         if self._salt_const is False:
             rng = np.random.default_rng(7)
-            labels = [f"{int(x):012d}" for x in rng.integers(0, 10**12, size=200)] + \
-                     [f"{x:012d}" for x in (0, 1, 9, 10, 99, 100, 999, 1000, 4095, 65536, 10**6, 10**11)]
+            tag = self.seed_tag
+            labels = [f"{tag}{int(x):012d}" for x in rng.integers(0, 10**12, size=200)] + \
+                     [f"{tag}{x:012d}" for x in (0, 1, 9, 10, 99, 100, 999, 1000, 4095, 65536, 10**6, 10**11)]
             counts = {len(e) for e in self.tok.encode_batch([self.text.unique_salt(x) for x in labels])}
             self._salt_const = counts.pop() if len(counts) == 1 else None
         return self._salt_const
@@ -526,10 +529,10 @@ class Builder:
         const = self.salt_const
         for k, n in zip(keys, sizes, strict=True):
             if const is not None and isinstance(k, int) and 0 <= k < 10**12:
-                salt = text.unique_salt(f"{k:012d}")
+                salt = text.unique_salt(f"{self.seed_tag}{k:012d}")
                 c = const
             else:
-                salt = text.unique_salt(f"{k}")
+                salt = text.unique_salt(f"{self.seed_tag}:{k!r}")
                 c = salts.get(salt)
                 if c is None:
                     if len(salts) > 100_000:
@@ -537,9 +540,9 @@ class Builder:
                     c = salts[salt] = self.tok.count(salt)
             if n > c:
                 parts.append(salt)
-                parts.append(text.block(f"h{s}:{k}", n - c))
+                parts.append(text.block(f"h{s}:{k!r}", n - c))
             else:  # a tiny last block: corpus text only
-                parts.append(text.block(f"h{s}:{k}", n))
+                parts.append(text.block(f"h{s}:{k!r}", n))
         return "".join(parts), served
 
     # -- requests -----------------------------------------------------------------------------------------------
