@@ -271,7 +271,7 @@ def test_body_params_headers_secrets_and_events(scripted, tmp_path):
     assert a["events"]["kind"].startswith("rrt") and "c" in a["events"]["kind"]
     assert a["t_first_token"] < a["t_first_content"] <= a["t_last_token"] <= a["t_done"]
     assert a["usage"]["reasoning_tokens"] == 2 and a["finish_reason"] == "length"
-    assert a["server_request_id"] == "srv-" + a["x_request_id"]
+    assert a["server_request_id"] == "c1" and a["x_request_id"].startswith("vk-")
     assert rs[("s", "c")]["tag"] == "mine" and rs[("s", "c")]["user_field"] == 7  # extra fields pass through
     b = rs[("s", "b")]
     toks = [t for t, k in zip(b["events"]["tokens"], b["events"]["kind"], strict=False) if k == "c"]

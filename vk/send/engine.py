@@ -523,7 +523,12 @@ class Engine:
             rec["usage"] = None
             rec["finish_reason"] = None
         rec["x_request_id"] = xrid
-        rec["server_request_id"] = ex.headers.get("x-request-id") or (parsed["server_id"] if parsed else None)
+        # the server's own id: the response's id field (chatcmpl-...), else an x-request-id header not ours
+        sid = parsed["server_id"] if parsed else None
+        if sid is None:
+            hid = ex.headers.get("x-request-id")
+            sid = hid if hid and hid != xrid else None
+        rec["server_request_id"] = sid
         if self.cfg.save_text:
             rec["text"] = text
         s.recorded.add(r["id"])
