@@ -339,12 +339,15 @@ def test_open_loop_absolute_deadlines_rate_within_1_percent(serve):
                quiet=True)
     rs = responses(w.records)
     assert len(rs) == 1000 and all(r["status"] == "ok" for r in rs)
-    disp = np.sort([r["t_dispatched"] for r in rs])
-    want = 999 / (starts[-1] - starts[0])
-    got = 999 / (disp[-1] - disp[0])
-    assert abs(got / want - 1) < 0.01
+    rs.sort(key=lambda r: r["t_intended"])
+    intended = np.array([r["t_intended"] for r in rs])
+    disp = np.array([r["t_dispatched"] for r in rs])
+    # achieved rate / scheduled rate = 1 / slope of dispatch time over intended time (least squares: one late
+    # dispatch, e.g. the machine's other work preempting us, does not decide the figure)
+    slope = np.polyfit(intended, disp, 1)[0]
+    assert abs(1 / slope - 1) < 0.01
+    assert np.median(disp - intended) < 0.002  # and requests leave on time, not just at the right rate
     # intended times are the schedule's offsets exactly (no drift from relative sleeps)
-    intended = np.sort([r["t_intended"] for r in rs])
     assert np.max(np.abs(intended - starts)) < 1e-6
     assert end["dispatch_lag_p99"] is not None
 
