@@ -116,6 +116,13 @@ def tick(label: str) -> None:
         _T0[:] = [now, cpu]
 
 
+# token events of a response (event kinds other than e and u carry tokens: c, r, t)
+NTOK = "length(replace(replace(coalesce(events.kind, ''), 'e', ''), 'u', ''))"
+# a response whose per-event token counts are not simply 1 for each token event (those are fetched one by one)
+NEEDS_SPARSE = (f"(events.tokens IS NOT NULL AND NOT coalesce(list_min(events.tokens) = 1 AND "
+                f"list_max(events.tokens) = 1 AND list_count(events.tokens) = {NTOK}, false))")
+
+
 def _f(x) -> np.ndarray:
     """A DuckDB numpy column as float64 with NaN for null."""
     if isinstance(x, np.ma.MaskedArray):
@@ -175,24 +182,25 @@ class Data:
     # ----------------------------------------------------------------------------------------------------------
     def _arrays(self) -> None:
         con = self.con
+        run_list = "[" + ", ".join(L._sql_str(r["run_id"]) for r in self.runs) + "]::VARCHAR[]"
+        status_list = "[" + ", ".join(L._sql_str(x) for x in STATUSES) + "]::VARCHAR[]"
         cols = con.execute(
-            "SELECT run_id, status, coalesce(warmup, false) AS warmup, "
+            f"SELECT list_position({run_list}, run_id) - 1 AS run_code, "
+            f"list_position({status_list}, status) - 1 AS status_code, coalesce(warmup, false) AS warmup, "
             + ", ".join(L.TIME_COLS)
             + ", usage.prompt_tokens AS prompt_tokens, usage.completion_tokens AS completion_tokens, "
             "usage.cached_tokens AS cached_tokens, usage.reasoning_tokens AS reasoning_tokens, "
             "target_input_tokens, target_output_tokens, coalesce(prefix_tokens, target_prefix_tokens) AS prefix, "
             "coalesce(len(events.t), 0) AS n_events, "
             "events.server_t IS NOT NULL AS has_server_t, events.tokens IS NULL AS tokens_null, row, "
-            "length(regexp_replace(coalesce(events.kind, ''), '[^crt]', '', 'g')) AS n_tok "
+            f"{NTOK} AS n_tok, {NEEDS_SPARSE} AS needs_sparse "
             "FROM responses"
         ).fetchnumpy()
         self.a: dict[str, np.ndarray] = {}
         a = self.a
-        run_ids = _obj(cols["run_id"])
         self.run_index = {r["run_id"]: i for i, r in enumerate(self.runs)}
-        a["run"] = np.array([self.run_index[r] for r in run_ids], dtype=np.int64) if self.n < 1000 else \
-            self._codes(run_ids)
-        a["status"] = _obj(cols["status"])
+        a["run"] = np.asarray(cols["run_code"], dtype=np.int64)
+        a["status"] = np.array(STATUSES, dtype=object)[np.asarray(cols["status_code"], dtype=np.int64)]
         a["ok"] = a["status"] == "ok"
         a["warmup"] = np.asarray(cols["warmup"], dtype=bool)
         for f in L.TIME_COLS:
@@ -205,6 +213,7 @@ class Data:
         cols_tokens_null = np.asarray(cols["tokens_null"], dtype=bool)
         rows = np.asarray(cols["row"], dtype=np.int64)
         n_tok = np.asarray(cols["n_tok"], dtype=np.int64)
+        needs_sparse = bool(np.any(np.ma.filled(cols["needs_sparse"], False)))
         if len(rows) > 1 and not (np.diff(rows) > 0).all():  # insertion order is what aligns the queries
             raise VkError("internal error: DuckDB returned the responses out of order")
         del cols
@@ -214,15 +223,15 @@ class Data:
         # per-event token counts, fetched sparsely: only the token events whose count is not 1, with their rank
         # among the request's token events. Rows whose counts are all 1, one per token event, are skipped
         # without unnesting (assumes the usual: empty and usage-only events carry no count).
-        sparse = con.execute(
-            "SELECT row, length(regexp_replace(substr(ks, 1, i), '[^crt]', '', 'g')) - 1 AS rank, k FROM "
-            "(SELECT row, events.kind AS ks, generate_subscripts(events.tokens, 1) AS i, unnest(events.tokens) AS k "
-            "FROM responses WHERE events.tokens IS NOT NULL AND NOT (list_min(events.tokens) = 1 AND "
-            "list_max(events.tokens) = 1 AND list_count(events.tokens) = "
-            "length(regexp_replace(coalesce(events.kind, ''), '[^crt]', '', 'g')))) "
-            "WHERE k IS DISTINCT FROM 1 AND substr(ks, i, 1) IN ('c', 'r', 't')"
-        ).fetchnumpy()
         sp = None
+        sparse = {"row": []}
+        if needs_sparse:
+            sparse = con.execute(
+                "SELECT row, length(regexp_replace(substr(ks, 1, i), '[^crt]', '', 'g')) - 1 AS rank, k FROM "
+                "(SELECT row, events.kind AS ks, generate_subscripts(events.tokens, 1) AS i, "
+                f"unnest(events.tokens) AS k FROM responses WHERE {NEEDS_SPARSE}) "
+                "WHERE k IS DISTINCT FROM 1 AND substr(ks, i, 1) IN ('c', 'r', 't')"
+            ).fetchnumpy()
         if len(sparse["row"]):
             ordinal = np.searchsorted(rows, np.asarray(sparse["row"], dtype=np.int64))
             sp = (ordinal, np.asarray(sparse["rank"], dtype=np.int64), _f(sparse["k"]))
@@ -280,7 +289,7 @@ class Data:
                 return (f"SELECT unnest(CASE WHEN b - a + 1 = nt THEN list_slice(x, a, b) ELSE list_filter(x, "
                         f"lambda v, i: substr(ks, i, 1) IN ('c', 'r', 't')) END) AS x FROM (SELECT {col} AS x, ks, "
                         "length(ks) - length(ltrim(ks, 'eu')) + 1 AS a, length(rtrim(ks, 'eu')) AS b, "
-                        "length(regexp_replace(ks, '[^crt]', '', 'g')) AS nt FROM "
+                        "length(replace(replace(ks, 'e', ''), 'u', '')) AS nt FROM "
                         "(SELECT events, coalesce(events.kind, '') AS ks FROM responses))")
 
             try:
@@ -301,11 +310,6 @@ class Data:
             st = _f(con.execute("SELECT unnest(coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))) "
                                 "AS st FROM responses").fetchnumpy()["st"])
         return t, st, kind_bytes
-
-    def _codes(self, values: np.ndarray) -> np.ndarray:
-        uniq, inv = np.unique(values.astype(str), return_inverse=True)
-        m = np.array([self.run_index[u] for u in uniq], dtype=np.int64)
-        return m[inv]
 
     def sessions(self) -> dict[str, np.ndarray]:
         """Per request: session code, turn number (1-based, by intended time), observed think time."""
