@@ -239,6 +239,7 @@ class Engine:
             if s.t_start > self.t_stop:
                 # not started yet: nothing was sent
                 self.sessions_not_started += 1
+                self.sessions_started -= 1
                 self.active.discard(s)
                 continue
             for rid in s.reqs:

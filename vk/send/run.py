@@ -287,9 +287,11 @@ class Collector:
             if me is not None:
                 if me >= 1 and self.errors >= me:
                     self.on_stop(f"max-errors: {self.errors} requests failed (--max-errors {me:g})", "max_errors")
-                elif me < 1 and self.n >= 20 and self.errors / self.n > me:
-                    self.on_stop(f"max-errors: {self.errors} of {self.n} requests failed, more than {me:g}",
-                                 "max_errors")
+                else:
+                    tried = self.n - self.counts["skipped"] - self.counts["cancelled"]
+                    if me < 1 and tried >= 20 and self.errors / tried > me:
+                        self.on_stop(f"max-errors: {self.errors} of {tried} requests failed, more than {me:g}",
+                                     "max_errors")
         if self.bar is not None:
             now = _mono()
             if now - self.t_bar > 0.25:
