@@ -134,6 +134,20 @@ def test_requests_wait_when_kv_cache_is_full(serve):
     assert firsts[-1] > firsts[0] + 0.25  # the last ones waited for blocks (40 steps of 4 ms per pair)
 
 
+def test_preemption_recomputes_and_completes(serve):
+    s = serve("--num-blocks", "12", "--block-size", "16", "--t-fixed", "0.002", *QUIET)
+    # two prompts of 80 tokens (5 blocks each) are admitted together; growing to 160 tokens they need 20 blocks
+    bodies = [{"prompt": [3000 + 100 * i + j for j in range(80)], "max_tokens": 80, "min_tokens": 80,
+               "stream_options": {"include_usage": True}} for i in range(2)]
+    with cf.ThreadPoolExecutor(2) as ex:
+        results = list(ex.map(lambda b: stream_chat(s.url, b, path="/completions"), bodies))
+    for r in results:
+        texts = [e["choices"][0]["text"] for e in r["events"] if isinstance(e, dict) and e["choices"]]
+        assert len(texts) == 80 and r["events"][-2]["usage"]["completion_tokens"] == 80
+    assert metric(s.base, "vllm:num_preemptions_total") >= 1
+    assert metric(s.base, "vllm:kv_cache_usage_perc") == 0
+
+
 def test_metric_counters_match_usage(serve):
     s = serve("--t-fixed", "0.001", *QUIET)
     usages = []

@@ -141,6 +141,7 @@ class FixedLatency:
         self.clock = clock
         self.running = 0
         self.on_step = None
+        self.stepping = False
 
     def deadline(self) -> float:
         return float("inf")

@@ -155,24 +155,28 @@ class App:
             self.loop.call_soon(self._drain)
 
     def _drain(self) -> None:
-        """Handle queued requests in slices of about 1 ms, never past the end of the engine step in flight.
+        """Handle queued requests in slices of about 1 ms, yielding to the end of the engine step in flight.
 
         Parsing, tokenizing and templating requests is the server's heaviest work; done in one go after a burst
         of arrivals it would delay the step timers. Like vLLM's API server (a process apart from the engine
-        core), intake must not stretch the model's steps: when a step is about to end, the rest waits for it.
+        core), intake should not stretch the model's steps: when a step is about to end, the rest waits for it.
+        Each call still handles at least 0.3 ms worth (and one request), so that steps shorter than the timer
+        margin cannot starve the intake.
         """
         self.drain_scheduled = False
         now = time.monotonic()
         step_deadline = self.sched.deadline()
-        deadline = min(now + 0.001, step_deadline)
+        deadline = max(min(now + 0.001, step_deadline), now + 0.0003)
         intake = self.intake
-        while intake and now < deadline:
+        while intake:
             conn = intake.popleft()
             conn.queued = False
             if not conn.busy and not conn.closed:
                 conn.process()
             now = time.monotonic()
-        if intake and now < step_deadline and not self.drain_scheduled:
+            if now >= deadline:
+                break
+        if intake and not self.drain_scheduled and (now < step_deadline or not self.sched.stepping):
             self.drain_scheduled = True
             self.loop.call_soon(self._drain)
         # else: the engine calls _after_step when the step in flight has ended
@@ -772,7 +776,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *, ready=None, **options) -
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-            except (NotImplementedError, RuntimeError):
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 pass
         loop.run_until_complete(stop)
         server.close()
