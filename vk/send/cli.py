@@ -49,7 +49,8 @@ def _is_file(p: str) -> bool:
 @click.option("--first-byte-timeout", type=float, default=DEFAULT_FIRST_BYTE_TIMEOUT, show_default=True,
               metavar="S", help="Time allowed until the first response byte (0: none).")
 @click.option("--max-errors", default=None, metavar="N|FRACTION",
-              help="Stop the run once N requests failed, or once more than FRACTION of them did (after 20).")
+              help="Stop the run once N requests failed, or once more than FRACTION of the attempted ones did "
+                   "(after 20).")
 @click.option("--save-text", is_flag=True, help="Keep the returned text in each record (field 'text').")
 @click.option("--continuous-usage", is_flag=True,
               help="Ask for usage on every chunk (stream_options.continuous_usage_stats) for exact per-event "
