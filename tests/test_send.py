@@ -77,7 +77,8 @@ def by_id(recs):
 
 
 class Scripted:
-    def __init__(self):
+    def __init__(self, keepalive_timeout: float = 75.0):
+        self.keepalive_timeout = keepalive_timeout
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
         self.loop = asyncio.new_event_loop()
@@ -98,7 +99,7 @@ class Scripted:
             return web.json_response({"data": [{"id": "scripted"}]})
 
         app.router.add_get("/v1/models", models)
-        runner = web.AppRunner(app)
+        runner = web.AppRunner(app, keepalive_timeout=self.keepalive_timeout)
         self.loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
         self.loop.run_until_complete(site.start())
@@ -619,3 +620,17 @@ def test_start_at_sets_the_run_start(scripted):
          model="m", handle_signals=False, quiet=True)
     assert w.records[0]["start_epoch"] == pytest.approx(at, abs=0.002)
     assert responses(w.records)[0]["status"] == "ok"
+
+
+def test_server_closing_idle_connections(tmp_path):
+    srv = Scripted(keepalive_timeout=0.05)  # closes idle keep-alive connections quickly
+    try:
+        reqs = [req("a", out=2)] + [req(f"r{i}", parents=[f"r{i - 1}" if i else "a"], think=0.1 if i % 2 else 0.05,
+                                        out=2) for i in range(6)]
+        w = ListWriter()
+        send(open_schedule([session("s", reqs), session("t", [req("a", out=2)])], [0.0, 0.3]), api=srv.url,
+             output=w, workers=1, model="m", handle_signals=False, quiet=True)
+        rs = responses(w.records)
+        assert len(rs) == 8 and all(r["status"] == "ok" for r in rs), [r["error"] for r in rs]
+    finally:
+        srv.stop()
