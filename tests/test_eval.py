@@ -380,14 +380,14 @@ def test_fast_validation_finds_the_line(tmp_path):
 def test_sql_views(tmp_path):
     p = write(tmp_path / "r.jsonl", RECORDS)
     cols, rows = sql("SELECT request_id, round(ttft, 3), output_tokens FROM requests WHERE status = 'ok' "
-                     "ORDER BY request_id", p)
+                     "ORDER BY request_id", p, columns=True)
     assert cols[0] == "request_id"
     assert rows == [("A", 0.2, 4), ("B", 0.1, 8), ("C", 0.5, 1)]
-    cols, rows = sql("SELECT kind, count(*) FROM events GROUP BY 1 ORDER BY 1", p)
+    rows = sql("SELECT kind, count(*) FROM events GROUP BY 1 ORDER BY 1", p)
     assert dict(rows) == {"c": 6, "e": 1, "r": 2, "u": 1}
-    _, rows = sql("SELECT run_id, model, responses FROM runs", p)
+    rows = sql("SELECT run_id, model, responses FROM runs", p)
     assert rows == [("run-a", "sim", 5)]
-    _, rows = sql("SELECT count(*) FROM sessions", p)
+    rows = sql("SELECT count(*) FROM sessions", p)
     assert rows == [(5,)]
     with pytest.raises(VkError, match="sql"):
         sql("SELECT nosuch FROM requests", p)

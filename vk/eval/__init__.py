@@ -39,11 +39,13 @@ def evaluate(inputs: Any, *, percentiles=None, slo=None, goodput=None, warmup=No
     return EvalResult(res)
 
 
-def sql(query: str, inputs: Any, *, db: str | None = None) -> tuple[list[str], list[tuple]]:
-    """Run a SQL query over views ``requests``, ``events``, ``sessions``, ``runs`` -> (column names, rows)."""
+def sql(query: str, inputs: Any, *, db: str | None = None, columns: bool = False):
+    """Run a SQL query over views ``requests``, ``events``, ``sessions``, ``runs``; returns the rows (tuples),
+    or ``(column names, rows)`` with ``columns=True``. ``db`` also saves the DuckDB database to that file."""
     from vk.eval.sqlq import run_sql
 
-    return run_sql(query, inputs, db=db)
+    cols, rows = run_sql(query, inputs, db=db)
+    return (cols, rows) if columns else rows
 
 
 def plot(inputs: Any, outdir: str, *, overlay: bool = False, **kwargs) -> list[str]:
