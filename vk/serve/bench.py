@@ -69,6 +69,9 @@ def _load(host: str, port: int, streams: int, max_tokens: int, warmup: float, wi
         return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: %s:%d\r\ncontent-type: application/json\r\n"
                 b"content-length: %d\r\n\r\n%s" % (host.encode(), port, len(body), body))
 
+    from vk.serve.server import raise_fd_limit
+
+    raise_fd_limit()
     ep = select.epoll()
     conns = {}
     for _ in range(streams):
@@ -88,8 +91,8 @@ def _load(host: str, port: int, streams: int, max_tokens: int, warmup: float, wi
     while True:
         t = time.perf_counter()
         if m0 is None and t >= t_window:
-            m0 = _metrics(base)
             k0, t0 = tokens, time.perf_counter()
+            m0 = _metrics(base)
         if t >= t_stop:
             break
         for fd, _ev in ep.poll(0.01):
@@ -123,7 +126,7 @@ def _load(host: str, port: int, streams: int, max_tokens: int, warmup: float, wi
     return (k1 - k0) / (t1 - t0), m0, m1, lost
 
 
-def measure(streams: int = 1000, step: float = 0.015, warmup: float = 2.0, window: float = 5.0,
+def measure(streams: int = 1000, step: float = 0.018, warmup: float = 2.0, window: float = 5.0,
             max_tokens: int = 400, extra_args: tuple = ()) -> dict:
     """Run the server and the load; return tokens/s and step-lag figures."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]

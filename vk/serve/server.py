@@ -748,6 +748,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *, ready=None, **options) -
     if unknown:
         raise TypeError(f"serve(): unknown options {sorted(unknown)}")
     opts = Options(host=host, port=port, **options)
+    raise_fd_limit()
     try:
         import uvloop
 
@@ -783,6 +784,19 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *, ready=None, **options) -
     finally:
         loop.close()
         asyncio.set_event_loop(None)
+
+
+def raise_fd_limit() -> None:
+    """Thousands of concurrent streams need more than the usual 1,024 open files: raise the soft limit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 1 << 20), hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def pin_to_cpu(cpu: int) -> None:
