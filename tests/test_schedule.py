@@ -353,3 +353,14 @@ def test_schedule_drives_vk_send(tmp_path, serve):
         assert r["t_intended"] == pytest.approx(s["start"], abs=1e-6)  # root requests start at the offset
         assert r["warmup"] == s.get("warmup", False)
     assert by_id["s0#2"]["copy_of"] == "s0"  # the copy's provenance reaches the responses
+
+
+def test_sessions_marked_warmup_stay_warmup():
+    """A session that says warmup: true (vk-gen's rag warm-ups) is scheduled as warm-up, without --warmup."""
+    lines = [
+        b'{"kind":"session","v":1,"id":"w","warmup":true,"requests":[{"id":"a","parents":[],"prompt":"x"}]}',
+        b'{"kind":"session","v":1,"id":"m","requests":[{"id":"a","parents":[],"prompt":"\\"warmup\\":true"}]}',
+    ]
+    p = run_vk("vk-schedule", "--poisson", "1", "-q", input=b"\n".join(lines) + b"\n", check=True)
+    out = [orjson.loads(x) for x in p.stdout.splitlines()][1:]
+    assert [r.get("warmup", False) for r in out] == [True, False]

@@ -254,7 +254,12 @@ class TextSource:
         return self._piece(n, rng)
 
     def block(self, key, n_tokens: int) -> str:
-        """Deterministic text of exactly ``n_tokens`` tokens for ``key`` (any str/int/bytes)."""
+        """Deterministic text of exactly ``n_tokens`` tokens for ``key`` (any str/int/bytes).
+
+        Keys map to one of the corpus's safe start boundaries (about one per word), so two keys can share a
+        start and give the same block: with many thousands of keys that is likely. Callers that need distinct
+        keys to give distinct blocks (hash-id traces) put a salt naming the key first, as vk.gen.traces does.
+        """
         n = int(n_tokens)
         if n <= 0:
             if n < 0:

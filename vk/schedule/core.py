@@ -33,6 +33,9 @@ from vk.schedule.stats import StatsAcc, schedule_stats  # noqa: F401 - re-export
 CHUNK = 1 << 16  # bytes read at a time
 
 _HEAD = b'{"kind":"scheduled_session","v":1,"index":%d,"start":%r,"session":'
+# Sessions that mark themselves as warm-up (e.g. vk-gen's rag flavor) stay warm-up: a byte search is enough,
+# since inside a JSON string a quote is always escaped.
+_WARM_KEY = b'"warmup":true'
 _HEAD_WARM = b'{"kind":"scheduled_session","v":1,"index":%d,"start":%r,"warmup":true,"session":'
 _HEAD_CLOSED = b'{"kind":"scheduled_session","v":1,"index":%d,"start":null,"session":'
 _HEAD_CLOSED_WARM = b'{"kind":"scheduled_session","v":1,"index":%d,"start":null,"warmup":true,"session":'
@@ -534,7 +537,7 @@ class Scheduler:
                         stop = "--duration"
                         break
                 if idx % sn == sk:
-                    if idx < warm:
+                    if idx < warm or _WARM_KEY in raw:
                         append((head_w % (idx, t)) if t is not None else (head_w % idx))
                         nwarm += 1
                     else:
@@ -736,7 +739,7 @@ class Scheduler:
             if idx % sn == sk:
                 if copy_n > 1:
                     raw = _copy(raw, copy_n)
-                if idx < warm:
+                if idx < warm or _WARM_KEY in raw:
                     out.append(_HEAD_WARM % (idx, t))
                     nwarm += 1
                 else:
