@@ -109,8 +109,10 @@ def bench_rate(tmp: str, quick: bool) -> list[dict]:
             tried.append(got)
             if p99 is not None and p99 < 0.001 and got["errors"] == 0 and len(resp) == n:
                 best = got
-            elif not quick and len(tried) >= 2 and all(t is not best for t in tried[-2:]):
-                break  # two failures in a row: higher rates will not pass
+            elif not quick and p99 is not None and p99 > 0.05 and rate >= 800:
+                break  # far off at a high rate: higher ones will not pass
+            # a failure at a lower rate does not end the search: on a shared machine another process taking the
+            # core for a few milliseconds fails one run, and the per-rate figures below show it
     finally:
         srv.stop()
     cpu = [f"{t['rate']}/s: {t['cpu_event'] * 1e6:.1f} us/event, {t['cpu_share'] * 100:.0f}% of a core"
