@@ -118,9 +118,10 @@ def tick(label: str) -> None:
 
 # token events of a response (event kinds other than e and u carry tokens: c, r, t)
 NTOK = "length(replace(replace(coalesce(events.kind, ''), 'e', ''), 'u', ''))"
-# a response whose per-event token counts are not simply 1 for each token event (those are fetched one by one)
-NEEDS_SPARSE = (f"(events.tokens IS NOT NULL AND NOT coalesce(list_min(events.tokens) = 1 AND "
-                f"list_max(events.tokens) = 1 AND list_count(events.tokens) = {NTOK}, false))")
+# a response whose per-event token counts are not simply 1 for each token event (those are fetched one by one):
+# as many counts as token events summing to as many tokens (a content chunk carries at least one token)
+NEEDS_SPARSE = (f"(events.tokens IS NOT NULL AND NOT coalesce(list_count(events.tokens) = {NTOK} AND "
+                f"list_sum(events.tokens) = {NTOK}, false))")
 
 
 def _f(x) -> np.ndarray:
