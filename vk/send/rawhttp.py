@@ -21,6 +21,7 @@ import asyncio
 import errno
 import socket
 import struct
+import sys
 import time
 
 from vk.send.clock import RunClock
@@ -359,7 +360,7 @@ class RawClient:
         self.clock = clock
         self.host = host
         self.port = port
-        self.kts = kernel_timestamps
+        self.kts = kernel_timestamps and sys.platform.startswith("linux")  # SO_TIMESTAMPNS = 35 is Linux's
         self.shared: list[Conn] = []
         self.shared_max = shared_idle
         self.all: set[Conn] = set()
