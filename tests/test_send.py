@@ -634,3 +634,20 @@ def test_server_closing_idle_connections(tmp_path):
         assert len(rs) == 8 and all(r["status"] == "ok" for r in rs), [r["error"] for r in rs]
     finally:
         srv.stop()
+
+
+def test_sse_parser_survives_odd_payloads():
+    from vk.send.clock import RunClock
+    from vk.send.sse import parse_stream
+
+    c = RunClock()
+    t = c.mono0 + 1.0
+    odd = [b'data: {"choices":{"a":1}}\n\n', b'data: {"choices":[{"delta":["x"]}]}\n\n',
+           b'data: {"choices":[{"delta":{"content":5}}],"usage":[1]}\n\n',
+           b'data: {"choices":[],"usage":{"completion_tokens":"x"},"vk_server_time":"no"}\n\n',
+           b"data: [1,2]\n\n", b"data: nojson\n\n", b": comment\n\n",
+           b'data: {"choices":[{"delta":{"con', b'tent":"split"}}]}\r\n\r\n', b"data: [DONE]\n\n"]
+    r = parse_stream([(t + i * 0.001, x) for i, x in enumerate(odd)], c, False)
+    assert r["events"]["kind"] == "eecuc" and r["text"] == "5split" and r["done"]
+    assert r["events"]["t"][-1] == pytest.approx(1.008)  # the split event is timed by the read that ended it
+    assert "malformed" in r["error"]

@@ -411,6 +411,18 @@ class Engine:
         return orjson.dumps(body)
 
     async def _request(self, s: _Sess, r: dict, t_intended: float) -> None:
+        try:
+            await self._request_inner(s, r, t_intended)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug must cost one record, never hang the run
+            rid = r["id"]
+            if rid not in s.recorded:
+                self._record_unsent(s, rid, STATUS_ERROR, f"vk-send internal error: {type(e).__name__}: {e}")
+            elif rid not in s.status:
+                self._request_done(s, rid, STATUS_ERROR, _mono())
+
+    async def _request_inner(self, s: _Sess, r: dict, t_intended: float) -> None:
         if t_intended > _mono():
             try:
                 await self.deadlines.sleep_until(t_intended)

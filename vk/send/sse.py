@@ -129,20 +129,20 @@ def parse_stream(chunks, clock, completions: bool) -> dict:
             server_id = obj.get("id")
         kind = "e"
         if choices:
-            ch = choices[0]
+            ch = choices[0] if type(choices) is list else None
             if type(ch) is dict:
                 if completions:
                     txt = ch.get("text")
                     if txt:
                         kind = "c"
-                        text_parts.append(txt)
+                        text_parts.append(str(txt))
                 else:
                     delta = ch.get("delta") or ch.get("message")
-                    if delta:
+                    if type(delta) is dict:
                         txt = delta.get("content")
                         if txt:
                             kind = "c"
-                            text_parts.append(txt)
+                            text_parts.append(txt if type(txt) is str else str(txt))
                         elif delta.get("reasoning_content") or delta.get("reasoning"):
                             kind = "r"
                         elif delta.get("tool_calls"):
@@ -154,7 +154,7 @@ def parse_stream(chunks, clock, completions: bool) -> dict:
             kind = "u"
         u = obj.get("usage")
         ntok = None
-        if u:
+        if type(u) is dict:
             usage = u
             ct = u.get("completion_tokens")
             if type(ct) is int:
@@ -163,9 +163,11 @@ def parse_stream(chunks, clock, completions: bool) -> dict:
                 if kind != "u":
                     has_tokens = True
         st = obj.get("vk_server_time")
-        if st is not None:
+        if type(st) is float or type(st) is int:
             has_server_t = True
             st = st - wall_off
+        else:
+            st = None
         ts.append(t)
         kinds.append(kind)
         tokens.append(ntok)
