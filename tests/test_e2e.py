@@ -135,3 +135,25 @@ def test_help_has_examples_and_version(cmd):
     assert b"Example" in p.stdout
     v = run_vk(cmd, "--version", check=True)
     assert v.stdout.decode().strip() == f"{cmd} 0.1.0"
+
+
+def test_slow_upstream_is_not_client_lag(serve, tmp_path):
+    """In a pipe, the run's clock starts with the first session, not when vk-send starts: an upstream stage that
+    takes a second to produce its first record (vk-gen loading a tokenizer) must not read as dispatch lag."""
+    server = serve("--ttft", "0.005", "--tpot", "0.001")
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(WORKLOAD)
+    sched = tmp_path / "sched.jsonl"
+    sessions = run_vk("vk-gen", str(cfg), "--count", "10", check=True).stdout
+    sched.write_bytes(run_vk("vk-schedule", "--constant", "20", "-q", input=sessions, check=True).stdout)
+    run = tmp_path / "run.jsonl"
+    header, rest = sched.read_bytes().split(b"\n", 1)
+    (tmp_path / "h.jsonl").write_bytes(header + b"\n")
+    (tmp_path / "r.jsonl").write_bytes(rest)
+    pipeline = (f"(cat {tmp_path / 'h.jsonl'}; sleep 1.5; cat {tmp_path / 'r.jsonl'}) | "
+                + shlex.join([*vk_cmd("vk-send"), "--api", server.url, "--workers", "1", "-o", str(run)]))
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()
+    recs = [r for _, _, r in read_records(run)]
+    assert recs[-1]["kind"] == "run_end" and recs[-1]["lagged"] is False, recs[-1]
+    assert recs[-1]["dispatch_lag_p99"] < 0.05

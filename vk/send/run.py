@@ -553,6 +553,11 @@ def send(
                 else "closed"
             stream_in = _chain1(peek, stream_in)
     stream_in = _check_start(stream_in, mode)
+    # The run's clock starts only once the first session is here: in a pipe, the upstream stages' own start-up
+    # (vk-gen loading a tokenizer) is not the client lagging behind its schedule.
+    first_session = next(stream_in, None)
+    if first_session is not None:
+        stream_in = _chain1(first_session, stream_in)
 
     soft, hard = raise_nofile_limit()
     if not quiet and 0 < soft < max(1024, 2 * conc + 64):
