@@ -151,9 +151,11 @@ def test_slow_upstream_is_not_client_lag(serve, tmp_path):
     (tmp_path / "h.jsonl").write_bytes(header + b"\n")
     (tmp_path / "r.jsonl").write_bytes(rest)
     pipeline = (f"(cat {tmp_path / 'h.jsonl'}; sleep 1.5; cat {tmp_path / 'r.jsonl'}) | "
-                + shlex.join([*vk_cmd("vk-send"), "--api", server.url, "--workers", "1", "-o", str(run)]))
+                + shlex.join([*vk_cmd("vk-send"), "--api", server.url, "--workers", "1", "--lag-threshold", "0.5",
+                             "-o", str(run)]))
     p = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], capture_output=True, timeout=120)
     assert p.returncode == 0, p.stderr.decode()
     recs = [r for _, _, r in read_records(run)]
     assert recs[-1]["kind"] == "run_end" and recs[-1]["lagged"] is False, recs[-1]
-    assert recs[-1]["dispatch_lag_p99"] < 0.05
+    assert recs[-1]["dispatch_lag_p99"] < 0.5  # 1.5 s when the clock starts with the header (a loaded CI
+    # machine adds milliseconds, hence the loose bound)
