@@ -51,7 +51,12 @@ class MetricsPoller:
 
 
 def ttft(res) -> float:
-    return content_events(res)[0][1]
+    """Time of the first token event (chat content or completions text)."""
+    for e, t in zip(res["events"], res["times"], strict=True):
+        if isinstance(e, dict) and e["choices"] and (e["choices"][0].get("delta", {}).get("content")
+                                                     or e["choices"][0].get("text")):
+            return t
+    raise AssertionError("no token in the stream")
 
 
 def tpot(res) -> float:
@@ -146,6 +151,22 @@ def test_preemption_recomputes_and_completes(serve):
         assert len(texts) == 80 and r["events"][-2]["usage"]["completion_tokens"] == 80
     assert metric(s.base, "vllm:num_preemptions_total") >= 1
     assert metric(s.base, "vllm:kv_cache_usage_perc") == 0
+
+
+def test_chunked_prefill_and_prefix_caching_switch(serve):
+    # a 200-token prompt with a 64-token budget is prefilled in 4 steps of 20 ms; with the default budget in 1
+    prompt = {"prompt": [500 + j for j in range(200)], "max_tokens": 2, "min_tokens": 2,
+              "stream_options": {"include_usage": True}}
+    chunked = serve("--max-num-batched-tokens", "64", "--t-fixed", "0.02", "--no-prefix-caching", *QUIET)
+    whole = serve("--t-fixed", "0.02", *QUIET)
+    t_chunked = [stream_chat(chunked.url, prompt, path="/completions") for _ in range(2)]
+    t_whole = stream_chat(whole.url, prompt, path="/completions")
+    assert min(ttft(r) for r in t_chunked) > 0.075 and ttft(t_whole) < 0.055, (
+        [ttft(r) for r in t_chunked], ttft(t_whole))
+    # without prefix caching the repeated prompt is computed again
+    assert t_chunked[1]["events"][-2]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    again = stream_chat(whole.url, prompt, path="/completions")
+    assert again["events"][-2]["usage"]["prompt_tokens_details"]["cached_tokens"] == 192
 
 
 def test_metric_counters_match_usage(serve):
