@@ -115,8 +115,8 @@ def test_fixed_latency_timing(serve):
         assert len(ce) == 20
         ttfts.append(ce[0][1])
         gaps.append((ce[-1][1] - ce[0][1]) / 19)
-    assert 0.045 <= min(ttfts) and sorted(ttfts)[1] <= 0.075, ttfts
-    assert 0.0085 <= sorted(gaps)[1] <= 0.0125, gaps
+    assert 0.045 <= min(ttfts) and sorted(ttfts)[1] <= 0.08, ttfts
+    assert 0.0085 <= sorted(gaps)[1] <= 0.014, gaps
 
 
 def test_output_lengths(serve):
