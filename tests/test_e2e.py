@@ -10,11 +10,10 @@ import subprocess
 
 import orjson
 import pytest
+from conftest import run_vk, vk_cmd
 
 from vk import records
 from vk.jsonl import read_records
-
-from conftest import run_vk, vk_cmd
 
 WORKLOAD = """
 session_generator:

@@ -78,8 +78,8 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     head = ("stage", "figure", "value", "target", "met")
     body = [(s, r["figure"], str(r["value"]), str(r.get("target", "")), _mark(r.get("ok"))) for s, r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in body]
     return "\n".join(lines)
 
 
