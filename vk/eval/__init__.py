@@ -30,9 +30,9 @@ def evaluate(inputs: Any, *, percentiles=None, slo=None, goodput=None, warmup=No
     opts = Options(percentiles=percentiles, slo=slo, goodput=goodput, warmup=warmup, cooldown=cooldown,
                    group_by=group_by, fluidity=fluidity)
     extra = [g for g in opts.group_by]
-    data = Data(inputs, extra_fields=extra, db=db, validate=validate)
+    data = Data(inputs, extra_fields=extra, db=db, validate=validate, opts=opts)
     try:
-        res = evaluate_data(data, opts)
+        res = evaluate_data(data, consume=True)
     finally:
         data.con.close()
         data.inputs.close()

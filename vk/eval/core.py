@@ -116,14 +116,6 @@ def tick(label: str) -> None:
         _T0[:] = [now, cpu]
 
 
-# token events of a response (event kinds other than e and u carry tokens: c, r, t)
-NTOK = "length(replace(replace(coalesce(events.kind, ''), 'e', ''), 'u', ''))"
-# a response whose per-event token counts are not simply 1 for each token event (those are fetched one by one):
-# as many counts as token events summing to as many tokens (a content chunk carries at least one token)
-NEEDS_SPARSE = (f"(events.tokens IS NOT NULL AND NOT coalesce(list_count(events.tokens) = {NTOK} AND "
-                f"list_sum(events.tokens) = {NTOK}, false))")
-
-
 def _f(x) -> np.ndarray:
     """A DuckDB numpy column as float64 with NaN for null."""
     if isinstance(x, np.ma.MaskedArray):
@@ -157,7 +149,11 @@ def _bucket(v: np.ndarray) -> np.ndarray:
 class Data:
     """Everything vk-eval knows about the inputs: the DuckDB connection and numpy arrays per request."""
 
-    def __init__(self, inputs: Any, *, extra_fields=(), db: str | None = None, validate: str = "auto"):
+    def __init__(self, inputs: Any, *, extra_fields=(), db: str | None = None, validate: str = "auto",
+                 opts: Options | None = None):
+        # the options that need the event times (fluidity deadlines, steady window): they are computed here,
+        # before the times are turned into gaps in place
+        self.opts = opts if opts is not None else Options()
         self.inputs = L.Inputs(inputs)
         if db:
             if os.path.exists(db):
@@ -165,20 +161,45 @@ class Data:
             self.con = duckdb.connect(db)
         else:
             self.con = duckdb.connect()
+        # without --db, the lean table: no events struct, event times read from the files when needed
+        self.lean = not db
         tick("start")
-        L.load(self.con, self.inputs, extra_fields, validate)
+        L.load(self.con, self.inputs, extra_fields, validate, lean=self.lean)
         tick("load (DuckDB)")
-        self.con.execute(
-            "CREATE OR REPLACE VIEW responses AS SELECT rowid AS row, * EXCLUDE "
-            "(kind, start_epoch, api, model, endpoint, vk_version, host, lagged, schedule, argv, totals, lag, "
-            "reason, ended, end_reason, stop_reason) FROM raw WHERE kind = 'response'"
-        )
-        self.con.execute(VIEWS_SQL)
+        run_cols = ("kind, start_epoch, api, model, endpoint, vk_version, host, lagged, schedule, argv, totals, lag, "
+                    "reason, ended, end_reason, stop_reason")
+        if self.lean:
+            ev_cols = ", ".join([*L.LEAN_EVENT_COLUMNS, "ev_tokens", "ev_kind"])
+            self.con.execute(f"CREATE OR REPLACE VIEW responses AS SELECT rowid AS row, * EXCLUDE ({run_cols}, "
+                             f"{ev_cols}) FROM raw WHERE kind = 'response'")
+            # the responses with their per-record event figures (see vk.eval.load.LEAN_EVENT_COLUMNS)
+            self.con.execute("CREATE OR REPLACE TEMP VIEW responses_ev AS SELECT rowid AS row, * EXCLUDE "
+                             f"({run_cols}) FROM raw WHERE kind = 'response'")
+        else:
+            self.con.execute(f"CREATE OR REPLACE VIEW responses AS SELECT rowid AS row, * EXCLUDE ({run_cols}) "
+                             "FROM raw WHERE kind = 'response'")
+            self.con.execute(VIEWS_SQL)
+            nt = L.LEAN_EVENT_COLUMNS["ev_ntok"]
+            derived = {k: v.format(nt=nt).replace("ev_n)", L.LEAN_EVENT_COLUMNS["ev_n"] + ")")
+                       for k, v in L.LEAN_EVENT_COLUMNS.items()}
+            self.con.execute(
+                "CREATE OR REPLACE TEMP VIEW responses_ev AS SELECT *, "
+                + ", ".join(f"{v} AS {k}" for k, v in derived.items())
+                + f", CASE WHEN {derived['ev_sparse']} THEN events.tokens END AS ev_tokens"
+                + f", CASE WHEN {derived['ev_sparse']} THEN events.kind END AS ev_kind FROM responses"
+            )
         self.runs = L.run_rows(self.con, self.inputs)
         self.n = self.con.execute("SELECT count(*) FROM responses").fetchone()[0]
         if self.n == 0:
             raise VkError(f"{', '.join(self.inputs.names)}: no response records (is it vk-send output?)")
         self._arrays()
+
+    def _events_sql(self, server_t: bool = False) -> str:
+        """A subquery with the column ``events`` (t, kind and, when asked, server_t) of the responses, in
+        order."""
+        if self.lean:
+            return L.event_source(self.inputs, server_t)
+        return "(SELECT events FROM responses)"
 
     # ----------------------------------------------------------------------------------------------------------
     def _arrays(self) -> None:
@@ -192,10 +213,9 @@ class Data:
             + ", usage.prompt_tokens AS prompt_tokens, usage.completion_tokens AS completion_tokens, "
             "usage.cached_tokens AS cached_tokens, usage.reasoning_tokens AS reasoning_tokens, "
             "target_input_tokens, target_output_tokens, coalesce(prefix_tokens, target_prefix_tokens) AS prefix, "
-            "coalesce(len(events.t), 0) AS n_events, "
-            "events.server_t IS NOT NULL AS has_server_t, events.tokens IS NULL AS tokens_null, row, "
-            f"{NTOK} AS n_tok, {NEEDS_SPARSE} AS needs_sparse "
-            "FROM responses"
+            "ev_n AS n_events, ev_has_server_t AS has_server_t, ev_tokens_null AS tokens_null, row, "
+            "ev_ntok AS n_tok, ev_sparse AS needs_sparse "
+            "FROM responses_ev"
         ).fetchnumpy()
         self.a: dict[str, np.ndarray] = {}
         a = self.a
@@ -229,8 +249,8 @@ class Data:
         if needs_sparse:
             sparse = con.execute(
                 "SELECT row, length(regexp_replace(substr(ks, 1, i), '[^crt]', '', 'g')) - 1 AS rank, k FROM "
-                "(SELECT row, events.kind AS ks, generate_subscripts(events.tokens, 1) AS i, "
-                f"unnest(events.tokens) AS k FROM responses WHERE {NEEDS_SPARSE}) "
+                "(SELECT row, ev_kind AS ks, generate_subscripts(ev_tokens, 1) AS i, "
+                "unnest(ev_tokens) AS k FROM responses_ev WHERE ev_sparse) "
                 "WHERE k IS DISTINCT FROM 1 AND substr(ks, i, 1) IN ('c', 'r', 't')"
             ).fetchnumpy()
         if len(sparse["row"]):
@@ -240,11 +260,20 @@ class Data:
         del t, st
         if flat.kind is not None and len(flat.t) != len(flat.kind):
             raise VkError("events.t and events.kind disagree in length")
-        self.flat = flat
         tick("fetch arrays")
-        self.te = M.token_events(flat, n_tok, cols_tokens_null, sp)
+        self.te = te = M.token_events(flat, n_tok, cols_tokens_null, sp)
+        del flat
         tick("token events")
-        pe = M.per_request_events(self.n, self.te)
+        # everything that needs the event times, then the times become the gaps (in place)
+        self.fl = M.fluidity(self.n, te, a["t_sent"], *self.opts.fluidity)
+        tick("fluidity")
+        self.windows = _windows(self, self.opts.warmup, self.opts.cooldown)
+        a["tokens_in_window"] = self._tokens_in_window(*self.windows[:2])
+        if te.server_t is not None:  # timestamp error per token event against the server's ground truth
+            te.server_t = np.subtract(te.t, te.server_t, out=te.server_t)
+            te.err = te.server_t
+            te.server_t = None
+        pe = M.per_request_events(self.n, te, inplace=True)
         tick("gaps, stalls")
         self.pe = pe
         # output tokens: usage, else the sum of known per-event counts, else the number of token events
@@ -275,6 +304,27 @@ class Data:
         a["dispatch_lag"] = a["t_dispatched"] - a["t_intended"]
         a["server_t_err"] = None
 
+    def _tokens_in_window(self, w0: np.ndarray, w1: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+        """Per request: the tokens of its token events that arrived inside its run's steady window."""
+        te = self.te
+        run = self.a["run"]
+        out = np.zeros(self.n)
+        for b0 in range(0, self.n, block):  # blocks of requests: small temporaries
+            b1 = min(self.n, b0 + block)
+            e0 = te.starts[b0]
+            e1 = te.starts[b1 - 1] + te.n[b1 - 1]
+            if e1 <= e0:
+                continue
+            ev_t = te.t[e0:e1]
+            if len(self.runs) == 1:
+                inwin = (ev_t >= w0[0]) & (ev_t <= w1[0])
+            else:
+                r = np.repeat(run[b0:b1], te.n[b0:b1])
+                inwin = (ev_t >= w0[r]) & (ev_t <= w1[r])
+            w = inwin if te.k is None else inwin * te.k[e0:e1]
+            out[b0:b1] = M.segment_sums(w, te.starts[b0:b1] - e0, te.n[b0:b1])
+        return out
+
     USE_SQL_TOKEN_FILTER = True
 
     def _event_times(self, n_tok: np.ndarray, has_server_t: bool):
@@ -285,16 +335,20 @@ class Data:
         No ORDER BY: DuckDB keeps insertion order (preserve_insertion_order, on by default), the order of the
         per-request query in _arrays; sorting millions of list rows would double the cost."""
         con = self.con
+        # a record whose events.t and events.kind differ in length yields one NaN (the lean table has not
+        # checked that yet): NaN times send the input through the record validators, which name the line
         if self.USE_SQL_TOKEN_FILTER:
             def pick(col: str) -> str:
-                return (f"SELECT unnest(CASE WHEN b - a + 1 = nt THEN list_slice(x, a, b) ELSE list_filter(x, "
-                        f"lambda v, i: substr(ks, i, 1) IN ('c', 'r', 't')) END) AS x FROM (SELECT {col} AS x, ks, "
-                        "length(ks) - length(ltrim(ks, 'eu')) + 1 AS a, length(rtrim(ks, 'eu')) AS b, "
+                return (f"SELECT unnest(CASE WHEN len(events.t) IS DISTINCT FROM length(ks) THEN ['nan'::DOUBLE] "
+                        f"WHEN b - a + 1 = nt THEN list_slice(x, a, b) ELSE list_filter(x, "
+                        f"lambda v, i: substr(ks, i, 1) IN ('c', 'r', 't')) END) AS x FROM (SELECT events, {col} AS x, "
+                        "ks, length(ks) - length(ltrim(ks, 'eu')) + 1 AS a, length(rtrim(ks, 'eu')) AS b, "
                         "length(replace(replace(ks, 'e', ''), 'u', '')) AS nt FROM "
-                        "(SELECT events, coalesce(events.kind, '') AS ks FROM responses))")
+                        f"(SELECT events, coalesce(events.kind, '') AS ks FROM {self._events_sql(col != 'events.t')}) "
+                        "WHERE events IS NOT NULL)")
 
             try:
-                t = _f(con.execute(pick("events.t")).fetchnumpy()["x"])
+                t = self._checked(_f(con.execute(pick("events.t")).fetchnumpy()["x"]))
                 st = None
                 if has_server_t:
                     st = _f(con.execute(pick("coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))"))
@@ -303,14 +357,27 @@ class Data:
                     return t, st, None
             except duckdb.Error:  # a DuckDB without lambda v, i: ... (before 1.3)
                 pass
-        kinds = _obj(con.execute("SELECT coalesce(events.kind, '') AS k FROM responses").fetchnumpy()["k"])
+        src = self._events_sql(has_server_t)
+        rows = con.execute(f"SELECT coalesce(events.kind, '') AS k, len(events.t) IS DISTINCT FROM length(k) AS bad "
+                           f"FROM {src} WHERE events IS NOT NULL").fetchnumpy()
+        if np.asarray(rows["bad"], dtype=bool).any():
+            self._checked(np.array([np.nan]))
+        kinds = _obj(rows["k"])
         kind_bytes = np.frombuffer("".join(kinds.tolist()).encode("ascii", "replace"), dtype=np.uint8)
-        t = _f(con.execute("SELECT unnest(events.t) AS t FROM responses").fetchnumpy()["t"])
+        t = _f(con.execute(f"SELECT unnest(events.t) AS t FROM {src}").fetchnumpy()["t"])
         st = None
         if has_server_t:
-            st = _f(con.execute("SELECT unnest(coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))) "
-                                "AS st FROM responses").fetchnumpy()["st"])
+            st = _f(con.execute(f"SELECT unnest(coalesce(events.server_t, list_resize([]::DOUBLE[], len(events.t)))) "
+                                f"AS st FROM {src}").fetchnumpy()["st"])
         return t, st, kind_bytes
+
+    def _checked(self, t: np.ndarray) -> np.ndarray:
+        """``t`` after the record validators when it holds NaN (a null time, or a record whose events.t and
+        events.kind differ in length): they raise the error naming the file, line and field."""
+        if np.isnan(t).any() and not self.inputs.checked:
+            L.validate_files(self.inputs)
+            self.inputs.checked = True
+        return t
 
     def sessions(self) -> dict[str, np.ndarray]:
         """Per request: session code, turn number (1-based, by intended time), observed think time."""
@@ -422,7 +489,9 @@ class Options:
 
 
 def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.ndarray,
-              window_how: str, fl: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict:
+              window_how: str, fl: tuple[np.ndarray, np.ndarray, np.ndarray], last: bool = False) -> dict:
+    """The summary of the requests in ``gmask``. ``last``: no later summary reads ``d`` (its pooled gaps may
+    be reordered)."""
     a = d.a
     P = opts.percentiles
     run = a["run"]
@@ -452,14 +521,16 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     gk = d.pe["gap_k"]
     if gk is not None and gm is not None:
         gk = M.take(gk, gm)
+    # what needs the gaps in request order first: the gaps are then sorted in place when they are a copy, or
+    # when nothing reads them afterwards
+    itl_token = None if gk is None or (gk == 1).all() else M.stats(np.repeat(gaps / gk, gk), P, pooled=True)
+    zeros = int((0 if gk is None else (gk[np.isfinite(gaps)] - 1).sum()) + (d.pe["first_k"][okm] - 1).clip(0).sum())
     for name in LATENCY_METRICS:
         if name == "itl_chunk":
-            s = M.stats(gaps, P, pooled=True)
+            s = M.stats(gaps, P, pooled=True, inplace=gm is not None or last)
         elif name == "itl_token":
-            s = lat["itl_chunk"] if gk is None or (gk == 1).all() else M.stats(np.repeat(gaps / gk, gk), P, pooled=True)
+            s = lat["itl_chunk"] if itl_token is None else itl_token
         elif name == "itl_token_zeros":
-            zeros = int((0 if gk is None else (gk[np.isfinite(gaps)] - 1).sum())
-                        + (d.pe["first_k"][okm] - 1).clip(0).sum())
             s = lat["itl_chunk"] if zeros == 0 else M.stats(gaps, P, weights_zero=zeros, pooled=True)
         elif name in ("queue_delay", "dispatch_lag"):
             s = M.stats(a[name][measured], P)
@@ -496,24 +567,9 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     whole = {"duration": dur, "requests": int(okg.sum()), "requests_per_s": rate(okg.sum(), dur),
              "input_tokens_per_s": rate(tin, dur), "output_tokens_per_s": rate(tout, dur),
              "total_tokens_per_s": rate(tin + tout, dur)}
-    # steady: completions, prefills and token arrivals inside the window
-    te = d.te
-    em = None if okg.all() else np.repeat(okg, te.n)
-    ev_t = te.t if em is None else M.take(te.t, em)
-    if len(d.runs) == 1:
-        lo_w, hi_w = w0[0], w1[0]
-    else:
-        ev_r = np.repeat(run, te.n) if em is None else M.take(np.repeat(run, te.n), em)
-        lo_w, hi_w = w0[ev_r], w1[ev_r]
-    inwin = (ev_t >= lo_w) & (ev_t <= hi_w)
-    if te.k is None:
-        tok_in_win = float(inwin.sum())
-        ev_total = float(len(ev_t))
-    else:
-        ek = te.k if em is None else M.take(te.k, em)
-        tok_in_win = float(M.take(ek, inwin).sum())
-        ev_total = float(ek.sum())
-    del inwin
+    # steady: completions, prefills and token arrivals inside the window (tokens counted per request by Data)
+    tok_in_win = float(a["tokens_in_window"][okg].sum())
+    ev_total = float(d.pe["event_tokens"][okg].sum())
     done_in = okg & (a["t_done"] >= w0[run]) & (a["t_done"] <= w1[run])
     pre_in = okg & (a["t_first_token"] >= w0[run]) & (a["t_first_token"] <= w1[run])
     sin = float(np.nansum(a["input_tokens"][pre_in]))
@@ -707,9 +763,9 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
     if dl.get("n") and dl.get("p99", 0) is not None and dl.get("p99", 0) > 0.1 and not lagged:
         flags.append(f"LAG: p99 dispatch lag is {dl['p99'] * 1000:.0f} ms (requests left later than scheduled)")
     # timestamp error against the server's ground truth
-    if d.te.server_t is not None:  # over the token events
-        sel_ev = np.repeat(gmask, d.te.n) & np.isfinite(d.te.server_t)
-        err = M.take(d.te.t, sel_ev) - M.take(d.te.server_t, sel_ev)
+    if d.te.err is not None:  # over the token events
+        sel_ev = np.repeat(gmask, d.te.n) & np.isfinite(d.te.err)
+        err = M.take(d.te.err, sel_ev)
         if len(err):
             e = M.stats(err, [50, 90, 99])
             e["spread_p99_minus_p50"] = e["p99"] - e["p50"]
@@ -766,17 +822,22 @@ def _goodput(d: Data, g: Goodput, measured, duration: float) -> dict:
             "output_tokens_per_s": tok / duration if duration > 0 else None}
 
 
-def evaluate_data(d: Data, opts: Options) -> dict:
-    """The whole evaluation as a JSON-able dict."""
-    w0, w1, how = _windows(d, opts.warmup, opts.cooldown)
+def evaluate_data(d: Data, opts: Options | None = None, consume: bool = False) -> dict:
+    """The whole evaluation as a JSON-able dict. ``opts``: those ``d`` was made with (the default); others
+    must agree on the fluidity deadlines and the steady window. ``consume``: ``d``'s pooled arrays may be
+    reordered (when nothing reads ``d`` afterwards)."""
+    if opts is None:
+        opts = d.opts
+    elif (opts.fluidity, opts.warmup, opts.cooldown) != (d.opts.fluidity, d.opts.warmup, d.opts.cooldown):
+        raise VkError("internal error: evaluate_data with fluidity or window options other than the data's")
+    w0, w1, how = d.windows
+    fl = d.fl
     tick("start")
-    fl = M.fluidity(d.n, d.te, d.a["t_sent"], *opts.fluidity)
-    tick("fluidity")
     group_by = opts.group_by
     if not group_by and len(d.runs) > 1:
         group_by = ["run"]
     everything = np.ones(d.n, dtype=bool)
-    overall = summarize(d, opts, everything, w0, w1, how, fl)
+    overall = summarize(d, opts, everything, w0, w1, how, fl, last=consume and not group_by)
     tick("summary")
     groups = []
     if group_by:

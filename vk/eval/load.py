@@ -81,6 +81,8 @@ class Inputs:
 
     def __init__(self, inputs: Any):
         self._tmp: str | None = None
+        self.checked = False  # validated record by record
+        self.object_size: int | None = None  # DuckDB's maximum_object_size that read the files
         self.paths: list[str] = []
         self.names: list[str] = []
         if isinstance(inputs, (str, os.PathLike)):
@@ -153,11 +155,40 @@ def validate_files(inputs: Inputs) -> None:
             raise VkError(f"{name}: no records (is it vk-send output?)")
 
 
+# The lean table (``load(..., lean=True)``, what evaluate, plot, compare and report use) keeps every top-level
+# field but replaces the events struct (64 numbers per event-heavy record, the bulk of the input) by a few
+# per-record figures computed while parsing; the event times are read later straight from the files
+# (``event_source``). Parsing JSON twice is cheaper than storing and re-reading millions of list entries.
+NTOK_OF = "length(replace(replace(coalesce({k}, ''), 'e', ''), 'u', ''))"
+LEAN_EVENT_COLUMNS = {
+    # token events (event kinds other than e and u carry tokens: c, r, t)
+    "ev_ntok": NTOK_OF.format(k="events.kind"),
+    "ev_n": "coalesce(length(events.kind), 0)",
+    "ev_has_server_t": "events.server_t IS NOT NULL",
+    "ev_tokens_null": "events.tokens IS NULL",
+    # a response whose per-event token counts are not simply 1 for each token event (only those keep their
+    # counts, fetched one by one): as many counts as token events summing to as many tokens
+    "ev_sparse": "(events.tokens IS NOT NULL AND NOT coalesce(list_count(events.tokens) = {nt} AND "
+                 "list_sum(events.tokens) = {nt}, false))",
+    "ev_bad": "(events IS NOT NULL AND ((events.tokens IS NOT NULL AND len(events.tokens) != ev_n) "
+              "OR (events.server_t IS NOT NULL AND len(events.server_t) != ev_n)))",
+}
+FILES_OPTIONS = ", format='newline_delimited'"
+
+
+def _read_sql(inputs: Inputs, cols: dict[str, str], size: int | None, filename: bool = False) -> str:
+    col_sql = "{" + ", ".join(f"{_sql_str(k)}: {_sql_str(v)}" for k, v in cols.items()) + "}"
+    files = "[" + ", ".join(_sql_str(p) for p in inputs.paths) + "]"
+    opt = f", maximum_object_size={size}" if size else ""
+    return f"read_ndjson({files}, columns={col_sql}{FILES_OPTIONS}{', filename=true' if filename else ''}{opt})"
+
+
 def load(con: duckdb.DuckDBPyConnection, inputs: Inputs, extra_fields: Iterable[str] = (),
-         validate: str = "auto") -> None:
+         validate: str = "auto", lean: bool = False) -> None:
     """Create the table ``raw`` (every line of every input, typed) in ``con``.
 
     ``validate``: ``auto`` (record by record for small inputs, SQL checks for large ones), ``full`` or ``fast``.
+    ``lean``: without the events struct (see LEAN_EVENT_COLUMNS); the SQL views need the full table.
     """
     con.execute("SET enable_progress_bar = false")
     total = sum(os.path.getsize(p) for p in inputs.paths)
@@ -166,21 +197,27 @@ def load(con: duckdb.DuckDBPyConnection, inputs: Inputs, extra_fields: Iterable[
         checked = True
     else:
         checked = False
+    inputs.checked = checked
     cols = dict(RESPONSE_COLUMNS)
     for f in extra_fields:
         if f not in cols:
             cols[f] = "VARCHAR"
-    col_sql = "{" + ", ".join(f"{_sql_str(k)}: {_sql_str(v)}" for k, v in cols.items()) + "}"
-    files = "[" + ", ".join(_sql_str(p) for p in inputs.paths) + "]"
+    if lean:
+        cols["events"] = "STRUCT(tokens BIGINT[], kind VARCHAR, server_t DOUBLE[])"
+        nt = LEAN_EVENT_COLUMNS["ev_ntok"]
+        derived = {k: v.format(nt=nt) for k, v in LEAN_EVENT_COLUMNS.items()}
+        derived["ev_bad"] = derived["ev_bad"].replace("ev_n", derived["ev_n"])
+        sel = ("* EXCLUDE (events), " + ", ".join(f"{v} AS {k}" for k, v in derived.items())
+               + f", CASE WHEN {derived['ev_sparse']} THEN events.tokens END AS ev_tokens"
+               + f", CASE WHEN {derived['ev_sparse']} THEN events.kind END AS ev_kind")
+    else:
+        sel = "*"
     # DuckDB's default maximum object size (16 MB) keeps the reader parallel; a larger one (records with very
     # long texts) is tried only when needed, as it reads with fewer threads
     for size in (None, 1 << 30):
-        opt = f", maximum_object_size={size}" if size else ""
         try:
-            con.execute(
-                f"CREATE OR REPLACE TABLE raw AS SELECT * FROM read_ndjson({files}, columns={col_sql}, "
-                f"filename=true{opt})"
-            )
+            con.execute(f"CREATE OR REPLACE TABLE raw AS SELECT {sel} FROM {_read_sql(inputs, cols, size, True)}")
+            inputs.object_size = size
             break
         except duckdb.Error as e:
             if size is None and "maximum_object_size" in str(e):
@@ -189,19 +226,30 @@ def load(con: duckdb.DuckDBPyConnection, inputs: Inputs, extra_fields: Iterable[
                 validate_files(inputs)  # raises the precise error when the input is at fault
             raise VkError(f"cannot read the input: {str(e).splitlines()[0]}") from None
     if not checked:
-        _sql_checks(con, inputs)
+        _sql_checks(con, inputs, lean)
 
 
-def _sql_checks(con: duckdb.DuckDBPyConnection, inputs: Inputs) -> None:
+def event_source(inputs: Inputs, server_t: bool = False) -> str:
+    """The event times (``events.t``, with ``events.server_t`` when asked) and kinds of the response records
+    of the inputs, in input order: the rows of ``raw WHERE kind = 'response'``, one for one."""
+    ev = "STRUCT(t DOUBLE[], kind VARCHAR" + (", server_t DOUBLE[])" if server_t else ")")
+    return (f"(SELECT events FROM {_read_sql(inputs, {'kind': 'VARCHAR', 'events': ev}, inputs.object_size)} "
+            "WHERE kind = 'response')")
+
+
+def _sql_checks(con: duckdb.DuckDBPyConnection, inputs: Inputs, lean: bool = False) -> None:
     versions = " ".join(f"WHEN {_sql_str(k)} THEN {records.VERSIONS[k]}" for k in INPUT_KINDS)
     statuses = ", ".join(_sql_str(s) for s in records.STATUSES)
+    # the lean table checks the lengths of events.tokens and events.server_t against events.kind here, and
+    # events.t against events.kind when the event times are read
+    events_bad = "ev_bad" if lean else """(events IS NOT NULL AND (len(events.t) != length(events.kind)
+                    OR (events.tokens IS NOT NULL AND len(events.tokens) != len(events.t))
+                    OR (events.server_t IS NOT NULL AND len(events.server_t) != len(events.t))))"""
     bad = con.execute(
         f"""SELECT count(*) FROM raw WHERE kind IS NULL OR kind NOT IN ('run', 'response', 'run_end')
             OR v IS NULL OR v < 1 OR v > (CASE kind {versions} END) OR run_id IS NULL
             OR (kind = 'response' AND (request_id IS NULL OR status IS NULL OR status NOT IN ({statuses})
-                OR (events IS NOT NULL AND (len(events.t) != length(events.kind)
-                    OR (events.tokens IS NOT NULL AND len(events.tokens) != len(events.t))
-                    OR (events.server_t IS NOT NULL AND len(events.server_t) != len(events.t))))))"""
+                OR {events_bad}))"""
     ).fetchone()[0]
     if bad:
         validate_files(inputs)

@@ -50,6 +50,7 @@ class TokenEvents:
     known: np.ndarray | None  # per event: count from events.tokens; None when all are known
     n_unknown: np.ndarray  # per request: token events without a count
     server_t: np.ndarray | None = None  # per token event: the server's send time, when given
+    err: np.ndarray | None = None  # per token event: t - server_t (vk.eval.core.Data keeps this, not server_t)
 
     @property
     def seg(self) -> np.ndarray:
@@ -102,14 +103,34 @@ def token_events(flat: Flat, n_tok: np.ndarray, tokens_null: np.ndarray,
     return TokenEvents(n_tok, starts, t, k, known, n_unknown, st)
 
 
-def per_request_events(n: int, te: TokenEvents) -> dict[str, np.ndarray]:
-    """Per-request figures from the token events: counts, max stall, gaps (pooled, in request order)."""
+def diff_inplace(t: np.ndarray, block: int = 1 << 20) -> np.ndarray:
+    """``np.diff(t)`` written over ``t`` itself (returned as a view of its first len - 1 entries): no second
+    events-sized array. Block by block from the start, each block reading the first entry of the next one
+    before that block is overwritten."""
+    n = len(t) - 1
+    for s in range(0, max(n, 0), block):
+        e = min(s + block, n)
+        np.subtract(t[s + 1:e + 1], t[s:e], out=t[s:e])
+    return t[:max(n, 0)]
+
+
+def per_request_events(n: int, te: TokenEvents, inplace: bool = False) -> dict[str, np.ndarray]:
+    """Per-request figures from the token events: counts, max stall, gaps (pooled, in request order).
+
+    ``inplace``: the gaps are written over the event times (``te.t`` is None afterwards), so compute whatever
+    needs the times first."""
     n_tok = te.n
     sum_k = n_tok.astype(np.float64) if te.k is None else segment_sums(te.k, te.starts, n_tok).astype(np.float64)
     all_known = (te.n_unknown == 0) & (n_tok > 0)
     # gaps between consecutive token events, aligned with the token events from the second one on: gap j is
     # t[j+1] - t[j]; the slot across a request boundary is +inf (dropped by every statistic)
-    gaps = np.diff(te.t) if len(te.t) else np.zeros(0)
+    if not len(te.t):
+        gaps = np.zeros(0)
+    elif inplace:
+        gaps = diff_inplace(te.t)
+        te.t = None
+    else:
+        gaps = np.diff(te.t)
     last = (te.starts + n_tok - 1)[(n_tok > 0)]
     last = last[last < len(gaps)]
     gaps[last] = np.nan
@@ -236,16 +257,18 @@ def fluidity_reference(arrivals: list[float], t_start: float, prefill_deadline: 
     return (1.0 - missed / total if total else float("nan")), missed, total
 
 
-def stats(values: np.ndarray, percentiles: list[float], weights_zero: int = 0, pooled: bool = False) -> dict | None:
+def stats(values: np.ndarray, percentiles: list[float], weights_zero: int = 0, pooled: bool = False,
+          inplace: bool = False) -> dict | None:
     """Summary statistics of a sample (NaN dropped); ``weights_zero`` extra zeros are pooled in.
 
     ``pooled``: a pooled gap array, whose missing slots are +inf (and never NaN): sorted as is, the infs cut off.
+    ``inplace`` (with ``pooled``): sort ``values`` itself rather than a copy (its order is lost).
 
     Percentiles interpolate linearly between order statistics (numpy's and DuckDB's quantile_cont default);
     stddev is the population standard deviation.
     """
     if pooled:
-        srt = values.copy()
+        srt = values if inplace and not weights_zero else values.copy()
     elif values.dtype.kind == "f":
         nan = np.isnan(values)
         srt = values.copy() if not nan.any() else take(values, ~nan)  # a copy: sorted in place

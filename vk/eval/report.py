@@ -85,7 +85,7 @@ def write_report(inputs: Any, outdir: str, *, slo=None, goodput=None, percentile
         raise VkError(f"{outdir}: cannot create the directory ({e.strerror})") from None
     opts = Options(percentiles=percentiles, slo=slo, goodput=goodput, warmup=warmup, cooldown=cooldown,
                    group_by=group_by, fluidity=fluidity)
-    d = Data(inputs, extra_fields=opts.group_by, validate=validate)
+    d = Data(inputs, extra_fields=opts.group_by, validate=validate, opts=opts)
     try:
         res = evaluate_data(d, opts)
         with tempfile.TemporaryDirectory(prefix="vk-report-") as tmp:
