@@ -177,7 +177,7 @@ def gap_mask(pe: dict, req_mask: np.ndarray) -> np.ndarray | None:
 
 
 def fluidity(n: int, te: TokenEvents, t_start: np.ndarray, prefill_deadline: float, decode_deadline: float,
-             chunk_rows: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             chunk_rows: int = 1 << 16, block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Etalon/Metron fluidity-index per request (Agrawal et al. 2024, arXiv 2407.07000, Algorithm 1).
 
     Token i of a request (tokens of a multi-token chunk all arrive with the chunk) has a deadline: the first
@@ -188,48 +188,77 @@ def fluidity(n: int, te: TokenEvents, t_start: np.ndarray, prefill_deadline: flo
 
     Vectorised form: with ``e_i = a_i - i * D_d`` the deadline of token i is ``B + i * D_d`` where ``B`` is the
     running maximum of ``t_start + D_p`` and the ``e_j`` of earlier tokens (a miss at j sets ``B = e_j``, which is
-    larger than the old B), so misses are where ``e_i`` exceeds the segmented running maximum before it.
+    larger than the old B), so misses are where ``e_i`` exceeds the running maximum before it.
+
+    Requests are taken in order of their token counts, in blocks (at most ``chunk_rows`` requests and about
+    ``block`` tokens) laid out as 2-D arrays, token index by request, padded to the block's longest request:
+    the running maximum is then one ``np.maximum.accumulate`` down the columns, exact.
 
     Returns (fluidity, missed, total) per request; NaN/0 where a request has no tokens.
     """
     missed = np.zeros(n)
     met = np.zeros(n)
-    if len(te.t) == 0:
+    if te.t is None or len(te.t) == 0:
         return np.full(n, np.nan), missed, missed.copy()
     # tokens per request (multi-token chunks expanded) and where each request's tokens start
     if te.k is None:
         ntok = te.n
+        arrivals = te.t
+        tstart = te.starts
     else:
         ntok = segment_sums(te.k, te.starts, te.n)
-    base = (t_start + prefill_deadline)
-    # blocks of requests: every temporary stays small (cache-friendly, no giant allocations)
-    for b0 in range(0, n, chunk_rows):
-        b1 = min(n, b0 + chunk_rows)
-        e0 = te.starts[b0] if b0 < n else 0
-        e1 = te.starts[b1 - 1] + te.n[b1 - 1]
-        if e1 <= e0:
-            continue
-        lens = ntok[b0:b1]
-        if te.k is None:
-            a = te.t[e0:e1]
+        arrivals = np.repeat(te.t, te.k)
+        tstart = np.r_[0, np.cumsum(ntok)[:-1]].astype(np.int64)
+    base = t_start + prefill_deadline
+    order = np.argsort(ntok, kind="stable")
+    order = order[ntok[order] > 0]
+    lens = ntok[order]
+    i = 0
+    m_all = len(order)
+    while i < m_all:
+        # the block: as many requests (in order of length) as fit in about `block` padded tokens
+        j = min(m_all, i + chunk_rows, i + max(1, block // int(lens[i])))
+        if int(lens[j - 1]) * (j - i) > block:  # padded size lens[j-1] * (j-i) grows with j: the largest that fits
+            padded = lens[i:j] * np.arange(1, j - i + 1)
+            j = i + max(1, int(np.searchsorted(padded, block, side="right")))
+        L = int(lens[j - 1])
+        m = j - i
+        req = order[i:j]
+        bl = lens[i:j]
+        uniform = int(bl[0]) == L
+        s0 = int(tstart[req[0]])
+        if uniform and int(tstart[req[-1]]) - s0 == (m - 1) * L and (m == 1 or (np.diff(tstart[req]) == L).all()):
+            src = arrivals[s0:s0 + m * L].reshape(m, L)  # consecutive requests of one length: a view
         else:
-            a = np.repeat(te.t[e0:e1], te.k[e0:e1])
-        local = np.repeat(np.arange(b1 - b0, dtype=np.int64), lens)
-        tstart = np.r_[0, np.cumsum(lens)[:-1]]
-        idx = np.arange(len(a)) - tstart[local]
-        x = a - idx * decode_deadline - base[b0:b1][local]  # e_i - B_0
+            cols = np.arange(L, dtype=np.int64)[None, :]
+            if not uniform:
+                cols = np.minimum(cols, (bl - 1)[:, None])
+            src = np.take(arrivals, tstart[req][:, None] + cols)  # (m, L), contiguous reads
+        rows = np.arange(L, dtype=np.int64)[:, None]
+        x = np.empty((L, m))  # token index down, requests across
+        np.subtract(src.T, rows * decode_deadline, out=x)
+        del src
+        x -= base[req][None, :]  # e_i - B_0
+        if not uniform:
+            x[rows >= bl[None, :]] = -np.inf  # padding: never a miss
         xs = np.maximum(x, 0.0)
-        span = float(xs.max()) + 1.0
-        off = local * span
-        cm = np.maximum.accumulate(xs + off) - off
-        # exclusive running max within each request; the first token compares with 0 (B_0)
-        prev = np.empty_like(cm)
-        prev[1:] = cm[:-1]
-        prev[tstart[lens > 0]] = 0.0
-        miss = x > prev + 1e-12
-        counts = np.where(miss, np.floor((x - prev) / decode_deadline) + 1.0, 0.0)
-        missed[b0:b1] = np.bincount(local, weights=counts, minlength=b1 - b0)
-        met[b0:b1] = np.bincount(local, weights=~miss, minlength=b1 - b0)
+        for r in range(1, L):  # B - B_0 after each token: a running maximum down the columns
+            np.maximum(xs[r], xs[r - 1], out=xs[r])
+        # a miss where e_i exceeds the running maximum before it (B_0 for the first token)
+        miss = np.empty(x.shape, dtype=bool)
+        np.greater(x[0], 1e-12, out=miss[0])
+        np.greater(x[1:], xs[:-1] + 1e-12, out=miss[1:])
+        nmiss = np.count_nonzero(miss, axis=0)
+        hit = np.flatnonzero(miss)
+        if len(hit):
+            prev = np.zeros(x.shape)
+            prev[1:] = xs[:-1]
+            counts = np.zeros(x.shape)
+            xf, pf = x.reshape(-1)[hit], prev.reshape(-1)[hit]
+            counts.reshape(-1)[hit] = np.floor((xf - pf) / decode_deadline) + 1.0
+            missed[req] = counts.sum(axis=0)
+        met[req] = bl - nmiss
+        i = j
     total = missed + met
     with np.errstate(invalid="ignore", divide="ignore"):
         fi = np.where(total > 0, 1.0 - missed / np.where(total > 0, total, 1), np.nan)
