@@ -268,6 +268,8 @@ class Data:
         self.fl = M.fluidity(self.n, te, a["t_sent"], *self.opts.fluidity)
         tick("fluidity")
         self.windows = _windows(self, self.opts.warmup, self.opts.cooldown)
+        self.pe_event_tokens = (te.n.astype(np.float64) if te.k is None
+                                else M.segment_sums(te.k, te.starts, te.n).astype(np.float64))
         a["tokens_in_window"] = self._tokens_in_window(*self.windows[:2])
         if te.server_t is not None:  # timestamp error per token event against the server's ground truth
             te.server_t = np.subtract(te.t, te.server_t, out=te.server_t)
@@ -305,24 +307,32 @@ class Data:
         a["server_t_err"] = None
 
     def _tokens_in_window(self, w0: np.ndarray, w1: np.ndarray, block: int = 1 << 16) -> np.ndarray:
-        """Per request: the tokens of its token events that arrived inside its run's steady window."""
+        """Per request: the tokens of its token events that arrived inside its run's steady window. Requests
+        whose token events all lie inside (or all outside) are settled by their first and last arrival."""
         te = self.te
         run = self.a["run"]
-        out = np.zeros(self.n)
-        for b0 in range(0, self.n, block):  # blocks of requests: small temporaries
-            b1 = min(self.n, b0 + block)
-            e0 = te.starts[b0]
-            e1 = te.starts[b1 - 1] + te.n[b1 - 1]
-            if e1 <= e0:
-                continue
-            ev_t = te.t[e0:e1]
-            if len(self.runs) == 1:
-                inwin = (ev_t >= w0[0]) & (ev_t <= w1[0])
-            else:
-                r = np.repeat(run[b0:b1], te.n[b0:b1])
-                inwin = (ev_t >= w0[r]) & (ev_t <= w1[r])
-            w = inwin if te.k is None else inwin * te.k[e0:e1]
-            out[b0:b1] = M.segment_sums(w, te.starts[b0:b1] - e0, te.n[b0:b1])
+        has = te.n > 0
+        idx = te.starts[has]
+        lo = np.full(self.n, np.nan)
+        hi = np.full(self.n, np.nan)
+        if len(idx):  # NaN (a null time) propagates: such requests are counted event by event
+            lo[has] = np.minimum.reduceat(te.t, idx)
+            hi[has] = np.maximum.reduceat(te.t, idx)
+        ntok = self.pe_event_tokens
+        inside = has & (lo >= w0[run]) & (hi <= w1[run])
+        outside = ~has | (hi < w0[run]) | (lo > w1[run])
+        out = np.where(inside, ntok, 0.0)
+        mixed = np.flatnonzero(~inside & ~outside)
+        for b in range(0, len(mixed), block):  # the rest event by event, a block of requests at a time
+            req = mixed[b:b + block]
+            ev = np.repeat(te.starts[req], te.n[req]) + (np.arange(int(te.n[req].sum()))
+                                                          - np.repeat(np.cumsum(te.n[req]) - te.n[req], te.n[req]))
+            t = te.t[ev]
+            r = np.repeat(run[req], te.n[req])
+            w = (t >= w0[r]) & (t <= w1[r])
+            if te.k is not None:
+                w = w * te.k[ev]
+            out[req] = M.segment_sums(w, np.r_[0, np.cumsum(te.n[req])[:-1]], te.n[req])
         return out
 
     USE_SQL_TOKEN_FILTER = True
@@ -374,7 +384,7 @@ class Data:
     def _checked(self, t: np.ndarray) -> np.ndarray:
         """``t`` after the record validators when it holds NaN (a null time, or a record whose events.t and
         events.kind differ in length): they raise the error naming the file, line and field."""
-        if np.isnan(t).any() and not self.inputs.checked:
+        if not self.inputs.checked and np.isnan(t.sum()) and np.isnan(t).any():
             L.validate_files(self.inputs)
             self.inputs.checked = True
         return t

@@ -173,6 +173,7 @@ LEAN_EVENT_COLUMNS = {
     "ev_bad": "(events IS NOT NULL AND ((events.tokens IS NOT NULL AND len(events.tokens) != ev_n) "
               "OR (events.server_t IS NOT NULL AND len(events.server_t) != ev_n)))",
 }
+LEAN_SKIPPED = ("session_index", "worker", "http_status", "error", "finish_reason")
 FILES_OPTIONS = ", format='newline_delimited'"
 
 
@@ -199,6 +200,10 @@ def load(con: duckdb.DuckDBPyConnection, inputs: Inputs, extra_fields: Iterable[
         checked = False
     inputs.checked = checked
     cols = dict(RESPONSE_COLUMNS)
+    if lean:  # response fields vk-eval does not read are parsed only when --group-by names them
+        for f in LEAN_SKIPPED:
+            if f not in extra_fields:
+                del cols[f]
     for f in extra_fields:
         if f not in cols:
             cols[f] = "VARCHAR"
