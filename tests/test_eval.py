@@ -539,3 +539,29 @@ def test_token_event_selection_sql_and_numpy_paths_agree(monkeypatch):
     assert fast == slow
     assert fast["overall"]["latency"]["itl_chunk"]["n"] == 6
     assert fast["overall"]["accuracy"]["timestamp_error"]["n"] == 2
+
+
+def test_lean_load_agrees_with_the_full_table(tmp_path):
+    # evaluate without --db reads a lean table (no events struct) and the event times from the file again;
+    # with --db it stores every field: the same figures either way, fast or full validation
+    r = resp("nc", events=[(0.1, "e", None), (0.2, "c", 1), (0.25, "e", None), (0.4, "c", 2), (0.5, "u", None)],
+             usage={"completion_tokens": 3}, worker=3)
+    r["events"]["server_t"] = [0.09, 0.19, 0.24, 0.39, 0.49]
+    p = write(tmp_path / "r.jsonl", RECORDS + [r])
+    kw = dict(goodput="ttft<300ms", warmup=1.5, cooldown=0.5, group_by="worker")
+    lean = evaluate(p, validate="fast", **kw).to_dict()
+    full = evaluate(p, validate="fast", db=str(tmp_path / "x.duckdb"), **kw).to_dict()
+    assert lean == full == evaluate(p, **kw).to_dict()
+    assert [g["label"] for g in lean["groups"]] == ["(none)", "3"]
+
+
+@pytest.mark.parametrize("field,events", [
+    ("events.kind", {"t": [0.1, 0.2], "kind": "c", "tokens": [1, 1]}),
+    ("events.tokens", {"t": [0.1, 0.2], "kind": "cc", "tokens": [1]}),
+    ("events.server_t", {"t": [0.1, 0.2], "kind": "cc", "server_t": [0.1]}),
+])
+def test_fast_validation_names_event_length_errors(tmp_path, field, events):
+    bad = dict(C, events=events)
+    p = write(tmp_path / "e.jsonl", [RUN, A, B, bad])
+    with pytest.raises(VkError, match=rf"e.jsonl:4: field '{field}'"):
+        evaluate(p, validate="fast")

@@ -111,7 +111,16 @@ def tick(label: str) -> None:
         now = time.perf_counter()
         cpu = time.process_time()
         if label != "start":
-            print(f"vk-eval timing: {label:<24} {now - _T0[0]:7.3f} s wall {cpu - _T0[1]:7.3f} s cpu",
+            try:
+                import resource
+
+                with open("/proc/self/statm") as f:
+                    rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                mem = f" {rss:6.0f} MiB RSS (peak {peak:.0f})"
+            except (OSError, ImportError, ValueError):
+                mem = ""
+            print(f"vk-eval timing: {label:<24} {now - _T0[0]:7.3f} s wall {cpu - _T0[1]:7.3f} s cpu{mem}",
                   file=sys.stderr)
         _T0[:] = [now, cpu]
 
@@ -349,13 +358,16 @@ class Data:
         # checked that yet): NaN times send the input through the record validators, which name the line
         if self.USE_SQL_TOKEN_FILTER:
             def pick(col: str) -> str:
+                # a: the first token event; the token events are contiguous when the nt events from a on are
+                # all token events (no e or u among them)
                 return (f"SELECT unnest(CASE WHEN len(events.t) IS DISTINCT FROM length(ks) THEN ['nan'::DOUBLE] "
-                        f"WHEN b - a + 1 = nt THEN list_slice(x, a, b) ELSE list_filter(x, "
-                        f"lambda v, i: substr(ks, i, 1) IN ('c', 'r', 't')) END) AS x FROM (SELECT events, {col} AS x, "
-                        "ks, length(ks) - length(ltrim(ks, 'eu')) + 1 AS a, length(rtrim(ks, 'eu')) AS b, "
+                        "WHEN NOT (contains(mid, 'e') OR contains(mid, 'u')) THEN list_slice(x, a, a + nt - 1) "
+                        "ELSE list_filter(x, lambda v, i: substr(ks, i, 1) IN ('c', 'r', 't')) END) AS x FROM "
+                        f"(SELECT events, {col} AS x, ks, a, nt, substr(ks, a, nt) AS mid FROM "
+                        "(SELECT events, ks, length(ks) - length(ltrim(ks, 'eu')) + 1 AS a, "
                         "length(replace(replace(ks, 'e', ''), 'u', '')) AS nt FROM "
                         f"(SELECT events, coalesce(events.kind, '') AS ks FROM {self._events_sql(col != 'events.t')}) "
-                        "WHERE events IS NOT NULL)")
+                        "WHERE events IS NOT NULL))")
 
             try:
                 t = self._checked(_f(con.execute(pick("events.t")).fetchnumpy()["x"]))
