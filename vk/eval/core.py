@@ -410,7 +410,7 @@ class Data:
         ).fetchone()[0]
         if not multi:  # one request per session: turn 1 everywhere, no think time
             self._sess = {"code": np.arange(self.n, dtype=np.int64), "turn": np.ones(self.n, np.int64),
-                          "think": np.full(self.n, np.nan)}
+                          "think": np.full(self.n, np.nan), "single": True}
             return self._sess
         r = self.con.execute(
             """SELECT dense_rank() OVER (ORDER BY run_id, session_id) - 1 AS code,
@@ -612,10 +612,11 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     for r in runs_in:
         m = busy & (run == r)
         if m.any():
-            ev = np.concatenate([a["t_sent"][m], a["t_done"][m]])
-            step = np.concatenate([np.ones(m.sum()), -np.ones(m.sum())])
-            o = np.lexsort((step, ev))  # at equal times, leave before entering
-            mx = max(mx, int(np.cumsum(step[o]).max()))
+            # the most in flight is reached as a request enters: requests sent so far (ties included) minus
+            # those done by then (at equal times, leave before entering)
+            st = np.sort(a["t_sent"][m])
+            en = np.sort(a["t_done"][m])
+            mx = max(mx, int((np.searchsorted(st, st, side="right") - np.searchsorted(en, st, side="right")).max()))
     out["concurrency"] = {"mean": rate(float(np.sum(a["t_done"][busy] - a["t_sent"][busy])), dur), "max": mx}
 
     tick("  concurrency")
@@ -645,16 +646,23 @@ def _sessions(d: Data, gmask: np.ndarray, P) -> dict:
     codes = s["code"][gmask]
     if len(codes) == 0:
         return {"sessions": 0}
-    uniq, inv = np.unique(codes, return_inverse=True)
-    turns = np.bincount(inv)
     t0 = np.where(np.isnan(a["t_intended"]), a["t_sent"], a["t_intended"])[gmask]
     t1 = a["t_done"][gmask]
-    smin = np.full(len(uniq), np.inf)
-    smax = np.full(len(uniq), -np.inf)
-    np.minimum.at(smin, inv, np.where(np.isnan(t0), np.inf, t0))
-    np.maximum.at(smax, inv, np.where(np.isnan(t1), -np.inf, t1))
-    durs = np.where(np.isfinite(smin) & np.isfinite(smax), smax - smin, np.nan)
-    out = {"sessions": int(len(uniq)), "turns": M.stats(turns.astype(float), P), "duration": M.stats(durs, P)}
+    if s.get("single"):  # one request per session
+        nsess = len(codes)
+        turns = np.ones(nsess)
+        with np.errstate(invalid="ignore"):
+            durs = np.where(np.isfinite(t0) & np.isfinite(t1), t1 - t0, np.nan)
+    else:
+        uniq, inv = np.unique(codes, return_inverse=True)
+        nsess = len(uniq)
+        turns = np.bincount(inv).astype(float)
+        smin = np.full(len(uniq), np.inf)
+        smax = np.full(len(uniq), -np.inf)
+        np.minimum.at(smin, inv, np.where(np.isnan(t0), np.inf, t0))
+        np.maximum.at(smax, inv, np.where(np.isnan(t1), -np.inf, t1))
+        durs = np.where(np.isfinite(smin) & np.isfinite(smax), smax - smin, np.nan)
+    out = {"sessions": int(nsess), "turns": M.stats(turns, P), "duration": M.stats(durs, P)}
     think = s["think"][gmask]
     out["think_time"] = M.stats(think[np.isfinite(think)], P)
     turn = s["turn"][gmask]
