@@ -565,3 +565,16 @@ def test_fast_validation_names_event_length_errors(tmp_path, field, events):
     p = write(tmp_path / "e.jsonl", [RUN, A, B, bad])
     with pytest.raises(VkError, match=rf"e.jsonl:4: field '{field}'"):
         evaluate(p, validate="fast")
+
+
+def test_table_prints_shares_as_percentages_with_their_meaning(res):
+    text = evaluate(RECORDS, goodput="ttft<300ms").format("table")
+    # A, B and C produced exactly their target output lengths
+    assert "output tokens (usage) vs planned (target_output_tokens): 100% equal, 0% stopped early" in text
+    assert "exact 1" not in text
+    assert "p99 ms" in text and "duration s" in text and "output tok/s" in text
+    # 2 of the 5 measured requests are within 300 ms and complete (D and E failed, C's TTFT is 500 ms)
+    assert "40.0% of measured requests met every objective (2 of 5)" in text
+    from vk.eval.result import _pct
+
+    assert [_pct(x) for x in (0, 1, 0.5, 0.0004, 0.99996, None)] == ["0%", "100%", "50.0%", "<0.1%", ">99.9%", "-"]

@@ -56,6 +56,10 @@ def generate(path: str, n: int, seed: int = 0, rate: float = 1000.0) -> None:
                 lines.append(orjson.dumps(rec))
             f.write(b"\n".join(lines) + b"\n")
         f.write(orjson.dumps({"kind": "run_end", "v": 1, "run_id": "bench", "lagged": False}) + b"\n")
+        # written back to disk before the timed summary, which would otherwise share the machine with the
+        # kernel's writeback of the file just generated
+        f.flush()
+        os.fsync(f.fileno())
 
 
 CHILD = """

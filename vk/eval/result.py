@@ -70,6 +70,29 @@ def _num(v: Any, unit: str = "") -> str:
     return str(v)
 
 
+def _pct(v: Any) -> str:
+    """A share (0..1) as a percentage; never rounds a share that is not exactly 0 or 1 to 0% or 100%."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    v = float(v)
+    if v == 0:
+        return "0%"
+    if v == 1:
+        return "100%"
+    s = f"{v * 100:.1f}"
+    if s == "0.0":
+        return "<0.1%"
+    if s == "100.0":
+        return ">99.9%"
+    return s + "%"
+
+
+def _signed(v: Any) -> str:
+    if v is None:
+        return "-"
+    return ("+" if v > 0 else "") + _num(v)
+
+
 def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
     if markdown:
         out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -98,103 +121,121 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
     parts = [_heading(title, markdown, 2)]
     c = s["counts"]
     parts.append(
-        f"requests {c['requests']}  measured {c['measured']}  ok {c['ok']}  error {c['error']}  timeout "
-        f"{c['timeout']}  cancelled {c['cancelled']}  skipped {c['skipped']}  warm-up excluded "
-        f"{c['warmup_excluded']}  outside window {c['outside_window']}\n"
+        f"requests {c['requests']}: measured {c['measured']} (ok {c['ok']}, error {c['error']}, timeout "
+        f"{c['timeout']}, cancelled {c['cancelled']}, skipped {c['skipped']}); not measured: warm-up "
+        f"{c['warmup_excluded']}, sent outside the steady window {c['outside_window']}\n"
     )
-    src = ", ".join(f"{k} {v}" for k, v in c.get("output_tokens_source", {}).items())
+    names = {"usage": "usage.completion_tokens", "events.tokens": "sum of events.tokens",
+             "token events": "number of token events (no counts)"}
+    src = ", ".join(f"{names.get(k, k)} {v}" for k, v in c.get("output_tokens_source", {}).items())
     if src:
-        parts.append(f"output tokens counted from: {src}\n")
+        parts.append(f"output tokens per request taken from (requests): {src}\n")
     flags = s["accuracy"].get("flags", [])
     if flags:
         parts.append("\n" + ("**WARNINGS**\n\n" if markdown else "!!! WARNINGS !!!\n"))
         for f in flags:
             parts.append(("- " if markdown else "  ! ") + f + "\n")
-    parts.append("\n" + _heading("Latency (ms)", markdown, 3))
+    parts.append("\n" + _heading("Latency (ms; n = requests, or gaps for itl_*)", markdown, 3))
     rows = []
     for name, st in s["latency"].items():
         if not st or not st.get("n"):
             continue
         rows.append([name, str(st["n"])] + [_num(st.get(k), "ms") for k in cols])
-    parts.append(_table(["metric", "n", *cols], rows, markdown))
+    parts.append(_table(["metric", "n", *[f"{k} ms" for k in cols]], rows, markdown))
     rows = []
     for name, st in s["tokens"].items():
         if st and st.get("n"):
             rows.append([name, str(st["n"])] + [_num(st.get(k)) for k in cols])
     if rows:
-        parts.append("\n" + _heading("Tokens per request", markdown, 3))
-        parts.append(_table(["metric", "n", *cols], rows, markdown))
+        parts.append("\n" + _heading("Tokens per request (tokens; n = requests)", markdown, 3))
+        parts.append(_table(["metric", "n", *[f"{k} tok" for k in cols]], rows, markdown))
     t = s["throughput"]
-    parts.append("\n" + _heading("Throughput", markdown, 3))
+    parts.append("\n" + _heading("Throughput (completed requests)", markdown, 3))
     rows = []
     for label, w in (("whole run", t["whole"]), (f"steady ({t['steady']['window']})", t["steady"])):
         rows.append([label, _num(w["duration"]), _num(w["requests_per_s"]), _num(w["input_tokens_per_s"]),
                      _num(w["output_tokens_per_s"]), _num(w["total_tokens_per_s"])])
-    parts.append(_table(["window", "seconds", "req/s", "input tok/s", "output tok/s", "total tok/s"], rows,
+    parts.append(_table(["window", "duration s", "req/s", "input tok/s", "output tok/s", "total tok/s"], rows,
                         markdown))
     conc = s["concurrency"]
-    parts.append(f"\nconcurrency: mean {_num(conc['mean'])}, max {_num(conc['max'])}\n")
+    parts.append(f"\nrequests in flight (sent, not done): mean {_num(conc['mean'])}, max {_num(conc['max'])}\n")
     if "goodput" in s:
         g = s["goodput"]
-        parts.append("\n" + _heading(f"Goodput ({g['spec']})", markdown, 3))
-        parts.append(f"good {g['good']} of {g['requests']}  attainment {_num(g['attainment'])}  "
-                     f"goodput {_num(g['requests_per_s'])} req/s, {_num(g['output_tokens_per_s'])} output tok/s\n")
+        parts.append("\n" + _heading(f"Goodput ({g['spec']}; failed requests count as misses)", markdown, 3))
+        parts.append(f"{_pct(g['attainment'])} of measured requests met every objective ({g['good']} of "
+                     f"{g['requests']}); goodput {_num(g['requests_per_s'])} req/s, "
+                     f"{_num(g['output_tokens_per_s'])} output tok/s\n")
         for k, v in g["per_condition"].items():
-            parts.append(f"  {k}: {_num(v)}\n")
+            parts.append(f"  {k}: met by {_pct(v)} of measured requests\n")
     f = s["fluidity"]
     parts.append("\n" + _heading("Fluidity index (Etalon)", markdown, 3))
     fi = f["index"] or {}
-    parts.append(f"deadlines: first token {f['prefill_deadline'] * 1000:g} ms, then every "
-                 f"{f['decode_deadline'] * 1000:g} ms; service index {_num(f['service_index'])}; per request "
-                 f"mean {_num(fi.get('mean'))}, min {_num(fi.get('min'))}; share >= 0.9: {_num(f['share_ge_0.9'])}\n")
+    parts.append(f"token deadlines: first token {f['prefill_deadline'] * 1000:g} ms after sending, then one every "
+                 f"{f['decode_deadline'] * 1000:g} ms (slack carries over)\n"
+                 f"deadlines met over all tokens (service index): {_pct(f['service_index'])}; per-request index "
+                 f"(share of its deadlines met): mean {_num(fi.get('mean'))}, min {_num(fi.get('min'))}; requests "
+                 f"with index >= 0.9: {_pct(f['share_ge_0.9'])}\n")
     se = s["sessions"]
     if se.get("sessions"):
         parts.append("\n" + _heading("Sessions", markdown, 3))
         tt = se["turns"]
         du = se["duration"]
         th = se["think_time"]
-        parts.append(f"sessions {se['sessions']}  turns mean {_num(tt.get('mean'))} max {_num(tt.get('max'))}  "
-                     f"duration p50 {_num(du.get('p50'))} s  think time p50 {_num(th.get('p50'))} s\n")
+        parts.append(f"sessions {se['sessions']}; requests (turns) per session: mean {_num(tt.get('mean'))}, "
+                     f"max {_num(tt.get('max'))}; session duration p50 {_num(du.get('p50'))} s; observed think "
+                     f"time (next turn intended - previous done) p50 {_num(th.get('p50'))} s\n")
         if se.get("ttft_by_turn"):
             rows = [[k, str(v["n"]), _num(v["ttft_p50"], "ms"), _num(v["ttft_p90"], "ms"),
                      _num(v["input_tokens_mean"])] for k, v in se["ttft_by_turn"].items()]
-            parts.append(_table(["turn", "n", "ttft p50 ms", "ttft p90 ms", "input tokens"], rows, markdown))
+            parts.append(_table(["turn", "requests", "ttft p50 ms", "ttft p90 ms", "input tokens mean"], rows,
+                                markdown))
     a = s["accuracy"]
-    parts.append("\n" + _heading("Run accuracy", markdown, 3))
+    parts.append("\n" + _heading("Run accuracy (measured ok requests)", markdown, 3))
     lines = []
     if "prompt_vs_target" in a:
         p = a["prompt_vs_target"]
-        line = f"prompt tokens vs target: exact {_num(p['share_exact'])}, mean diff {_num(p['mean_diff'])}"
+        line = (f"prompt tokens (usage) vs planned (target_input_tokens): {_pct(p['share_exact'])} equal, mean "
+                f"difference {_signed(p['mean_diff'])} tokens ({p['n']} requests)")
         if "first_turns" in p:
             f1 = p["first_turns"]
-            line += (f" (first turns, no history: exact {_num(f1['share_exact'])}, mean diff "
-                     f"{_num(f1['mean_diff'])} - the chat template)")
+            line += (f"; first turns only (no history): {_pct(f1['share_exact'])} equal, mean difference "
+                     f"{_signed(f1['mean_diff'])} tokens (the chat template)")
         lines.append(line)
     if "output_vs_target" in a:
         o = a["output_vs_target"]
-        lines.append(f"output tokens vs target: exact {_num(o['share_exact'])}, stopped early "
-                     f"{_num(o['share_stopped_early'])}, longer {_num(o['share_longer'])}")
+        what = "counted from events" if o.get("counted_by") else "usage"
+        lines.append(f"output tokens ({what}) vs planned (target_output_tokens): {_pct(o['share_exact'])} equal, "
+                     f"{_pct(o['share_stopped_early'])} stopped early (fewer), {_pct(o['share_longer'])} longer "
+                     f"({o['n']} requests)")
     if "events_vs_usage" in a:
         e = a["events_vs_usage"]
-        lines.append(f"events vs usage: per-event counts {_num(e['share_per_event_counts'])}, mismatch "
-                     f"{_num(e['share_mismatch'])}, tokens per token event {_num(e['tokens_per_token_event'])}")
-    if a.get("chunk_tokens_histogram"):
-        lines.append("tokens per chunk: " + ", ".join(f"{k}: {v}" for k, v in a["chunk_tokens_histogram"].items()))
+        lines.append(f"streamed token counts vs usage: {_pct(e['share_per_event_counts'])} of requests carry "
+                     f"per-event counts, whose sum differs from usage.completion_tokens in "
+                     f"{_pct(e['share_mismatch'])} of them; {_num(e['tokens_per_token_event'])} tokens per token "
+                     f"event on average ({e['n']} requests)")
+    hist = a.get("chunk_tokens_histogram")
+    if hist:
+        tot = sum(hist.values())
+        lines.append("token events by tokens per chunk (events): " + ", ".join(
+            f"{k} tok {v} ({_pct(v / tot)})" if k != "unknown" else f"unknown {v} ({_pct(v / tot)})"
+            for k, v in hist.items()))
     dl = a.get("dispatch_lag") or {}
     if dl.get("n"):
-        lines.append(f"dispatch lag ms: p50 {_num(dl.get('p50'), 'ms')}, p99 {_num(dl.get('p99'), 'ms')}, "
-                     f"max {_num(dl.get('max'), 'ms')}")
+        lines.append(f"dispatch lag (t_dispatched - t_intended): p50 {_num(dl.get('p50'), 'ms')} ms, p99 "
+                     f"{_num(dl.get('p99'), 'ms')} ms, max {_num(dl.get('max'), 'ms')} ms")
     r = a.get("rate") or {}
     if r:
-        lines.append(f"rate: intended {_num(r.get('intended_per_s'))} req/s, achieved {_num(r.get('achieved_per_s'))}"
-                     " req/s")
+        ratio = r.get("achieved_over_intended")
+        lines.append(f"request rate: intended {_num(r.get('intended_per_s'))} req/s, achieved "
+                     f"{_num(r.get('achieved_per_s'))} req/s" + (f" ({_pct(ratio)} of intended)" if ratio else ""))
     if "timestamp_error" in a:
         te = a["timestamp_error"]
-        lines.append(f"client timestamp - server send time ms: p50 {_num(te['p50'], 'ms')}, p99 "
-                     f"{_num(te['p99'], 'ms')}, spread {_num(te['spread_p99_minus_p50'], 'ms')}")
+        lines.append(f"client arrival time - server send time (events.server_t): p50 {_num(te['p50'], 'ms')} ms, "
+                     f"p99 {_num(te['p99'], 'ms')} ms, p99 - p50 {_num(te['spread_p99_minus_p50'], 'ms')} ms")
     ca = s["caching"]
-    lines.append(f"prefix caching: cached share {_num(ca.get('cached_share'))} (reported by "
-                 f"{ca.get('n_reporting_cached', 0)} requests), ideal share {_num(ca.get('ideal_share'))}")
+    lines.append(f"prefix caching: {_pct(ca.get('cached_share'))} of prompt tokens cached (usage.cached_tokens, "
+                 f"reported by {ca.get('n_reporting_cached', 0)} requests); ideal {_pct(ca.get('ideal_share'))} "
+                 "(history plus declared shared prefix)")
     parts.append("".join(("- " if markdown else "") + ln + "\n" for ln in lines))
     return "".join(parts)
 
@@ -214,7 +255,8 @@ def to_text(d: dict, markdown: bool = False) -> str:
         out.append("\n" + _heading("SLOs", markdown, 2))
         rows = [[c["slo"], c["group"], _num(c["value"], "ms" if c["metric"] in TIME_METRICS and c["stat"] else ""),
                  "ok" if c["ok"] else "MISSED"] for c in d["slo"]]
-        out.append(_table(["slo", "group", "value (ms for latencies)", "verdict"], rows, markdown))
+        out.append(_table(["slo", "group", "value (ms for latencies, else as specified)", "verdict"], rows,
+                          markdown))
     return "".join(out)
 
 
