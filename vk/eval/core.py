@@ -35,6 +35,7 @@ LATENCY_METRICS = {
 POOLED = ("itl_chunk", "itl_token", "itl_token_zeros")
 COUNT_METRICS = ("input_tokens", "output_tokens")
 STATUSES = ("ok", "error", "timeout", "cancelled", "skipped")
+OUTPUT_SOURCES = ("usage", "events.tokens", "token events")  # where a request's output token count comes from
 DERIVED_GROUP_FIELDS = ("run", "input_bucket", "output_bucket")
 MAX_GROUPS = 1000
 
@@ -230,8 +231,9 @@ class Data:
         a = self.a
         self.run_index = {r["run_id"]: i for i, r in enumerate(self.runs)}
         a["run"] = np.asarray(cols["run_code"], dtype=np.int64)
-        a["status"] = np.array(STATUSES, dtype=object)[np.asarray(cols["status_code"], dtype=np.int64)]
-        a["ok"] = a["status"] == "ok"
+        a["status_code"] = np.asarray(cols["status_code"], dtype=np.int64)  # index in STATUSES
+        a["status"] = np.array(STATUSES, dtype=object)[a["status_code"]]
+        a["ok"] = a["status_code"] == 0
         a["warmup"] = np.asarray(cols["warmup"], dtype=bool)
         for f in L.TIME_COLS:
             a[f] = _f(cols[f])
@@ -289,16 +291,17 @@ class Data:
         self.pe = pe
         # output tokens: usage, else the sum of known per-event counts, else the number of token events
         out = a["completion_tokens"].copy()
-        src = np.full(self.n, "usage", dtype=object)
+        src = np.zeros(self.n, dtype=np.int8)  # index in OUTPUT_SOURCES
         no_usage = np.isnan(out)
         use_ev = no_usage & pe["all_tokens_known"]
         out[use_ev] = pe["event_tokens"][use_ev]
-        src[use_ev] = "events.tokens"
+        src[use_ev] = 1
         use_cnt = no_usage & ~pe["all_tokens_known"]
         out[use_cnt] = pe["n_token_events"][use_cnt]
-        src[use_cnt] = "token events"
+        src[use_cnt] = 2
         a["output_tokens"] = out
-        a["output_tokens_source"] = src
+        a["output_tokens_source_code"] = src
+        a["output_tokens_source"] = np.array(OUTPUT_SOURCES, dtype=object)[src]
         a["input_tokens"] = np.where(np.isnan(a["prompt_tokens"]), a["target_input_tokens"], a["prompt_tokens"])
         a["ttft"] = a["t_first_token"] - a["t_sent"]
         a["ttfc"] = a["t_first_content"] - a["t_sent"]
@@ -526,14 +529,13 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     # counts
     counts = {"requests": int(gmask.sum()), "measured": int(measured.sum())}
     for s in STATUSES:
-        counts[s] = int((measured & (a["status"] == s)).sum())
+        counts[s] = int((measured & (a["status_code"] == STATUSES.index(s))).sum())
     counts["warmup_excluded"] = int((gmask & a["warmup"]).sum())
     counts["outside_window"] = int((gmask & ~a["warmup"] & ~in_window).sum())
     counts["failed"] = counts["measured"] - counts["ok"]
     counts["error_rate"] = counts["failed"] / counts["measured"] if counts["measured"] else None
-    srcs = a["output_tokens_source"][okm]
-    counts["output_tokens_source"] = {k: int((srcs == k).sum()) for k in ("usage", "events.tokens", "token events")
-                                      if (srcs == k).any()}
+    nsrc = np.bincount(a["output_tokens_source_code"][okm], minlength=len(OUTPUT_SOURCES))
+    counts["output_tokens_source"] = {k: int(nsrc[i]) for i, k in enumerate(OUTPUT_SOURCES) if nsrc[i]}
     out["counts"] = counts
 
     # latencies
@@ -996,7 +998,7 @@ def timeseries(d: Data, bins: int = 120) -> dict:
         ttft = a["ttft"][okm]
         sent = a["t_sent"][okm]
         idx = np.clip(np.searchsorted(edges, sent, side="right") - 1, 0, nb - 1)
-        o = np.lexsort((ttft, idx))  # per-bin medians by sorting once
+        o = np.argsort(idx, kind="stable")  # per-bin medians: bins contiguous after one integer sort
         sv, si = ttft[o], idx[o]
         med = []
         for b in range(nb):
