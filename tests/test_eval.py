@@ -578,3 +578,25 @@ def test_table_prints_shares_as_percentages_with_their_meaning(res):
     from vk.eval.result import _pct
 
     assert [_pct(x) for x in (0, 1, 0.5, 0.0004, 0.99996, None)] == ["0%", "100%", "50.0%", "<0.1%", ">99.9%", "-"]
+
+
+def test_cache_is_used_while_the_file_is_unchanged(tmp_path):
+    import os
+
+    p = write(tmp_path / "c.jsonl", RECORDS)
+    cache = tmp_path / "c.jsonl.vk-eval-cache"
+    want = evaluate(p, goodput="ttft<300ms").to_dict()
+    assert evaluate(p, goodput="ttft<300ms", cache=True).to_dict() == want  # written
+    assert (cache / "key.json").exists() and (cache / "t.npy").exists()
+    # a hit reads the cache, not the JSON: prove it by making the cached times differ from the file's
+    t = np.load(cache / "t.npy")
+    np.save(cache / "t.npy", t + 1.0)
+    hit = evaluate(p, goodput="ttft<300ms", cache=True).to_dict()
+    assert hit["overall"]["latency"]["ttft"] == want["overall"]["latency"]["ttft"]  # scalars: from the table
+    assert hit["overall"]["fluidity"] != want["overall"]["fluidity"]  # event times: from the cache
+    # a changed file (size and modification time) invalidates it
+    write(tmp_path / "c.jsonl", RECORDS + [dict(C, request_id="C2")])
+    os.utime(p, ns=(1, 1))
+    again = evaluate(p, goodput="ttft<300ms", cache=True).to_dict()
+    assert again["overall"]["counts"]["requests"] == 6
+    assert again == evaluate(p, goodput="ttft<300ms").to_dict()

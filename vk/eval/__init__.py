@@ -17,20 +17,23 @@ from vk.eval.result import EvalResult
 
 
 def evaluate(inputs: Any, *, percentiles=None, slo=None, goodput=None, warmup=None, cooldown=None,
-             group_by=None, fluidity=None, db: str | None = None, validate: str = "auto") -> EvalResult:
+             group_by=None, fluidity=None, db: str | None = None, validate: str = "auto",
+             cache: bool = False) -> EvalResult:
     """Evaluate vk-send output: a path, a list of paths (one run each), or an iterable of record dicts.
 
     ``percentiles`` ("p50,p99" or [50, 99]); ``slo`` ("ttft:p90<500ms,..."); ``goodput`` ("ttft<1s,tpot<60ms");
     ``warmup``/``cooldown`` (seconds or "30s") bound the steady-state window; ``group_by`` (field or list of
     fields; default: by run when there are several); ``fluidity`` ("ttft=1s,tbt=50ms"); ``db`` saves the
-    DuckDB database (tables raw and responses; views requests, events, sessions, runs) to a file.
+    DuckDB database (tables raw and responses; views requests, events, sessions, runs) to a file. ``cache``
+    keeps the parsed input next to the first file (``FILE.vk-eval-cache``) and reads it instead of the JSON
+    while the files are unchanged (path, size, modification time); not with ``db``.
     """
     from vk.eval.core import Data, Options, evaluate_data
 
     opts = Options(percentiles=percentiles, slo=slo, goodput=goodput, warmup=warmup, cooldown=cooldown,
                    group_by=group_by, fluidity=fluidity)
     extra = [g for g in opts.group_by]
-    data = Data(inputs, extra_fields=extra, db=db, validate=validate, opts=opts)
+    data = Data(inputs, extra_fields=extra, db=db, validate=validate, opts=opts, cache=cache)
     try:
         res = evaluate_data(data, consume=True)
     finally:

@@ -70,10 +70,13 @@ def _common(fn):
 @click.option("--check", is_flag=True, help="Exit 1 when an SLO is missed.")
 @_common
 @click.option("--db", metavar="FILE", help="Also save the DuckDB database (views requests, events, sessions, runs).")
+@click.option("--cache", is_flag=True,
+              help="Keep the parsed input in FILE.vk-eval-cache next to the first file and read it instead of the "
+                   "JSON on the next run while the files are unchanged (size, modification time).")
 @click.option("-o", "--output", metavar="FILE", default="-", help="Write the report to FILE (default stdout).")
 @click.version_option(__version__, "--version", prog_name="vk-eval", message="%(prog)s %(version)s")
 def summary_cmd(files, fmt, as_json, slo, goodput, check, percentiles, warmup, cooldown, group_by, fluidity,
-                progress, validate, db, output):
+                progress, validate, db, cache, output):
     """Summarise vk-send output FILE... (several files: one run each; - is stdin).
 
     Every latency is computed from the raw event times under one unambiguous name: ttft (first token of any
@@ -84,7 +87,7 @@ def summary_cmd(files, fmt, as_json, slo, goodput, check, percentiles, warmup, c
 
     _progress(progress)
     res = evaluate(list(files), percentiles=percentiles, slo=slo, goodput=goodput, warmup=warmup,
-                   cooldown=cooldown, group_by=group_by, fluidity=fluidity, db=db, validate=validate)
+                   cooldown=cooldown, group_by=group_by, fluidity=fluidity, db=db, validate=validate, cache=cache)
     _progress_done()
     text = res.format("json" if as_json else fmt)
     _write(output, text)

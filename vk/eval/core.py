@@ -160,7 +160,7 @@ class Data:
     """Everything vk-eval knows about the inputs: the DuckDB connection and numpy arrays per request."""
 
     def __init__(self, inputs: Any, *, extra_fields=(), db: str | None = None, validate: str = "auto",
-                 opts: Options | None = None):
+                 opts: Options | None = None, cache: bool = False):
         # the options that need the event times (fluidity deadlines, steady window): they are computed here,
         # before the times are turned into gaps in place
         self.opts = opts if opts is not None else Options()
@@ -174,7 +174,7 @@ class Data:
         # without --db, the lean table: no events struct, event times read from the files when needed
         self.lean = not db
         tick("start")
-        L.load(self.con, self.inputs, extra_fields, validate, lean=self.lean)
+        self.cache = L.load(self.con, self.inputs, extra_fields, validate, lean=self.lean, cache=cache)
         tick("load (DuckDB)")
         run_cols = ("kind, start_epoch, api, model, endpoint, vk_version, host, lagged, schedule, argv, totals, lag, "
                     "reason, ended, end_reason, stop_reason")
@@ -250,7 +250,13 @@ class Data:
             raise VkError("internal error: DuckDB returned the responses out of order")
         del cols
         tick("  scalars")
-        t, st, kind_bytes = self._event_times(n_tok, has_server_t)
+        hit = self.cache is not None and self.cache.hit
+        if hit:  # the token-event times as the cache keeps them
+            t = np.load(self.cache.path("t.npy"))
+            st = np.load(self.cache.path("server_t.npy")) if has_server_t else None
+            kind_bytes = None
+        else:
+            t, st, kind_bytes = self._event_times(n_tok, has_server_t)
         tick("  event times")
         # per-event token counts, fetched sparsely: only the token events whose count is not 1, with their rank
         # among the request's token events. Rows whose counts are all 1, one per token event, are skipped
@@ -274,6 +280,11 @@ class Data:
         tick("fetch arrays")
         self.te = te = M.token_events(flat, n_tok, cols_tokens_null, sp)
         del flat
+        if self.cache is not None and not hit:
+            np.save(self.cache.path("t.npy"), te.t)
+            if te.server_t is not None:
+                np.save(self.cache.path("server_t.npy"), te.server_t)
+            self.cache.finish()
         tick("token events")
         # everything that needs the event times, then the times become the gaps (in place)
         self.fl = M.fluidity(self.n, te, a["t_sent"], *self.opts.fluidity)

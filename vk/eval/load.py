@@ -184,14 +184,44 @@ def _read_sql(inputs: Inputs, cols: dict[str, str], size: int | None, filename: 
     return f"read_ndjson({files}, columns={col_sql}{FILES_OPTIONS}{', filename=true' if filename else ''}{opt})"
 
 
+def _full_columns(extra_fields: Iterable[str]) -> dict[str, str]:
+    cols = dict(RESPONSE_COLUMNS)
+    for f in extra_fields:
+        if f not in cols:
+            cols[f] = "VARCHAR"
+    return cols
+
+
+def _lean_columns(extra_fields: Iterable[str]) -> dict[str, str]:
+    # response fields vk-eval does not read are parsed only when --group-by names them
+    extra_fields = list(extra_fields)
+    cols = {k: v for k, v in RESPONSE_COLUMNS.items() if k not in LEAN_SKIPPED or k in extra_fields}
+    for f in extra_fields:
+        if f not in cols:
+            cols[f] = "VARCHAR"
+    return cols
+
+
 def load(con: duckdb.DuckDBPyConnection, inputs: Inputs, extra_fields: Iterable[str] = (),
-         validate: str = "auto", lean: bool = False) -> None:
+         validate: str = "auto", lean: bool = False, cache: bool = False) -> Cache | None:
     """Create the table ``raw`` (every line of every input, typed) in ``con``.
 
     ``validate``: ``auto`` (record by record for small inputs, SQL checks for large ones), ``full`` or ``fast``.
     ``lean``: without the events struct (see LEAN_EVENT_COLUMNS); the SQL views need the full table.
+    ``cache`` (lean only): read the table from the inputs' cache when it is valid, else write it there; returns
+    the Cache (``hit`` tells which), for the event times.
     """
     con.execute("SET enable_progress_bar = false")
+    if cache and lean and inputs._tmp is None:
+        c = Cache(inputs, _lean_columns(extra_fields), orjson.dumps(LEAN_EVENT_COLUMNS).decode())
+        if c.hit:
+            con.execute(f"CREATE OR REPLACE TABLE raw AS SELECT * FROM read_parquet({_sql_str(c.path('raw.parquet'))})")
+            inputs.checked = True  # validated when the cache was written
+            return c
+        load(con, inputs, extra_fields, validate, lean)
+        c.start()
+        con.execute(f"COPY raw TO {_sql_str(c.path('raw.parquet'))} (FORMAT parquet)")
+        return c
     total = sum(os.path.getsize(p) for p in inputs.paths)
     if validate == "full" or (validate == "auto" and total <= FULL_VALIDATION_BYTES):
         validate_files(inputs)
@@ -199,14 +229,7 @@ def load(con: duckdb.DuckDBPyConnection, inputs: Inputs, extra_fields: Iterable[
     else:
         checked = False
     inputs.checked = checked
-    cols = dict(RESPONSE_COLUMNS)
-    if lean:  # response fields vk-eval does not read are parsed only when --group-by names them
-        for f in LEAN_SKIPPED:
-            if f not in extra_fields:
-                del cols[f]
-    for f in extra_fields:
-        if f not in cols:
-            cols[f] = "VARCHAR"
+    cols = _lean_columns(extra_fields) if lean else _full_columns(extra_fields)
     if lean:
         cols["events"] = "STRUCT(tokens BIGINT[], kind VARCHAR, server_t DOUBLE[])"
         nt = LEAN_EVENT_COLUMNS["ev_ntok"]
@@ -232,6 +255,45 @@ def load(con: duckdb.DuckDBPyConnection, inputs: Inputs, extra_fields: Iterable[
             raise VkError(f"cannot read the input: {str(e).splitlines()[0]}") from None
     if not checked:
         _sql_checks(con, inputs, lean)
+
+
+CACHE_VERSION = 1
+
+
+class Cache:
+    """``--cache``: the lean table (Parquet) and the token-event times (.npy) of the inputs, in a directory next
+    to the first input (``FILE.vk-eval-cache``), valid while every input keeps its path, size and modification
+    time and the table its columns. Only for files (not stdin or record lists)."""
+
+    def __init__(self, inputs: Inputs, cols: dict[str, str], lean_sel: str):
+        self.dir = inputs.paths[0] + ".vk-eval-cache"
+        key = {"v": CACHE_VERSION, "columns": cols, "select": lean_sel, "inputs": []}
+        for p in inputs.paths:
+            st = os.stat(p)
+            key["inputs"].append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+        self.key = key
+        self.hit = False
+        try:
+            with open(os.path.join(self.dir, "key.json"), "rb") as f:
+                self.hit = orjson.loads(f.read()) == orjson.loads(orjson.dumps(key))
+        except (OSError, ValueError):
+            self.hit = False
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def start(self) -> None:
+        """Before writing: the old key goes first, so that a half-written cache is never taken as valid."""
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            if os.path.exists(self.path("key.json")):
+                os.remove(self.path("key.json"))
+        except OSError as e:
+            raise VkError(f"{self.dir}: cannot write the cache ({e.strerror})") from None
+
+    def finish(self) -> None:
+        with open(self.path("key.json"), "wb") as f:
+            f.write(orjson.dumps(self.key))
 
 
 def event_source(inputs: Inputs, server_t: bool = False) -> str:
