@@ -29,6 +29,7 @@ EPILOG = examples(
     "vk-eval sql 'SELECT status, count(*) FROM requests GROUP BY 1' run.jsonl",
     "vk-eval plot plots/ run.jsonl        vk-eval report out/ run.jsonl     (or -o DIR after the files)",
     "vk-eval compare before.jsonl after.jsonl",
+    "vk-eval big.jsonl --cache               # parsed once; later runs read big.jsonl.vk-eval-cache/",
     "",
     "Subcommands: sql, plot, compare, report (vk-eval SUBCOMMAND --help). Times are in seconds in JSON/CSV",
     "and in milliseconds in tables.",

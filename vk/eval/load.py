@@ -4,6 +4,9 @@ The fast path reads every file with DuckDB's ``read_ndjson`` (parallel, typed co
 version of every line in SQL. Whenever that check, or DuckDB's parser, finds a problem, the files are read again
 line by line with ``vk.records.validate`` so that the error names the file, the line and the field. Small inputs
 (under ``FULL_VALIDATION_BYTES``) are always validated record by record.
+
+Without a saved database the table is lean (``LEAN_EVENT_COLUMNS``): the event lists are not stored, and the
+event times are read from the files a second time (``event_source``) straight into numpy.
 """
 
 from __future__ import annotations
