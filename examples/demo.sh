@@ -26,7 +26,7 @@ echo "demo: vk-serve is listening at $url" >&2
 # Each stage's output is also kept (tee), so the same schedule can be replayed against another server.
 vk-gen examples/demo.yaml --seed 7 --count 80 | tee "$out/sessions.jsonl" \
   | vk-schedule --poisson 4 --seed 7 | tee "$out/schedule.jsonl" \
-  | vk-send --api "$url" -o "$out/run.jsonl"
+  | vk-send --api "$url" --continuous-usage -o "$out/run.jsonl"
 
 echo >&2
 vk-eval "$out/run.jsonl"
