@@ -158,3 +158,27 @@ def test_slow_upstream_is_not_client_lag(serve, tmp_path):
     assert recs[-1]["kind"] == "run_end" and recs[-1]["lagged"] is False, recs[-1]
     assert recs[-1]["dispatch_lag_p99"] < 0.5  # 1.5 s when the clock starts with the header (a loaded CI
     # machine adds milliseconds, hence the loose bound)
+
+
+def test_declared_prefix_reaches_the_records_and_the_ideal_cache_share(serve, tmp_path):
+    """Shared-prefix workloads: every response carries its declared prefix, and vk-eval's ideal cache share counts
+    it (with a shared system prompt and single requests, the ideal share is the prefix's share of the prompt)."""
+    server = serve("--profile", "llama3.1-8b-h100", "--speed", "20")
+    sessions = run_vk("vk-gen", "--count", "12", "--seed", "2",
+                      "--set", "input.length={type: fixed, value: 100}", "--set", "output.length.value=4",
+                      "--set", "channel.shared_prefix_ratio=0.5", "--set", "channel.shared_prefix_probability=1",
+                      check=True).stdout
+    declared = {s["id"]: s["requests"][0].get("prefix_tokens", 0)
+                for s in (orjson.loads(x) for x in sessions.splitlines())}
+    assert all(v > 0 for v in declared.values())
+    sched = run_vk("vk-schedule", "--concurrency", "1", "-q", input=sessions, check=True).stdout
+    run = tmp_path / "run.jsonl"
+    run_vk("vk-send", "--api", server.url, "--workers", "1", "-o", str(run), input=sched, check=True)
+    responses = [r for _, _, r in read_records(run) if r["kind"] == "response"]
+    assert {r["session_id"]: r["target_prefix_tokens"] for r in responses} == declared
+    report = json.loads(run_vk("vk-eval", str(run), "--json", check=True).stdout)
+    caching = report["overall"]["caching"]
+    prompt = sum(r["usage"]["prompt_tokens"] for r in responses)
+    history = sum(r["usage"]["prompt_tokens"] - r["target_input_tokens"] for r in responses)
+    assert caching["ideal_share"] == pytest.approx((history + sum(declared.values())) / prompt, rel=1e-6)
+    assert caching["cached_share"] > 0  # vk-serve's prefix cache served the shared prompt

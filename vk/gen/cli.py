@@ -35,8 +35,9 @@ def _deep_merge(base: dict, top: dict) -> dict:
 @command("vk-gen", epilog=EPILOG)
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--seed", type=int, metavar="N", help="Random seed (default: the config's seed, else 0).")
-@click.option("--count", type=int, metavar="N",
-              help="Number of sessions (default: the config's count, else 100; 0 = no limit).")
+@click.option("--count", type=click.IntRange(min=0), metavar="N",
+              help="Number of sessions (default: the config's count, else 100 for synthetic workloads and every "
+                   "row for traces; 0 = no limit).")
 @click.option("--duration", type=float, metavar="S",
               help="Trace workloads: only sessions whose trace_time is within S seconds of the trace start.")
 @click.option("--tokenizer", metavar="NAME", help="Tokenizer: built-in name (qwen2.5, deepseek-v3) or path.")

@@ -10,7 +10,7 @@ import orjson
 
 from vk.cli import command, examples, main_wrapper
 from vk.errors import VkError
-from vk.jsonl import read_records, source_name
+from vk.jsonl import open_input, read_records, source_name
 from vk.send.run import DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_LAG_THRESHOLD, DEFAULT_TIMEOUT, send
 
 EPILOG = examples(
@@ -44,9 +44,9 @@ def _is_file(p: str) -> bool:
 @click.option("-H", "--header", "headers", multiple=True, metavar="'NAME: VALUE'",
               help="Extra HTTP header (repeatable).")
 @click.option("--extra-body", default=None, metavar="JSON", help="JSON object merged into every request body.")
-@click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, metavar="S",
+@click.option("--timeout", type=click.FloatRange(min=0), default=DEFAULT_TIMEOUT, show_default=True, metavar="S",
               help="Total time allowed per request (0: none).")
-@click.option("--first-byte-timeout", type=float, default=DEFAULT_FIRST_BYTE_TIMEOUT, show_default=True,
+@click.option("--first-byte-timeout", type=click.FloatRange(min=0), default=DEFAULT_FIRST_BYTE_TIMEOUT, show_default=True,
               metavar="S", help="Time allowed until the first response byte (0: none).")
 @click.option("--max-errors", default=None, metavar="N|FRACTION",
               help="Stop the run once N requests failed, or once more than FRACTION of the attempted ones did "
@@ -66,7 +66,7 @@ def _is_file(p: str) -> bool:
 @click.option("--http2", is_flag=True, help="Use HTTP/2 (through httpx).")
 @click.option("--no-kernel-timestamps", is_flag=True,
               help="Time events when Python reads them instead of when the kernel received them.")
-@click.option("--lag-threshold", type=float, default=DEFAULT_LAG_THRESHOLD, show_default=True, metavar="S",
+@click.option("--lag-threshold", type=click.FloatRange(min=0), default=DEFAULT_LAG_THRESHOLD, show_default=True, metavar="S",
               help="p99 dispatch lag above which the run is flagged as lagged.")
 @click.option("--progress", is_flag=True, help="Show a progress bar on stderr even when it is not a terminal.")
 def cli_command(schedule, api, output, model, endpoint, stream, workers, concurrency, api_key, headers,
@@ -89,6 +89,9 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
             raise VkError(f"--extra-body: not valid JSON ({e})") from None
         if not isinstance(body, dict):
             raise VkError("--extra-body: expected a JSON object")
+    for p in paths:  # a missing or unreadable file is an error before the first request, not after the others
+        if p != "-":
+            open_input(p).close()
     if all(_is_file(p) for p in paths):
         # check the whole schedule before the first request
         for _ in read_records(paths, ("schedule", "scheduled_session", "session")):

@@ -364,7 +364,8 @@ class Engine:
     def _base_record(self, s: _Sess, r: dict, status: str) -> dict:
         rec = new_response(self.cfg.run_id, s.sess["id"], r["id"], status, session_index=s.index,
                            warmup=s.warmup, worker=self.cfg.worker,
-                           target_input_tokens=r.get("input_tokens"), target_output_tokens=r.get("output_tokens"))
+                           target_input_tokens=r.get("input_tokens"), target_output_tokens=r.get("output_tokens"),
+                           target_prefix_tokens=r.get("prefix_tokens"))
         for k, v in s.extra.items():
             if k not in rec:
                 rec[k] = v
