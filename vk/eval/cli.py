@@ -68,7 +68,7 @@ def _common(fn):
 @click.option("--goodput", metavar="SPEC",
               help="Per-request objectives, e.g. 'ttft<1s,tpot<60ms': attainment and goodput (failed requests "
                    "are violations; one-token outputs have no TPOT and pass a TPOT condition).")
-@click.option("--check", is_flag=True, help="Exit 1 when an SLO is missed.")
+@click.option("--check", is_flag=True, help="Exit 1 when an --slo objective is missed (--goodput only reports).")
 @_common
 @click.option("--db", metavar="FILE", help="Also save the DuckDB database (views requests, events, sessions, runs).")
 @click.option("--cache", is_flag=True,
