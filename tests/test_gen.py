@@ -464,3 +464,13 @@ def test_endless_stream_stops_quietly_when_the_reader_goes_away():
     assert gen.wait(60) == 0
     assert gen.stderr.read() == b""
     validate_session(orjson.loads(first))
+
+
+def test_config_from_stdin():
+    """`-` is stdin for the config too (principle 2)."""
+    cfg = b"session_generator:\n  type: synthetic\n  channels:\n    - type: text\n      body_length_generator: {type: fixed, value: 40}\n"
+    p = run_vk("vk-gen", "-", "--count", "2", input=cfg, check=True)
+    sessions = [orjson.loads(x) for x in p.stdout.splitlines()]
+    assert [s["requests"][0]["input_tokens"] for s in sessions] == [40, 40]
+    bad = run_vk("vk-gen", "-", input=b"nonsense_key: 1\n")
+    assert bad.returncode == 2 and bad.stderr.decode().startswith("vk-gen: <stdin>:1: nonsense_key")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,11 @@ def load_config(config: Any = None) -> Config:
         return Config(copy.deepcopy(config))
     path = Path(config)
     try:
-        text = path.read_text(encoding="utf-8")
+        if str(config) == "-":  # the config from stdin: `envsubst < w.yaml | vk-gen -`
+            path = Path("<stdin>")
+            text = sys.stdin.buffer.read().decode("utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise VkError(f"{path}: no such file") from None
     except IsADirectoryError:
