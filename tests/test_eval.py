@@ -600,3 +600,16 @@ def test_cache_is_used_while_the_file_is_unchanged(tmp_path):
     again = evaluate(p, goodput="ttft<300ms", cache=True).to_dict()
     assert again["overall"]["counts"]["requests"] == 6
     assert again == evaluate(p, goodput="ttft<300ms").to_dict()
+
+
+def test_steady_window_starts_with_measured_traffic_when_warmup_sessions_run_long():
+    """A long multi-turn warm-up session must not push the steady window to the run's tail."""
+    recs = [RUN]
+    for turn in range(5):  # warm-up session: turns at 0, 2, 4, 6, 8 s, done at 8.2
+        recs.append(resp(f"w{turn}", session="warm", t_intended=2.0 * turn, warmup=True,
+                         events=[(2.0 * turn + 0.1, "c", 1)], usage={"completion_tokens": 1, "prompt_tokens": 5}))
+    for i in range(8):  # measured single requests from 1 s on
+        recs.append(resp(f"m{i}", t_intended=1.0 + i, events=[(1.1 + i, "c", 1)],
+                         usage={"completion_tokens": 1, "prompt_tokens": 5}))
+    w = evaluate(recs).to_dict()["overall"]["throughput"]["steady"]
+    assert w["windows"]["run-a"][0] == pytest.approx(1.0)  # the first measured send, not the warm-up's end (8.11)

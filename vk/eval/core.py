@@ -488,8 +488,13 @@ def _windows(d: Data, warmup: float | None, cooldown: float | None) -> tuple[np.
             start = warmup
             how = "--warmup/--cooldown"
         elif (m & a["warmup"]).any():
+            # when the warm-up traffic is over, or when the measured traffic begins if that is earlier (long
+            # multi-turn warm-up sessions must not shrink the window to the run's tail)
             wd = a["t_done"][m & a["warmup"]]
             start = float(np.nanmax(wd)) if np.isfinite(wd).any() else 0.0
+            ms = a["t_sent"][m & ~a["warmup"]]
+            if np.isfinite(ms).any():
+                start = min(start, float(np.nanmin(ms)))
             how = "after the warm-up requests"
         w0[r] = start
         w1[r] = end - (cooldown or 0.0)
