@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -208,8 +209,10 @@ def report_cmd(args, outdir, slo, goodput, percentiles, warmup, cooldown, group_
 
 def _dir_and_files(outdir: str | None, args: tuple[str, ...]) -> tuple[str, list[str]]:
     if outdir is None:
-        if len(args) < 2:
-            raise click.UsageError("give the output directory (DIR or -o DIR) and at least one input FILE")
+        if len(args) < 2 or os.path.isfile(args[0]):
+            raise click.UsageError("give the output directory (DIR or -o DIR) and at least one input FILE"
+                                   + (f" ({args[0]} is a file, not a directory)" if args and os.path.isfile(args[0])
+                                      else ""))
         return args[0], list(args[1:])
     return outdir, list(args)
 
