@@ -493,7 +493,7 @@ def test_lagged_header_rewritten_in_place(serve, tmp_path):
     srv = serve("--ttft", "0.01", "--tpot", "0.001")
     out = tmp_path / "run.jsonl"
     path = write_jsonl(tmp_path / "s.jsonl", open_schedule([session("s", [req("a")])], [0.0]))
-    p = run_vk("vk-send", path, "--api", srv.url, "-o", str(out), "--lag-threshold", "-1", "--workers", "1")
+    p = run_vk("vk-send", path, "--api", srv.url, "-o", str(out), "--lag-threshold", "0", "--workers", "1")
     assert p.returncode == 0 and "LAGGED" in p.stderr.decode()
     first = out.read_bytes().split(b"\n", 1)[0]
     assert first.endswith(b'"lagged":true }')
@@ -536,7 +536,7 @@ def test_lagged_rewritten_when_stdout_is_redirected_to_a_file(serve, tmp_path):
     with open(out, "ab") as fh:  # like `vk-send ... >> run.jsonl`
         fh.write(b'{"kind":"note"}\n')
         fh.flush()
-        p = subprocess.run([*vk_cmd("vk-send"), path, "--api", srv.url, "--lag-threshold", "-1", "--workers",
+        p = subprocess.run([*vk_cmd("vk-send"), path, "--api", srv.url, "--lag-threshold", "0", "--workers",
                             "1"], stdout=fh, stderr=subprocess.PIPE, timeout=60)
     assert p.returncode == 0
     lines = out.read_bytes().splitlines()
