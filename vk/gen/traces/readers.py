@@ -51,7 +51,27 @@ class RowSource:
         pass
 
 
-class JsonlSource(RowSource):
+class _LineSource(RowSource):
+    """A source with one record per line: the indexed mode reads a row back by its byte offset."""
+
+    _fh = None
+
+    def _parse(self, raw: bytes, line: int) -> dict | None:
+        raise NotImplementedError
+
+    def read_at(self, offset, line):
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(offset)
+        return self._parse(self._fh.readline(), line)
+
+    def close(self):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class JsonlSource(_LineSource):
     kind = "jsonl"
 
     def __init__(self, path, display=None):
@@ -76,19 +96,9 @@ class JsonlSource(RowSource):
                     yield n, off, self._parse(raw, n)
                 off += ln
 
-    def read_at(self, offset, line):
-        if self._fh is None:
-            self._fh = open(self.path, "rb")
-        self._fh.seek(offset)
-        return self._parse(self._fh.readline(), line)
-
-    def close(self):
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
 
-class CsvSource(RowSource):
+class CsvSource(_LineSource):
     """CSV read by column name. One record per physical line (quoted fields may hold commas, not newlines)."""
 
     kind = "csv"
@@ -130,16 +140,6 @@ class CsvSource(RowSource):
                     yield n, off, row
                 off += len(raw)
 
-    def read_at(self, offset, line):
-        if self._fh is None:
-            self._fh = open(self.path, "rb")
-        self._fh.seek(offset)
-        return self._parse(self._fh.readline(), line)
-
-    def close(self):
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
 
 class JsonArraySource(RowSource):
