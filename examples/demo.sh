@@ -23,10 +23,11 @@ url=$(head -n 1 "$out/serve.url")
 echo "demo: vk-serve is listening at $url" >&2
 
 # Multi-turn chat sessions with a shared system prompt, 4 new sessions per second for about 20 seconds.
-# Each stage's output is also kept (tee), so the same schedule can be replayed against another server.
+# The schedule is kept as a file: vk-send checks it whole before the first request, nothing else competes for
+# the two cores while it runs, and the same command replays it against another server.
 vk-gen examples/demo.yaml --seed 7 --count 80 | tee "$out/sessions.jsonl" \
-  | vk-schedule --poisson 4 --seed 7 | tee "$out/schedule.jsonl" \
-  | vk-send --api "$url" --continuous-usage -o "$out/run.jsonl"
+  | vk-schedule --poisson 4 --seed 7 -o "$out/schedule.jsonl"
+vk-send "$out/schedule.jsonl" --api "$url" --continuous-usage -o "$out/run.jsonl"
 
 echo >&2
 vk-eval "$out/run.jsonl"
