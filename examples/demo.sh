@@ -27,7 +27,7 @@ echo "demo: vk-serve is listening at $url" >&2
 # the two cores while it runs, and the same command replays it against another server.
 vk-gen examples/demo.yaml --seed 7 --count 80 | tee "$out/sessions.jsonl" \
   | vk-schedule --poisson 4 --seed 7 -o "$out/schedule.jsonl"
-vk-send "$out/schedule.jsonl" --api "$url" --continuous-usage -o "$out/run.jsonl"
+vk-send "$out/schedule.jsonl" --api "$url" --workers 1 --continuous-usage -o "$out/run.jsonl"
 
 echo >&2
 vk-eval "$out/run.jsonl"
