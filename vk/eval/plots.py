@@ -37,6 +37,14 @@ def _cdf(ax, values: np.ndarray, label: str) -> None:
     ax.plot(v * 1000, y, label=label, lw=1.4)
 
 
+def _save(fig, plt, path: str) -> str:
+    """Lay out, write and close one figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _run_data(d, r: int) -> dict[str, np.ndarray]:
     a = d.a
     m = (a["run"] == r) & a["ok"] & ~a["warmup"]
@@ -63,11 +71,7 @@ def figures(d, runs: list[int], ts: dict, prefix: str, outdir: str, plt) -> list
         ax.grid(alpha=0.3)
         ax.set_title(f"CDF of {title.split(' (')[0]}")
     axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(outdir, f"{prefix}cdf.png")
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, plt, os.path.join(outdir, f"{prefix}cdf.png")))
 
     fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
     for r in runs:
@@ -87,11 +91,7 @@ def figures(d, runs: list[int], ts: dict, prefix: str, outdir: str, plt) -> list
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(outdir, f"{prefix}over_time.png")
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, plt, os.path.join(outdir, f"{prefix}over_time.png")))
 
     fig, ax = plt.subplots(figsize=(9, 6))
     for r in runs:
@@ -107,11 +107,7 @@ def figures(d, runs: list[int], ts: dict, prefix: str, outdir: str, plt) -> list
     ax.set_title("TTFT against prompt length")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(outdir, f"{prefix}ttft_vs_prompt.png")
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, plt, os.path.join(outdir, f"{prefix}ttft_vs_prompt.png")))
 
     fig, ax = plt.subplots(figsize=(9, 6))
     for r in runs:
@@ -125,11 +121,7 @@ def figures(d, runs: list[int], ts: dict, prefix: str, outdir: str, plt) -> list
     ax.set_title("Inter-token latency distribution")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(outdir, f"{prefix}itl_hist.png")
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, plt, os.path.join(outdir, f"{prefix}itl_hist.png")))
     return paths
 
 
