@@ -37,10 +37,11 @@ from vk import records as vkrecords
 from vk.errors import RecordError, VkError
 from vk.jsonl import Writer, dumps
 from vk.send.clock import RunClock
-from vk.send.engine import Config, Engine
+from vk.send.engine import Config, Engine, client_label
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_FIRST_BYTE_TIMEOUT = 120.0
+DEFAULT_IDLE_TIMEOUT = 120.0
 DEFAULT_LAG_THRESHOLD = 0.001
 SWITCH_INTERVAL = 0.0002  # seconds: GIL hand-over between the event loop and the input reader thread
 QUEUE_AHEAD = 512  # sessions read ahead of the engine per worker (memory stays flat)
@@ -142,29 +143,16 @@ def _api_parts(api: str, endpoint: str) -> tuple[str, str, int, str, str]:
     if endpoint not in ("chat", "completions"):
         raise VkError(f"--endpoint: expected chat or completions, got {endpoint!r}")
     path = base + ("/chat/completions" if endpoint == "chat" else "/completions")
+    if u.query:  # e.g. Azure OpenAI's ?api-version=...
+        path += "?" + u.query
     return u.scheme, u.hostname, port, path, base
 
 
-def resolve_model(api: str, api_key: str | None, headers: list, timeout: float = 10.0) -> str:
-    """The first model id from GET {api}/models."""
-    url = api.rstrip("/") + "/models"
-    req = urllib.request.Request(url)
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    for k, v in headers:
-        req.add_header(k, v)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            obj = orjson.loads(r.read())
-        data = obj.get("data") if isinstance(obj, dict) else None
-        if not data:
-            raise VkError(f"{url} lists no models; pass --model NAME")
-        return str(data[0]["id"])
-    except VkError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure becomes one line
-        reason = getattr(e, "reason", None) or e
-        raise VkError(f"cannot get the model list from {url} ({reason}); pass --model NAME") from None
+def resolve_model(api: str, api_key: str | None, headers: list, timeout: float = 10.0, ssl_context=None) -> str:
+    """The first model id from GET {api}/models (see ``vk.send.probe``)."""
+    from vk.send.probe import resolve_model as lookup
+
+    return lookup(api, api_key, headers, ssl_context=ssl_context, timeout=timeout)
 
 
 def parse_headers(headers: Iterable) -> list[tuple[str, str]]:
@@ -208,6 +196,7 @@ class Collector:
         self.lags_warm = array("d")
         self.n = 0
         self.errors = 0
+        self.retried = 0  # responses whose request was retried on a fresh connection (attempts > 1)
         self.t_last_done = 0.0
         self.broken = False
         self.write_error: BaseException | None = None
@@ -274,6 +263,8 @@ class Collector:
         self.n += 1
         st = rec.get("status")
         self.counts[st] += 1
+        if rec.get("attempts", 1) > 1:
+            self.retried += 1
         td = rec.get("t_dispatched")
         ti = rec.get("t_intended")
         if td is not None and ti is not None:
@@ -482,6 +473,9 @@ def send(
     extra_body: dict | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
     first_byte_timeout: float | None = DEFAULT_FIRST_BYTE_TIMEOUT,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    cacert: str | None = None,
+    insecure: bool = False,
     max_errors: float | int | str | None = None,
     save_text: bool = False,
     progress: bool = False,
@@ -564,14 +558,21 @@ def send(
         print(f"vk-send: open-file limit is {soft} (hard limit {hard}): at most about {max(soft - 64, 0)} "
               "concurrent requests; raise it with 'ulimit -n'", file=sys.stderr)
 
+    from vk.send import probe as _probe
+    from vk.send.tls import make_context
+
+    probe_tls = make_context(cacert, insecure, alpn=None) if scheme == "https" else None
     if model is None:
-        model = resolve_model(api, api_key, hdrs)
+        model = resolve_model(api, api_key, hdrs, ssl_context=probe_tls)
+    else:
+        _probe.probe(api, api_key, hdrs, ssl_context=probe_tls, quiet=quiet)
 
     run_id = str(uuid.uuid4())
     cfg = Config(
         run_id=run_id, api=api, scheme=scheme, host=host, port=port, path=path, endpoint=endpoint, model=model,
         stream=stream, api_key=api_key, headers=hdrs, extra_body=extra_body, timeout=timeout or None,
-        first_byte_timeout=first_byte_timeout or None, save_text=save_text, continuous_usage=continuous_usage,
+        first_byte_timeout=first_byte_timeout or None, idle_timeout=idle_timeout or None, cacert=cacert,
+        insecure=insecure, save_text=save_text, continuous_usage=continuous_usage,
         max_tokens_param=max_tokens_param, min_tokens_param=min_tokens_param, ignore_eos_param=ignore_eos_param,
         client=client, http2=http2, kernel_timestamps=kernel_timestamps, mode=mode, concurrency=conc,
         ramp_up=float((header or {}).get("ramp_up") or 0.0),
@@ -637,7 +638,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     run_rec = vkrecords.new_run(
         cfg.run_id, round(clock.epoch0, 6), api=cfg.api, model=cfg.model, endpoint=cfg.endpoint,
         vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or [])), schedule=header,
-        workers=workers, client=cfg.client if not cfg.http2 else "httpx-http2", stream=cfg.stream,
+        workers=workers, client=client_label(cfg), http2=cfg.http2, tls=cfg.scheme == "https", stream=cfg.stream,
         lag_threshold=lag_threshold, open_files_limit=nofile,
     )
     header_line = dumps(run_rec)
@@ -682,6 +683,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         requests=collector.n,
         statuses=dict(collector.counts),
         errors=collector.errors,
+        retried=collector.retried,
         sessions_started=stats.get("sessions_started", 0),
         sessions_done=stats.get("sessions_done", 0),
         sessions_not_started=stats.get("sessions_not_started", 0),
