@@ -8,6 +8,7 @@ the query string of ``--api`` (``?api-version=...``).
 
 from __future__ import annotations
 
+import http.client
 import ssl
 import sys
 import urllib.error
@@ -30,9 +31,32 @@ def models_url(api: str) -> str:
     return urllib.parse.urlunsplit((u.scheme, u.netloc, u.path.rstrip("/") + "/models", u.query, ""))
 
 
+class _SniHandler(urllib.request.HTTPSHandler):
+    """https with the server name of a user ``Host`` header (as the run's requests do)."""
+
+    def __init__(self, context, sni: str):
+        super().__init__(context=context)
+        self.sni = sni
+
+    def https_open(self, req):
+        ctx, sni = self._context, self.sni
+
+        class Conn(http.client.HTTPSConnection):
+            def connect(self):
+                http.client.HTTPConnection.connect(self)
+                self.sock = ctx.wrap_socket(self.sock, server_hostname=sni)
+
+        return self.do_open(Conn, req, context=ctx)
+
+
 def _get(url: str, api_key, headers, ssl_context, timeout: float):
     handlers = [_NoRedirect()]
-    if ssl_context is not None:
+    host = next((v for k, v in headers if k.lower() == "host"), None)
+    if ssl_context is not None and host:
+        from vk.send.tls import sni_host
+
+        handlers.append(_SniHandler(ssl_context, sni_host(host)))
+    elif ssl_context is not None:
         handlers.append(urllib.request.HTTPSHandler(context=ssl_context))
     opener = urllib.request.build_opener(*handlers)
     req = urllib.request.Request(url)
