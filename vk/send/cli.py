@@ -13,7 +13,13 @@ from vk.errors import VkError
 from vk.jsonl import open_input, read_records, source_name
 from vk.send.inputs import first_due, peak_starts, read_input
 from vk.send.options import read_api_key_file, redact_argv
-from vk.send.run import DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_LAG_THRESHOLD, DEFAULT_TIMEOUT, send
+from vk.send.run import (
+    DEFAULT_FIRST_BYTE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LAG_THRESHOLD,
+    DEFAULT_TIMEOUT,
+    send,
+)
 
 # exit statuses (man vk-send: EXIT STATUS); 2 is bad input (vk.errors), 74 a full disk (vk.jsonl.EXIT_NO_SPACE)
 EXIT_STATUS = {"max_errors": 1, "worker_lost": 3, "unreachable": 4, "interrupted": 130}
@@ -55,6 +61,11 @@ def _is_file(p: str) -> bool:
               help="Total time allowed per request (0: none).")
 @click.option("--first-byte-timeout", type=click.FloatRange(min=0), default=DEFAULT_FIRST_BYTE_TIMEOUT, show_default=True,
               metavar="S", help="Time allowed until the first response byte (0: none).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=DEFAULT_IDLE_TIMEOUT, show_default=True,
+              metavar="S", help="Time allowed between two reads of a response, after its first byte (0: none).")
+@click.option("--cacert", default=None, metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="https: verify the server with the CA certificates in FILE (PEM) instead of the system's.")
+@click.option("--insecure", is_flag=True, help="https: do not verify the server's certificate.")
 @click.option("--max-errors", default=None, metavar="N|FRACTION",
               help="Stop the run once N requests failed, or once more than FRACTION of the attempted ones did "
                    "(after 20).")
@@ -83,7 +94,7 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
                 headers,
                 extra_body, timeout, first_byte_timeout, max_errors, save_text, continuous_usage,
                 max_tokens_param, min_tokens_param, ignore_eos_param, client, http2, no_kernel_timestamps,
-                lag_threshold, progress, reassign_lost):
+                lag_threshold, progress, reassign_lost, idle_timeout, cacert, insecure):
     """Run a schedule of sessions against an OpenAI-compatible API.
 
     Reads a schedule (a schedule header and scheduled sessions, from vk-schedule) or plain sessions (from
@@ -131,6 +142,7 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
     end = send(
         recs, api=api, output=output, model=model, endpoint=endpoint, stream=stream, workers=workers,
         api_key=api_key, headers=headers, extra_body=body, timeout=timeout, first_byte_timeout=first_byte_timeout,
+        idle_timeout=idle_timeout, cacert=cacert, insecure=insecure,
         max_errors=max_errors, save_text=save_text, progress=progress, argv=sys.argv[1:],
         continuous_usage=continuous_usage, max_tokens_param=max_tokens_param, min_tokens_param=min_tokens_param,
         ignore_eos_param=ignore_eos_param, client=client, http2=http2, kernel_timestamps=not no_kernel_timestamps,

@@ -37,6 +37,7 @@ class Collector:
         self.lags_warm = array("d")
         self.n = 0
         self.errors = 0
+        self.retried = 0  # responses whose request was retried on a fresh connection (attempts > 1)
         self.t_last_done = 0.0
         self.broken = False
         self.write_error: BaseException | None = None
@@ -108,6 +109,8 @@ class Collector:
         self.n += 1
         st = rec.get("status")
         self.counts[st] += 1
+        if rec.get("attempts", 1) > 1:
+            self.retried += 1
         if rec.get("http_status") is not None or rec.get("t_first_byte") is not None:
             self.answered += 1
         elif self.first_error is None and st in ("error", "timeout"):

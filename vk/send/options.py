@@ -16,6 +16,7 @@ from vk.errors import VkError
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_FIRST_BYTE_TIMEOUT = 120.0
+DEFAULT_IDLE_TIMEOUT = 120.0
 DEFAULT_LAG_THRESHOLD = 0.001
 
 
@@ -191,29 +192,16 @@ def api_parts(api: str, endpoint: str) -> tuple[str, str, int, str, str]:
     if endpoint not in ("chat", "completions"):
         raise VkError(f"--endpoint: expected chat or completions, got {endpoint!r}")
     path = base + ("/chat/completions" if endpoint == "chat" else "/completions")
+    if u.query:  # e.g. Azure OpenAI's ?api-version=...
+        path += "?" + u.query
     return u.scheme, u.hostname, port, path, base
 
 
-def resolve_model(api: str, api_key: str | None, headers: list, timeout: float = 10.0) -> str:
-    """The first model id from GET {api}/models."""
-    url = api.rstrip("/") + "/models"
-    req = urllib.request.Request(url)
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    for k, v in headers:
-        req.add_header(k, v)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            obj = orjson.loads(r.read())
-        data = obj.get("data") if isinstance(obj, dict) else None
-        if not data:
-            raise VkError(f"{redact_url(url)} lists no models; pass --model NAME")
-        return str(data[0]["id"])
-    except VkError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure becomes one line
-        reason = getattr(e, "reason", None) or e
-        raise VkError(f"cannot get the model list from {redact_url(url)} ({reason}); pass --model NAME") from None
+def resolve_model(api: str, api_key: str | None, headers: list, timeout: float = 10.0, ssl_context=None) -> str:
+    """The first model id from GET {api}/models (see ``vk.send.probe``)."""
+    from vk.send.probe import resolve_model as lookup
+
+    return lookup(api, api_key, headers, ssl_context=ssl_context, timeout=timeout)
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

@@ -24,11 +24,12 @@ from vk.errors import VkError
 from vk.jsonl import Writer, dumps
 from vk.send.clock import RunClock
 from vk.send.collector import Collector, rewrite_lagged, round_lag, set_reason, tell
-from vk.send.engine import Config
+from vk.send.engine import Config, client_label
 from vk.send.inprocess import InProcess
 from vk.send.inputs import MAX_WAIT, first_due, read_input
 from vk.send.options import (
     DEFAULT_FIRST_BYTE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LAG_THRESHOLD,
     DEFAULT_TIMEOUT,
     api_key_from_env,
@@ -48,7 +49,7 @@ _mono = time.monotonic
 
 FAR_AHEAD = 10.0  # seconds: a first request due later than this is announced on stderr
 
-__all__ = ["send", "DEFAULT_TIMEOUT", "DEFAULT_FIRST_BYTE_TIMEOUT", "DEFAULT_LAG_THRESHOLD"]
+__all__ = ["send", "DEFAULT_TIMEOUT", "DEFAULT_FIRST_BYTE_TIMEOUT", "DEFAULT_IDLE_TIMEOUT", "DEFAULT_LAG_THRESHOLD"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -69,6 +70,9 @@ def send(
     extra_body: dict | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
     first_byte_timeout: float | None = DEFAULT_FIRST_BYTE_TIMEOUT,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    cacert: str | None = None,
+    insecure: bool = False,
     max_errors: float | int | str | None = None,
     save_text: bool = False,
     progress: bool = False,
@@ -108,6 +112,7 @@ def send(
     me = parse_max_errors(max_errors)
     check_seconds("--timeout", timeout)
     check_seconds("--first-byte-timeout", first_byte_timeout)
+    check_seconds("--idle-timeout", idle_timeout)
     check_seconds("--lag-threshold", lag_threshold)
     scheme, host, port, path, _base = api_parts(api, endpoint)
     if client not in ("raw", "aiohttp", "httpx"):
@@ -142,14 +147,21 @@ def send(
         print(f"vk-send: open-file limit is {soft} (hard limit {hard}): at most about {max(soft - 64, 0)} "
               "concurrent requests; raise it with 'ulimit -n'", file=sys.stderr)
 
+    from vk.send import probe
+    from vk.send.tls import make_context
+
+    probe_tls = make_context(cacert, insecure, alpn=None) if scheme == "https" else None
     if model is None:
-        model = resolve_model(api, api_key, hdrs)
+        model = resolve_model(api, api_key, hdrs, ssl_context=probe_tls)
+    else:
+        probe.probe(api, api_key, hdrs, ssl_context=probe_tls, quiet=quiet)
 
     run_id = str(uuid.uuid4())
     cfg = Config(
         run_id=run_id, api=api, scheme=scheme, host=host, port=port, path=path, endpoint=endpoint, model=model,
         stream=stream, api_key=api_key, headers=hdrs, extra_body=extra_body, timeout=timeout or None,
-        first_byte_timeout=first_byte_timeout or None, save_text=save_text, continuous_usage=continuous_usage,
+        first_byte_timeout=first_byte_timeout or None, idle_timeout=idle_timeout or None, cacert=cacert,
+        insecure=insecure, save_text=save_text, continuous_usage=continuous_usage,
         max_tokens_param=max_tokens_param, min_tokens_param=min_tokens_param, ignore_eos_param=ignore_eos_param,
         client=client, http2=http2, kernel_timestamps=kernel_timestamps, mode=mode, concurrency=conc,
         ramp_up=float((header or {}).get("ramp_up") or 0.0),
@@ -193,7 +205,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     run_rec = vkrecords.new_run(
         cfg.run_id, round(clock.epoch0, 6), api=redact_url(cfg.api), model=cfg.model, endpoint=cfg.endpoint,
         vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or []), [cfg.api_key]), schedule=header,
-        workers=workers, client=cfg.client if not cfg.http2 else "httpx-http2", stream=cfg.stream,
+        workers=workers, client=client_label(cfg), http2=cfg.http2, tls=cfg.scheme == "https", stream=cfg.stream,
         lag_threshold=lag_threshold, open_files_limit=nofile,
     )
     header_line = dumps(run_rec)
@@ -251,6 +263,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         requests=collector.n,
         statuses=dict(collector.counts),
         errors=collector.errors,
+        retried=collector.retried,
         **sessions,
         input_complete=input_complete,
         reached_server=collector.counts["ok"] > 0 or collector.answered > 0,

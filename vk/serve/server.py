@@ -70,6 +70,8 @@ class Options:
     fault_malformed: float = 0.0
     fault_seed: int = 0
     log_requests: bool = False
+    tls_cert: str | None = None  # PEM certificate (chain) and key: serve https (for vk-send's https tests/bench)
+    tls_key: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -763,10 +765,16 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *, ready=None, **options) -
         gc.collect()
         gc.freeze()
         gc.set_threshold(50000, 50, 100)
+        tls = None
+        if opts.tls_cert:
+            import ssl
+
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(opts.tls_cert, opts.tls_key)
         server = loop.run_until_complete(loop.create_server(lambda: Conn(app), host, port, backlog=4096,
-                                                            reuse_address=True))
+                                                            reuse_address=True, ssl=tls))
         bound = server.sockets[0].getsockname()[1]
-        url = f"http://{host}:{bound}/v1"
+        url = f"{'https' if tls else 'http'}://{host}:{bound}/v1"
         if ready is not None:
             ready(url)
         else:
