@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vk import records
+from vk.gen.content import key_seed
 from vk.gen.traces.common import CacheSim, Warnings, block_sizes, component_rng
 from vk.gen.traces.flavors import Flavor, Turn
 
@@ -33,11 +33,16 @@ class Builder:
         self._text = None
         self.cache = CacheSim() if flavor.hash_ids else None
         self.stride = (max_int_id + 1) if max_int_id is not None else None
-        self._salt_len: dict[str, int] = {}
-        self._salt_const: int | None | bool = False  # not checked yet
         self._instr: dict[int, tuple[str, int]] = {}
-        # salts start with the seed's digits: runs with other seeds do not share a block's first tokens either
-        self.seed_tag = f"{self.seed % 10**6:06d}"
+        # Salts are numbers written as two head words (vk.gen.content): the first word is the prompt's (or the
+        # block's) first token, so it is what tells two prompts apart. Fresh prompts take consecutive numbers from
+        # a per-seed base (distinct first tokens for as many sessions as there are head words); a hash id takes a
+        # number from its hash, moved on until no other id after the same parent (the previous id) starts with
+        # the same token, so that different ids share no leading token at any block size.
+        self._base = int(component_rng(self.seed, "vk.gen.traces.salts").integers(0, 1 << 40))
+        self._n_fresh = 0
+        self._id_number: dict = {}
+        self._first_used: dict = {}
 
     @property
     def text(self):
@@ -54,38 +59,43 @@ class Builder:
 
     # -- content ------------------------------------------------------------------------------------------------
     def fresh(self, n: int, rng: np.random.Generator, salt_key: tuple | None) -> str:
-        """n tokens of new text. With a salt key, the text starts with a salt: a 12-digit number hashed from
-        (seed, key), so that sessions (and runs with other seeds) never share a prompt's first tokens."""
-        if salt_key is not None:
-            h = int.from_bytes(hashlib.blake2b(repr((self.seed, *salt_key)).encode(), digest_size=8).digest(),
-                               "little") % 10**12
-            salt = self.text.unique_salt(f"{self.seed_tag}{h:012d}")
-            c = self.salt_const
-            if c is None:
-                c = self.tok.count(salt)
-            if n > c:
-                return salt + self.text.sample(n - c, rng)
-        return self.text.sample(n, rng)
+        """n tokens of new text, starting a prompt. With a salt key (a session's first request), the text starts
+        with a salt, so that sessions (and runs with other seeds) never share a prompt's first token."""
+        text = self.text
+        if salt_key is None or n < 1:
+            return text.start(n, rng)
+        x = self._base + self._n_fresh
+        self._n_fresh += 1
+        k = len(text.heads)
+        x = x % k + k * ((x // k) % k)
+        if n == 1:
+            return text.head(x)
+        return text.salt(x) + text.sample(n - 2, rng)
 
-    @property
-    def salt_const(self) -> int | None:
-        """The token count of every salt (seed tag + 12 digits), when the tokenizer gives them all the same count
-        (checked on a sample; digit-splitting tokenizers do), else None (each salt is counted)."""
-        if self._salt_const is False:
-            rng = np.random.default_rng(7)
-            tag = self.seed_tag
-            labels = [f"{tag}{int(x):012d}" for x in rng.integers(0, 10**12, size=200)] + \
-                     [f"{tag}{x:012d}" for x in (0, 1, 9, 10, 99, 100, 999, 1000, 4095, 65536, 10**6, 10**11)]
-            counts = {len(e) for e in self.tok.encode_batch([self.text.unique_salt(x) for x in labels])}
-            self._salt_const = counts.pop() if len(counts) == 1 else None
-        return self._salt_const
+    def _number(self, key, parent) -> int:
+        """The salt number of a hash id (fixed at its first use)."""
+        x = self._id_number.get(key)
+        if x is None:
+            k = len(self.text.heads)
+            h = key_seed((self.seed, key))
+            first = h % k
+            used = self._first_used.get(parent)
+            if used is None:
+                used = self._first_used[parent] = set()
+            if len(used) < k:
+                while first in used:
+                    first = (first + 1) % k
+            used.add(first)
+            x = self._id_number[key] = first + k * ((h // k) % k)
+        return x
 
     def instruction(self, out_tokens: int) -> tuple[str, int]:
-        """``output_control: prompt``: the sentence asking for the output length, and its token count."""
+        """``output_control: prompt``: the sentence asking for the output length, and its token count (after
+        the prompt's text)."""
         r = self._instr.get(out_tokens)
         if r is None:
             text = f" Please write a reply of about {max(1, round(out_tokens * 0.75))} words."
-            r = self._instr[out_tokens] = (text, self.tok.count(text))
+            r = self._instr[out_tokens] = (text, self.text.count_after(text))
         return r
 
     def block_key(self, x, epoch: int):
@@ -104,25 +114,17 @@ class Builder:
         served = self.cache.serve(keys, sizes)
         text = self.text
         s = self.seed
-        salts = self._salt_len
         parts = []
-        const = self.salt_const
+        parent = None
         for k, n in zip(keys, sizes, strict=True):
-            if const is not None and isinstance(k, int) and 0 <= k < 10**12:
-                salt = text.unique_salt(f"{self.seed_tag}{k:012d}")
-                c = const
+            x = self._number(k, parent)
+            parent = k
+            sep = " " if parts else ""  # the first block starts the prompt (start form), the others follow it
+            if n == 1:
+                parts.append(sep + text.head(x))
             else:
-                salt = text.unique_salt(f"{self.seed_tag}:{k!r}")
-                c = salts.get(salt)
-                if c is None:
-                    if len(salts) > 100_000:
-                        salts.clear()
-                    c = salts[salt] = self.tok.count(salt)
-            if n > c:
-                parts.append(salt)
-                parts.append(text.block(f"h{s}:{k!r}", n - c))
-            else:  # a tiny last block: corpus text only
-                parts.append(text.block(f"h{s}:{k!r}", n))
+                parts.append(sep + text.salt(x))
+                parts.append(text.block(f"h{s}:{k!r}", n - 2))
         return "".join(parts), served
 
     # -- requests -----------------------------------------------------------------------------------------------
