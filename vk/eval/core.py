@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from vk.errors import VkError
-from vk.eval.data import LATENCY_METRICS, MAX_GROUPS, VIEWS_SQL, Data  # noqa: F401
+from vk.eval.data import LATENCY_METRICS, MAX_GROUPS, STAT_DEFINITIONS, VIEWS_SQL, Data  # noqa: F401
 from vk.eval.options import Options
 from vk.eval.progress import progress, tick  # noqa: F401
 from vk.eval.summary import summarize
@@ -30,7 +30,7 @@ def evaluate_data(d: Data, opts: Options | None = None, consume: bool = False) -
     fl = d.fl
     tick("start")
     group_by = opts.group_by
-    if not group_by and len(d.runs) > 1:
+    if not group_by and len(d.axes) > 1:  # several runs, each on its own time axis (shards share one)
         group_by = ["run"]
     everything = np.ones(d.n, dtype=bool)
     overall = summarize(d, opts, everything, w0, w1, how, fl, last=consume and not group_by)
@@ -51,7 +51,7 @@ def evaluate_data(d: Data, opts: Options | None = None, consume: bool = False) -
         "inputs": d.inputs.names,
         "runs": [_run_info(r) for r in d.runs],
         "options": {**opts.to_dict(), "group_by": group_by},
-        "definitions": LATENCY_METRICS,
+        "definitions": {**LATENCY_METRICS, **STAT_DEFINITIONS},
         "overall": overall,
         "groups": groups,
         "timeseries": timeseries(d, opts.timeseries_bins),

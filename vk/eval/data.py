@@ -34,6 +34,12 @@ LATENCY_METRICS = {
     "queue_delay": "t_sent - t_intended (client-side wait)",
     "dispatch_lag": "t_dispatched - t_intended",
 }
+# how every statistic is computed (in the JSON's definitions, the report and man vk-eval)
+STAT_DEFINITIONS = {
+    "percentiles": "linear interpolation between order statistics (position p/100 * (n - 1); numpy's default, "
+                   "DuckDB's quantile_cont), not nearest rank",
+    "stddev": "population standard deviation (divides by n, not n - 1)",
+}
 POOLED = ("itl_chunk", "itl_token", "itl_token_zeros")
 COUNT_METRICS = ("input_tokens", "output_tokens")
 STATUSES = ("ok", "error", "timeout", "cancelled", "skipped")
@@ -248,6 +254,7 @@ class Data:
                 np.save(self.cache.path("server_t.npy"), te.server_t)
             self.cache.finish()
         tick("token events")
+        self._time_axes()
         # everything that needs the event times, then the times become the gaps (in place)
         self.fl = M.fluidity(self.n, te, a["t_sent"], *self.opts.fluidity)
         tick("fluidity")
@@ -291,11 +298,82 @@ class Data:
         a["dispatch_lag"] = a["t_dispatched"] - a["t_intended"]
         a["server_t_err"] = None
 
+    def _time_axes(self) -> None:
+        """Runs that overlap in wall-clock time, or whose headers say they are shards of one schedule, share one
+        time axis: one run to the figures of time (throughput, steady window, concurrency), with their times
+        shifted onto the earliest run's clock (start_epoch + t). ``a["axis"]`` per request, ``self.axes`` per
+        axis: {"runs": [run indices], "label": ...}; ``self.run_axis`` per run."""
+        a, nr = self.a, len(self.runs)
+        run = a["run"]
+        lo = np.full(nr, np.inf)
+        hi = np.full(nr, -np.inf)
+        t0 = np.where(np.isnan(a["t_intended"]), a["t_sent"], a["t_intended"])
+        np.fmin.at(lo, run, np.where(np.isnan(t0), np.inf, t0))
+        np.fmax.at(hi, run, np.where(np.isnan(a["t_done"]), -np.inf, a["t_done"]))
+        epoch = np.array([r.get("start_epoch") if isinstance(r.get("start_epoch"), (int, float)) else np.nan
+                          for r in self.runs], dtype=np.float64)
+        parent = list(range(nr))
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        # overlapping wall-clock spans (runs with a start_epoch and times)
+        known = [r for r in range(nr) if np.isfinite(epoch[r]) and np.isfinite(lo[r]) and np.isfinite(hi[r])]
+        known.sort(key=lambda r: epoch[r] + lo[r])
+        end, prev = -np.inf, None
+        for r in known:
+            if prev is not None and epoch[r] + lo[r] < end:
+                parent[root(r)] = root(prev)
+            if epoch[r] + hi[r] > end:
+                end, prev = epoch[r] + hi[r], r
+        # shards of one schedule: same shard count, seed and start_at
+        shard_of: dict[tuple, int] = {}
+        for r, info in enumerate(self.runs):
+            sch = info.get("schedule") if isinstance(info.get("schedule"), dict) else {}
+            sh = sch.get("shard")
+            if isinstance(sh, dict) and np.isfinite(epoch[r]):
+                key = (sh.get("n"), sch.get("seed"), sch.get("start_at"), sch.get("process"))
+                if key in shard_of:
+                    parent[root(r)] = root(shard_of[key])
+                else:
+                    shard_of[key] = r
+        roots: dict[int, int] = {}
+        self.run_axis = np.array([roots.setdefault(root(r), len(roots)) for r in range(nr)], dtype=np.int64)
+        self.axes = []
+        offset = np.zeros(nr)
+        for ax in range(len(roots)):
+            members = [r for r in range(nr) if self.run_axis[r] == ax]
+            if len(members) > 1:
+                e0 = np.nanmin(epoch[members])
+                offset[members] = epoch[members] - e0
+            shards = []
+            for r in members:
+                sch = self.runs[r].get("schedule") if isinstance(self.runs[r].get("schedule"), dict) else {}
+                if isinstance(sch.get("shard"), dict):
+                    shards.append(f"{sch['shard'].get('k')}/{sch['shard'].get('n')}")
+            self.axes.append({"runs": members, "run_ids": [self.runs[r]["run_id"] for r in members],
+                              "label": "+".join(str(self.runs[r]["run_id"]) for r in members),
+                              "shards": shards if len(shards) == len(members) and len(members) > 1 else None,
+                              "offsets": [float(offset[r]) for r in members]})
+        a["axis"] = self.run_axis[run]
+        if offset.any():  # the times of every run on its axis's clock
+            off = offset[run]
+            for f in L.TIME_COLS:
+                a[f] = a[f] + off
+            te = self.te
+            ev_off = np.repeat(off, te.n)
+            te.t = te.t + ev_off
+            if te.server_t is not None:
+                te.server_t = te.server_t + ev_off
+
     def _tokens_in_window(self, w0: np.ndarray, w1: np.ndarray, block: int = 1 << 16) -> np.ndarray:
-        """Per request: the tokens of its token events that arrived inside its run's steady window. Requests
-        whose token events all lie inside (or all outside) are settled by their first and last arrival."""
+        """Per request: the tokens of its token events that arrived inside its time axis's steady window.
+        Requests whose token events all lie inside (or all outside) are settled by their first and last arrival."""
         te = self.te
-        run = self.a["run"]
+        run = self.a["axis"]
         has = te.n > 0
         idx = te.starts[has]
         lo = np.full(self.n, np.nan)
@@ -429,14 +507,15 @@ class Data:
 
 
 def _windows(d: Data, warmup: float | None, cooldown: float | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """Per run: the steady-state window [w0, w1] (run-relative seconds) and how it was chosen."""
-    nr = len(d.runs)
+    """Per time axis (a run, or runs sharing one: see Data._time_axes): the steady-state window [w0, w1] (seconds
+    on the axis's clock) and how it was chosen."""
+    nr = len(d.axes)
     a = d.a
     w0 = np.zeros(nr)
     w1 = np.full(nr, np.inf)
     how = "whole run"
     for r in range(nr):
-        m = a["run"] == r
+        m = a["axis"] == r
         if not m.any():
             continue
         done = a["t_done"][m]

@@ -20,7 +20,7 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     be reordered)."""
     a = d.a
     P = opts.percentiles
-    run = a["run"]
+    run = a["axis"]  # the figures of time are per time axis (runs that overlap or are shards share one)
     steady_given = opts.warmup is not None or opts.cooldown is not None
     in_window = (a["t_sent"] >= w0[run]) & (a["t_sent"] <= w1[run]) if steady_given else np.ones(d.n, bool)
     measured = gmask & ~a["warmup"] & in_window
@@ -69,7 +69,7 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     tick("  latency stats")
     out["tokens"] = {k: M.stats(a[k][okm], P) for k in COUNT_METRICS}
 
-    # throughput: whole run (first request sent -> last response done, per run, summed) and steady window
+    # throughput: whole run (first request sent -> last response done, per time axis, summed) and steady window
     runs_in = np.unique(run[gmask])
     dur = 0.0
     sdur = 0.0
@@ -104,7 +104,7 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     steady = {"window": window_how, "duration": sdur, "requests": int(done_in.sum()),
               "requests_per_s": rate(done_in.sum(), sdur), "input_tokens_per_s": rate(sin, sdur),
               "output_tokens_per_s": rate(tok_in_win, sdur), "total_tokens_per_s": rate(sin + tok_in_win, sdur),
-              "windows": {d.runs[r]["run_id"]: [float(w0[r]), float(w1[r]) if np.isfinite(w1[r]) else None]
+              "windows": {d.axes[r]["label"]: [float(w0[r]), float(w1[r]) if np.isfinite(w1[r]) else None]
                           for r in runs_in}}
     out["throughput"] = {"whole": whole, "steady": steady}
     tick("  throughput")
