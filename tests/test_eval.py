@@ -438,7 +438,11 @@ def test_plots_and_report(tmp_path):
     run_b = dict(RUN, run_id="run-b")
     p2 = write(tmp_path / "b.jsonl", [run_b, dict(B, run_id="run-b")])
     figs = plot([p, p2], str(tmp_path / "per-run"))
-    assert len(figs) == 8 and any("run-b-cdf.png" in f for f in figs)
+    assert len(figs) == 8 and any(f.endswith("/b-cdf.png") for f in figs)  # named after the file, not the run id
+    figs = plot([p, p2], str(tmp_path / "labelled"), labels=["before", "after"])
+    assert any(f.endswith("/after-cdf.png") for f in figs)
+    with pytest.raises(VkError, match="one per file"):
+        plot([p, p2], str(tmp_path / "labelled"), labels=["before"])
     html = report([p, p2], str(tmp_path / "rep"), slo="ttft:p99<1s")
     text = open(html, encoding="utf-8").read()
     assert text.startswith("<!DOCTYPE html>")
@@ -688,3 +692,29 @@ def test_lag_that_changes_figures_is_lagged_and_shows_them():
     v = evaluate(_lag_run(True, bursts))["overall"]["accuracy"]["lag"][0]
     assert v["arrivals"]["distorted"] is True and v["arrivals"]["gap_distance_share"] > 0.5
     assert any("gaps between sends" in f for f in v["findings"])
+
+
+def test_tpot_is_undefined_without_two_token_events_and_the_sql_view_agrees():
+    """A non-streamed answer (one event carrying 5 tokens) has no TPOT, not 0 ms (issue 14.5); the SQL view's tpot
+    uses the same output tokens as the report (usage, else the events), so a row without usage has one too."""
+    whole = resp("W", t_intended=0.0, events=[(0.5, "c", 5)], usage={"prompt_tokens": 10, "completion_tokens": 5})
+    no_usage = resp("N", t_intended=1.0, events=[(1.1, "c", 1), (1.2, "c", 1), (1.3, "c", 1)])
+    res = evaluate([RUN, whole, no_usage]).to_dict()
+    tpot = res["overall"]["latency"]["tpot"]
+    assert tpot["n"] == 1 and tpot["p50"] == pytest.approx(0.1)
+    rows = dict(sql("SELECT request_id, tpot FROM requests ORDER BY 1", [RUN, whole, no_usage]))
+    assert rows["W"] is None and rows["N"] == pytest.approx(0.1)
+    assert "TPOT      p50" in evaluate([RUN, no_usage]).format("table")
+    assert "TPOT      undefined" in evaluate([RUN, whole]).format("table")
+
+
+def test_html_report_tables_are_tables_and_tokens_include_reasoning(tmp_path):
+    """The HTML report renders every table as an HTML table, not a sideways-scrolling <pre> (issue 14.5), opens with
+    the headline and shows each SLO threshold as read; the token table has a reasoning_tokens row."""
+    p = write(tmp_path / "run.jsonl", RECORDS)
+    page = open(report(p, str(tmp_path / "rep"), slo="ttft:p99<1s")).read()
+    assert "<pre>" not in page
+    assert page.count("<table>") >= 5
+    assert "<td>reasoning_tokens</td>" in page and "&lt; 1000 ms" in page
+    assert page.index("class='headline'") < page.index("<h2>")
+    assert evaluate(RECORDS).to_dict()["overall"]["tokens"]["reasoning_tokens"]["n"] == 1

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 LATENCY_METRICS = {
     "ttft": "t_first_token - t_sent (first token of any kind)",
     "ttfc": "t_first_content - t_sent (first content token)",
-    "tpot": "(t_last_token - t_first_token) / (output_tokens - 1)",
+    "tpot": "(t_last_token - t_first_token) / (output_tokens - 1); undefined with fewer than two token events "
+            "(non-streamed answers, one-token outputs)",
     "itl_chunk": "gap between consecutive token events, pooled",
     "itl_token": "chunk gap split evenly over its k tokens, pooled",
     "itl_token_zeros": "chunk gap then k-1 zero gaps, pooled",
@@ -41,7 +42,7 @@ STAT_DEFINITIONS = {
     "stddev": "population standard deviation (divides by n, not n - 1)",
 }
 POOLED = ("itl_chunk", "itl_token", "itl_token_zeros")
-COUNT_METRICS = ("input_tokens", "output_tokens")
+COUNT_METRICS = ("input_tokens", "output_tokens", "reasoning_tokens")  # reasoning: usage.reasoning_tokens
 STATUSES = ("ok", "error", "timeout", "cancelled", "skipped")
 OUTPUT_SOURCES = ("usage", "events.tokens", "token events")  # where a request's output token count comes from
 DERIVED_GROUP_FIELDS = ("run", "input_bucket", "output_bucket")
@@ -63,8 +64,8 @@ SELECT *,
            length(regexp_replace(coalesce(events.kind, ''), '[^crt]', '', 'g'))) AS output_tokens,
   usage.prompt_tokens AS prompt_tokens,
   usage.cached_tokens AS cached_tokens,
-  CASE WHEN coalesce(usage.completion_tokens, 0) > 1
-       THEN (t_last_token - t_first_token) / (usage.completion_tokens - 1) END AS tpot
+  CASE WHEN output_tokens > 1 AND length(regexp_replace(coalesce(events.kind, ''), '[^crt]', '', 'g')) > 1
+       THEN (t_last_token - t_first_token) / (output_tokens - 1) END AS tpot
 FROM responses;
 CREATE OR REPLACE VIEW events AS
 SELECT row AS request_row, run_id, session_id, request_id,
@@ -286,7 +287,10 @@ class Data:
         a["ttfc"] = a["t_first_content"] - a["t_sent"]
         a["e2e"] = a["t_done"] - a["t_sent"]
         with np.errstate(invalid="ignore", divide="ignore"):
-            a["tpot"] = np.where(out > 1, (a["t_last_token"] - a["t_first_token"]) / np.where(out > 1, out - 1, 1),
+            # TPOT needs two token events at least: a non-streamed answer (or one whole chunk) has a single
+            # arrival time, and t_last_token - t_first_token = 0 is not a time per token
+            timed = (out > 1) & (pe["n_token_events"] > 1)
+            a["tpot"] = np.where(timed, (a["t_last_token"] - a["t_first_token"]) / np.where(timed, out - 1, 1),
                                  np.nan)
             a["normalized_latency"] = np.where(out > 0, a["e2e"] / np.where(out > 0, out, 1), np.nan)
         a["max_stall"] = pe["max_stall"]
