@@ -37,6 +37,11 @@ EPILOG = examples(
 )
 
 
+LABEL_OPTION = click.option(
+    "--label", "labels", multiple=True, metavar="NAME",
+    help="Legend label of each input file, in order (repeat once per file); default: the file name without .jsonl.")
+
+
 def _common(fn):
     opts = [
         click.option("--percentiles", metavar="LIST", help="Percentiles to report (default p50,p90,p95,p99,p99.9)."),
@@ -101,13 +106,13 @@ def summary_cmd(files, fmt, as_json, slo, goodput, check, percentiles, warmup, c
 
 
 def _progress(flag: bool) -> None:
-    from vk.eval.core import progress
+    from vk.eval.progress import progress
 
     progress(flag or sys.stderr.isatty())
 
 
 def _progress_done() -> None:
-    from vk.eval.core import progress
+    from vk.eval.progress import progress
 
     progress(False)
 
@@ -149,17 +154,19 @@ def sql_cmd(query, files, fmt, db):
 @click.command("plot", context_settings=CONTEXT_SETTINGS, epilog=examples(
     "vk-eval plot plots/ run.jsonl",
     "vk-eval plot plots/ a.jsonl b.jsonl --overlay     # runs overlaid in one set of figures",
+    "vk-eval plot plots/ a.jsonl b.jsonl --overlay --label before --label after",
 ))
 @click.argument("args", nargs=-1, required=True, type=click.Path(allow_dash=True), metavar="[DIR] FILE...")
 @click.option("-o", "--outdir", metavar="DIR", help="Output directory (else the first argument).")
 @click.option("--overlay", is_flag=True, help="Overlay the runs in one set of figures (default: one set per run).")
-def plot_cmd(args, outdir, overlay):
+@LABEL_OPTION
+def plot_cmd(args, outdir, overlay, labels):
     """Write PNG figures to DIR: CDFs of TTFT, TPOT, ITL and e2e; latency and throughput over time; TTFT
     against prompt length; ITL distribution. DIR is -o DIR or the first argument."""
     from vk.eval.plots import plot_files
 
     outdir, files = _dir_and_files(outdir, args)
-    for p in plot_files(files, outdir, overlay=overlay):
+    for p in plot_files(files, outdir, overlay=overlay, labels=list(labels) or None):
         print(p)
 
 
@@ -193,8 +200,10 @@ def compare_cmd(a, b, fmt, as_json, bootstrap, confidence, seed, percentiles):
 @click.option("-o", "--outdir", metavar="DIR", help="Output directory (else the first argument).")
 @click.option("--slo", metavar="SPEC", help="Aggregate objectives to check (as for vk-eval).")
 @click.option("--goodput", metavar="SPEC", help="Per-request objectives (as for vk-eval).")
+@LABEL_OPTION
 @_common
-def report_cmd(args, outdir, slo, goodput, percentiles, warmup, cooldown, group_by, fluidity, progress, validate):
+def report_cmd(args, outdir, slo, goodput, labels, percentiles, warmup, cooldown, group_by, fluidity, progress,
+               validate):
     """Write DIR/report.html: a self-contained page (figures embedded) with the tables and figures of the
     run(s), for sharing. DIR is -o DIR or the first argument."""
     from vk.eval.report import write_report
@@ -202,7 +211,8 @@ def report_cmd(args, outdir, slo, goodput, percentiles, warmup, cooldown, group_
     outdir, files = _dir_and_files(outdir, args)
     _progress(progress)
     path = write_report(files, outdir, slo=slo, goodput=goodput, percentiles=percentiles, warmup=warmup,
-                       cooldown=cooldown, group_by=group_by, fluidity=fluidity, validate=validate)
+                       cooldown=cooldown, group_by=group_by, fluidity=fluidity, validate=validate,
+                       labels=list(labels) or None)
     _progress_done()
     print(path)
 
