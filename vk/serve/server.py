@@ -124,7 +124,7 @@ class App:
         self.created = int(time.time())
         self.start_time = time.time()
         if opts.ttft is not None or opts.tpot is not None:
-            self.sched = FixedLatency(loop, opts.ttft or 0.0, opts.tpot or 0.0, self.stats)
+            self.sched = FixedLatency(loop, opts.ttft or 0.0, opts.tpot or 0.0, self.stats, opts.max_num_seqs)
             self.max_model_len = opts.max_model_len or 131072
             self.mode = "fixed"
         else:
@@ -314,7 +314,7 @@ class App:
         if seq.handle is not None:  # after a stall: the request arrives at the engine now
             seq.handle = None
             seq.t_arrival = time.monotonic()
-        seq.sink.start()
+        seq.sink.start(seq)
         self.sched.add(seq)
 
     def _natural_length(self) -> int:
@@ -481,12 +481,16 @@ class StreamSink:
         self.malformed_at = 0
         self.started = False
 
-    def start(self) -> None:
+    def start(self, seq: Seq) -> None:
         self.started = True
+        # with --server-timestamps, the request's arrival on the server's clock (epoch seconds), the origin of
+        # its TTFT: the truth a timing test compares the token times with
+        arrival = b"vk-server-arrival: %.6f\r\n" % (time.time() - (time.monotonic() - seq.t_arrival)) \
+            if self.ts else b""
         self.conn.write(
             b"HTTP/1.1 200 OK\r\nserver: vk-serve\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-            b"transfer-encoding: chunked\r\nx-request-id: %s\r\n%s\r\n"
-            % (self.xrid.encode(), b"connection: close\r\n" if self.conn.close_after else b""))
+            b"transfer-encoding: chunked\r\nx-request-id: %s\r\n%s%s\r\n"
+            % (self.xrid.encode(), arrival, b"connection: close\r\n" if self.conn.close_after else b""))
 
     def _usage(self, seq: Seq, final: bool) -> bytes:
         p, c = seq.prompt_len, seq.n_out
@@ -547,7 +551,7 @@ class FullSink:
         self.malformed_at = 0
         self.started = False
 
-    def start(self) -> None:
+    def start(self, seq: Seq) -> None:
         self.started = True
 
     def on_token(self, seq: Seq, now: float) -> None:
