@@ -129,6 +129,19 @@ class Stats:
         if lag > self.step_lag_max:
             self.step_lag_max = lag
 
+    def token(self, seq: Seq, now: float) -> bool:
+        """``seq`` emits its next token at ``now``: count it; True when it was the last (``seq.done`` is set)."""
+        seq.n_out += 1
+        self.generation_tokens += 1
+        if seq.n_out == 1:
+            seq.t_first = now
+            self.ttft.observe(now - seq.t_arrival)
+        seq.t_last = now
+        if seq.n_out >= seq.out_target:
+            seq.done = True
+            return True
+        return False
+
     def finished(self, seq: Seq, now: float) -> None:
         reason = "abort" if seq.aborted else seq.finish_reason
         self.success[reason] = self.success.get(reason, 0) + 1
@@ -255,14 +268,7 @@ class FixedLatency:
             if seq.aborted:
                 continue
             st.observe_lag(now - t)  # how late the token is versus its planned time
-            seq.n_out += 1
-            st.generation_tokens += 1
-            if seq.n_out == 1:
-                seq.t_first = now
-                st.ttft.observe(now - seq.t_arrival)
-            seq.t_last = now
-            if seq.n_out >= seq.out_target:
-                seq.done = True
+            if st.token(seq, now):
                 seq.sink.on_token(seq, now)
                 st.finished(seq, now)
                 seq.sink.on_finish(seq, now)

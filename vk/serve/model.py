@@ -413,14 +413,7 @@ class Engine:
                         kv.register(seq.blocks[j], hs[j])
                     seq.n_hashed = full
             if seq.num_computed == seq.prompt_len + seq.n_out:
-                seq.n_out += 1
-                st.generation_tokens += 1
-                if seq.n_out == 1:
-                    seq.t_first = now
-                    st.ttft.observe(now - seq.t_arrival)
-                seq.t_last = now
-                if seq.n_out >= seq.out_target:
-                    seq.done = True
+                if st.token(seq, now):
                     finished = True
                     kv.release(seq.blocks)
                     seq.blocks = []
