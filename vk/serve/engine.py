@@ -1,6 +1,6 @@
 """The simulated serving engine: requests (``Seq``), the fixed-latency scheduler and the engine model.
 
-Both schedulers have the same small interface, used by the HTTP layer (``vk.serve.server``):
+Both schedulers have the same small interface, used by the request handling (``vk.serve.app``):
 
 - ``add(seq)``: a validated request enters the scheduler (``seq.sink`` receives its tokens);
 - ``abort(seq)``: the client went away; the request is dropped at the next opportunity;
