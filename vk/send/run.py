@@ -499,13 +499,14 @@ def send(
     source: str = "<input>",
     handle_signals: bool = True,
     quiet: bool = False,
+    server: dict | None = None,
 ) -> dict:
     """Run the sessions of ``records`` against ``api``; write run, response... and run_end records.
 
     ``records``: an optional ``schedule`` header, then ``scheduled_session`` records; or plain ``session``
     records, which run as a closed loop of ``concurrency`` sessions (default 1: one after another).
     Returns the ``run_end`` record. Bad input met during the run (a pipe) stops the run cleanly and raises
-    ``RecordError`` after the footer is written.
+    ``RecordError`` after the footer is written. ``server`` (vk.launch.Server.info()) goes into the run header.
     """
     if api_key is None:
         api_key = os.environ.get("OPENAI_API_KEY") or None
@@ -586,7 +587,7 @@ def send(
     writer = Writer(output) if own_writer else output
     try:
         return _run(cfg, header, stream_in, writer, workers, argv, me, progress, lag_threshold, soft,
-                    handle_signals, quiet)
+                    handle_signals, quiet, server=server)
     finally:
         if own_writer:
             writer.close()
@@ -598,7 +599,7 @@ def _chain1(first, it):
 
 
 def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max_errors, progress,
-         lag_threshold, nofile, handle_signals, quiet) -> dict:
+         lag_threshold, nofile, handle_signals, quiet, server: dict | None = None) -> dict:
     state = {"reason": None, "ended": None, "signals": 0}
     input_error: list[BaseException] = []
 
@@ -639,6 +640,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or [])), schedule=header,
         workers=workers, client=cfg.client if not cfg.http2 else "httpx-http2", stream=cfg.stream,
         lag_threshold=lag_threshold, open_files_limit=nofile,
+        **({"server": server} if server else {}),
     )
     header_line = dumps(run_rec)
     header_pos = _tell(writer)
