@@ -39,6 +39,7 @@ from vk.send.options import (
     redact_argv,
     resolve_model,
 )
+from vk.send.scrape import DEFAULT_SCRAPE_INTERVAL, Scraper, metrics_url
 from vk.send.workers import run_workers, worker_main
 
 _mono = time.monotonic
@@ -82,6 +83,9 @@ def send(
     handle_signals: bool = True,
     quiet: bool = False,
     server: dict | None = None,
+    scrape: str | None = None,
+    scrape_interval: float = DEFAULT_SCRAPE_INTERVAL,
+    scrape_buckets: bool = False,
 ) -> dict:
     """Run the sessions of ``records`` against ``api``; write run, response... and run_end records.
 
@@ -89,6 +93,8 @@ def send(
     records, which run as a closed loop of ``concurrency`` sessions (default 1: one after another).
     Returns the ``run_end`` record. Bad input met during the run (a pipe) stops the run cleanly and raises
     ``RecordError`` after the footer is written. ``server`` (vk.launch.Server.info()) goes into the run header.
+    ``scrape`` (a URL; ``""`` for the API's origin + /metrics) writes the server's Prometheus samples every
+    ``scrape_interval`` seconds as ``server_metric`` records (vk.send.scrape).
     """
     if api_key is None:
         api_key = os.environ.get("OPENAI_API_KEY") or None
@@ -169,7 +175,9 @@ def send(
     writer = Writer(output) if own_writer else output
     try:
         return _run(cfg, header, stream_in, writer, workers, argv, me, progress, lag_threshold, soft,
-                    handle_signals, quiet, server=server)
+                    handle_signals, quiet, server=server,
+                    scraper=None if scrape is None else Scraper(scrape or metrics_url(api), interval=scrape_interval,
+                                                                buckets=scrape_buckets, api_key=api_key))
     finally:
         if own_writer:
             writer.close()
@@ -177,7 +185,8 @@ def send(
 
 
 def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max_errors, progress,
-         lag_threshold, nofile, handle_signals, quiet, server: dict | None = None) -> dict:
+         lag_threshold, nofile, handle_signals, quiet, server: dict | None = None,
+         scraper: Scraper | None = None) -> dict:
     state = {"reason": None, "ended": None, "signals": 0}
     input_error: list[BaseException] = []
 
@@ -203,6 +212,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         for _, out_r in pipes:
             if out_r.recv_bytes() != b"#ready":
                 raise VkError("a worker process failed to start")
+    if scraper is not None:
+        scraper.start()  # before the start instant: its interpreter start-up is not the run's business
     collector = Collector(writer, max_errors, progress, None)
     clock = RunClock()
     if workers == 1:
@@ -234,6 +245,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
             stop_event.set()
 
     collector.start_writer(on_broken)
+    if scraper is not None:
+        scraper.begin(clock.mono0, cfg.run_id, collector.q.put)
     stats: dict[str, Any] = {}
     try:
         if workers == 1:
@@ -242,6 +255,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
             stats = run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pipes, stop_event,
                                  handle_signals)
     finally:
+        if scraper is not None:
+            scraper.stop()  # its last scrape, after the last response, closes the counters' deltas
         collector.stop_writer()
     collector.close_bar()
     if collector.write_error is not None:
