@@ -249,6 +249,10 @@ def to_text(d: dict, markdown: bool = False) -> str:
         out.append(f"run {r['run_id']}  file {r.get('file')}  model {r.get('model')}  api {r.get('api')}{lag}\n")
     out.append("\n")
     out.append(summary_text(d, d["overall"], "Overall", markdown))
+    if d.get("server"):
+        from vk.eval.server_metrics import server_text
+
+        out.append("\n" + server_text(d["server"], markdown))
     for g in d["groups"]:
         out.append("\n" + summary_text(d, g["summary"], "Group " + g["label"], markdown))
     if d.get("slo"):
