@@ -71,7 +71,7 @@ def test_the_run_header_server_field_is_validated():
 
 
 def test_exposition_parsing_keeps_counters_raw_and_leaves_buckets_out():
-    text = (METRICS / "vllm.prom").read_text()
+    text = (METRICS / "vllm-1.prom").read_text()
     recs = exposition_records(text, 1.5, "r")
     by_name = {r["name"]: r for r in recs}
     assert by_name["vllm:prefix_cache_hits_total"]["value"] == 3400.0
@@ -85,6 +85,88 @@ def test_exposition_parsing_keeps_counters_raw_and_leaves_buckets_out():
 
 def test_the_default_scrape_url_is_the_api_origin():
     assert metrics_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/metrics"
+
+
+# -- vk-eval: the names of vLLM, SGLang and TGI mapped ----------------------------------------------------------
+
+
+def _run_with_scrapes(engine: str, *, scale_server_tokens: float = 1.0) -> list[dict]:
+    """A run of 10 responses of 100 output tokens each between 0.5 s and 9.5 s, with two scrapes of the engine's
+    fixture expositions around it (t = -0.01 and t = 10)."""
+    rid = "run-" + engine
+    out = [records.new_run(rid, 1.7e9, api="http://127.0.0.1:1/v1", model="m", endpoint="chat", vk_version="0",
+                           host="h", argv=[])]
+    for t, name in ((-0.01, f"{engine}-0.prom"), (10.0, f"{engine}-1.prom")):
+        recs = exposition_records((METRICS / name).read_text(), t, rid)
+        if t > 0 and scale_server_tokens != 1.0:
+            for r in recs:
+                if r["name"] == "vllm:generation_tokens_total":
+                    r["value"] = 500 + (r["value"] - 500) * scale_server_tokens
+        out += recs
+    for i in range(10):
+        t0 = 0.5 + i
+        ts = [round(t0 + 0.1 + j * 0.003, 6) for j in range(100)]
+        out.append(records.new_response(
+            rid, f"s{i}", "r0", "ok", t_intended=t0, t_dispatched=t0, t_sent=t0, t_first_byte=ts[0],
+            t_first_token=ts[0], t_first_content=ts[0], t_last_token=ts[-1], t_done=ts[-1],
+            events={"t": ts, "kind": "c" * 100}, usage={"prompt_tokens": 1000, "completion_tokens": 100}))
+    out.append(records.new_run_end(rid, requests=10, lagged=False))
+    return out
+
+
+@pytest.mark.parametrize("engine, running, waiting, kv, hit_rate, preemptions", [
+    ("vllm", 6, 3, 0.42, 0.3, 3),
+    ("sglang", 4, 2, 0.25, 0.3, 1),
+    ("tgi", 8, 5, None, None, None),
+])
+def test_each_engines_names_are_mapped(engine, running, waiting, kv, hit_rate, preemptions):
+    from vk.eval import evaluate
+
+    res = evaluate(_run_with_scrapes(engine)).to_dict()
+    (s,) = res["server"]
+    assert s["engine"] == engine and s["scrapes"] == 2 and s["window"] == [-0.01, 10.0]
+    assert s["running"]["max"] == running and s["waiting"]["max"] == waiting
+    assert (s["kv_cache_usage"] or {}).get("max") == kv
+    assert s["prefix_cache_hit_rate"] == (pytest.approx(hit_rate) if hit_rate is not None else None)
+    assert s["preemptions"] == preemptions
+    assert s["prompt_tokens"] == 10000 and s["generation_tokens"] == 1000
+    assert s["generation_tokens_per_s"] == pytest.approx(1000 / 10.01)
+    cc = s["cross_check"]
+    assert cc["client_output_tokens"] == 1000 and cc["ratio"] == pytest.approx(1.0)
+    assert not s["warnings"]
+    assert not any("SERVER TOKENS" in f for f in res["overall"]["accuracy"]["flags"])
+
+
+def test_a_server_that_counts_other_tokens_than_the_client_is_a_warning():
+    from vk.eval import evaluate
+
+    res = evaluate(_run_with_scrapes("vllm", scale_server_tokens=1.5))
+    s = res.to_dict()["server"][0]
+    assert s["cross_check"]["ratio"] == pytest.approx(1.5)
+    flags = res.to_dict()["overall"]["accuracy"]["flags"]
+    assert any(f.startswith("SERVER TOKENS DISAGREE") and "1500" in f and "1000" in f for f in flags)
+    text = res.format("table")
+    assert "Server (scraped metrics)" in text and "SERVER TOKENS DISAGREE" in text
+
+
+def test_the_server_metrics_view_and_the_figure(tmp_path):
+    from vk.eval import sql
+    from vk.eval.plots import plot_files
+
+    path = tmp_path / "run.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in _run_with_scrapes("sglang")))
+    rows = sql("SELECT t, sum(value) FROM server_metrics WHERE name = 'sglang:cached_tokens_total' "
+               "GROUP BY t ORDER BY t", str(path))
+    assert rows == [(-0.01, 600.0), (10.0, 3600.0)]
+    figs = plot_files(str(path), str(tmp_path / "plots"))
+    assert str(tmp_path / "plots" / "server.png") in figs
+
+
+def test_runs_without_scrapes_have_no_server_section():
+    from vk.eval import evaluate
+
+    recs = [r for r in _run_with_scrapes("vllm") if r["kind"] != "server_metric"]
+    assert "server" not in evaluate(recs).to_dict()
 
 
 # -- vk-send --scrape against vk-serve ----------------------------------------------------------------------
