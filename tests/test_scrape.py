@@ -232,6 +232,15 @@ def test_scraped_gauges_and_counters_agree_with_what_vk_serve_did(serve, tmp_pat
             assert s["vllm:kv_cache_usage_perc"] > 0
 
 
+def test_current_load_reads_the_queue_gauges_of_a_live_server(serve):
+    from vk.eval.server_metrics import current_load
+
+    srv = serve("--ttft", "0.01", "--tpot", "0.001")
+    assert current_load(srv.base + "/metrics") == {"engine": "vllm", "running": 0.0, "waiting": 0.0,
+                                                   "kv_cache_usage": 0.0}
+    assert current_load(srv.base + "/nothing-here") is None
+
+
 def test_a_failed_scrape_is_a_record_and_the_run_goes_on(serve, tmp_path):
     srv = serve("--ttft", "0.01", "--tpot", "0.001")
     sessions = run_vk("vk-gen", "--count", "3", "--seed", "1", check=True).stdout

@@ -275,6 +275,25 @@ def server_section(paths: list[str], con: duckdb.DuckDBPyConnection | None = Non
     return [summarize_run(tl, client.get(tl.run_id, 0.0) if tl.run_id in windows else None) for tl in tls]
 
 
+def current_load(url: str, timeout: float = 2.0) -> dict | None:
+    """The server's gauges right now (``running``, ``waiting``, ``kv_cache_usage``, ``engine``), from one scrape
+    of ``url`` (its /metrics); None when it does not answer or uses no names vk knows. For a sweep's saturation
+    stop and drain wait."""
+    from vk.send.scrape import scrape_once
+
+    recs = [r for r in scrape_once(url, 0.0, "-", timeout=timeout) if r["name"] is not None]
+    if not recs:
+        return None
+    tl = Timeline("-", [(0.0, r["name"], r["value"]) for r in recs], 0, [])
+    if tl.engine is None:
+        return None
+    out: dict[str, Any] = {"engine": tl.engine}
+    for q in ("running", "waiting", "kv_cache_usage"):
+        v = tl.values.get(q)
+        out[q] = float(v[0]) if v is not None and np.isfinite(v[0]) else None
+    return out
+
+
 # -- text ------------------------------------------------------------------------------------------------------
 
 
