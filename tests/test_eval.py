@@ -173,13 +173,11 @@ def test_length_problems_are_flagged():
     assert "LENGTH" in evaluate([RUN, r]).format("table")
 
 
-def test_lagged_run_is_flagged():
-    lagged = dict(RUN, lagged=True)
-    res = evaluate([lagged, A]).to_dict()
-    assert res["runs"][0]["lagged"] is True
-    assert any("LAGGED" in f for f in res["overall"]["accuracy"]["flags"])
-    text = evaluate([RUN, A, {"kind": "run_end", "v": 1, "run_id": "run-a", "lagged": True}]).format("table")
-    assert "LAGGED" in text
+def test_vk_send_lag_flag_alone_is_a_note():
+    """vk-send's own flag is kept (vk_send_lagged) but is not vk-eval's verdict: A alone changes no figure."""
+    res = evaluate([dict(RUN, lagged=True), A]).to_dict()
+    assert res["runs"][0]["vk_send_lagged"] is True and res["runs"][0]["lagged"] is False
+    assert res["overall"]["accuracy"]["notes"]
 
 
 # ----------------------------------------------------------------------------------------------- fluidity
@@ -585,7 +583,7 @@ def test_lean_load_agrees_with_the_full_table(tmp_path):
     lean = evaluate(p, validate="fast", **kw).to_dict()
     full = evaluate(p, validate="fast", db=str(tmp_path / "x.duckdb"), **kw).to_dict()
     assert lean == full == evaluate(p, **kw).to_dict()
-    assert [g["label"] for g in lean["groups"]] == ["(none)", "3"]
+    assert [g["label"] for g in lean["groups"]] == ["3", "(none)"]  # numbers first, in numeric order
 
 
 @pytest.mark.parametrize("field,events", [
@@ -646,3 +644,47 @@ def test_steady_window_starts_with_measured_traffic_when_warmup_sessions_run_lon
                          usage={"completion_tokens": 1, "prompt_tokens": 5}))
     w = evaluate(recs).to_dict()["overall"]["throughput"]["steady"]
     assert w["windows"]["run-a"][0] == pytest.approx(1.0)  # the first measured send, not the warm-up's end (8.11)
+
+
+# ------------------------------------------------------------------------------------------ lag verdict (14.3)
+
+
+def _lag_run(lagged_header, sends, ttft=0.02, jitter=0.0):
+    """A run: request i intended at 0.1 * i and sent at ``sends[i]``; ttft 20 ms plus a spread of ``jitter``."""
+    recs = [dict(RUN, lagged=lagged_header)]
+    spread = np.abs(np.random.default_rng(1).normal(0, jitter, len(sends)))
+    for i, ts in enumerate(sends):
+        t = ts + ttft + spread[i]
+        recs.append(resp(f"q{i}", t_intended=0.1 * i, t_dispatched=ts, t_sent=ts, events=[(t, "c", 1), (t + 0.01, "c", 1)],
+                         usage={"prompt_tokens": 10, "completion_tokens": 2}))
+    recs.append({"kind": "run_end", "v": 1, "run_id": "run-a", "lagged": lagged_header, "lag_threshold": 0.001})
+    return recs
+
+
+def test_small_dispatch_lag_is_not_lagged():
+    """vk-send flags 2 ms of dispatch lag (threshold 1 ms), but nothing reported moved beyond its noise: no LAGGED
+    verdict, no banner; a note says why (issue 14.3: make demo on a small machine)."""
+    sends = [0.1 * i + (0.002 if i % 10 == 0 else 0.0001) for i in range(200)]
+    res = evaluate(_lag_run(True, sends, jitter=0.003))
+    acc = res["overall"]["accuracy"]
+    assert acc["lagged_runs"] == [] and not any(f.startswith("LAGGED") for f in acc["flags"])
+    assert res["runs"][0]["lagged"] is False and res["runs"][0]["vk_send_lagged"] is True
+    assert "no reported figure moved" in acc["notes"][0]
+    assert "warnings  none" in res.format("table")
+
+
+def test_lag_that_changes_figures_is_lagged_and_shows_them():
+    """Sends 50 ms late each: the *_from_intended figures are 50 ms above the ones from t_sent (far beyond their
+    noise); sends bunched into bursts: the arrival process is not the scheduled one. Both name the figure."""
+    late = [0.1 * i + 0.05 for i in range(100)]
+    res = evaluate(_lag_run(False, late, jitter=0.001), percentiles="p50,p99")
+    v = res["overall"]["accuracy"]["lag"][0]
+    assert v["lagged"] and res["runs"][0]["lagged"] is True
+    changed = {(c["metric"], c["stat"]): c for c in v["from_intended_changed"]}
+    assert changed[("ttft_from_intended", "p50")]["added"] == pytest.approx(0.05, abs=1e-9)
+    assert "ttft_from_intended p50 is" in res["overall"]["accuracy"]["flags"][0]
+    assert v["arrivals"]["distorted"] is False  # a constant delay keeps every gap
+    bursts = [0.1 * i + (0.5 - 0.1 * (i % 5)) for i in range(100)]  # five at a time, every 0.5 s
+    v = evaluate(_lag_run(True, bursts))["overall"]["accuracy"]["lag"][0]
+    assert v["arrivals"]["distorted"] is True and v["arrivals"]["gap_distance_share"] > 0.5
+    assert any("gaps between sends" in f for f in v["findings"])

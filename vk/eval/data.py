@@ -144,8 +144,7 @@ class Data:
         tick("start")
         self.cache = L.load(self.con, self.inputs, extra_fields, validate, lean=self.lean, cache=cache)
         tick("load (DuckDB)")
-        run_cols = ("kind, start_epoch, api, model, endpoint, vk_version, host, lagged, schedule, argv, totals, lag, "
-                    "reason, ended, end_reason, stop_reason")
+        run_cols = L.RUN_ONLY_COLUMNS
         if self.lean:
             ev_cols = ", ".join([*L.LEAN_EVENT_COLUMNS, "ev_tokens", "ev_kind"])
             self.con.execute(f"CREATE OR REPLACE VIEW responses AS SELECT rowid AS row, * EXCLUDE ({run_cols}, "

@@ -68,11 +68,17 @@ RESPONSE_COLUMNS: dict[str, str] = {
     "ended": "JSON",
     "end_reason": "JSON",
     "stop_reason": "JSON",
+    "lag_threshold": "JSON",
+    "dispatch_lag_p99": "JSON",
 }
 
 RUN_FIELDS = ("run_id", "start_epoch", "api", "model", "endpoint", "vk_version", "host", "lagged", "schedule",
               "argv")
-RUN_END_FIELDS = ("run_id", "lagged", "totals", "lag", "reason", "ended", "end_reason", "stop_reason")
+RUN_END_FIELDS = ("run_id", "lagged", "totals", "lag", "reason", "ended", "end_reason", "stop_reason", "lag_threshold",
+                  "dispatch_lag_p99")
+# the columns of raw that only run headers and footers fill (left out of the responses view)
+RUN_ONLY_COLUMNS = ("kind, start_epoch, api, model, endpoint, vk_version, host, lagged, schedule, argv, totals, lag, "
+                    "reason, ended, end_reason, stop_reason, lag_threshold, dispatch_lag_p99")
 
 
 def _sql_str(s: str) -> str:

@@ -26,9 +26,8 @@ def open_db(inputs: Any, db: str | None = None) -> tuple[duckdb.DuckDBPyConnecti
         con = duckdb.connect()
     L.load(con, inp)
     con.execute(
-        "CREATE OR REPLACE VIEW responses AS SELECT rowid AS row, * EXCLUDE "
-        "(kind, start_epoch, api, model, endpoint, vk_version, host, lagged, schedule, argv, totals, lag, "
-        "reason, ended, end_reason, stop_reason) FROM raw WHERE kind = 'response'"
+        f"CREATE OR REPLACE VIEW responses AS SELECT rowid AS row, * EXCLUDE ({L.RUN_ONLY_COLUMNS}) FROM raw "
+        "WHERE kind = 'response'"
     )
     con.execute(VIEWS_SQL)
     from vk.eval.server_metrics import view_sql

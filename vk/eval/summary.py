@@ -9,6 +9,7 @@ import numpy as np
 
 from vk.eval import metrics as M
 from vk.eval.data import COUNT_METRICS, LATENCY_METRICS, OUTPUT_SOURCES, STATUSES, Data
+from vk.eval.lag import verdicts
 from vk.eval.options import Options
 from vk.eval.progress import tick
 from vk.eval.slo import Goodput
@@ -189,29 +190,29 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
     a = d.a
     flags: list[str] = []
     out: dict[str, Any] = {}
-    # run-level lag verdicts
-    lagged = [d.runs[r]["run_id"] for r in np.unique(a["run"][gmask]) if d.runs[r].get("lagged")]
-    out["lagged_runs"] = lagged
-    for r in lagged:
-        flags.append(f"LAGGED: run {r}: vk-send could not keep up with the schedule; latencies include the "
-                     "client's own delay (see dispatch_lag and *_from_intended)")
-    # prompt tokens
+    # per run (per shard): what the client's own delay changed (vk.eval.lag)
+    lag_verdicts, lag_flags, lag_notes = verdicts(d, gmask, measured, okm, P)
+    out["lag"] = lag_verdicts
+    out["lagged_runs"] = [v["run_id"] for v in lag_verdicts if v["lagged"]]
+    out["notes"] = lag_notes
+    flags += lag_flags
+    # prompt tokens against the plan, like with like: target_input_tokens counts a request's new content only,
+    # while usage.prompt_tokens is the whole prompt (history and chat template included). First turns have no
+    # history: their difference is the template. A later turn is compared by its growth over the previous turn of
+    # its session (that turn's prompt and answer), which is the new content plus the template's per-turn part.
     pm = okm & np.isfinite(a["prompt_tokens"]) & np.isfinite(a["target_input_tokens"])
     if pm.any():
-        diff = a["prompt_tokens"][pm] - a["target_input_tokens"][pm]
-        out["prompt_vs_target"] = {"n": int(pm.sum()), "share_exact": float((diff == 0).mean()),
-                                   "mean_diff": float(diff.mean()),
-                                   "mean_abs_diff": float(np.abs(diff).mean()),
-                                   "ratio": M.stats(a["prompt_tokens"][pm] / np.maximum(a["target_input_tokens"][pm], 1),
-                                                    [50, 99])}
-        # target_input_tokens counts a request's new content only: history and the chat template add to
-        # prompt_tokens, so first turns (no history) are also reported on their own
-        first = pm & (d.sessions()["turn"] == 1)
+        sess = d.sessions()
+        first = pm & (sess["turn"] == 1)
+        pv: dict[str, Any] = {}
         if first.any():
-            fd = a["prompt_tokens"][first] - a["target_input_tokens"][first]
-            out["prompt_vs_target"]["first_turns"] = {"n": int(first.sum()), "share_exact": float((fd == 0).mean()),
-                                                      "mean_diff": float(fd.mean()),
-                                                      "max_abs_diff": float(np.abs(fd).max())}
+            pv["first_turns"] = _diff_stats(a["prompt_tokens"][first] - a["target_input_tokens"][first])
+        if not sess.get("single"):
+            growth = _prompt_growth(d, sess)
+            later = pm & (sess["turn"] > 1) & np.isfinite(growth)
+            if later.any():
+                pv["later_turns"] = _diff_stats(growth[later] - a["target_input_tokens"][later])
+        out["prompt_vs_target"] = pv
     # output tokens against targets
     om = okm & np.isfinite(a["completion_tokens"]) & np.isfinite(a["target_output_tokens"])
     if om.any():
@@ -286,15 +287,9 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
         rates["intended_per_s"] = (len(ti) - 1) / float(ti.max() - ti.min())
     if len(ts) > 1 and ts.max() > ts.min():
         rates["achieved_per_s"] = (len(ts) - 1) / float(ts.max() - ts.min())
-    if "intended_per_s" in rates and "achieved_per_s" in rates:
+    if "intended_per_s" in rates and "achieved_per_s" in rates:  # the verdict on them is in out["lag"]
         rates["achieved_over_intended"] = rates["achieved_per_s"] / rates["intended_per_s"]
-        if rates["achieved_over_intended"] < 0.95:
-            flags.append(f"RATE: achieved {rates['achieved_per_s']:.3g} req/s of the intended "
-                         f"{rates['intended_per_s']:.3g} req/s")
     out["rate"] = rates
-    dl = out["dispatch_lag"]
-    if dl.get("n") and dl.get("p99", 0) is not None and dl.get("p99", 0) > 0.1 and not lagged:
-        flags.append(f"LAG: p99 dispatch lag is {dl['p99'] * 1000:.0f} ms (requests left later than scheduled)")
     # timestamp error against the server's ground truth
     if d.te.err is not None:  # over the token events
         sel_ev = np.repeat(gmask, d.te.n) & np.isfinite(d.te.err)
@@ -308,6 +303,23 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
         flags.append(f"FAILED: {int(fm.sum())} of {int(measured.sum())} requests did not complete "
                      f"({fm.mean():.1%}); they count as SLO violations")
     out["flags"] = flags
+    return out
+
+
+def _diff_stats(diff: np.ndarray) -> dict:
+    return {"n": int(len(diff)), "share_exact": float((diff == 0).mean()), "mean_diff": float(diff.mean()),
+            "max_abs_diff": float(np.abs(diff).max())}
+
+
+def _prompt_growth(d: Data, sess: dict) -> np.ndarray:
+    """Per request: prompt_tokens minus the previous turn's prompt_tokens and completion_tokens (NaN for first
+    turns and where usage is missing); turns in session order by intended time."""
+    a = d.a
+    order = np.lexsort((sess["turn"], sess["code"]))
+    out = np.full(d.n, np.nan)
+    same = sess["code"][order][1:] == sess["code"][order][:-1]
+    cur, prev = order[1:][same], order[:-1][same]
+    out[cur] = a["prompt_tokens"][cur] - a["prompt_tokens"][prev] - a["completion_tokens"][prev]
     return out
 
 
