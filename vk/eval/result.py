@@ -362,6 +362,10 @@ def to_text(d: dict, markdown: bool = False, with_headline: bool = True) -> str:
                    + f"run {r['run_id']}  file {r.get('file')}  model {r.get('model')}  api {r.get('api')}{lag}\n")
     out.append("\n")
     out.append(summary_text(d, d["overall"], "Details", markdown))
+    if d.get("server"):
+        from vk.eval.server_metrics import server_text
+
+        out.append("\n" + server_text(d["server"], markdown))
     if d["groups"]:
         out.append("\n" + group_table(d, markdown))
     if d.get("slo"):

@@ -9,7 +9,9 @@ Each figure runs ``vk-send --workers 1`` pinned to core 0 against ``vk-serve`` p
    token in the same step, as a batching server does), for the raw client with kernel receive timestamps, the
    same client timing in Python after the read, aiohttp, and the raw client over https (TLS through memory BIOs,
    self-signed certificate passed with --cacert), each with vk-send's CPU time per event;
-3. the largest number of concurrent open streams held without errors (and the open-file limit).
+3. the largest number of concurrent open streams held without errors (and the open-file limit);
+4. p99 dispatch lag with ``--scrape`` (the server's /metrics every second) against the same schedule without it,
+   in alternating runs, so that the difference can be read against the run-to-run spread.
 """
 
 from __future__ import annotations
@@ -149,6 +151,39 @@ def _self_signed(tmp: str) -> tuple[str, str] | None:
     return cert, key
 
 
+def bench_scrape(tmp: str, quick: bool) -> list[dict]:
+    """Does scraping /metrics disturb the send loop? Alternating runs of one schedule, with and without."""
+    rate, dur, pairs = (100, 2.0, 1) if quick else (300, 6.0, 3)
+    srv = _Serve("--ttft", "0.01", "--tpot", "0.001")
+    rng = np.random.default_rng(7)
+    starts = np.cumsum(rng.exponential(1 / rate, int(rate * dur)))
+    starts -= starts[0]
+    sched = os.path.join(tmp, "scrape.jsonl")
+    _schedule(sched, starts, 64)
+    lag: dict[str, list[float]] = {"without": [], "with": []}
+    samples = 0
+    try:
+        for i in range(pairs):
+            for how, extra in (("without", ()), ("with", ("--scrape",))):
+                resp, end, err = _send(sched, os.path.join(tmp, f"scrape-{how}{i}.out"), srv.url, *extra)
+                if end.get("dispatch_lag_p99") is not None:
+                    lag[how].append(end["dispatch_lag_p99"] * 1e3)
+                if how == "with":
+                    with open(os.path.join(tmp, f"scrape-{how}{i}.out"), "rb") as f:
+                        samples += sum(b'"kind":"server_metric"' in ln for ln in f)
+    finally:
+        srv.stop()
+    if not lag["without"] or not lag["with"]:
+        return [{"figure": "p99 dispatch lag with --scrape vs without", "value": "no data", "target": "", "ok": False}]
+    a, b = np.median(lag["without"]), np.median(lag["with"])
+    spread = max(lag["without"]) - min(lag["without"])
+    runs = ", ".join(f"{x:.2f}" for x in lag["without"]) + " / " + ", ".join(f"{x:.2f}" for x in lag["with"])
+    return [{"figure": f"p99 dispatch lag without / with --scrape (1 s; {rate} req/s, {pairs} alternating pairs)",
+             "value": f"median {a:.2f} / {b:.2f} ms (runs {runs} ms; {samples} samples scraped)",
+             "target": "difference within the spread of the runs without",
+             "ok": None if quick else bool(b - a <= max(spread, 0.1))}]
+
+
 def bench_timestamps(tmp: str, quick: bool) -> list[dict]:
     n = 100 if quick else 1000
     tokens = 20 if quick else 60
@@ -280,6 +315,7 @@ def run(quick: bool = False) -> list[dict]:
                  "value": f"{os.getloadavg()[0]:.2f}", "target": "(other work competes for the cores)",
                  "ok": None}]
         rows += bench_rate(tmp, quick)
+        rows += bench_scrape(tmp, quick)
         rows += bench_timestamps(tmp, quick)
         rows += bench_streams(tmp, quick)
     rows.append({"figure": "vk-send bench wall time", "value": f"{time.monotonic() - t0:.0f} s", "target": "",

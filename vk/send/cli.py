@@ -20,6 +20,7 @@ from vk.send.run import (
     DEFAULT_TIMEOUT,
     send,
 )
+from vk.send.scrape import DEFAULT_SCRAPE_INTERVAL
 
 # exit statuses (man vk-send: EXIT STATUS); 2 is bad input (vk.errors), 74 a full disk (vk.jsonl.EXIT_NO_SPACE)
 EXIT_STATUS = {"max_errors": 1, "worker_lost": 3, "unreachable": 4, "interrupted": 130}
@@ -90,11 +91,18 @@ def _is_file(p: str) -> bool:
 @click.option("--reassign-lost", is_flag=True,
               help="When a worker process is lost, hand its sessions that have not started and are still due to "
                    "the other workers (default: count them as not started).")
+@click.option("--scrape", is_flag=False, flag_value="", default=None, metavar="[URL]",
+              help="Record the server's Prometheus metrics (server_metric records) [URL default: the API's "
+                   "origin + /metrics].")
+@click.option("--scrape-interval", type=click.FloatRange(min=0.05), default=DEFAULT_SCRAPE_INTERVAL,
+              show_default=True, metavar="S", help="Seconds between scrapes (on the run's clock).")
+@click.option("--scrape-buckets", is_flag=True, help="Keep histogram buckets (default: only their _sum, _count).")
 def cli_command(schedule, api, output, model, endpoint, stream, workers, concurrency, api_key, api_key_file,
                 headers,
                 extra_body, timeout, first_byte_timeout, max_errors, save_text, continuous_usage,
                 max_tokens_param, min_tokens_param, ignore_eos_param, client, http2, no_kernel_timestamps,
-                lag_threshold, progress, reassign_lost, idle_timeout, cacert, insecure):
+                lag_threshold, progress, reassign_lost, idle_timeout, cacert, insecure, scrape, scrape_interval,
+                scrape_buckets):
     """Run a schedule of sessions against an OpenAI-compatible API.
 
     Reads a schedule (a schedule header and scheduled sessions, from vk-schedule) or plain sessions (from
@@ -109,6 +117,9 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
         api_key = read_api_key_file(api_key_file)
     _hide_secrets_from_ps(api_key)
     paths = list(schedule) or ["-"]
+    if scrape and not scrape.startswith(("http://", "https://")):
+        raise VkError(f"--scrape: expected an http(s) URL, got {scrape!r} (write --scrape=URL, or put --scrape "
+                      "after the input files)")
     body = None
     if extra_body:
         try:
@@ -148,6 +159,7 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
         ignore_eos_param=ignore_eos_param, client=client, http2=http2, kernel_timestamps=not no_kernel_timestamps,
         lag_threshold=lag_threshold, concurrency=concurrency, validate=validate,
         source=source_name(paths[0]), reassign_lost=reassign_lost, total_sessions=total, peak_sessions=peak,
+        scrape=scrape, scrape_interval=scrape_interval, scrape_buckets=scrape_buckets,
     )
     code = EXIT_STATUS.get(end["ended"], 0)
     if end["ended"] in ("max_errors", "unreachable"):

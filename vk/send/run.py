@@ -43,6 +43,7 @@ from vk.send.options import (
     redact_url,
     resolve_model,
 )
+from vk.send.scrape import DEFAULT_SCRAPE_INTERVAL, Scraper, metrics_url
 from vk.send.workers import run_workers, start_workers
 
 _mono = time.monotonic
@@ -93,6 +94,10 @@ def send(
     reassign_lost: bool = False,
     total_sessions: int | None = None,
     peak_sessions: int | None = None,
+    server: dict | None = None,
+    scrape: str | None = None,
+    scrape_interval: float = DEFAULT_SCRAPE_INTERVAL,
+    scrape_buckets: bool = False,
 ) -> dict:
     """Run the sessions of ``records`` against ``api``; write run, response... and run_end records.
 
@@ -104,7 +109,9 @@ def send(
     ``reassign_lost``: hand a lost worker's sessions that are still due to the other workers.
     ``total_sessions``: how many sessions the input holds, when known (a file), so that the footer counts those
     a stopped run never read; ``peak_sessions``: the most sessions the schedule starts within 10 s (a file), for
-    the open-file check before the run.
+    the open-file check before the run. ``server`` (vk.launch.Server.info()) goes into the run header.
+    ``scrape`` (a URL; ``""`` for the API's origin + /metrics) writes the server's Prometheus samples every
+    ``scrape_interval`` seconds as ``server_metric`` records (vk.send.scrape).
     """
     if api_key is None:
         api_key = api_key_from_env()
@@ -173,7 +180,9 @@ def send(
     writer = Writer(output) if own_writer else output
     try:
         return _run(cfg, header, stream_in, writer, workers, argv, me, progress, lag_threshold, soft,
-                    handle_signals, quiet, reassign_lost, total_sessions)
+                    handle_signals, quiet, reassign_lost, total_sessions, server=server,
+                    scraper=None if scrape is None else Scraper(scrape or metrics_url(api), interval=scrape_interval,
+                                                                buckets=scrape_buckets, api_key=api_key))
     finally:
         if own_writer:
             writer.close()
@@ -181,7 +190,8 @@ def send(
 
 
 def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max_errors, progress,
-         lag_threshold, nofile, handle_signals, quiet, reassign_lost, total_sessions) -> dict:
+         lag_threshold, nofile, handle_signals, quiet, reassign_lost, total_sessions, server: dict | None = None,
+         scraper: Scraper | None = None) -> dict:
     state = {"reason": None, "ended": None, "signals": 0}
     input_error: list[BaseException] = []
 
@@ -192,6 +202,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         ctx = mp.get_context("fork")
         stop_event = ctx.Event()
         procs, pipes = start_workers(ctx, cfg, workers, stop_event, progress)
+    if scraper is not None:
+        scraper.start()  # before the start instant: its interpreter start-up is not the run's business
     collector = Collector(writer, max_errors, progress, None)
     clock = RunClock()
     if workers == 1:
@@ -207,6 +219,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or []), [cfg.api_key]), schedule=header,
         workers=workers, client=client_label(cfg), http2=cfg.http2, tls=cfg.scheme == "https", stream=cfg.stream,
         lag_threshold=lag_threshold, open_files_limit=nofile,
+        **({"server": server} if server else {}),
     )
     header_line = dumps(run_rec)
     header_pos = tell(writer)
@@ -222,6 +235,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
             stop_event.set()
 
     collector.start_writer(on_broken)
+    if scraper is not None:
+        scraper.begin(clock.mono0, cfg.run_id, collector.q.put)
     stats: dict[str, Any] = {}
     input_status = {"exhausted": False}
     try:
@@ -231,6 +246,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
             stats = run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pipes, stop_event,
                                 handle_signals, input_status, reassign=reassign_lost, quiet=quiet)
     finally:
+        if scraper is not None:
+            scraper.stop()  # its last scrape, after the last response, closes the counters' deltas
         collector.stop_writer()
     collector.close_bar()
     if collector.write_error is not None:
