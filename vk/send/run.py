@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import fcntl
 import gc
 import io
@@ -499,13 +500,17 @@ def send(
     source: str = "<input>",
     handle_signals: bool = True,
     quiet: bool = False,
+    run_fields: dict | None = None,
+    stop: threading.Event | None = None,
 ) -> dict:
     """Run the sessions of ``records`` against ``api``; write run, response... and run_end records.
 
     ``records``: an optional ``schedule`` header, then ``scheduled_session`` records; or plain ``session``
     records, which run as a closed loop of ``concurrency`` sessions (default 1: one after another).
     Returns the ``run_end`` record. Bad input met during the run (a pipe) stops the run cleanly and raises
-    ``RecordError`` after the footer is written.
+    ``RecordError`` after the footer is written. ``run_fields`` are added to the run header (annotations, e.g.
+    vk-sweep's ``{"sweep": {...}}``). Setting ``stop`` (a ``threading.Event``) from another thread ends the run
+    as a signal would (requests in flight cancelled), with ``ended: "stopped"``.
     """
     if api_key is None:
         api_key = os.environ.get("OPENAI_API_KEY") or None
@@ -586,7 +591,7 @@ def send(
     writer = Writer(output) if own_writer else output
     try:
         return _run(cfg, header, stream_in, writer, workers, argv, me, progress, lag_threshold, soft,
-                    handle_signals, quiet)
+                    handle_signals, quiet, run_fields, stop)
     finally:
         if own_writer:
             writer.close()
@@ -598,7 +603,7 @@ def _chain1(first, it):
 
 
 def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max_errors, progress,
-         lag_threshold, nofile, handle_signals, quiet) -> dict:
+         lag_threshold, nofile, handle_signals, quiet, run_fields=None, stop=None) -> dict:
     state = {"reason": None, "ended": None, "signals": 0}
     input_error: list[BaseException] = []
 
@@ -638,7 +643,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         cfg.run_id, round(clock.epoch0, 6), api=cfg.api, model=cfg.model, endpoint=cfg.endpoint,
         vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or [])), schedule=header,
         workers=workers, client=cfg.client if not cfg.http2 else "httpx-http2", stream=cfg.stream,
-        lag_threshold=lag_threshold, open_files_limit=nofile,
+        lag_threshold=lag_threshold, open_files_limit=nofile, **(run_fields or {}),
     )
     header_line = dumps(run_rec)
     header_pos = _tell(writer)
@@ -654,6 +659,20 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
             stop_event.set()
 
     collector.start_writer(on_broken)
+    finished = threading.Event()
+    if stop is not None:
+        def watch_stop() -> None:  # the caller's stop: as a signal, but from another thread
+            while not finished.is_set():
+                if stop.wait(0.1):
+                    _set_reason(state, "stopped by the caller", "stopped")
+                    if workers == 1:
+                        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to stop
+                            inproc.loop.call_soon_threadsafe(inproc.engine.request_stop, "stopped by the caller")
+                    else:
+                        stop_event.set()
+                    return
+
+        threading.Thread(target=watch_stop, daemon=True, name="vk-send-stop").start()
     stats: dict[str, Any] = {}
     try:
         if workers == 1:
@@ -662,6 +681,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
             stats = _run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pipes, stop_event,
                                  handle_signals)
     finally:
+        finished.set()
         collector.stop_writer()
     collector.close_bar()
     if collector.write_error is not None:
