@@ -287,7 +287,7 @@ def test_steady_window_and_warmup_marks():
 def test_group_by_annotation_and_several_runs(tmp_path):
     a = write(tmp_path / "a.jsonl", [RUN, resp("1", events=[(0.1, "c", 1)], label="x"),
                                       resp("2", events=[(0.3, "c", 1)], label="y")])
-    run_b = dict(RUN, run_id="run-b")
+    run_b = dict(RUN, run_id="run-b", start_epoch=RUN["start_epoch"] + 100)  # later: its own time axis
     b = write(tmp_path / "b.jsonl", [run_b, resp("1", run="run-b", events=[(0.2, "c", 1)], label="x")])
     res = evaluate([a, b]).to_dict()
     assert [g["label"] for g in res["groups"]] == ["run-a", "run-b"]
@@ -298,6 +298,39 @@ def test_group_by_annotation_and_several_runs(tmp_path):
     assert len(res["groups"]) == 3
     with pytest.raises(VkError, match="no field"):
         evaluate([a], group_by="nosuchfield")
+
+
+def _shard_run(run_id, k, epoch, sends):
+    sch = {"kind": "schedule", "v": 1, "mode": "open", "process": "poisson", "params": {"rate": 2.0}, "seed": 1,
+           "shard": {"k": k, "n": 2}, "start_at": 1.7e9}
+    head = dict(RUN, run_id=run_id, start_epoch=epoch, schedule=sch)
+    return [head, *(resp(f"{run_id}-{i}", run=run_id, t_intended=t, events=[(t + 0.1, "c", 1), (t + 0.2, "c", 1)],
+                         usage={"prompt_tokens": 10, "completion_tokens": 2}) for i, t in enumerate(sends))]
+
+
+def test_shards_and_overlapping_runs_are_one_run_in_time(tmp_path):
+    """Two shards of one schedule, run at the same time: one 10 s run at 2 req/s, not a 20 s run at 1 req/s
+    (issue 14.2). The same for runs whose wall-clock spans overlap, e.g. from two machines started 0.5 s apart."""
+    a = write(tmp_path / "a.jsonl", _shard_run("sa", 1, 1.7e9, [0.0, 2.0, 4.0, 6.0, 8.0, 9.7]))
+    b = write(tmp_path / "b.jsonl", _shard_run("sb", 2, 1.7e9, [1.0, 3.0, 5.0, 7.0, 9.0, 9.5]))
+    res = evaluate([a, b]).to_dict()
+    assert res["groups"] == []  # one run on one time axis: no per-run split by default
+    whole = res["overall"]["throughput"]["whole"]
+    assert whole["duration"] == pytest.approx(9.7 + 0.21, abs=1e-9)  # first send -> last done, one clock
+    assert whole["requests_per_s"] == pytest.approx(12 / 9.91, rel=1e-9)
+    assert res["overall"]["accuracy"]["rate"]["achieved_per_s"] == pytest.approx(11 / 9.7, rel=1e-9)
+    # no shard headers, but overlapping in wall-clock time: b started 0.5 s after a
+    c = write(tmp_path / "c.jsonl", _shard_run("sc", 1, 1.7e9, [0.0, 2.0, 4.0]))
+    d = write(tmp_path / "d.jsonl", [dict(RUN, run_id="sd", start_epoch=1.7e9 + 0.5),
+                                     resp("x", run="sd", t_intended=0.5, events=[(0.6, "c", 1)])])
+    res = evaluate([c, d]).to_dict()
+    assert res["groups"] == []
+    assert res["overall"]["throughput"]["whole"]["duration"] == pytest.approx(4.21, abs=1e-9)
+    # the same runs a minute apart: two runs, two time axes, grouped by run
+    e = write(tmp_path / "e.jsonl", [dict(RUN, run_id="se", start_epoch=1.7e9 + 60),
+                                     resp("x", run="se", t_intended=0.5, events=[(0.6, "c", 1)])])
+    res = evaluate([c, e]).to_dict()
+    assert [g["label"] for g in res["groups"]] == ["sc", "se"]
 
 
 def test_sessions_turns_and_think_time():

@@ -63,6 +63,8 @@ def run_benchmark(
     schedule_options: dict[str, Any] | None = None,
     send_options: dict[str, Any] | None = None,
     eval_options: dict[str, Any] | None = None,
+    server_cmd: str | Sequence[str] | None = None,
+    server_ready_timeout: float | None = None,
 ):
     """Run generate -> schedule -> send -> evaluate and return vk-eval's result.
 
@@ -71,6 +73,10 @@ def run_benchmark(
     ``schedule_options``. ``api`` is the server's base URL; without it a vk-serve process is started with
     ``serve_args``. The run's records go to ``output`` (a temporary file when None; its path is in the result's
     ``inputs``).
+
+    ``server_cmd`` starts the server under test for the run (vk.launch: its own process group, output in
+    ``<output>.server.log``, ready when /health or /models answers, stopped afterwards; ``{port}`` in it is
+    replaced by a free port, which then gives ``api``). The run header's ``server`` field records it.
     """
     from vk.eval import evaluate
     from vk.gen import generate
@@ -93,10 +99,19 @@ def run_benchmark(
         output = Path(tmpdir) / "run.jsonl"
 
     with contextlib.ExitStack() as stack:
+        server_info = None
+        if server_cmd is not None:
+            from vk.launch import DEFAULT_READY_TIMEOUT, launched
+
+            server = stack.enter_context(launched(
+                server_cmd, api=api, log=f"{output}.server.log",
+                ready_timeout=server_ready_timeout or DEFAULT_READY_TIMEOUT))
+            api, server_info = server.api, server.info()
         if api is None:
             extra = ["--tokenizer", tokenizer] if tokenizer else []
             api = stack.enter_context(serving(*serve_args, *extra))
         sessions = generate(workload if workload is not None else {}, seed=seed, count=count, tokenizer=tokenizer)
         scheduled = schedule(sessions, **sched_opts)
-        send(scheduled, api=api, output=str(output), model=model, workers=1, **(send_options or {}))
+        send(scheduled, api=api, output=str(output), model=model, workers=1, server=server_info,
+             **(send_options or {}))
     return evaluate(str(output), **(eval_options or {}))

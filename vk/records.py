@@ -4,7 +4,7 @@ Each line of a vk stream is one JSON object with ``kind`` and ``v`` (the format 
 
     vk-gen       -> session
     vk-schedule  -> schedule (header), scheduled_session ...
-    vk-send      -> run (header), response ..., run_end (footer)
+    vk-send      -> run (header), response ..., server_metric ..., run_end (footer)
     vk-sweep     -> sweep (header), sweep_probe ..., sweep_end (footer)
 
 Stages meet only through these records. ``man/vk-formats.5`` documents every field, its unit and its meaning;
@@ -30,6 +30,7 @@ VERSIONS = {
     "run": 1,
     "response": 1,
     "run_end": 1,
+    "server_metric": 1,
     "sweep": 1,
     "sweep_probe": 1,
     "sweep_end": 1,
@@ -488,7 +489,25 @@ def validate_run(rec: Any, source: str = "<run>", line: int | None = None) -> di
     _str(ctx, rec, "endpoint")
     _bool(ctx, rec, "lagged")
     _obj(ctx, rec, "schedule")
+    server = _obj(ctx, rec, "server")
+    if server is not None:
+        validate_server_info(server, ctx, "server.")
     return rec
+
+
+def validate_server_info(info: dict, ctx: _Ctx, prefix: str = "") -> dict:
+    """The ``server`` object of a run header: the server command vk started (vk.launch.Server.info())."""
+    _str(ctx, info, "cmd", prefix)
+    _num(ctx, info, "pid", prefix, required=False, nullable=True, integer=True, minimum=0)
+    _str(ctx, info, "api", prefix, required=False, nullable=True)
+    _str(ctx, info, "log", prefix, required=False, nullable=True)
+    _num(ctx, info, "start_epoch", prefix, required=False, nullable=True, minimum=0)
+    _num(ctx, info, "ready_s", prefix, required=False, nullable=True, minimum=0)
+    _obj(ctx, info, "params", prefix)
+    models = info.get("models")
+    if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
+        ctx.fail(prefix + "models", "expected a list of model ids")
+    return info
 
 
 def new_response(
@@ -554,6 +573,53 @@ def validate_run_end(rec: Any, source: str = "<run>", line: int | None = None) -
     ctx = _Ctx(source, line)
     _header(ctx, rec, "run_end")
     _str(ctx, rec, "run_id")
+    return rec
+
+
+# --------------------------------------------------------------------------------------------------------------
+# server metrics (vk-send --scrape)
+
+METRIC_TYPES = ("counter", "gauge", "histogram", "summary", "gaugehistogram", "info", "stateset", "unknown")
+
+
+def new_server_metric(run_id: str, t: float, name: str | None, value: float | None, *,
+                      labels: dict | None = None, type: str | None = None, error: str | None = None,
+                      **extra: Any) -> dict:
+    """One sample of the server's Prometheus exposition, scraped at ``t`` (seconds on the run's clock).
+
+    ``name`` is the sample's name as exposed (counters keep their ``_total``, histograms give ``_sum`` and
+    ``_count``); ``value`` is raw (counters are not turned into rates) and null where the exposition said NaN or
+    an infinity. A scrape that failed is one record with ``name`` null and ``error`` saying why.
+    """
+    rec: dict[str, Any] = {"kind": "server_metric", "v": VERSIONS["server_metric"], "run_id": run_id, "t": t,
+                           "name": name}
+    if labels:
+        rec["labels"] = labels
+    if type is not None:
+        rec["type"] = type
+    rec["value"] = value
+    if error is not None:
+        rec["error"] = error
+    rec.update(extra)
+    return rec
+
+
+def validate_server_metric(rec: Any, source: str = "<run>", line: int | None = None) -> dict:
+    ctx = _Ctx(source, line)
+    _header(ctx, rec, "server_metric")
+    _str(ctx, rec, "run_id")
+    _num(ctx, rec, "t")
+    name = _str(ctx, rec, "name", nullable=True)
+    err = _str(ctx, rec, "error", required=False, nullable=True)
+    if name is None and err is None:
+        ctx.fail("name", "missing (only a failed scrape, with 'error', has no name)")
+    _num(ctx, rec, "value", required=name is not None, nullable=True)
+    labels = _obj(ctx, rec, "labels")
+    if labels is not None and not all(isinstance(v, str) for v in labels.values()):
+        ctx.fail("labels", "expected an object of strings")
+    typ = rec.get("type")
+    if typ is not None and typ not in METRIC_TYPES:
+        ctx.fail("type", f"expected one of {', '.join(METRIC_TYPES)}, got {typ!r}")
     return rec
 
 
@@ -654,6 +720,7 @@ VALIDATORS = {
     "run": validate_run,
     "response": validate_response,
     "run_end": validate_run_end,
+    "server_metric": validate_server_metric,
     "sweep": validate_sweep,
     "sweep_probe": validate_sweep_probe,
     "sweep_end": validate_sweep_end,

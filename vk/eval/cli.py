@@ -101,13 +101,13 @@ def summary_cmd(files, fmt, as_json, slo, goodput, check, percentiles, warmup, c
 
 
 def _progress(flag: bool) -> None:
-    from vk.eval.core import progress
+    from vk.eval.progress import progress
 
     progress(flag or sys.stderr.isatty())
 
 
 def _progress_done() -> None:
-    from vk.eval.core import progress
+    from vk.eval.progress import progress
 
     progress(False)
 

@@ -50,7 +50,7 @@ class TokenEvents:
     known: np.ndarray | None  # per event: count from events.tokens; None when all are known
     n_unknown: np.ndarray  # per request: token events without a count
     server_t: np.ndarray | None = None  # per token event: the server's send time, when given
-    err: np.ndarray | None = None  # per token event: t - server_t (vk.eval.core.Data keeps this, not server_t)
+    err: np.ndarray | None = None  # per token event: t - server_t (vk.eval.data.Data keeps this, not server_t)
 
     @property
     def seg(self) -> np.ndarray:

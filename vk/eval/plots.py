@@ -126,7 +126,7 @@ def figures(d, runs: list[int], ts: dict, prefix: str, outdir: str, plt) -> list
 
 
 def plot_data(d, outdir: str, overlay: bool = False) -> list[str]:
-    from vk.eval.core import timeseries
+    from vk.eval.timeseries import timeseries
 
     plt = _plt()
     try:
@@ -144,7 +144,7 @@ def plot_data(d, outdir: str, overlay: bool = False) -> list[str]:
 
 
 def plot_files(inputs: Any, outdir: str, overlay: bool = False, validate: str = "auto") -> list[str]:
-    from vk.eval.core import Data
+    from vk.eval.data import Data
 
     d = Data(inputs, validate=validate)
     try:

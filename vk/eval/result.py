@@ -252,12 +252,27 @@ def to_text(d: dict, markdown: bool = False) -> str:
     for g in d["groups"]:
         out.append("\n" + summary_text(d, g["summary"], "Group " + g["label"], markdown))
     if d.get("slo"):
-        out.append("\n" + _heading("SLOs", markdown, 2))
-        rows = [[c["slo"], c["group"], _num(c["value"], "ms" if c["metric"] in TIME_METRICS and c["stat"] else ""),
-                 "ok" if c["ok"] else "MISSED"] for c in d["slo"]]
-        out.append(_table(["slo", "group", "value (ms for latencies, else as specified)", "verdict"], rows,
-                          markdown))
+        out.append("\n" + slo_table(d["slo"], markdown))
     return "".join(out)
+
+
+def _slo_value(v: Any, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "s":
+        return f"{v * 1000:.6g} ms"
+    if unit == "fraction":
+        return f"{v:.6g} ({v * 100:.4g}%)"
+    return _num(v)
+
+
+def slo_table(checks: list[dict], markdown: bool = False) -> str:
+    """The SLO checks, each with its threshold as vk-eval read it (a unit slip shows here)."""
+    rows = [[c["slo"], c["group"], _slo_value(c["value"], c.get("unit", "")),
+             f"{c['op']} {_slo_value(c['threshold'], c.get('unit', ''))}", "ok" if c["ok"] else "MISSED"]
+            for c in checks]
+    return _heading("SLOs", markdown, 2) + _table(["slo", "group", "measured", "objective (as read)", "verdict"],
+                                                   rows, markdown)
 
 
 def _flatten(prefix: str, v: Any, rows: list, group: str) -> None:

@@ -15,8 +15,13 @@ from typing import Any
 import numpy as np
 
 from vk.errors import VkError
+from vk.eval.result import TIME_METRICS
 
-_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "%": 0.01, "": 1.0}
+# Thresholds carry their unit: latencies in us, ms or s (a bare number is refused, so that a CI gate cannot pass
+# by a unit slip; "m" and "min" are refused too: m reads as milli or minutes); shares as a fraction or in %;
+# counts and rates (tokens, req/s, tok/s) as plain numbers.
+_TIME_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+_UNITS = {**_TIME_UNITS, "%": 0.01, "": 1.0}
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _NP_OPS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
 
@@ -37,13 +42,48 @@ SCALARS = {
     "total_tps": ("throughput", "steady", "total_tokens_per_s"),
     "cached_share": ("caching", "cached_share"),
 }
+SHARE_SCALARS = ("error_rate", "attainment", "fluidity", "fluid_share", "cached_share")
+COUNT_STAT_METRICS = ("input_tokens", "output_tokens")  # per-request token counts: thresholds in tokens
 
 
-def parse_value(text: str, what: str) -> float:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(us|µs|ms|min|s|m|%)?\s*", text, re.I)
+def threshold_kind(metric: str, stat: str | None) -> str:
+    """What a threshold of this figure is: ``time``, ``share`` or ``count`` (see parse_value)."""
+    if stat is None:
+        return "share" if metric in SHARE_SCALARS else "count"
+    if metric in TIME_METRICS:
+        return "time"
+    if metric == "fluidity":
+        return "share"
+    return "count"
+
+
+_VALUE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([a-zµ%]*)\s*", re.I)
+
+
+def parse_value(text: str, what: str, kind: str = "any") -> float:
+    """A threshold with its unit, in seconds for times. ``kind``: ``time`` (a unit is required: us, ms, s),
+    ``share`` (a fraction, or %), ``count`` (a plain number), ``any`` (durations of options: a bare number is
+    seconds)."""
+    m = _VALUE.fullmatch(text)
     if not m:
-        raise VkError(f"{what}: {text!r} is not a number with an optional unit (us, ms, s, %)")
-    return float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+        raise VkError(f"{what}: {text.strip()!r} is not a number with a unit (e.g. 50ms, 0.05s, 1%)")
+    num, unit = float(m.group(1)), m.group(2).lower()
+    if unit in ("m", "min"):
+        raise VkError(f"{what}: {text.strip()!r}: {unit!r} is not a unit here (m could be milli or minutes); write "
+                      f"{m.group(1)}ms or {num * 60:g}s")
+    if unit not in _UNITS:
+        raise VkError(f"{what}: {text.strip()!r}: unknown unit {m.group(2)!r} (us, ms, s for times; % for shares)")
+    if kind == "time":
+        if not unit:
+            raise VkError(f"{what}: {text.strip()!r} has no unit: write {m.group(1)}ms or {num / 1000:g}s")
+        if unit == "%":
+            raise VkError(f"{what}: {text.strip()!r}: a latency takes a time unit (us, ms, s), not %")
+    elif unit in _TIME_UNITS and kind in ("share", "count"):
+        raise VkError(f"{what}: {text.strip()!r}: this figure is not a time; give a plain number"
+                      + (" or %" if kind == "share" else ""))
+    elif unit == "%" and kind == "count":
+        raise VkError(f"{what}: {text.strip()!r}: this figure is a count or rate, not a share; give a plain number")
+    return num * _UNITS[unit]
 
 
 def parse_duration(value: Any, what: str) -> float:
@@ -63,6 +103,7 @@ class SLO:
     stat: str | None
     op: str
     threshold: float
+    kind: str = "count"  # of the threshold: time (seconds), share (0..1) or count
 
 
 @dataclass
@@ -103,9 +144,15 @@ def parse_slo(spec: str | None) -> list[SLO]:
                           f"({', '.join(SCALARS)})")
         if stat is not None:
             stat = stat.lower()
-            if not re.fullmatch(r"p[0-9.]+|mean|min|max|stddev", stat):
-                raise VkError(f"--slo: {stat!r} is not a statistic (p50, p99, p99.9, mean, min, max, stddev)")
-        out.append(SLO(item.strip(), metric, stat, op, parse_value(val, "--slo")))
+            ok = re.fullmatch(r"p([0-9]+(?:\.[0-9]+)?)|mean|min|max|stddev", stat)
+            if not ok or (ok.group(1) is not None and not 0 <= float(ok.group(1)) <= 100):
+                raise VkError(f"--slo: {item.strip()!r}: {stat!r} is not a statistic (p0..p100 such as p50, p99, "
+                              "p99.9; mean, min, max, stddev)")
+            if metric not in TIME_METRICS and metric not in COUNT_STAT_METRICS and metric != "fluidity":
+                raise VkError(f"--slo: {item.strip()!r}: unknown metric {metric!r} (a latency such as ttft, tpot, "
+                              f"e2e; input_tokens, output_tokens, fluidity; or a scalar: {', '.join(SCALARS)})")
+        kind = threshold_kind(metric, stat)
+        out.append(SLO(item.strip(), metric, stat, op, parse_value(val, f"--slo {item.strip()!r}", kind), kind))
     return out
 
 
@@ -123,7 +170,7 @@ def parse_goodput(spec: str | None) -> Goodput | None:
         metric = metric.lower()
         if metric not in REQUEST_METRICS:
             raise VkError(f"--goodput: {metric!r} is not a per-request metric ({', '.join(REQUEST_METRICS)})")
-        conds.append(Condition(item.strip(), metric, op, parse_value(val, "--goodput")))
+        conds.append(Condition(item.strip(), metric, op, parse_value(val, f"--goodput {item.strip()!r}", "time")))
     return Goodput(spec, conds)
 
 
@@ -142,9 +189,9 @@ def parse_fluidity(spec: Any) -> tuple[float, float]:
         if not sep:
             raise VkError(f"--fluidity: cannot parse {item!r} (expected ttft=1s,tbt=50ms)")
         if k in ("ttft", "prefill", "dp"):
-            p = parse_value(v, "--fluidity")
+            p = parse_value(v, "--fluidity", "time")
         elif k in ("tbt", "decode", "dd", "tpot", "itl"):
-            d = parse_value(v, "--fluidity")
+            d = parse_value(v, "--fluidity", "time")
         else:
             raise VkError(f"--fluidity: unknown deadline {k!r} (ttft, tbt)")
     if d <= 0:
@@ -168,6 +215,9 @@ def _lookup(summary: dict, slo: SLO) -> Any:
     raise VkError(f"--slo: unknown metric {slo.metric!r}")
 
 
+UNIT_OF_KIND = {"time": "s", "share": "fraction", "count": "as measured"}
+
+
 def check_slos(slos: list[SLO], result: dict) -> list[dict]:
     """Check each SLO on the overall summary and on every group; a missing value is a miss."""
     out = []
@@ -177,5 +227,5 @@ def check_slos(slos: list[SLO], result: dict) -> list[dict]:
             v = _lookup(summ, slo)
             ok = v is not None and bool(_OPS[slo.op](v, slo.threshold))
             out.append({"slo": slo.spec, "group": label, "metric": slo.metric, "stat": slo.stat, "op": slo.op,
-                        "threshold": slo.threshold, "value": v, "ok": ok})
+                        "threshold": slo.threshold, "unit": UNIT_OF_KIND[slo.kind], "value": v, "ok": ok})
     return out

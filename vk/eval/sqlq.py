@@ -15,7 +15,7 @@ from vk.eval import load as L
 
 
 def open_db(inputs: Any, db: str | None = None) -> tuple[duckdb.DuckDBPyConnection, L.Inputs]:
-    from vk.eval.core import VIEWS_SQL
+    from vk.eval.data import VIEWS_SQL
 
     inp = L.Inputs(inputs)
     if db:

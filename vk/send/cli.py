@@ -12,6 +12,7 @@ from vk.cli import command, examples, main_wrapper
 from vk.errors import VkError
 from vk.jsonl import open_input, read_records, source_name
 from vk.send.run import DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_LAG_THRESHOLD, DEFAULT_TIMEOUT, send
+from vk.send.scrape import DEFAULT_SCRAPE_INTERVAL
 
 EPILOG = examples(
     "vk-gen synth.yaml | vk-schedule --poisson 10 | vk-send --api http://127.0.0.1:8000/v1 > run.jsonl",
@@ -69,10 +70,16 @@ def _is_file(p: str) -> bool:
 @click.option("--lag-threshold", type=click.FloatRange(min=0), default=DEFAULT_LAG_THRESHOLD, show_default=True, metavar="S",
               help="p99 dispatch lag above which the run is flagged as lagged.")
 @click.option("--progress", is_flag=True, help="Show a progress bar on stderr even when it is not a terminal.")
+@click.option("--scrape", is_flag=False, flag_value="", default=None, metavar="[URL]",
+              help="Record the server's Prometheus metrics (server_metric records) [URL default: the API's "
+                   "origin + /metrics].")
+@click.option("--scrape-interval", type=click.FloatRange(min=0.05), default=DEFAULT_SCRAPE_INTERVAL,
+              show_default=True, metavar="S", help="Seconds between scrapes (on the run's clock).")
+@click.option("--scrape-buckets", is_flag=True, help="Keep histogram buckets (default: only their _sum, _count).")
 def cli_command(schedule, api, output, model, endpoint, stream, workers, concurrency, api_key, headers,
                 extra_body, timeout, first_byte_timeout, max_errors, save_text, continuous_usage,
                 max_tokens_param, min_tokens_param, ignore_eos_param, client, http2, no_kernel_timestamps,
-                lag_threshold, progress):
+                lag_threshold, progress, scrape, scrape_interval, scrape_buckets):
     """Run a schedule of sessions against an OpenAI-compatible API.
 
     Reads a schedule (a schedule header and scheduled sessions, from vk-schedule) or plain sessions (from
@@ -81,6 +88,9 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
     active. Exit status: 0 done, 1 stopped by --max-errors, 2 bad input or options, 130 interrupted.
     """
     paths = list(schedule) or ["-"]
+    if scrape and not scrape.startswith(("http://", "https://")):
+        raise VkError(f"--scrape: expected an http(s) URL, got {scrape!r} (write --scrape=URL, or put --scrape "
+                      "after the input files)")
     body = None
     if extra_body:
         try:
@@ -109,7 +119,8 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
         continuous_usage=continuous_usage, max_tokens_param=max_tokens_param, min_tokens_param=min_tokens_param,
         ignore_eos_param=ignore_eos_param, client=client, http2=http2, kernel_timestamps=not no_kernel_timestamps,
         lag_threshold=lag_threshold, concurrency=concurrency, validate=validate,
-        source=source_name(paths[0]),
+        source=source_name(paths[0]), scrape=scrape, scrape_interval=scrape_interval,
+        scrape_buckets=scrape_buckets,
     )
     if end["ended"] == "interrupted":
         sys.exit(130)

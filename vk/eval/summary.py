@@ -1,0 +1,355 @@
+"""vk-eval's summary of a group of requests: counts, latency, tokens, throughput, concurrency, sessions,
+run accuracy, caching, fluidity and goodput."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from vk.eval import metrics as M
+from vk.eval.data import COUNT_METRICS, LATENCY_METRICS, OUTPUT_SOURCES, STATUSES, Data
+from vk.eval.options import Options
+from vk.eval.progress import tick
+from vk.eval.slo import Goodput
+
+
+def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.ndarray,
+              window_how: str, fl: tuple[np.ndarray, np.ndarray, np.ndarray], last: bool = False) -> dict:
+    """The summary of the requests in ``gmask``. ``last``: no later summary reads ``d`` (its pooled gaps may
+    be reordered)."""
+    a = d.a
+    P = opts.percentiles
+    run = a["axis"]  # the figures of time are per time axis (runs that overlap or are shards share one)
+    steady_given = opts.warmup is not None or opts.cooldown is not None
+    in_window = (a["t_sent"] >= w0[run]) & (a["t_sent"] <= w1[run]) if steady_given else np.ones(d.n, bool)
+    measured = gmask & ~a["warmup"] & in_window
+    okm = measured & a["ok"]
+    out: dict[str, Any] = {}
+
+    # counts
+    counts = {"requests": int(gmask.sum()), "measured": int(measured.sum())}
+    for s in STATUSES:
+        counts[s] = int((measured & (a["status_code"] == STATUSES.index(s))).sum())
+    counts["warmup_excluded"] = int((gmask & a["warmup"]).sum())
+    counts["outside_window"] = int((gmask & ~a["warmup"] & ~in_window).sum())
+    counts["failed"] = counts["measured"] - counts["ok"]
+    counts["error_rate"] = counts["failed"] / counts["measured"] if counts["measured"] else None
+    nsrc = np.bincount(a["output_tokens_source_code"][okm], minlength=len(OUTPUT_SOURCES))
+    counts["output_tokens_source"] = {k: int(nsrc[i]) for i, k in enumerate(OUTPUT_SOURCES) if nsrc[i]}
+    out["counts"] = counts
+
+    # latencies
+    lat: dict[str, Any] = {}
+    gm = M.gap_mask(d.pe, okm)
+    gaps = d.pe["gaps"] if gm is None else M.take(d.pe["gaps"], gm)
+    gk = d.pe["gap_k"]
+    if gk is not None and gm is not None:
+        gk = M.take(gk, gm)
+    # what needs the gaps in request order first: the gaps are then sorted in place when they are a copy, or
+    # when nothing reads them afterwards
+    itl_token = None if gk is None or (gk == 1).all() else M.stats(np.repeat(gaps / gk, gk), P, pooled=True)
+    zeros = int((0 if gk is None else (gk[np.isfinite(gaps)] - 1).sum()) + (d.pe["first_k"][okm] - 1).clip(0).sum())
+    for name in LATENCY_METRICS:
+        if name == "itl_chunk":
+            s = M.stats(gaps, P, pooled=True, inplace=gm is not None or last)
+        elif name == "itl_token":
+            s = lat["itl_chunk"] if itl_token is None else itl_token
+        elif name == "itl_token_zeros":
+            s = lat["itl_chunk"] if zeros == 0 else M.stats(gaps, P, weights_zero=zeros, pooled=True)
+        elif name in ("queue_delay", "dispatch_lag"):
+            s = M.stats(a[name][measured], P)
+        elif name in ("ttfc", "ttfc_from_intended") and np.array_equal(a[name][okm], a["ttft" + name[4:]][okm],
+                                                                        equal_nan=True):
+            s = lat["ttft" + name[4:]]  # no reasoning or tool calls before the content: the same sample
+        else:
+            s = M.stats(a[name][okm], P)
+        lat[name] = s
+    out["latency"] = lat
+    tick("  latency stats")
+    out["tokens"] = {k: M.stats(a[k][okm], P) for k in COUNT_METRICS}
+
+    # throughput: whole run (first request sent -> last response done, per time axis, summed) and steady window
+    runs_in = np.unique(run[gmask])
+    dur = 0.0
+    sdur = 0.0
+    for r in runs_in:
+        m = gmask & (run == r)
+        s0 = np.nanmin(a["t_sent"][m]) if np.isfinite(a["t_sent"][m]).any() else np.nan
+        s1 = np.nanmax(a["t_done"][m]) if np.isfinite(a["t_done"][m]).any() else np.nan
+        if np.isfinite(s0) and np.isfinite(s1):
+            dur += max(0.0, s1 - s0)
+            lo = max(w0[r], s0)
+            hi = min(w1[r], s1)
+            sdur += max(0.0, hi - lo)
+    okg = gmask & a["ok"]
+    tin = float(np.nansum(a["input_tokens"][okg]))
+    tout = float(np.nansum(a["output_tokens"][okg]))
+
+    def rate(x, t):
+        return x / t if t > 0 else None
+
+    whole = {"duration": dur, "requests": int(okg.sum()), "requests_per_s": rate(okg.sum(), dur),
+             "input_tokens_per_s": rate(tin, dur), "output_tokens_per_s": rate(tout, dur),
+             "total_tokens_per_s": rate(tin + tout, dur)}
+    # steady: completions, prefills and token arrivals inside the window (tokens counted per request by Data)
+    tok_in_win = float(a["tokens_in_window"][okg].sum())
+    ev_total = float(d.pe["event_tokens"][okg].sum())
+    done_in = okg & (a["t_done"] >= w0[run]) & (a["t_done"] <= w1[run])
+    pre_in = okg & (a["t_first_token"] >= w0[run]) & (a["t_first_token"] <= w1[run])
+    sin = float(np.nansum(a["input_tokens"][pre_in]))
+    # scale event-counted tokens to usage counts when events under-count (no per-chunk usage)
+    if ev_total > 0 and tout > 0:
+        tok_in_win *= tout / ev_total
+    steady = {"window": window_how, "duration": sdur, "requests": int(done_in.sum()),
+              "requests_per_s": rate(done_in.sum(), sdur), "input_tokens_per_s": rate(sin, sdur),
+              "output_tokens_per_s": rate(tok_in_win, sdur), "total_tokens_per_s": rate(sin + tok_in_win, sdur),
+              "windows": {d.axes[r]["label"]: [float(w0[r]), float(w1[r]) if np.isfinite(w1[r]) else None]
+                          for r in runs_in}}
+    out["throughput"] = {"whole": whole, "steady": steady}
+    tick("  throughput")
+
+    # concurrency (requests in flight between t_sent and t_done)
+    busy = gmask & np.isfinite(a["t_sent"]) & np.isfinite(a["t_done"])
+    mx = 0
+    for r in runs_in:
+        m = busy & (run == r)
+        if m.any():
+            # the most in flight is reached as a request enters: requests sent so far (ties included) minus
+            # those done by then (at equal times, leave before entering)
+            st = np.sort(a["t_sent"][m])
+            en = np.sort(a["t_done"][m])
+            mx = max(mx, int((np.searchsorted(st, st, side="right") - np.searchsorted(en, st, side="right")).max()))
+    out["concurrency"] = {"mean": rate(float(np.sum(a["t_done"][busy] - a["t_sent"][busy])), dur), "max": mx}
+
+    tick("  concurrency")
+    out["sessions"] = _sessions(d, gmask & ~a["warmup"], P)
+    tick("  sessions")
+    out["accuracy"] = _accuracy(d, gmask, measured, okm, P)
+    tick("  accuracy")
+    out["caching"] = _caching(d, okm)
+    fi, missed, total = fl
+    fsel = okm & np.isfinite(fi)
+    tot = float(total[fsel].sum())
+    out["fluidity"] = {
+        "prefill_deadline": opts.fluidity[0], "decode_deadline": opts.fluidity[1],
+        "index": M.stats(fi[fsel], P),
+        "service_index": 1.0 - float(missed[fsel].sum()) / tot if tot else None,
+        "share_ge_0.9": float((fi[fsel] >= 0.9).mean()) if fsel.any() else None,
+    }
+    if opts.goodput is not None:
+        # over the steady window when there is one (--warmup/--cooldown or warm-up marks), else the whole run
+        out["goodput"] = _goodput(d, opts.goodput, measured, sdur if window_how != "whole run" else dur)
+    return out
+
+
+def _sessions(d: Data, gmask: np.ndarray, P) -> dict:
+    s = d.sessions()
+    a = d.a
+    codes = s["code"][gmask]
+    if len(codes) == 0:
+        return {"sessions": 0}
+    t0 = np.where(np.isnan(a["t_intended"]), a["t_sent"], a["t_intended"])[gmask]
+    t1 = a["t_done"][gmask]
+    if s.get("single"):  # one request per session
+        nsess = len(codes)
+        turns = np.ones(nsess)
+        with np.errstate(invalid="ignore"):
+            durs = np.where(np.isfinite(t0) & np.isfinite(t1), t1 - t0, np.nan)
+    else:
+        uniq, inv = np.unique(codes, return_inverse=True)
+        nsess = len(uniq)
+        turns = np.bincount(inv).astype(float)
+        smin = np.full(len(uniq), np.inf)
+        smax = np.full(len(uniq), -np.inf)
+        np.minimum.at(smin, inv, np.where(np.isnan(t0), np.inf, t0))
+        np.maximum.at(smax, inv, np.where(np.isnan(t1), -np.inf, t1))
+        durs = np.where(np.isfinite(smin) & np.isfinite(smax), smax - smin, np.nan)
+    out = {"sessions": int(nsess), "turns": M.stats(turns, P), "duration": M.stats(durs, P)}
+    think = s["think"][gmask]
+    out["think_time"] = M.stats(think[np.isfinite(think)], P)
+    turn = s["turn"][gmask]
+    okm = a["ok"][gmask]
+    ttft = a["ttft"][gmask]
+    inp = a["input_tokens"][gmask]
+    by = {}
+    if turn.max() > 1:
+        for t in range(1, min(int(turn.max()), 8) + 1):
+            m = okm & ((turn == t) if t < 8 else (turn >= 8))
+            if m.any():
+                st = M.stats(ttft[m], [50, 90])
+                by[str(t) if t < 8 else "8+"] = {"n": st["n"], "ttft_p50": st.get("p50"), "ttft_p90": st.get("p90"),
+                                                 "input_tokens_mean": float(np.nanmean(inp[m]))
+                                                 if np.isfinite(inp[m]).any() else None}
+    out["ttft_by_turn"] = by
+    return out
+
+
+def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
+    a = d.a
+    flags: list[str] = []
+    out: dict[str, Any] = {}
+    # run-level lag verdicts
+    lagged = [d.runs[r]["run_id"] for r in np.unique(a["run"][gmask]) if d.runs[r].get("lagged")]
+    out["lagged_runs"] = lagged
+    for r in lagged:
+        flags.append(f"LAGGED: run {r}: vk-send could not keep up with the schedule; latencies include the "
+                     "client's own delay (see dispatch_lag and *_from_intended)")
+    # prompt tokens
+    pm = okm & np.isfinite(a["prompt_tokens"]) & np.isfinite(a["target_input_tokens"])
+    if pm.any():
+        diff = a["prompt_tokens"][pm] - a["target_input_tokens"][pm]
+        out["prompt_vs_target"] = {"n": int(pm.sum()), "share_exact": float((diff == 0).mean()),
+                                   "mean_diff": float(diff.mean()),
+                                   "mean_abs_diff": float(np.abs(diff).mean()),
+                                   "ratio": M.stats(a["prompt_tokens"][pm] / np.maximum(a["target_input_tokens"][pm], 1),
+                                                    [50, 99])}
+        # target_input_tokens counts a request's new content only: history and the chat template add to
+        # prompt_tokens, so first turns (no history) are also reported on their own
+        first = pm & (d.sessions()["turn"] == 1)
+        if first.any():
+            fd = a["prompt_tokens"][first] - a["target_input_tokens"][first]
+            out["prompt_vs_target"]["first_turns"] = {"n": int(first.sum()), "share_exact": float((fd == 0).mean()),
+                                                      "mean_diff": float(fd.mean()),
+                                                      "max_abs_diff": float(np.abs(fd).max())}
+    # output tokens against targets
+    om = okm & np.isfinite(a["completion_tokens"]) & np.isfinite(a["target_output_tokens"])
+    if om.any():
+        c = a["completion_tokens"][om]
+        t = a["target_output_tokens"][om]
+        share_short = float((c < t).mean())
+        out["output_vs_target"] = {"n": int(om.sum()), "share_exact": float((c == t).mean()),
+                                   "share_stopped_early": share_short, "share_longer": float((c > t).mean()),
+                                   "mean_ratio": float((c / np.maximum(t, 1)).mean())}
+        if share_short > 0.01:
+            flags.append(f"LENGTH: {share_short:.1%} of requests stopped before their target output length "
+                         "(TPOT and throughput are measured on shorter outputs than planned)")
+        if float((c > t).mean()) > 0.01:
+            flags.append(f"LENGTH: {float((c > t).mean()):.1%} of requests produced more tokens than their target")
+    elif (okm & np.isfinite(a["target_output_tokens"])).any():
+        m = okm & np.isfinite(a["target_output_tokens"])
+        c = a["output_tokens"][m]
+        t = a["target_output_tokens"][m]
+        out["output_vs_target"] = {"n": int(m.sum()), "counted_by": "events (no usage)",
+                                   "share_exact": float((c == t).mean()),
+                                   "share_stopped_early": float((c < t).mean()),
+                                   "share_longer": float((c > t).mean())}
+    # client-side token counts against server usage
+    um = okm & np.isfinite(a["completion_tokens"])
+    if um.any():
+        known = d.pe["all_tokens_known"][um]
+        evt = d.pe["event_tokens"][um]
+        cnt = d.pe["n_token_events"][um]
+        comp = a["completion_tokens"][um]
+        out["events_vs_usage"] = {
+            "n": int(um.sum()),
+            "share_per_event_counts": float(known.mean()),
+            "share_mismatch": float((evt[known] != comp[known]).mean()) if known.any() else None,
+            "tokens_per_token_event": float(comp.sum() / cnt.sum()) if cnt.sum() else None,
+        }
+        if known.any() and float((evt[known] != comp[known]).mean()) > 0.01:
+            flags.append("TOKENS: per-event token counts disagree with usage.completion_tokens for "
+                         f"{float((evt[known] != comp[known]).mean()):.1%} of requests")
+    # reasoning
+    rm = okm & np.isfinite(a["reasoning_tokens"])
+    if rm.any() and a["reasoning_tokens"][rm].sum() > 0:
+        out["reasoning_tokens"] = M.stats(a["reasoning_tokens"][rm], [50, 99])
+    # chunk-size histogram (tokens per token event)
+    te = d.te
+    unknown = int(te.n_unknown[okm].sum())
+    if te.k is None:
+        k = None
+        ones = int(te.n[okm].sum()) - unknown
+    else:
+        em = np.repeat(okm, te.n)
+        kn = em if te.known is None else em & te.known
+        k = M.take(te.k, kn)
+    hist = {}
+    for lo, hi, lab in () if k is None else ((1, 1, "1"), (2, 2, "2"), (3, 3, "3"), (4, 4, "4"), (5, 8, "5-8"), (9, 16, "9-16"),
+                        (17, 1 << 62, "17+")):
+        c = int(((k >= lo) & (k <= hi)).sum())
+        if c:
+            hist[lab] = c
+    if k is None and ones:
+        hist["1"] = ones
+    if unknown:
+        hist["unknown"] = unknown
+    out["chunk_tokens_histogram"] = hist
+    # dispatch lag and rates
+    out["dispatch_lag"] = M.stats(a["dispatch_lag"][measured], P)
+    ti = a["t_intended"][measured]
+    ts = a["t_sent"][measured]
+    ti = ti[np.isfinite(ti)]
+    ts = ts[np.isfinite(ts)]
+    rates = {}
+    if len(ti) > 1 and ti.max() > ti.min():
+        rates["intended_per_s"] = (len(ti) - 1) / float(ti.max() - ti.min())
+    if len(ts) > 1 and ts.max() > ts.min():
+        rates["achieved_per_s"] = (len(ts) - 1) / float(ts.max() - ts.min())
+    if "intended_per_s" in rates and "achieved_per_s" in rates:
+        rates["achieved_over_intended"] = rates["achieved_per_s"] / rates["intended_per_s"]
+        if rates["achieved_over_intended"] < 0.95:
+            flags.append(f"RATE: achieved {rates['achieved_per_s']:.3g} req/s of the intended "
+                         f"{rates['intended_per_s']:.3g} req/s")
+    out["rate"] = rates
+    dl = out["dispatch_lag"]
+    if dl.get("n") and dl.get("p99", 0) is not None and dl.get("p99", 0) > 0.1 and not lagged:
+        flags.append(f"LAG: p99 dispatch lag is {dl['p99'] * 1000:.0f} ms (requests left later than scheduled)")
+    # timestamp error against the server's ground truth
+    if d.te.err is not None:  # over the token events
+        sel_ev = np.repeat(gmask, d.te.n) & np.isfinite(d.te.err)
+        err = M.take(d.te.err, sel_ev)
+        if len(err):
+            e = M.stats(err, [50, 90, 99])
+            e["spread_p99_minus_p50"] = e["p99"] - e["p50"]
+            out["timestamp_error"] = e
+    fm = measured & ~a["ok"]
+    if measured.any() and fm.mean() > 0.0:
+        flags.append(f"FAILED: {int(fm.sum())} of {int(measured.sum())} requests did not complete "
+                     f"({fm.mean():.1%}); they count as SLO violations")
+    out["flags"] = flags
+    return out
+
+
+def _caching(d: Data, okm) -> dict:
+    a = d.a
+    m = okm & np.isfinite(a["prompt_tokens"])
+    out: dict[str, Any] = {"n": int(m.sum())}
+    cm = m & np.isfinite(a["cached_tokens"])
+    out["n_reporting_cached"] = int(cm.sum())
+    pt = float(a["prompt_tokens"][cm].sum())
+    out["cached_share"] = float(a["cached_tokens"][cm].sum()) / pt if pt else None
+    im = m & np.isfinite(a["target_input_tokens"])
+    if im.any():
+        p = a["prompt_tokens"][im]
+        new = np.minimum(a["target_input_tokens"][im], p)
+        hist = np.clip(p - new, 0, None)
+        pref = np.nan_to_num(a["prefix"][im], nan=0.0)
+        ideal = np.minimum(hist + np.clip(pref, 0, new), p)
+        out["ideal_share"] = float(ideal.sum() / p.sum()) if p.sum() else None
+        out["ideal_definition"] = ("history (prompt_tokens - target_input_tokens) plus the declared shared prefix "
+                                   "(prefix_tokens), as a share of prompt tokens")
+    else:
+        out["ideal_share"] = None
+    return out
+
+
+def _goodput(d: Data, g: Goodput, measured, duration: float) -> dict:
+    a = d.a
+    good = measured & a["ok"]
+    per = {}
+    for c in g.conditions:
+        v = a[c.metric]
+        if c.metric == "tpot":
+            passed = np.isnan(v) | c.holds(v)  # one-token outputs have no TPOT: not a violation
+        else:
+            passed = np.isfinite(v) & c.holds(v)
+        per[c.spec] = float((passed & measured & a["ok"]).sum() / measured.sum()) if measured.any() else None
+        good &= passed
+    n = int(measured.sum())
+    ng = int(good.sum())
+    tok = float(np.nansum(a["output_tokens"][good]))
+    return {"spec": g.spec, "requests": n, "good": ng, "attainment": ng / n if n else None,
+            "per_condition": per,
+            "requests_per_s": ng / duration if duration > 0 else None,
+            "output_tokens_per_s": tok / duration if duration > 0 else None}
