@@ -10,9 +10,11 @@ run ended.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -98,6 +100,8 @@ def send(
     scrape: str | None = None,
     scrape_interval: float = DEFAULT_SCRAPE_INTERVAL,
     scrape_buckets: bool = False,
+    run_fields: dict | None = None,
+    stop: threading.Event | None = None,
 ) -> dict:
     """Run the sessions of ``records`` against ``api``; write run, response... and run_end records.
 
@@ -111,7 +115,9 @@ def send(
     a stopped run never read; ``peak_sessions``: the most sessions the schedule starts within 10 s (a file), for
     the open-file check before the run. ``server`` (vk.launch.Server.info()) goes into the run header.
     ``scrape`` (a URL; ``""`` for the API's origin + /metrics) writes the server's Prometheus samples every
-    ``scrape_interval`` seconds as ``server_metric`` records (vk.send.scrape).
+    ``scrape_interval`` seconds as ``server_metric`` records (vk.send.scrape). ``run_fields`` are added to the
+    run header (annotations, e.g. vk-sweep's ``{"sweep": {...}}``). Setting ``stop`` (a ``threading.Event``) from
+    another thread ends the run as a signal would (requests in flight cancelled), with ``ended: "stopped"``.
     """
     if api_key is None:
         api_key = api_key_from_env()
@@ -182,7 +188,8 @@ def send(
         return _run(cfg, header, stream_in, writer, workers, argv, me, progress, lag_threshold, soft,
                     handle_signals, quiet, reassign_lost, total_sessions, server=server,
                     scraper=None if scrape is None else Scraper(scrape or metrics_url(api), interval=scrape_interval,
-                                                                buckets=scrape_buckets, api_key=api_key))
+                                                                buckets=scrape_buckets, api_key=api_key),
+                    run_fields=run_fields, stop=stop)
     finally:
         if own_writer:
             writer.close()
@@ -191,7 +198,7 @@ def send(
 
 def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max_errors, progress,
          lag_threshold, nofile, handle_signals, quiet, reassign_lost, total_sessions, server: dict | None = None,
-         scraper: Scraper | None = None) -> dict:
+         scraper: Scraper | None = None, run_fields: dict | None = None, stop=None) -> dict:
     state = {"reason": None, "ended": None, "signals": 0}
     input_error: list[BaseException] = []
 
@@ -219,7 +226,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or []), [cfg.api_key]), schedule=header,
         workers=workers, client=client_label(cfg), http2=cfg.http2, tls=cfg.scheme == "https", stream=cfg.stream,
         lag_threshold=lag_threshold, open_files_limit=nofile,
-        **({"server": server} if server else {}),
+        **({"server": server} if server else {}), **(run_fields or {}),
     )
     header_line = dumps(run_rec)
     header_pos = tell(writer)
@@ -237,6 +244,20 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     collector.start_writer(on_broken)
     if scraper is not None:
         scraper.begin(clock.mono0, cfg.run_id, collector.q.put)
+    finished = threading.Event()
+    if stop is not None:
+        def watch_stop() -> None:  # the caller's stop: as a signal, but from another thread
+            while not finished.is_set():
+                if stop.wait(0.1):
+                    set_reason(state, "stopped by the caller", "stopped")
+                    if workers == 1:
+                        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to stop
+                            inproc.loop.call_soon_threadsafe(inproc.engine.request_stop, "stopped by the caller")
+                    else:
+                        stop_event.set()
+                    return
+
+        threading.Thread(target=watch_stop, daemon=True, name="vk-send-stop").start()
     stats: dict[str, Any] = {}
     input_status = {"exhausted": False}
     try:
@@ -246,6 +267,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
             stats = run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pipes, stop_event,
                                 handle_signals, input_status, reassign=reassign_lost, quiet=quiet)
     finally:
+        finished.set()
         if scraper is not None:
             scraper.stop()  # its last scrape, after the last response, closes the counters' deltas
         collector.stop_writer()
