@@ -155,7 +155,6 @@ def plot_data(d, outdir: str, overlay: bool = False, labels: list[str] | None = 
     ts = timeseries(d)
     runs = [r for r in range(len(d.runs)) if (d.a["run"] == r).any()]
     if overlay or len(runs) == 1:
-    if overlay or len(runs) == 1:
         paths = figures(d, runs, ts, "", outdir, plt, names)
     else:
         paths = []
