@@ -158,8 +158,10 @@ def start_workers(ctx, cfg: Config, workers: int, stop_event, progress: bool) ->
     """Fork the workers; returns (processes, [(to_worker, from_worker)]) once each said it is ready."""
     procs, pipes = [], []
     for w in range(workers):
-        wcfg = Config(**{**cfg.__dict__, "worker": w,
-                         "concurrency": cfg.concurrency // workers + (1 if w < cfg.concurrency % workers else 0)})
+        slots = cfg.concurrency // workers + (1 if w < cfg.concurrency % workers else 0)
+        # a closed loop's rate limit is the whole run's: each worker gets its slots' share
+        rate = cfg.rate_limit * slots / cfg.concurrency if cfg.rate_limit and cfg.mode == "closed" else cfg.rate_limit
+        wcfg = Config(**{**cfg.__dict__, "worker": w, "concurrency": slots, "rate_limit": rate})
         in_r, in_w = ctx.Pipe(duplex=False)
         out_r, out_w = ctx.Pipe(duplex=False)
         inherited = [c for pair in pipes for c in pair] + [in_w, out_r]
@@ -313,6 +315,7 @@ def run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pip
                     target = live[(e.ss.get("index") or 0) % len(live)]
             if target is not None:
                 ledger.move(e, target)
+                e.moved = True
                 if send_to(target, e.ss):
                     n_moved += 1
                     continue
@@ -367,8 +370,8 @@ def run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pip
                     continue
                 if msg[:1] == b"{":
                     done = collector.add(orjson.loads(msg), msg)
-                    if done is not None and closed:
-                        credits.put(done.worker)
+                    if done is not None and closed and not done.moved:
+                        credits.put(done.worker)  # a slot is free (a lost worker's session took none)
                 elif msg.startswith(b"#s "):
                     idx, sid, t0 = orjson.loads(msg[3:])
                     ledger.mark_started(idx, sid, t0)
