@@ -87,10 +87,14 @@ def spawn_send(*args, **kw):
 # a lost worker
 
 
-def test_kill_one_worker_is_noticed_recorded_and_counted(serve, tmp_path):
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_kill_one_worker_is_noticed_recorded_and_counted(serve, tmp_path, mode):
     srv = serve("--ttft", "0.05", "--tpot", "0.01")
     n = 300
     sched = schedule_file(tmp_path, n, 0.02, chained=True)
+    if mode == "closed":
+        sess = [session(f"s{i}", [req("a"), req("b", parents=["a"])]) for i in range(n)]
+        sched = write_jsonl(tmp_path / "c.jsonl", closed_schedule(sess, 4))
     out = tmp_path / "run.jsonl"
     p = spawn_send(sched, "--api", srv.url, "--workers", "2", "-o", str(out))
     kids = wait_for(lambda: len(children(p.pid)) >= 2 and children(p.pid))
@@ -103,7 +107,10 @@ def test_kill_one_worker_is_noticed_recorded_and_counted(serve, tmp_path):
     recs = read_lines(out)
     end = check_footer(recs, n, {f"s{i}": 2 for i in range(n)})
     assert end["ended"] == "worker_lost" and end["workers_lost"][0]["worker"] == 1
-    assert end["sessions_not_started"] > 0  # worker 1's later sessions
+    if mode == "open":
+        assert end["sessions_not_started"] > 0  # worker 1's later sessions
+    else:
+        assert end["sessions_done"] == n  # the other worker took every session left
     lost = [r for r in recs if r["kind"] == "response" and "worker lost" in (r.get("error") or "")]
     assert all(r["status"] == "cancelled" and r["worker"] == 1 for r in lost)
     for r in recs:
