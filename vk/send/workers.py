@@ -279,14 +279,23 @@ def run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pip
         input_done.set()
 
     def end_worker(w: int) -> None:
-        if w in ended_w:
+        # never wait for the lock here: its holder may be blocked on a full pipe that only drains while this
+        # (the main) thread reads the workers' records; the loop tries again on its next turn
+        if w in ended_w or not send_locks[w].acquire(blocking=False):
             return
-        ended_w.add(w)
         try:
-            with send_locks[w]:
-                pipes[w][0].send_bytes(b"")
+            ended_w.add(w)
+            pipes[w][0].send_bytes(b"")
         except (OSError, ValueError):
             pass
+        finally:
+            send_locks[w].release()
+
+    def hand_over(moves: list) -> None:
+        """From a thread of its own, for the reason above: send a lost worker's sessions to their new workers."""
+        for target, e in moves:
+            if not send_to(target, e.ss):
+                ledger.remove(e)
 
     def lose(w: int, c) -> None:
         """Worker ``w`` ended without its goodbye: account for everything it had."""
@@ -294,6 +303,7 @@ def run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pip
         how = _how_it_ended(procs[w])
         t_rel = _mono() - clock.mono0
         n_lost = n_unstarted = n_moved = 0
+        moves: list = []
         for e in ledger.at_worker(w):
             due = None
             if e.t_start is not None:
@@ -314,13 +324,15 @@ def run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pip
                 if live:
                     target = live[(e.ss.get("index") or 0) % len(live)]
             if target is not None:
-                ledger.move(e, target)
+                ledger.move(e, target)  # open at its new worker: that worker hears of no end before it is done
                 e.moved = True
-                if send_to(target, e.ss):
-                    n_moved += 1
-                    continue
+                moves.append((target, e))
+                n_moved += 1
+                continue
             ledger.remove(e)
             n_unstarted += 1
+        if moves:
+            threading.Thread(target=hand_over, args=(moves,), daemon=True, name="vk-send-hand-over").start()
         set_reason(state, f"worker {w} was lost ({how})", "worker_lost")
         state.setdefault("lost", []).append({"worker": w, "how": how, "requests_lost": n_lost,
                                              "sessions_not_started": n_unstarted, "sessions_reassigned": n_moved})
