@@ -26,7 +26,7 @@ from pathlib import Path
 import orjson
 import pytest
 from conftest import run_vk
-from test_send import open_schedule, read_run, req, responses, session
+from test_send import _free_port, open_schedule, read_run, req, responses, session
 
 from vk.jsonl import ListWriter
 from vk.send import send
@@ -432,7 +432,7 @@ def test_ipv6_literals_and_names(tmp_path):
 
         async def connect():
             c = RawClient(asyncio.get_running_loop(), RunClock(), "localhost", srv.port)
-            c.addrs = [(socket.AF_INET, ("127.0.0.1", _closed_port())), (socket.AF_INET6, ("::1", srv.port, 0, 0))]
+            c.addrs = [(socket.AF_INET, ("127.0.0.1", _free_port())), (socket.AF_INET6, ("::1", srv.port, 0, 0))]
             conn = await c._connect(2.0)
             await c.close()
             return conn.sock.family
@@ -440,14 +440,6 @@ def test_ipv6_literals_and_names(tmp_path):
         assert asyncio.run(connect()) == socket.AF_INET6
     finally:
         srv.stop()
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def test_written_request_is_never_resent(raw_server):
@@ -686,14 +678,6 @@ async def html():
 '''
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def _wait_port(port: int, proc, timeout=30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -792,7 +776,7 @@ def test_fastapi_gzip_route_really_compresses(fastapi_app):
 def test_uvicorn_keep_alive_timeout_never_gives_negative_times(fastapi_app):
     # uvicorn closes idle connections after 1 s: think times around it meet closed keep-alive connections
     for client in ("raw", "aiohttp"):
-        rs, recs = run_one(fastapi_app.url(), client, n=5, think=0.99)
+        rs, recs = run_one(fastapi_app.url(), client, n=4, think=0.99)
         bad = [r for r in rs if r["status"] != "ok"]  # a request written as the server closed: said so
         assert all("before any response" in r["error"] for r in bad), (client, [r["error"] for r in bad])
         assert all(r["t_sent"] <= r["t_first_byte"] <= r["t_done"] for r in rs if r["status"] == "ok")
