@@ -868,3 +868,12 @@ def test_nginx_unbuffered_stream_keeps_event_times(nginx):
     rs, _ = run_one(nginx.url("/unbuf/aio"), "raw", headers=["Host: api.internal"])
     t = rs[0]["events"]["t"]
     assert t[2] - t[0] > 0.004  # events arrive as the upstream sends them (3 ms apart), not all at the end
+
+
+def test_nginx_gzip_is_really_on(nginx):
+    import httpx
+
+    for stream in (True, False):
+        r = httpx.post(nginx.url("/unbuf/aio") + "/chat/completions", json={"stream": stream},
+                       headers={"Host": "api.internal", "Accept-Encoding": "gzip"})
+        assert r.headers.get("content-encoding") == "gzip", (stream, r.headers)
