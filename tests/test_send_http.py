@@ -537,9 +537,51 @@ def test_https_raw_client_with_cacert_keeps_kernel_timestamps(serve, tmp_path):
     assert end["kernel_timestamps"] is True
     rs = responses(w.records)
     assert all(r["status"] == "ok" and r["protocol"] == "HTTP/1.1" for r in rs), [r["error"] for r in rs]
-    # each event's time against the server's own send time: kernel receive timestamps through TLS
+    # each event's time against the server's own send time (the p99 with 1,000 bursting streams is a bench
+    # figure; the loop-blocked test below shows the times are the kernel's, not the reader's)
     errs = sorted(t - st for r in rs for t, st in zip(r["events"]["t"], r["events"]["server_t"], strict=True))
-    assert len(errs) >= 400 and errs[0] > -0.0005 and errs[int(0.99 * (len(errs) - 1))] < 0.002, errs[-5:]
+    assert len(errs) >= 400 and errs[0] > -0.0005 and errs[len(errs) // 2] < 0.0005, errs[-5:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_TIMESTAMPNS is Linux's")
+def test_https_event_times_are_the_kernels_even_when_the_reader_is_late(tmp_path):
+    # the loop is blocked for 0.4 s while an event arrives: its time must be when the TLS record came in (the
+    # kernel's receive timestamp of the segment), not when Python got round to decrypting it
+    cert, key = make_cert(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    sent = []
+
+    def script(srv, s, n, h, body):
+        evs = sse_events()
+        s.sendall(head() + chunk(evs[0]))
+        time.sleep(0.3)
+        sent.append(time.monotonic())
+        s.sendall(chunk(b"".join(evs[1:])) + b"0\r\n\r\n")
+        return True
+
+    srv = RawServer({"late": script}, tls=ctx)
+    try:
+        from vk.send.clock import RunClock
+        from vk.send.rawhttp import Exchange, RawClient
+        from vk.send.tls import make_context
+
+        async def go():
+            loop = asyncio.get_running_loop()
+            c = RawClient(loop, RunClock(), "127.0.0.1", srv.port, ssl_context=make_context(cert))
+            hd = b"POST /late/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n"
+            ex = Exchange()
+            loop.call_later(0.15, time.sleep, 0.4)  # the reader is busy from 0.15 s to 0.55 s
+            await c.request(c.new_pool(), ex, hd, b"{}", 5, 10)
+            await c.close()
+            return ex
+
+        ex = asyncio.run(go())
+        assert ex.status == 200 and ex.error is None
+        t_second = ex.chunks[-1][0]
+        assert abs(t_second - sent[0]) < 0.05, t_second - sent[0]  # read ~0.25 s later than it arrived
+    finally:
+        srv.stop()
 
 
 def test_https_certificate_failures_and_insecure(serve, tmp_path):
