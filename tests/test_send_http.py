@@ -284,6 +284,7 @@ SCRIPTS = {
     "plainjson": _json_encoded("identity"),
     "r301": _redirect(301), "r302": _redirect(302), "r307": _redirect(307), "r308": _redirect(308),
     "stale": _stale,
+    "truncated": lambda srv, s, n, h, b: s.sendall(head() + b"".join(chunk(e) for e in sse_events()[:2])) and False,
     "stall": _stall,
 }
 
@@ -374,6 +375,13 @@ def test_gzip_stream_events_keep_their_own_times(raw_server):
 def test_undecodable_bodies_are_errors(raw_server, case, why):
     for r in agree(raw_server.url(case), stream=False):
         assert r["status"] == "error" and why in r["error"], r["error"]
+
+
+def test_truncated_stream_is_an_error(raw_server):
+    recs = agree(raw_server.url("truncated"))
+    for r in recs:
+        assert r["status"] == "error" and "truncated" in r["error"]
+    assert recs[0]["events"]["kind"] == "cc"  # the raw client keeps what arrived (aiohttp drops its buffer)
 
 
 def test_malformed_line_policy(raw_server):
