@@ -83,7 +83,7 @@ class _Base:
         except asyncio.TimeoutError:
             ex.fail("timeout", f"no response byte within {first_byte_timeout:g} s (first-byte timeout)")
         except Exception as e:  # noqa: BLE001 - every failure becomes a record
-            ex.fail("error", _describe(e))
+            ex.fail("error", _describe(e, ex.status is not None))
         finally:
             for h in handles:
                 h.cancel()
@@ -91,7 +91,7 @@ class _Base:
             ex.t_done = _mono()
 
 
-def _describe(e: BaseException) -> str:
+def _describe(e: BaseException, answered: bool) -> str:
     import ssl
 
     from vk.send.tls import describe
@@ -109,10 +109,11 @@ def _describe(e: BaseException) -> str:
     if "refused" in low:
         return "connection refused"
     if "reset" in low:
-        return "connection reset by the server"
-    if "disconnected" in low or "without sending" in low or "peer closed" in low:
-        return f"connection closed by the server before any response or mid-stream: {name}: {text[:200]}"
-    if "payload" in low or "transfer" in low or "incomplete" in low or "closed" in low:
+        return "connection reset by the server" + (" mid-stream" if answered else " before any response")
+    closed = ("disconnected", "without sending", "peer closed", "payload", "transfer", "incomplete", "closed")
+    if any(w in low for w in closed):
+        if not answered:
+            return f"connection closed by the server before any response: {name}: {text[:200]}"
         return f"connection closed mid-stream (truncated response): {name}: {text[:200]}"
     return f"{name}: {text[:300]}" if text else name
 

@@ -143,7 +143,9 @@ def _self_signed(tmp: str) -> tuple[str, str] | None:
     """A throw-away certificate for 127.0.0.1 (openssl command), or None without openssl."""
     cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
     try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+        # an ECDSA P-256 key: the server's handshakes cost a fraction of RSA's (1,000 connections open at once)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", key, "-out", cert,
                         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                        check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError):

@@ -29,6 +29,7 @@ from vk.records import STATUS_CANCELLED, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
 from vk.send.answer import interpret
 from vk.send.clock import Deadlines, RunClock
 from vk.send.rawhttp import Exchange, RawClient
+from vk.send.tls import make_context, sni_host
 
 _mono = time.monotonic
 
@@ -560,12 +561,4 @@ def tls_context(cfg: Config, label: str):
     """The ``SSLContext`` for https (None for http); ALPN http/1.1 except for httpx, which sets its own."""
     if cfg.scheme != "https":
         return None
-    from vk.send.tls import make_context
-
     return make_context(cfg.cacert, cfg.insecure, alpn=None if label == "httpx" else ["http/1.1"])
-
-
-def sni_host(host: str) -> str:
-    from vk.send.tls import sni_host as f
-
-    return f(host)

@@ -83,9 +83,20 @@ class Tls:
 
     def decrypt(self, data: bytes):
         """Feed received bytes; returns the plaintext now complete (maybe b""), or None at close_notify."""
-        self.inc.write(data)
+        inc = self.inc
+        inc.write(data)
         obj = self.obj
-        parts = []
+        try:  # the common case: the read completed exactly one record (no exception raised to find that out)
+            d = obj.read(65536)
+        except ssl.SSLWantReadError:
+            return b""
+        except ssl.SSLZeroReturnError:
+            return None
+        if not d:
+            return None
+        if not inc.pending and not obj.pending():
+            return d
+        parts = [d]
         try:
             while True:
                 d = obj.read(65536)
