@@ -89,3 +89,29 @@ def build(name: str, directory: Path, vocab_size: int = 4000) -> Path:
         raise ValueError(name)
     tok.save(str(directory / "tokenizer.json"))
     return directory
+
+
+# the special tokens each chat template in tests/data/templates takes from tokenizer_config.json
+TEMPLATE_TOKENS = {
+    "qwen2.5": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+    "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+    "mistral": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "phi3": {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>"},
+    "gemma": {"bos_token": "<bos>", "eos_token": "<eos>"},
+    "deepseek-v3": {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>"},
+}
+TEMPLATES = tuple(TEMPLATE_TOKENS)
+TEMPLATE_DIR = Path(__file__).resolve().parent / "data" / "templates"
+
+
+def with_template(tokenizer_dir: Path, template: str, directory: Path) -> Path:
+    """A tokenizer directory as transformers 5 saves one: tokenizer.json, tokenizer_config.json (special tokens)
+    and the chat template in chat_template.jinja."""
+    import json
+    import shutil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tokenizer_dir / "tokenizer.json", directory / "tokenizer.json")
+    (directory / "tokenizer_config.json").write_text(json.dumps(TEMPLATE_TOKENS[template]), encoding="utf-8")
+    shutil.copy(TEMPLATE_DIR / f"{template}.jinja", directory / "chat_template.jinja")
+    return directory

@@ -23,6 +23,7 @@ says which mode is in use.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -137,7 +138,7 @@ def _word_starts(text: str, offsets) -> np.ndarray:
 def _cache_file(tokenizer, text: str) -> Path | None:
     """Where the tokenized corpus is kept between processes (None: no disk cache).
 
-    Keyed by the tokenizer file (path, size, mtime), the corpus text and the cache format. ``VK_CACHE_DIR``
+    Keyed by the tokenizer file's content, the corpus text and the cache format. ``VK_CACHE_DIR``
     moves it (default ``~/.cache/vk``); ``VK_NO_CACHE=1`` turns it off.
     """
     if os.environ.get("VK_NO_CACHE"):
@@ -151,10 +152,21 @@ def _cache_file(tokenizer, text: str) -> Path | None:
     except OSError:
         return None
     h = hashlib.sha1()
-    h.update(f"{_CACHE_FORMAT}|{tj.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+    # keyed by the tokenizer's content: a copy of tokenizer.json (another checkout, a chat template added next to
+    # it) shares the cache; the digest of the file is itself cached per (path, size, mtime)
+    h.update(f"{_CACHE_FORMAT}|{_file_digest(str(tj.resolve()), st.st_size, st.st_mtime_ns)}|".encode())
     h.update(text.encode("utf-8", "surrogatepass"))
     root = Path(os.environ.get("VK_CACHE_DIR") or Path.home() / ".cache" / "vk")
     return root / f"corpus-{h.hexdigest()[:24]}.npz"
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _read_cache(path: Path | None):

@@ -434,7 +434,7 @@ class Workload:
             r = self._instr[out_tokens] = (text, self.text.count_after(text))
         return r
 
-    def _user_text(self, body_n: int, *, i: int, j: int, prefix, salted: bool, instr: str) -> str:
+    def _user_text(self, body_n: int, *, i: int, j: int, prefix, salted: bool, instr: str, attempt: int = 0) -> str:
         """The user message: [shared prefix] [salt] body [instruction]. Its first piece is a head (start form),
         the others follow it (in context), so the lengths add up exactly."""
         text = self.text
@@ -445,7 +445,7 @@ class Workload:
         if salted:
             salt = text.salt(self._salt_base + 1024 + i * 8 + min(j, 7))
             parts.append(" " + salt if parts else salt)
-        rng = component_rng(self.seed, "content", i * 4096 + j)
+        rng = component_rng(self.seed, "content", (i * 4096 + j) * 8 + min(attempt, 7))
         parts.append(text.sample(body_n, rng) if parts else text.start(body_n, rng))
         parts.append(instr)
         return "".join(parts)
@@ -497,7 +497,8 @@ class Workload:
             if self.output_control == "prompt":
                 instr, n_instr = self._instruction(out_len)
             in_user_prefix = k if system_text is None else 0
-            body_n = max(0, content_target - k - n_salt - n_instr)
+            # a message starts with a word (a head), never with the instruction's space: at least 1 body token
+            body_n = max(0 if (in_user_prefix or n_salt) else 1, content_target - k - n_salt - n_instr)
 
             prefix = None
             if in_user_prefix:
@@ -524,17 +525,21 @@ class Workload:
             if self.input_mode == "templated" and hist is None:
                 # measure what the server will count (the real template applied) and adjust the body until exact
                 want = max(total, overhead + 1)
-                for _ in range(6):
-                    got = self.tokenizer.count_chat(msgs)
-                    if got == want or body_n + want - got < 0:
-                        break
+                got = self.tokenizer.count_chat(msgs)
+                tries = 0
+                while got != want and tries < 12 and body_n + want - got >= 0:
+                    # where the template's text meets the content, tokens can merge (a template whose markers
+                    # are not special tokens of this tokenizer): after two tries, cut another body as well
+                    tries += 1
                     body_n += want - got
-                    user = build(body_n)
+                    user = build(body_n, attempt=tries // 3)
                     n_input = k + n_salt + body_n + n_instr
                     msgs[-1] = {"role": "user", "content": user}
+                    got = self.tokenizer.count_chat(msgs)
                 if got != want:
                     self.notes.add(f"first requests {got - want:+d} tokens off their templated target under "
                                    f"this chat template", i)
+                overhead = got - n_input  # this request's own template tokens, as the server will count them
             if self.format == "chat":
                 content = {"messages": msgs}
             else:
