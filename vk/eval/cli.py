@@ -118,17 +118,28 @@ def _progress_done() -> None:
 
 
 def _write(output: str, text: str) -> None:
-    if output == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        from vk.errors import VkError
+    """The report to stdout or to a file; a full disk is one line naming it (exit 74, vk.eval.outputs)."""
+    from vk.eval.outputs import writing
 
+    if output == "-":
         try:
-            with open(output, "w") as f:
-                f.write(text)
-        except OSError as e:
-            raise VkError(f"{output}: cannot write ({e.strerror})") from None
+            with writing("<stdout>"):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        except Exception:
+            _drop_stdout()  # what is still buffered must not fail again at exit
+            raise
+    else:
+        with writing(output), open(output, "w") as f:
+            f.write(text)
+
+
+def _drop_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 @click.command("sql", context_settings=CONTEXT_SETTINGS, epilog=examples(
@@ -148,7 +159,7 @@ def sql_cmd(query, files, fmt, db):
     from vk.eval.sqlq import format_rows, run_sql
 
     cols, rows = run_sql(query, list(files), db=db)
-    sys.stdout.write(format_rows(cols, rows, fmt))
+    _write("-", format_rows(cols, rows, fmt))
 
 
 @click.command("plot", context_settings=CONTEXT_SETTINGS, epilog=examples(
@@ -189,7 +200,7 @@ def compare_cmd(a, b, fmt, as_json, bootstrap, confidence, seed, percentiles):
     from vk.eval.compare import compare_runs, format_compare
 
     res = compare_runs(a, b, bootstrap=bootstrap, confidence=confidence, seed=seed, percentiles=percentiles)
-    sys.stdout.write(format_compare(res, "json" if as_json else fmt))
+    _write("-", format_compare(res, "json" if as_json else fmt))
 
 
 @click.command("report", context_settings=CONTEXT_SETTINGS, epilog=examples(

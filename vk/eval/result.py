@@ -201,7 +201,7 @@ def headline(d: dict) -> list[str]:
     else:
         lines.append("SLO       none given (--slo)")
     flags = acc.get("flags") or []
-    kinds_f = sorted({f.split(":", 1)[0] for f in flags})
+    kinds_f = sorted({f.split(":", 1)[0] for f in flags} | ({"INPUT"} if d.get("warnings") else set()))
     lines.append("warnings  " + (", ".join(kinds_f) + " (see below)" if kinds_f else "none"))
     return lines
 
@@ -361,6 +361,8 @@ def to_text(d: dict, markdown: bool = False, with_headline: bool = True) -> str:
         out.append(("- " if markdown else "")
                    + f"run {r['run_id']}  file {r.get('file')}  model {r.get('model')}  api {r.get('api')}{lag}\n")
     out.append("\n")
+    for w in d.get("warnings") or []:
+        out.append(("- " if markdown else "  ! ") + "INPUT: " + w + "\n")
     out.append(summary_text(d, d["overall"], "Details", markdown))
     if d["groups"]:
         out.append("\n" + group_table(d, markdown))
