@@ -814,3 +814,19 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path):
     assert "write 50ms or 0.05s" in _one_line(run_vk("vk-eval", p, "--slo", "ttft:p90<50", "--check"), 2)
     assert "40ms or 2400s" in _one_line(run_vk("vk-eval", p, "--slo", "ttft:p90<40m"), 2)
     assert "write 50ms" in _one_line(run_vk("vk-eval", p, "--goodput", "ttft<50"), 2)
+
+
+def test_group_by_bucket_is_one_table_in_numeric_order():
+    """--group-by input_bucket: buckets in numeric order, one row each in one table, not a whole report per group
+    (issue 14.5: about 550 lines for 7 buckets, sorted as text)."""
+    recs = [RUN] + [resp(f"g{i}", t_intended=0.1 * i, events=[(0.1 * i + 0.05, "c", 1), (0.1 * i + 0.06, "c", 1)],
+                         usage={"prompt_tokens": n, "completion_tokens": 2})
+                    for i, n in enumerate([3, 70, 130, 1100, 9, 300, 600] * 2)]
+    res = evaluate(recs, group_by="input_bucket")
+    labels = [g["label"] for g in res["groups"]]
+    assert labels == ["2-3", "8-15", "64-127", "128-255", "256-511", "512-1023", "1024-2047"]
+    text = res.format("table")
+    assert text.count("Latency (ms") == 1 and "By input_bucket" in text
+    rows = [ln.split()[0] for ln in text.split("By input_bucket")[1].splitlines()[4:11]]
+    assert rows == labels
+    assert len(text.splitlines()) < 110
