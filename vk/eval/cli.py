@@ -32,8 +32,10 @@ EPILOG = examples(
     "vk-eval compare before.jsonl after.jsonl",
     "vk-eval big.jsonl --cache               # parsed once; later runs read big.jsonl.vk-eval-cache/",
     "",
+    "\b",
     "Subcommands: sql, plot, compare, report (vk-eval SUBCOMMAND --help). Times are in seconds in JSON/CSV",
-    "and in milliseconds in tables.",
+    "and in milliseconds in tables. Percentiles are linear (not nearest rank); stddev is the population one.",
+    "Exit status: 1 an SLO missed (--check), 2 bad input or option, 74 no space left for an output.",
 )
 
 
@@ -70,7 +72,9 @@ def _common(fn):
 @click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Output format.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--slo", metavar="SPEC", help="Aggregate objectives, e.g. 'ttft:p90<500ms,tpot:p99<50ms,error_rate<1%'.")
+@click.option("--slo", metavar="SPEC",
+              help="Aggregate objectives, e.g. 'ttft:p90<500ms,tpot:p99<50ms,error_rate<1%'. Latency thresholds "
+                   "need a unit (us, ms, s; 'm' is refused); the SLO table prints each as read.")
 @click.option("--goodput", metavar="SPEC",
               help="Per-request objectives, e.g. 'ttft<1s,tpot<60ms': attainment and goodput (failed requests "
                    "are violations; one-token outputs have no TPOT and pass a TPOT condition).")
