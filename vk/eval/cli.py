@@ -32,8 +32,10 @@ EPILOG = examples(
     "vk-eval compare before.jsonl after.jsonl",
     "vk-eval big.jsonl --cache               # parsed once; later runs read big.jsonl.vk-eval-cache/",
     "",
+    "\b",
     "Subcommands: sql, plot, compare, report (vk-eval SUBCOMMAND --help). Times are in seconds in JSON/CSV",
-    "and in milliseconds in tables.",
+    "and in milliseconds in tables. Percentiles are linear (not nearest rank); stddev is the population one.",
+    "Exit status: 1 an SLO missed (--check), 2 bad input or option, 74 no space left for an output.",
 )
 
 
@@ -70,7 +72,9 @@ def _common(fn):
 @click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Output format.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--slo", metavar="SPEC", help="Aggregate objectives, e.g. 'ttft:p90<500ms,tpot:p99<50ms,error_rate<1%'.")
+@click.option("--slo", metavar="SPEC",
+              help="Aggregate objectives, e.g. 'ttft:p90<500ms,tpot:p99<50ms,error_rate<1%'. Latency thresholds "
+                   "need a unit (us, ms, s; 'm' is refused); the SLO table prints each as read.")
 @click.option("--goodput", metavar="SPEC",
               help="Per-request objectives, e.g. 'ttft<1s,tpot<60ms': attainment and goodput (failed requests "
                    "are violations; one-token outputs have no TPOT and pass a TPOT condition).")
@@ -118,17 +122,28 @@ def _progress_done() -> None:
 
 
 def _write(output: str, text: str) -> None:
-    if output == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        from vk.errors import VkError
+    """The report to stdout or to a file; a full disk is one line naming it (exit 74, vk.eval.outputs)."""
+    from vk.eval.outputs import writing
 
+    if output == "-":
         try:
-            with open(output, "w") as f:
-                f.write(text)
-        except OSError as e:
-            raise VkError(f"{output}: cannot write ({e.strerror})") from None
+            with writing("<stdout>"):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        except Exception:
+            _drop_stdout()  # what is still buffered must not fail again at exit
+            raise
+    else:
+        with writing(output), open(output, "w") as f:
+            f.write(text)
+
+
+def _drop_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 @click.command("sql", context_settings=CONTEXT_SETTINGS, epilog=examples(
@@ -148,7 +163,7 @@ def sql_cmd(query, files, fmt, db):
     from vk.eval.sqlq import format_rows, run_sql
 
     cols, rows = run_sql(query, list(files), db=db)
-    sys.stdout.write(format_rows(cols, rows, fmt))
+    _write("-", format_rows(cols, rows, fmt))
 
 
 @click.command("plot", context_settings=CONTEXT_SETTINGS, epilog=examples(
@@ -189,7 +204,7 @@ def compare_cmd(a, b, fmt, as_json, bootstrap, confidence, seed, percentiles):
     from vk.eval.compare import compare_runs, format_compare
 
     res = compare_runs(a, b, bootstrap=bootstrap, confidence=confidence, seed=seed, percentiles=percentiles)
-    sys.stdout.write(format_compare(res, "json" if as_json else fmt))
+    _write("-", format_compare(res, "json" if as_json else fmt))
 
 
 @click.command("report", context_settings=CONTEXT_SETTINGS, epilog=examples(

@@ -3,8 +3,10 @@ computed from (Data), the metric names and definitions, the SQL views, the stead
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -13,6 +15,7 @@ import numpy as np
 from vk.errors import VkError
 from vk.eval import load as L
 from vk.eval import metrics as M
+from vk.eval.outputs import writing
 from vk.eval.progress import tick
 
 if TYPE_CHECKING:
@@ -121,6 +124,18 @@ def _bucket(v: np.ndarray) -> np.ndarray:
     return out
 
 
+def open_db(db: str | None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB, or the database file ``db`` (--db), written afresh."""
+    if not db:
+        return duckdb.connect()
+    if os.path.isdir(db):
+        raise VkError(f"--db {db}: is a directory; give a file name for the DuckDB database (e.g. run.duckdb)")
+    with writing(db):
+        if os.path.exists(db):
+            os.remove(db)
+        return duckdb.connect(db)
+
+
 class Data:
     """Everything vk-eval knows about the inputs: the DuckDB connection and numpy arrays per request."""
 
@@ -134,16 +149,12 @@ class Data:
             opts = Options()
         self.opts = opts
         self.inputs = L.Inputs(inputs)
-        if db:
-            if os.path.exists(db):
-                os.remove(db)
-            self.con = duckdb.connect(db)
-        else:
-            self.con = duckdb.connect()
+        self.con = open_db(db)
         # without --db, the lean table: no events struct, event times read from the files when needed
         self.lean = not db
         tick("start")
-        self.cache = L.load(self.con, self.inputs, extra_fields, validate, lean=self.lean, cache=cache)
+        with writing(db) if db else contextlib.nullcontext():
+            self.cache = L.load(self.con, self.inputs, extra_fields, validate, lean=self.lean, cache=cache)
         tick("load (DuckDB)")
         run_cols = L.RUN_ONLY_COLUMNS
         if self.lean:
@@ -167,6 +178,9 @@ class Data:
                 + f", CASE WHEN {derived['ev_sparse']} THEN events.kind END AS ev_kind FROM responses"
             )
         self.runs = L.run_rows(self.con, self.inputs)
+        self.warnings = self.inputs.warnings + L.run_warnings(self.runs)
+        for w in self.warnings:
+            print(f"vk-eval: warning: {w}", file=sys.stderr)
         self.n = self.con.execute("SELECT count(*) FROM responses").fetchone()[0]
         if self.n == 0:
             raise VkError(f"{', '.join(self.inputs.names)}: no response records (is it vk-send output?)")
@@ -224,7 +238,12 @@ class Data:
             st = np.load(self.cache.path("server_t.npy")) if has_server_t else None
             kind_bytes = None
         else:
-            t, st, kind_bytes = self._event_times(n_tok, has_server_t)
+            try:
+                t, st, kind_bytes = self._event_times(n_tok, has_server_t)
+            except duckdb.Error as e:  # e.g. events.t holding strings, in an input too large to validate first
+                if not self.inputs.checked:
+                    L.validate_files(self.inputs)  # raises the error naming the file, line and field
+                raise VkError(f"cannot read the event times: {str(e).splitlines()[0]}") from None
         tick("  event times")
         # per-event token counts, fetched sparsely: only the token events whose count is not 1, with their rank
         # among the request's token events. Rows whose counts are all 1, one per token event, are skipped
@@ -249,10 +268,11 @@ class Data:
         self.te = te = M.token_events(flat, n_tok, cols_tokens_null, sp)
         del flat
         if self.cache is not None and not hit:
-            np.save(self.cache.path("t.npy"), te.t)
-            if te.server_t is not None:
-                np.save(self.cache.path("server_t.npy"), te.server_t)
-            self.cache.finish()
+            with writing(self.cache.dir, "cannot write the cache"):
+                np.save(self.cache.path("t.npy"), te.t)
+                if te.server_t is not None:
+                    np.save(self.cache.path("server_t.npy"), te.server_t)
+                self.cache.finish()
         tick("token events")
         self._time_axes()
         # everything that needs the event times, then the times become the gaps (in place)

@@ -39,9 +39,14 @@ def _cdf(ax, values: np.ndarray, label: str) -> None:
 
 def _save(fig, plt, path: str) -> str:
     """Lay out, write and close one figure; returns its path."""
+    from vk.eval.outputs import writing
+
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        with writing(path):
+            fig.savefig(path, dpi=90)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -94,15 +94,23 @@ def write_report(inputs: Any, outdir: str, *, slo=None, goodput=None, percentile
     opts = Options(percentiles=percentiles, slo=slo, goodput=goodput, warmup=warmup, cooldown=cooldown,
                    group_by=group_by, fluidity=fluidity)
     d = Data(inputs, extra_fields=opts.group_by, validate=validate, opts=opts)
+    from vk.eval.outputs import EXIT_NO_SPACE, no_space
+
+    path = os.path.join(outdir, "report.html")
     try:
         res = evaluate_data(d, opts)
         with tempfile.TemporaryDirectory(prefix="vk-report-") as tmp:
             figs = plot_data(d, tmp, overlay=overlay, labels=labels)
             page = render_html(res, figs)
+    except VkError as e:
+        if e.exit_code == EXIT_NO_SPACE:  # the figures, on their way into the page
+            raise no_space(f"{path} (its figures: {e})") from None
+        raise
     finally:
         d.con.close()
         d.inputs.close()
-    path = os.path.join(outdir, "report.html")
-    with open(path, "w", encoding="utf-8") as f:
+    from vk.eval.outputs import writing
+
+    with writing(path), open(path, "w", encoding="utf-8") as f:
         f.write(page)
     return path

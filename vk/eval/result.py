@@ -201,7 +201,7 @@ def headline(d: dict) -> list[str]:
     else:
         lines.append("SLO       none given (--slo)")
     flags = acc.get("flags") or []
-    kinds_f = sorted({f.split(":", 1)[0] for f in flags})
+    kinds_f = sorted({f.split(":", 1)[0] for f in flags} | ({"INPUT"} if d.get("warnings") else set()))
     lines.append("warnings  " + (", ".join(kinds_f) + " (see below)" if kinds_f else "none"))
     return lines
 
@@ -324,6 +324,10 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
                    f"queue delay p99 {_pct(arr['queue_delay_p99_share_of_gap'])} of it")
         else:
             how = "no scheduled times to compare"
+        add = (v.get("from_intended_added") or {}).get("ttft_from_intended") or {}
+        if add:
+            how += "; adds " + ", ".join(f"{_signed(x * 1000)} ms ({k})" for k, x in add.items()
+                                         if k in ("p50", "p99", "mean")) + " to ttft_from_intended"
         verdict = "LAGGED: " + "; ".join(v["findings"]) if v["lagged"] else (
             "not lagged: the arrivals kept the schedule and the *_from_intended figures match the ones from t_sent "
             "within their noise")
@@ -361,6 +365,8 @@ def to_text(d: dict, markdown: bool = False, with_headline: bool = True) -> str:
         out.append(("- " if markdown else "")
                    + f"run {r['run_id']}  file {r.get('file')}  model {r.get('model')}  api {r.get('api')}{lag}\n")
     out.append("\n")
+    for w in d.get("warnings") or []:
+        out.append(("- " if markdown else "  ! ") + "INPUT: " + w + "\n")
     out.append(summary_text(d, d["overall"], "Details", markdown))
     if d.get("server"):
         from vk.eval.server_metrics import server_text
