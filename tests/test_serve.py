@@ -146,7 +146,7 @@ def test_fixed_latency_queue_is_m_d_c(serve):
         free[free.index(min(free))] = start + service
         waits.append(start - arrival)
         late += [t - (start + ttft + k * tpot) for k, t in enumerate(tokens)]
-    assert waits[:2] == [0.0, 0.0] and min(waits[2:]) > 0.05  # the queue did form
+    assert waits[:2] == [0.0, 0.0] and sum(w > 0.01 for w in waits) >= 2, waits  # the queue did form
     # Every token at its predicted time: never early, nearly all within 1 ms (a wrong queue discipline or a
     # slot freed at the actual rather than the planned time is off by whole tpots or drifts); a write delayed
     # by the shared CPU does not move the schedule.
@@ -154,6 +154,69 @@ def test_fixed_latency_queue_is_m_d_c(serve):
     assert late[0] > -0.0002 and late[len(late) * 9 // 10] < 0.001 and late[-1] < 0.01, late
     m = httpx.get(s.base + "/metrics").text
     assert 'vllm:request_queue_time_seconds_count{model_name="vk-sim",engine="0"} 7' in m
+
+
+def test_fixed_latency_is_exact_against_server_timestamps(serve):
+    """Token k is written at arrival + ttft + k * tpot: TTFT and the gaps within 1% (the server's own clock)."""
+    ttft, tpot, n = 0.05, 0.01, 30
+    s = serve("--ttft", str(ttft), "--tpot", str(tpot), "--server-timestamps")
+    ttfts, mean_gaps, gaps = [], [], []
+    for _ in range(5):
+        arrival, tokens = _server_times(stream_chat(s.url, {"messages": MSGS, "max_tokens": n, "ignore_eos": True}))
+        assert len(tokens) == n
+        ttfts.append(tokens[0] - arrival)
+        mean_gaps.append((tokens[-1] - tokens[0]) / (n - 1))
+        gaps += [b - a for a, b in zip(tokens, tokens[1:], strict=False)]
+    # medians: on a busy machine a write can be late by the OS's scheduling, which the server cannot help
+    assert abs(sorted(ttfts)[2] - ttft) <= 0.01 * ttft, ttfts
+    assert abs(sorted(mean_gaps)[2] - tpot) <= 0.01 * tpot, mean_gaps
+    gaps.sort()
+    assert abs(gaps[len(gaps) // 2] - tpot) <= 0.01 * tpot, gaps
+
+
+def test_big_prompt_is_counted_off_the_serving_loop(serve):
+    """A 100,000-token prompt gets its first token at ttft, is counted exactly, and stalls no other stream."""
+    ttft, tpot = 0.05, 0.01
+    s = serve("--ttft", str(ttft), "--tpot", str(tpot), "--server-timestamps")
+    text = " ".join(f"word{i % 997} of the long prompt" for i in range(20000))
+    big = [{"role": "user", "content": text}]
+    expected = load_tokenizer("qwen2.5").count_chat(big)
+    assert expected > 100_000
+    with cf.ThreadPoolExecutor(2) as pool:
+        other = pool.submit(stream_chat, s.url, {"messages": MSGS, "max_tokens": 60, "ignore_eos": True})
+        time.sleep(0.1)
+        res = stream_chat(s.url, {"messages": big, "max_tokens": 5, "ignore_eos": True,
+                                  "stream_options": {"include_usage": True}})
+        other = other.result()
+    arrival, tokens = _server_times(res)
+    assert abs(tokens[0] - arrival - ttft) <= 0.01 * ttft, tokens[0] - arrival
+    assert res["events"][-2]["usage"]["prompt_tokens"] == expected
+    _, tokens = _server_times(other)
+    gaps = sorted(b - a for a, b in zip(tokens, tokens[1:], strict=False))
+    assert gaps[-1] < tpot + 0.005 and abs(gaps[len(gaps) // 2] - tpot) <= 0.01 * tpot, gaps[-5:]
+    r = post(s.url, "/chat/completions", {"messages": big, "max_tokens": 3})  # not streamed, counted all the same
+    assert r.json()["usage"]["prompt_tokens"] == expected
+
+
+def test_reasoning_phase(serve):
+    s = serve("--ttft", "0", "--tpot", "0", "--reasoning-tokens", "4")
+    res = stream_chat(s.url, {"messages": MSGS, "max_tokens": 10, "ignore_eos": True,
+                              "stream_options": {"include_usage": True}})
+    deltas = [e["choices"][0]["delta"] for e in res["events"] if isinstance(e, dict) and e["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    kinds = ["r" if "reasoning_content" in d else "c" for d in deltas[1:]]
+    assert kinds == ["r"] * 4 + ["c"] * 6
+    usage = res["events"][-2]["usage"]
+    assert usage["completion_tokens"] == 10 and usage["completion_tokens_details"] == {"reasoning_tokens": 4}
+    r = post(s.url, "/chat/completions", {"messages": MSGS, "max_tokens": 10, "ignore_eos": True}).json()
+    msg = r["choices"][0]["message"]
+    tok = load_tokenizer()
+    assert len(tok.encode(msg["reasoning_content"])) == 4 and len(tok.encode(msg["content"])) == 6
+    assert r["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
+    r = post(s.url, "/chat/completions", {"messages": MSGS, "max_tokens": 3, "ignore_eos": True}).json()
+    assert r["choices"][0]["message"]["content"] is None  # stopped while thinking
+    r = post(s.url, "/completions", {"prompt": "Once", "max_tokens": 3, "ignore_eos": True}).json()
+    assert "completion_tokens_details" not in r["usage"]  # completions have no reasoning phase
 
 
 def test_output_lengths(serve):

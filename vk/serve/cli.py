@@ -70,11 +70,15 @@ def _profiles_help() -> str:
               help="Fraction with one malformed SSE event mid-stream.")
 @click.option("--fault-seed", type=int, default=0, show_default=True, help="Seed of the fault draws.")
 @click.option("--log-requests", is_flag=True, help="Log each request line on stderr.")
+@click.option("--reasoning-tokens", type=int, default=0, show_default=True,
+              help="Chat outputs start with this many reasoning tokens (delta.reasoning_content), then content.")
+@click.option("--max-body-bytes", type=int, default=32 * 1024 * 1024, show_default=True,
+              help="Largest request body accepted; larger ones get 413.")
 def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles, max_num_seqs,
                 max_num_batched_tokens, num_blocks, block_size, max_model_len, no_prefix_caching, t_fixed,
                 t_weights, t_token, t_kv, speed, stop_mean, stop_sigma, seed, server_timestamps, fault_429,
                 fault_500, fault_503, fault_stall, stall_seconds, fault_disconnect, fault_malformed, fault_seed,
-                log_requests):
+                log_requests, reasoning_tokens, max_body_bytes):
     """Serve a simulated LLM with vLLM's OpenAI-compatible API.
 
     Without --ttft/--tpot the engine model runs: continuous batching, chunked prefill, a paged KV cache with
@@ -101,6 +105,10 @@ def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles
                     ("--num-blocks", num_blocks), ("--block-size", block_size), ("--max-model-len", max_model_len)):
         if v is not None and v < 1:
             raise VkError(f"{name} must be >= 1")
+    if reasoning_tokens < 0:
+        raise VkError("--reasoning-tokens must be >= 0")
+    if max_body_bytes < 1024:
+        raise VkError("--max-body-bytes must be >= 1024")
     if stop_mean < 1:
         raise VkError("--stop-mean must be >= 1")
     from vk.serve.server import serve
@@ -113,7 +121,7 @@ def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles
               stop_sigma=stop_sigma, seed=seed, server_timestamps=server_timestamps, fault_429=fault_429,
               fault_500=fault_500, fault_503=fault_503, fault_stall=fault_stall, stall_seconds=stall_seconds,
               fault_disconnect=fault_disconnect, fault_malformed=fault_malformed, fault_seed=fault_seed,
-              log_requests=log_requests)
+              log_requests=log_requests, reasoning_tokens=reasoning_tokens, max_body_bytes=max_body_bytes)
     except OSError as e:
         raise VkError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 

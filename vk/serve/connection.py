@@ -16,7 +16,6 @@ import time
 
 import orjson
 
-MAX_BODY = 64 * 1024 * 1024
 MAX_HEAD = 64 * 1024
 
 
@@ -104,8 +103,11 @@ class Conn(asyncio.Protocol):
         if not self.closed:
             self.transport.close()
         seq = self.active
-        if seq is not None and not seq.done:
-            self.app.sched.abort(seq)
+        if seq is not None:
+            if not seq.done:
+                self.app.sched.abort(seq)
+            else:  # closed at its last token (a 1-token output): counted as aborted, not as a success
+                seq.aborted = True
         self.active = None
         self.closed = True
 
@@ -158,7 +160,7 @@ class Conn(asyncio.Protocol):
                 if body is None:
                     if end < 0:
                         self._bad(400, "Malformed chunked body")
-                    elif len(buf) > MAX_BODY:
+                    elif len(buf) > self.app.opts.max_body_bytes:
                         self._bad(413, "Request body too large")
                     return
             else:
@@ -167,7 +169,7 @@ class Conn(asyncio.Protocol):
                 except ValueError:
                     self._bad(400, "Bad Content-Length")
                     return
-                if cl > MAX_BODY:
+                if cl > self.app.opts.max_body_bytes:
                     self._bad(413, "Request body too large")
                     return
                 end = start + cl

@@ -33,10 +33,13 @@ class Seq:
         "n_hashed", "hashes", "handle", "preemptions",
     )
 
-    def __init__(self, rid: str, prompt_ids: list[int], out_ids: list[int], finish_reason: str, sink):
+    def __init__(self, rid: str, prompt_ids: list[int] | None, out_ids: list[int], finish_reason: str, sink,
+                 prompt_len: int | None = None):
         self.rid = rid
         self.prompt_ids = prompt_ids
-        self.prompt_len = len(prompt_ids)
+        # -1: not counted yet (fixed-latency mode starts a big prompt while a worker counts it)
+        self.prompt_len = len(prompt_ids) if prompt_len is None and prompt_ids is not None else (
+            -1 if prompt_len is None else prompt_len)
         self.out_ids = out_ids  # the tokens this request will generate (decided at arrival)
         self.out_target = len(out_ids)
         self.n_out = 0
@@ -148,7 +151,8 @@ class Stats:
         if seq.aborted:
             return
         self.e2e.observe(now - seq.t_arrival)
-        self.prompt_hist.observe(seq.prompt_len)
+        if seq.prompt_len >= 0:
+            self.prompt_hist.observe(seq.prompt_len)
         self.gen_hist.observe(seq.n_out)
         if seq.n_out > 1 and seq.t_first is not None:
             self.tpot.observe((now - seq.t_first) / (seq.n_out - 1))
@@ -195,7 +199,8 @@ class FixedLatency:
     # the interface -------------------------------------------------------------------------------------------
     def add(self, seq: Seq) -> None:
         seq.t_arrival = seq.t_arrival or self.clock()
-        self.stats.prompt_tokens += seq.prompt_len
+        if seq.prompt_len > 0:
+            self.stats.prompt_tokens += seq.prompt_len
         if self.running < self.cap:
             self._start(seq, seq.t_arrival)
         else:
