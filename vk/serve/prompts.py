@@ -343,12 +343,14 @@ def _worker_main(fd_in: int, fd_out: int, tokenizer: str | None, model: str, nee
 
     send(-1, "ready", ())
 
+    trim = _malloc_trim()
     while (item := inbox.get()) is not None:
         head, body = item
+        big = len(body) > 1 << 20
         jid, chat, limit = orjson.loads(head)
         try:
             req, prompt = prepare(chat, body, model, render)
-            del body
+            body = None
             for k in ("messages", "prompt"):
                 req.pop(k, None)
             exact = isinstance(prompt, list)
@@ -357,7 +359,7 @@ def _worker_main(fd_in: int, fd_out: int, tokenizer: str | None, model: str, nee
                 send(jid, "counted", (len(prompt), np.asarray(prompt, dtype=np.int64).tobytes() if need_ids else None))
                 continue
             count, ids = count_tokens(tok, prompt, limit, need_ids)
-            del prompt
+            prompt = None
             send(jid, "counted", (count, np.asarray(ids, dtype=np.int64).tobytes() if ids is not None else None))
         except HTTPError as e:
             send(jid, "error", (e.code, e.message, e.type, e.param))
@@ -365,3 +367,17 @@ def _worker_main(fd_in: int, fd_out: int, tokenizer: str | None, model: str, nee
             return
         except Exception as e:  # noqa: BLE001 - one bad request must not end the worker
             send(jid, "error", (500, f"internal error: {e!r}", "InternalServerError", None))
+        finally:
+            if big:  # give the memory of a big prompt back to the system (glibc keeps freed arenas otherwise)
+                body = prompt = req = None
+                trim()
+
+
+def _malloc_trim():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
