@@ -382,6 +382,12 @@ def test_fault_status_rates(serve):
     assert abs(codes.get(500, 0) - 40) <= 24, codes
     assert abs(codes.get(503, 0) - 80) <= 32, codes
     assert sum(codes.values()) == n
+    # the server's own tally, in /metrics, is the client's
+    m = httpx.get(s.base + "/metrics").text
+    for code, v in codes.items():
+        assert f'vk_serve_requests_total{{model_name="vk-sim",engine="0",code="{code}"}} {v}' in m, (code, v)
+    for kind, code in (("429", 429), ("500", 500), ("503", 503)):
+        assert f'vk_serve_faults_total{{model_name="vk-sim",engine="0",kind="{kind}"}} {codes[code]}' in m
 
 
 def test_fault_stream_rates(serve):
@@ -402,6 +408,10 @@ def test_fault_stream_rates(serve):
             assert r["events"][-1] == "[DONE]"
         else:
             assert "[DONE]" not in r["events"] and 0 < len(content_events(r)) < 6
+    m = httpx.get(s.base + "/metrics").text
+    assert f'vk_serve_faults_total{{model_name="vk-sim",engine="0",kind="disconnect"}} {disc}' in m
+    assert f'vk_serve_faults_total{{model_name="vk-sim",engine="0",kind="malformed"}} {malformed}' in m
+    assert f'vk_serve_faults_total{{model_name="vk-sim",engine="0",kind="stall"}} {stalled}' in m
     # the same seed gives the same faults
     s2 = serve("--ttft", "0", "--tpot", "0", "--fault-429", "0.5", "--fault-seed", "5")
     s3 = serve("--ttft", "0", "--tpot", "0", "--fault-429", "0.5", "--fault-seed", "5")
@@ -463,6 +473,67 @@ def test_many_concurrent_streams(serve):
     assert all(len(content_events(r)) == 30 and r["events"][-1] == "[DONE]" for r in results)
 
 
+def test_disconnect_fault_fires_on_one_token_outputs(serve):
+    s = serve("--ttft", "0", "--tpot", "0", "--fault-disconnect", "1")
+    res = stream_chat(s.url, {"messages": MSGS, "max_tokens": 1})
+    assert not res["complete"] and "[DONE]" not in res["events"] and not content_events(res)
+    try:
+        r = post(s.url, "/chat/completions", {"messages": MSGS, "max_tokens": 1})
+        raise AssertionError(f"answered: {r.status_code}")
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        pass
+    m = httpx.get(s.base + "/metrics").text
+    assert 'vk_serve_faults_total{model_name="vk-sim",engine="0",kind="disconnect"} 2' in m
+    assert 'vllm:request_success_total{model_name="vk-sim",engine="0",finished_reason="abort"} 2' in m
+
+
+def _port(s) -> int:
+    return int(s.url.rsplit(":", 1)[1].split("/")[0])
+
+
+def _exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(data)
+        sock.settimeout(timeout)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+def test_http_framing_is_not_smuggled(serve):
+    s = serve("--ttft", "0", "--tpot", "0")
+    body = orjson.dumps({"messages": MSGS, "max_tokens": 1})
+    smuggled = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    both = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%s%s" % (len(chunked), chunked, smuggled))
+    out = _exchange(_port(s), both)
+    assert out.startswith(b"HTTP/1.1 400 ") and out.count(b"HTTP/1.1 ") == 1 and b"connection: close" in out
+    for cl in (b"-5", b"+5", b"5, 5", b"0x10"):
+        out = _exchange(_port(s), b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n"
+                        b"hello" % cl + smuggled)
+        assert out.startswith(b"HTTP/1.1 400 ") and out.count(b"HTTP/1.1 ") == 1, (cl, out[:200])
+    twice = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 0\r\n\r\n"
+             b"hello" + smuggled)
+    assert _exchange(_port(s), twice).startswith(b"HTTP/1.1 400 ")
+    m = httpx.get(s.base + "/metrics").text
+    assert 'vk_serve_requests_total{model_name="vk-sim",engine="0",code="400"} 6' in m
+
+
+def test_idle_connections_are_closed(serve):
+    s = serve("--ttft", "0", "--tpot", "0", "--idle-timeout", "0.5")
+    for data in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"):  # idle; a request that stops halfway
+        t0 = time.monotonic()
+        assert _exchange(_port(s), data) == b""
+        assert 0.45 <= time.monotonic() - t0 <= 2.5
+    # a stream longer than the timeout is not cut: only a connection without a response in progress is idle
+    res = stream_chat(serve("--ttft", "0.2", "--tpot", "0.1", "--idle-timeout", "0.5").url,
+                      {"messages": MSGS, "max_tokens": 8, "ignore_eos": True})
+    assert res["complete"] and len(content_events(res)) == 8
+
+
 # -- the command line -----------------------------------------------------------------------------------------------
 
 def test_cli_errors_and_help():
@@ -472,6 +543,10 @@ def test_cli_errors_and_help():
     assert p.returncode == 2 and "Traceback" not in p.stderr
     p = subprocess.run([*vk_cmd("vk-serve"), "--profile", "nope"], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown profile" in p.stderr
+    for bad in (["--tpot", "nan"], ["--ttft", "inf"], ["--ttft", "-1"], ["--port", "70000"], ["--speed", "nan"],
+                ["--t-kv", "-inf"], ["--stop-sigma", "nan"], ["--fault-500", "nan"], ["--idle-timeout", "nan"]):
+        p = subprocess.run([*vk_cmd("vk-serve"), *bad], capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (bad, p.stderr)
     p = subprocess.run([*vk_cmd("vk-serve"), "--help"], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0 and "Examples:" in p.stdout and "--ttft" in p.stdout
     p = subprocess.run([*vk_cmd("vk-serve"), "--list-profiles"], capture_output=True, text=True, timeout=30)

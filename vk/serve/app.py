@@ -65,6 +65,7 @@ class Options:
     log_requests: bool = False
     reasoning_tokens: int = 0  # chat outputs start with this many reasoning tokens (delta.reasoning_content)
     max_body_bytes: int = 32 * 1024 * 1024  # larger request bodies get 413
+    idle_timeout: float = 5.0  # seconds a connection may wait between requests or inside one (uvicorn's, for vLLM)
     extra: dict = field(default_factory=dict)
 
 
@@ -105,6 +106,9 @@ class App:
         self.model_bytes = orjson.dumps(opts.model)
         self._n = 0
         self.intake = deque()  # connections with request bytes to handle
+        self.conns: set[Conn] = set()
+        if opts.idle_timeout > 0:
+            self.loop.call_later(min(1.0, opts.idle_timeout / 2), self._close_idle)
         self.drain_scheduled = False
         self.sched.on_step = self._after_step
 
@@ -149,6 +153,15 @@ class App:
             self.loop.call_soon(self._drain)
         # else: the engine calls _after_step when the step in flight has ended
 
+    def _close_idle(self) -> None:
+        """Close connections with no response in progress that sent nothing for --idle-timeout seconds: idle
+        keep-alive connections, and requests that stopped arriving halfway (headers or body)."""
+        limit = time.monotonic() - self.opts.idle_timeout
+        for conn in [c for c in self.conns if not c.busy and c.t_active < limit]:
+            conn.closed = True
+            conn.transport.close()
+        self.loop.call_later(min(1.0, self.opts.idle_timeout / 2), self._close_idle)
+
     # -- routing ----------------------------------------------------------------------------------------------
     def handle(self, conn: Conn, method: str, path: str, headers: dict, body: bytes) -> None:
         path = path.split("?", 1)[0]
@@ -178,7 +191,7 @@ class App:
             else:
                 raise HTTPError(404, "Not Found")
         except HTTPError as e:
-            self.reply_error(conn, e)
+            self.reply_error(conn, e, path in ("/v1/chat/completions", "/v1/completions"))
 
     # -- completions ------------------------------------------------------------------------------------------
     def completion(self, conn: Conn, chat: bool, headers: dict, body: bytes) -> None:
@@ -252,11 +265,12 @@ class App:
                 seq.sink.finish_pending = False
                 seq.sink.on_finish(seq, time.monotonic())
 
-    def reply_error(self, conn: Conn, e: HTTPError) -> None:
+    def reply_error(self, conn: Conn, e: HTTPError, completion: bool = True) -> None:
+        if completion:
+            self.stats.count_response(e.code)
         if e.code in (404, 405) and e.type == "BadRequestError":
             conn.respond(e.code, orjson.dumps({"detail": e.message}))
         else:
-            self.stats.errors[e.code] = self.stats.errors.get(e.code, 0) + 1
             conn.respond(e.code, error_body(e.code, e.message, e.type, e.param))
 
     def _admit(self, conn: Conn, chat: bool, headers: dict, req: dict, prompt_ids, plen: int | None,
@@ -313,12 +327,14 @@ class App:
         rid = uuid.uuid4().hex
         xrid = headers.get("x-request-id") or rid
         fault = self._fault()
+        if fault is not None:
+            self.stats.faults[fault] += 1
         if fault in ("429", "500", "503"):
             code = int(fault)
             msg, typ = {429: ("Too Many Requests (vk-serve injected fault)", "TooManyRequestsError"),
                         500: ("Internal Server Error (vk-serve injected fault)", "InternalServerError"),
                         503: ("Service Unavailable (vk-serve injected fault)", "ServiceUnavailableError")}[code]
-            self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+            self.stats.count_response(code)
             conn.respond(code, error_body(code, msg, typ), extra=b"x-request-id: %s\r\n" % xrid.encode())
             return None
         sink_cls = StreamSink if stream else FullSink

@@ -73,6 +73,7 @@ class Conn(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.app.conns.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -82,6 +83,7 @@ class Conn(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self.app.conns.discard(self)
         seq = self.active
         if seq is not None and not seq.done:
             if seq.handle is not None and not seq.sink.started:
@@ -128,6 +130,7 @@ class Conn(asyncio.Protocol):
     def response_done(self) -> None:
         self.active = None
         self.busy = False
+        self.t_active = time.monotonic()
         if self.close_after:
             if not self.closed:
                 self.transport.close()
@@ -138,8 +141,10 @@ class Conn(asyncio.Protocol):
             self.app.enqueue(self)
 
     def _bad(self, code: int, message: str) -> None:
+        """A request that cannot be read (framing, size): answered, and the connection closed."""
         self.close_after = True
         self.busy = True
+        self.app.stats.count_response(code)
         self.respond(code, error_body(code, message))
 
     def process(self) -> None:

@@ -108,7 +108,8 @@ class Stats:
         self.prefix_hits = 0
         self.preemptions = 0
         self.success = {"stop": 0, "length": 0, "abort": 0}
-        self.errors = {}
+        self.responses = {}  # completion requests by the status code of their response (200: when it began)
+        self.faults = dict.fromkeys(("429", "500", "503", "stall", "disconnect", "malformed"), 0)  # injected
         self.steps = 0
         self.step_lag_max = 0.0
         self.step_lag_sum = 0.0
@@ -122,6 +123,9 @@ class Stats:
                                       100000))
         self.gen_hist = Histogram((1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
                                    100000))
+
+    def count_response(self, code: int) -> None:
+        self.responses[code] = self.responses.get(code, 0) + 1
 
     def observe_lag(self, lag: float) -> None:
         """One step's end (engine model) or one token (fixed latency), ``lag`` seconds after its planned time."""

@@ -70,6 +70,7 @@ class StreamSink(Sink):
 
     def start(self, seq: Seq) -> None:
         self.started = True
+        self.app.stats.count_response(200)
         # with --server-timestamps, the request's arrival on the server's clock (epoch seconds), the origin of
         # its TTFT: the truth a timing test compares the token times with
         arrival = b"vk-server-arrival: %.6f\r\n" % (time.time() - (time.monotonic() - seq.t_arrival)) \
@@ -166,4 +167,6 @@ class FullSink(Sink):
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": seq.finish_reason,
                              "stop_reason": None, "prompt_logprobs": None}],
                 "usage": usage})
+        if not self.conn.closed:
+            self.app.stats.count_response(200)
         self.conn.respond(200, body, extra=b"x-request-id: %s\r\n" % self.xrid.encode())
