@@ -4,6 +4,7 @@ lengths, faults) and the intake that yields to the engine's step timers."""
 from __future__ import annotations
 
 import random
+import sys
 import time
 import uuid
 from collections import deque
@@ -13,11 +14,20 @@ import numpy as np
 import orjson
 
 from vk import __version__
-from vk.serve.chat import chat_renderer
+from vk.serve.chat import chat_renderer, no_template_note
 from vk.serve.connection import Conn, HTTPError, error_body
 from vk.serve.engine import FixedLatency, Seq, Stats
 from vk.serve.metrics import exposition
-from vk.serve.prompts import INLINE_BYTES, PromptWorker, count_tokens, prepare, too_long, upper_bound
+from vk.serve.prompts import (
+    INLINE_BYTES,
+    PromptWorker,
+    add_special_tokens,
+    count_tokens,
+    encode,
+    prepare,
+    too_long,
+    upper_bound,
+)
 from vk.serve.sinks import FullSink, StreamSink
 from vk.serve.textgen import words_for
 
@@ -82,6 +92,9 @@ class App:
         self.words = words_for(self.tok)
         self.word_ids = np.asarray(self.words.ids, dtype=np.int64)
         self.render = chat_renderer(self.tok)
+        for note in (no_template_note(self.tok), self.words.note):
+            if note:
+                print(note, file=sys.stderr)
         self.tok.encode(self.render([{"role": "user", "content": "hi"}], True))  # compile the template now
         self.worker = worker
         if worker is not None:
@@ -202,9 +215,9 @@ class App:
             if isinstance(prompt, list):
                 ids = prompt
             elif upper_bound(prompt) <= limit:
-                ids = self.tok.encode(prompt)
+                ids = encode(self.tok, prompt, add_special_tokens(chat, req))
             else:
-                n, ids = count_tokens(self.tok, prompt, limit, True)
+                n, ids = count_tokens(self.tok, prompt, limit, True, add_special_tokens(chat, req))
                 if n is None:
                     raise too_long(limit, None, chat)
             self._admit(conn, chat, headers, req, ids, len(ids), t_recv)

@@ -114,7 +114,18 @@ def too_long(limit: int, count: int | None, chat: bool, max_tokens: int | None =
         "completion."), param=where)
 
 
-def count_tokens(tok, text: str, limit: int, need_ids: bool):
+def add_special_tokens(chat: bool, req: dict) -> bool:
+    """vLLM's ``add_special_tokens``: False for chat (the template has them), True for completions (a BOS, for
+    tokenizers whose post-processor adds one); a request may say otherwise."""
+    v = req.get("add_special_tokens")
+    return (not chat) if v is None else bool(v)
+
+
+def encode(tok, text: str, special: bool) -> list[int]:
+    return tok.backend.encode(text, add_special_tokens=special).ids
+
+
+def count_tokens(tok, text: str, limit: int, need_ids: bool, special: bool = False):
     """``(count, ids)`` of ``text``, or ``(None, None)`` when it is surely longer than ``limit`` tokens.
 
     A text that may be longer than ``limit`` is first encoded on a prefix of ``PREFIX_CHARS_PER_TOKEN * limit``
@@ -122,10 +133,10 @@ def count_tokens(tok, text: str, limit: int, need_ids: bool):
     read. Otherwise the whole text is encoded (``encode_batch`` releases the GIL).
     """
     if upper_bound(text) > limit and len(text) > PREFIX_CHARS_PER_TOKEN * limit:
-        head = tok.backend.encode_batch([text[: PREFIX_CHARS_PER_TOKEN * limit]], add_special_tokens=False)[0]
+        head = tok.backend.encode_batch([text[: PREFIX_CHARS_PER_TOKEN * limit]], add_special_tokens=special)[0]
         if len(head) > limit + 64:
             return None, None
-    enc = tok.backend.encode_batch([text], add_special_tokens=False)[0]
+    enc = tok.backend.encode_batch([text], add_special_tokens=special)[0]
     return len(enc), (enc.ids if need_ids else None)
 
 
@@ -358,7 +369,7 @@ def _worker_main(fd_in: int, fd_out: int, tokenizer: str | None, model: str, nee
             if exact:
                 send(jid, "counted", (len(prompt), np.asarray(prompt, dtype=np.int64).tobytes() if need_ids else None))
                 continue
-            count, ids = count_tokens(tok, prompt, limit, need_ids)
+            count, ids = count_tokens(tok, prompt, limit, need_ids, add_special_tokens(chat, req))
             prompt = None
             send(jid, "counted", (count, np.asarray(ids, dtype=np.int64).tobytes() if ids is not None else None))
         except HTTPError as e:
