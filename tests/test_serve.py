@@ -522,6 +522,32 @@ def test_http_framing_is_not_smuggled(serve):
     assert 'vk_serve_requests_total{model_name="vk-sim",engine="0",code="400"} 6' in m
 
 
+def test_big_prompts_get_exactly_one_answer(serve):
+    """A body the prompt worker reads is answered once, whatever happens to it (errors, faults), in order."""
+    big = " ".join(["word"] * 3000)
+
+    def request(body: dict) -> bytes:
+        data = orjson.dumps(body)
+        return b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+
+    small = request({"messages": MSGS, "max_tokens": 2})
+    for args, body, codes in (
+            ([], {"messages": [{"role": "user", "content": big}], "max_tokens": 2, "min_tokens": 5}, ["400", "200"]),
+            (["--fault-429", "1"], {"messages": [{"role": "user", "content": big}], "max_tokens": 2}, ["429", "429"]),
+            (["--max-model-len", "1000"], {"messages": [{"role": "user", "content": big}], "max_tokens": 2},
+             ["400", "200"])):
+        s = serve("--ttft", "0", "--tpot", "0", *args)
+        with socket.create_connection(("127.0.0.1", _port(s))) as sock:
+            sock.sendall(request(body) + small)
+            got = _read_responses(sock, 2)
+            sock.settimeout(0.5)
+            try:
+                extra = sock.recv(65536)
+            except TimeoutError:
+                extra = b""
+        assert [g[0] for g in got] == codes and extra == b"", (args, got, extra)
+
+
 def test_idle_connections_are_closed(serve):
     s = serve("--ttft", "0", "--tpot", "0", "--idle-timeout", "0.5")
     for data in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"):  # idle; a request that stops halfway

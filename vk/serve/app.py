@@ -226,7 +226,16 @@ class App:
         state = {}
 
         def on_result(kind, *args) -> None:
-            if conn.closed:
+            seq = state.get("seq")
+            if seq is not None:  # started before its count: the count fills in its usage
+                if seq.aborted or conn.closed:
+                    return
+                if kind == "counted":
+                    self._counted(seq, args[0])
+                else:  # the count failed after the tokens began (the worker died): end the stream honestly
+                    conn.abort_connection()
+                return
+            if conn.closed or state.get("answered"):
                 return
             try:
                 if kind == "error":
@@ -235,22 +244,20 @@ class App:
                     req, bound, _exact = args
                     state["req"] = req
                     if self.mode == "fixed" and self._starts_uncounted(chat, req, bound):
-                        state["seq"] = self._admit(conn, chat, headers, req, None, None, t_recv)
+                        state["answered"] = True
+                        state["seq"] = self._admit(conn, chat, headers, req, None, None, t_recv)  # None: a fault
                     return
+                state["answered"] = True
                 count, ids = args
-                seq = state.get("seq")
-                if seq is not None:
-                    self._counted(seq, count)
-                elif count is None:
+                if count is None:
                     raise too_long(limit, None, chat)
-                else:
-                    self._admit(conn, chat, headers, state["req"], ids, count, t_recv)
+                self._admit(conn, chat, headers, state["req"], ids, count, t_recv)
             except HTTPError as e:
-                if conn.active is None:
-                    self.reply_error(conn, e)
+                state["answered"] = True
+                self.reply_error(conn, e)
             except Exception as e:  # noqa: BLE001 - a bug must not kill the server
-                if conn.active is None:
-                    conn.respond(500, error_body(500, f"internal error: {e!r}", "InternalServerError"))
+                state["answered"] = True
+                conn.respond(500, error_body(500, f"internal error: {e!r}", "InternalServerError"))
 
         self.worker.submit(chat, body, limit, on_result)
 
