@@ -548,6 +548,34 @@ def test_big_prompts_get_exactly_one_answer(serve):
         assert [g[0] for g in got] == codes and extra == b"", (args, got, extra)
 
 
+def test_prompt_worker_dies_with_the_server(serve):
+    """kill -9 of the server while its prompt worker counts a 10 MB prompt: the worker goes at once, too."""
+    import os
+    import signal
+
+    s = serve("--ttft", "0", "--tpot", "0")
+    with open(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children") as f:
+        (worker,) = [int(x) for x in f.read().split()]
+    text = " ".join(f"word{i % 997} of the long prompt" for i in range(400000))
+    pool = cf.ThreadPoolExecutor(1)
+    pool.submit(lambda: httpx.post(s.url + "/chat/completions", timeout=30,
+                                   json={"messages": [{"role": "user", "content": text}], "max_tokens": 1}))
+    time.sleep(1.0)  # the body is sent; the worker is counting
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.proc.wait()
+    t0 = time.monotonic()
+    gone = False
+    while not gone and time.monotonic() - t0 < 1.0:
+        try:
+            with open(f"/proc/{worker}/stat") as f:
+                gone = f.read().split(")")[1].split()[0] == "Z"
+        except FileNotFoundError:
+            gone = True
+        time.sleep(0.02)
+    pool.shutdown(wait=True)
+    assert gone, "the prompt worker outlived the server"
+
+
 def test_idle_connections_are_closed(serve):
     s = serve("--ttft", "0", "--tpot", "0", "--idle-timeout", "0.5")
     for data in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"):  # idle; a request that stops halfway

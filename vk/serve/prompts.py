@@ -323,6 +323,15 @@ def _read_frame(fd: int) -> bytes:
 
 
 def _worker_main(fd_in: int, fd_out: int, tokenizer: str | None, model: str, need_ids: bool) -> None:
+    parent = os.getppid()
+    try:  # Linux: die with the server, even in the middle of a long prompt (else: at the end of its pipe)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server; the worker follows when its pipe closes
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
