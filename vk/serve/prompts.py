@@ -335,7 +335,7 @@ def _worker_main(fd_in: int, fd_out: int, tokenizer: str | None, model: str, nee
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server; the worker follows when its pipe closes
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        os.nice(10)  # on a busy machine the serving loop gets the CPU first: tokens on time, prompts counted after
+        os.nice(5)  # on a busy machine the serving loop gets the CPU first: tokens on time, prompts counted after
     except OSError:
         pass
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -358,16 +358,41 @@ def _worker_main(fd_in: int, fd_out: int, tokenizer: str | None, model: str, nee
 
     threading.Thread(target=read, daemon=True).start()
 
+    send_lock = threading.Lock()  # the parser and the counter both answer
+
     def send(*msg) -> None:
-        _write_frame(fd_out, pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        with send_lock:
+            _write_frame(fd_out, data)
 
     send(-1, "ready", ())
 
     trim = _malloc_trim()
+    counting: queue.SimpleQueue = queue.SimpleQueue()  # (jid, chat, limit, req, text, big), or None to stop
+
+    def count_loop() -> None:
+        """Counts prompts one after another in its own thread (encode_batch releases the GIL), so that requests
+        arriving meanwhile are parsed and answered ``parsed`` at once: a fixed-latency request may start on it."""
+        while (job := counting.get()) is not None:
+            jid, chat, limit, req, prompt, big = job
+            job = None
+            try:
+                n, ids = count_tokens(tok, prompt, limit, need_ids, add_special_tokens(chat, req))
+                prompt = None
+                send(jid, "counted", (n, np.asarray(ids, dtype=np.int64).tobytes() if ids is not None else None))
+            except (OSError, EOFError):
+                return
+            except Exception as e:  # noqa: BLE001 - one bad request must not end the worker
+                send(jid, "error", (500, f"internal error: {e!r}", "InternalServerError", None))
+            if big:  # give the memory of a big prompt back to the system (glibc keeps freed arenas otherwise)
+                prompt = None
+                trim()
+
+    threading.Thread(target=count_loop, daemon=True).start()
     while (item := inbox.get()) is not None:
         head, body = item
-        big = len(body) > 1 << 20
         jid, chat, limit = orjson.loads(head)
+        big = len(body) > 1 << 20
         try:
             req, prompt = prepare(chat, body, model, render)
             body = None
@@ -377,20 +402,16 @@ def _worker_main(fd_in: int, fd_out: int, tokenizer: str | None, model: str, nee
             send(jid, "parsed", (req, upper_bound(prompt), exact))
             if exact:
                 send(jid, "counted", (len(prompt), np.asarray(prompt, dtype=np.int64).tobytes() if need_ids else None))
-                continue
-            count, ids = count_tokens(tok, prompt, limit, need_ids, add_special_tokens(chat, req))
+            else:
+                counting.put((jid, chat, limit, req, prompt, big))
             prompt = None
-            send(jid, "counted", (count, np.asarray(ids, dtype=np.int64).tobytes() if ids is not None else None))
         except HTTPError as e:
             send(jid, "error", (e.code, e.message, e.type, e.param))
         except (OSError, EOFError):
             return
         except Exception as e:  # noqa: BLE001 - one bad request must not end the worker
             send(jid, "error", (500, f"internal error: {e!r}", "InternalServerError", None))
-        finally:
-            if big:  # give the memory of a big prompt back to the system (glibc keeps freed arenas otherwise)
-                body = prompt = req = None
-                trim()
+    counting.put(None)
 
 
 def _malloc_trim():
