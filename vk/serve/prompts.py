@@ -6,8 +6,11 @@ start-up (:class:`PromptWorker`), as vLLM's API server runs apart from its engin
 writing tokens on time while a big prompt is read. The worker answers twice per request: ``parsed`` (the request's
 fields, without the prompt, and the prompt's size in UTF-8 bytes, an upper bound of its token count) as soon as the
 JSON is read and the template rendered, then ``counted`` (the token count, and the token ids when the engine model
-needs them). A prompt that may be longer than the context window is first counted on a prefix, so a 10 MB prompt
-is refused after reading a few times the context window, not the whole text.
+needs them). Its main thread parses; a second thread counts, one prompt after another (``encode_batch`` releases the
+GIL), so a request is never parsed late because another is being counted. A prompt that may be longer than the
+context window is first counted on a prefix, so a 10 MB prompt is refused after reading a few times the context
+window, not the whole text. The worker runs at nice 5, dies with the server (``PR_SET_PDEATHSIG``, and at the end of
+its pipe), and gives the memory of a big prompt back (``malloc_trim``).
 """
 
 from __future__ import annotations
