@@ -234,12 +234,36 @@ def test_scraped_gauges_and_counters_agree_with_what_vk_serve_did(serve, tmp_pat
 
 
 def test_current_load_reads_the_queue_gauges_of_a_live_server(serve):
+    import concurrent.futures as cf
+
+    import httpx
+
     from vk.eval.server_metrics import current_load
 
-    srv = serve("--ttft", "0.01", "--tpot", "0.001")
+    # one sequence at a time, slow steps: of three long requests, one runs and two wait
+    srv = serve("--max-num-seqs", "1", "--speed", "0.2")
     assert current_load(srv.base + "/metrics") == {"engine": "vllm", "running": 0.0, "waiting": 0.0,
                                                    "kv_cache_usage": 0.0}
-    assert current_load(srv.base + "/nothing-here") is None
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "min_tokens": 400}
+
+    def post() -> int:
+        return httpx.post(srv.url + "/chat/completions", json=body, timeout=120).status_code
+
+    with cf.ThreadPoolExecutor(3) as ex:
+        futures = [ex.submit(post) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        load = None
+        while time.monotonic() < deadline:
+            load = current_load(srv.base + "/metrics")
+            if load["running"] + load["waiting"] == 3:
+                break
+            time.sleep(0.05)
+        assert load["running"] == 1 and load["waiting"] == 2 and load["kv_cache_usage"] > 0, load
+        srv.stop()  # the requests fail; they were only there to fill the queue
+        for f in futures:
+            with pytest.raises(httpx.HTTPError):
+                f.result()
+    assert current_load(srv.base + "/metrics", timeout=0.5) is None
 
 
 def test_a_failed_scrape_is_a_record_and_the_run_goes_on(serve, tmp_path):
