@@ -155,9 +155,14 @@ def test_the_server_metrics_view_and_the_figure(tmp_path):
 
     path = tmp_path / "run.jsonl"
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in _run_with_scrapes("sglang")))
-    rows = sql("SELECT t, sum(value) FROM server_metrics WHERE name = 'sglang:cached_tokens_total' "
+    rows = sql("SELECT t, sum(value) FROM server_samples WHERE name = 'sglang:cached_tokens_total' "
                "GROUP BY t ORDER BY t", str(path))
     assert rows == [(-0.01, 600.0), (10.0, 3600.0)]
+    rows = sql("SELECT t, running, waiting, kv_cache_usage, prefix_cache_hits, preemptions, "
+               "generation_tokens_per_s, prefix_cache_hit_rate FROM server_metrics", str(path))
+    assert rows[0] == (-0.01, 0, 0, 0, 600, 0, None, None)
+    assert rows[1][:6] == (10.0, 4, 2, 0.25, 3600, 1)
+    assert rows[1][6] == pytest.approx(1000 / 10.01) and rows[1][7] == pytest.approx(0.3)
     figs = plot_files(str(path), str(tmp_path / "plots"))
     assert str(tmp_path / "plots" / "server.png") in figs
 
