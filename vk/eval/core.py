@@ -52,6 +52,7 @@ def evaluate_data(d: Data, opts: Options | None = None, consume: bool = False) -
         "vk_eval": 1,
         "inputs": d.inputs.names,
         "runs": [_run_info(r, overall["accuracy"]) for r in d.runs],
+        "warnings": d.warnings,
         "time_axes": [{k: ax[k] for k in ("run_ids", "shards", "offsets")} for ax in d.axes],
         "options": {**opts.to_dict(), "group_by": group_by},
         "definitions": {**LATENCY_METRICS, **STAT_DEFINITIONS},

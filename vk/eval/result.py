@@ -201,7 +201,7 @@ def headline(d: dict) -> list[str]:
     else:
         lines.append("SLO       none given (--slo)")
     flags = acc.get("flags") or []
-    kinds_f = sorted({f.split(":", 1)[0] for f in flags})
+    kinds_f = sorted({f.split(":", 1)[0] for f in flags} | ({"INPUT"} if d.get("warnings") else set()))
     lines.append("warnings  " + (", ".join(kinds_f) + " (see below)" if kinds_f else "none"))
     return lines
 
@@ -230,7 +230,7 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
     for names, st in collapse_identical(s["latency"]):
         rows.append([" = ".join(names), str(st["n"])] + [_num(st.get(k), "ms") for k in cols])
     parts.append(_table(["metric", "n", *[f"{k} ms" for k in cols]], rows, markdown))
-    parts.append(f"{STATS_NOTE}\n")
+    parts.append(("\n" if markdown else "") + f"{STATS_NOTE}\n")
     rows = []
     for name, st in s["tokens"].items():
         if st and st.get("n"):
@@ -347,10 +347,12 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
     return "".join(parts)
 
 
-def to_text(d: dict, markdown: bool = False) -> str:
+def to_text(d: dict, markdown: bool = False, with_headline: bool = True) -> str:
     out = []
     head = headline(d)
-    if markdown:
+    if not with_headline:
+        pass
+    elif markdown:
         out.append("# vk-eval report\n\n" + "\n".join(f"- {ln}" for ln in head) + "\n\n")
     else:
         out.append("vk-eval: " + head[0] + "\n" + "".join(f"  {ln}\n" for ln in head[1:]) + "\n")
@@ -359,6 +361,8 @@ def to_text(d: dict, markdown: bool = False) -> str:
         out.append(("- " if markdown else "")
                    + f"run {r['run_id']}  file {r.get('file')}  model {r.get('model')}  api {r.get('api')}{lag}\n")
     out.append("\n")
+    for w in d.get("warnings") or []:
+        out.append(("- " if markdown else "  ! ") + "INPUT: " + w + "\n")
     out.append(summary_text(d, d["overall"], "Details", markdown))
     if d.get("server"):
         from vk.eval.server_metrics import server_text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from typing import Any
 
 import duckdb
@@ -15,16 +14,16 @@ from vk.eval import load as L
 
 
 def open_db(inputs: Any, db: str | None = None) -> tuple[duckdb.DuckDBPyConnection, L.Inputs]:
+    import contextlib
+
     from vk.eval.data import VIEWS_SQL
+    from vk.eval.data import open_db as connect
+    from vk.eval.outputs import writing
 
     inp = L.Inputs(inputs)
-    if db:
-        if os.path.exists(db):
-            os.remove(db)
-        con = duckdb.connect(db)
-    else:
-        con = duckdb.connect()
-    L.load(con, inp)
+    con = connect(db)
+    with writing(db) if db else contextlib.nullcontext():
+        L.load(con, inp)
     con.execute(
         f"CREATE OR REPLACE VIEW responses AS SELECT rowid AS row, * EXCLUDE ({L.RUN_ONLY_COLUMNS}) FROM raw "
         "WHERE kind = 'response'"

@@ -35,7 +35,10 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     counts["warmup_excluded"] = int((gmask & a["warmup"]).sum())
     counts["outside_window"] = int((gmask & ~a["warmup"] & ~in_window).sum())
     counts["failed"] = counts["measured"] - counts["ok"]
-    counts["error_rate"] = counts["failed"] / counts["measured"] if counts["measured"] else None
+    # the server's error rate: requests the run stopped before they ended (cancelled: Ctrl-C, --duration) or never
+    # sent (skipped) are not the server's failures
+    counts["served"] = counts["measured"] - counts["cancelled"] - counts["skipped"]
+    counts["error_rate"] = (counts["error"] + counts["timeout"]) / counts["served"] if counts["served"] else None
     nsrc = np.bincount(a["output_tokens_source_code"][okm], minlength=len(OUTPUT_SOURCES))
     counts["output_tokens_source"] = {k: int(nsrc[i]) for i, k in enumerate(OUTPUT_SOURCES) if nsrc[i]}
     out["counts"] = counts
@@ -140,7 +143,10 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     }
     if opts.goodput is not None:
         # over the steady window when there is one (--warmup/--cooldown or warm-up marks), else the whole run
-        out["goodput"] = _goodput(d, opts.goodput, measured, sdur if window_how != "whole run" else dur)
+        # requests the run itself cancelled (the user's Ctrl-C) or never sent are not the server's misses
+        stopped = (a["status_code"] == STATUSES.index("cancelled")) | (a["status_code"] == STATUSES.index("skipped"))
+        out["goodput"] = _goodput(d, opts.goodput, measured & ~stopped, sdur if window_how != "whole run" else dur)
+        out["goodput"]["not_counted_stopped"] = int((measured & stopped).sum())
     return out
 
 
@@ -299,9 +305,15 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
             e["spread_p99_minus_p50"] = e["p99"] - e["p50"]
             out["timestamp_error"] = e
     fm = measured & ~a["ok"]
-    if measured.any() and fm.mean() > 0.0:
-        flags.append(f"FAILED: {int(fm.sum())} of {int(measured.sum())} requests did not complete "
-                     f"({fm.mean():.1%}); they count as SLO violations")
+    stopped = (a["status_code"] == STATUSES.index("cancelled")) | (a["status_code"] == STATUSES.index("skipped"))
+    fm &= ~stopped
+    served = int((measured & ~stopped).sum())
+    if served and fm.any():
+        flags.append(f"FAILED: {int(fm.sum())} of {served} requests failed (error or timeout; "
+                     f"{int(fm.sum()) / served:.1%}); they count as SLO violations")
+    if (measured & stopped).any():
+        flags.append(f"STOPPED: {int((measured & stopped).sum())} requests were cancelled by the run's stop or never "
+                     "sent; they are not counted as the server's failures (error rate, goodput)")
     out["flags"] = flags
     return out
 
