@@ -19,7 +19,6 @@ import orjson
 from vk import records
 from vk.errors import RecordError, VkError
 
-
 # Exit status of every command whose output could not be written because the disk (or the file-size limit, or
 # the quota) is full: sysexits' EX_IOERR.
 EXIT_NO_SPACE = 74
