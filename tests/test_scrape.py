@@ -83,8 +83,14 @@ def test_exposition_parsing_keeps_counters_raw_and_leaves_buckets_out():
     assert all(records.validate(r) for r in recs) and all(r["t"] == 1.5 for r in recs)
 
 
-def test_the_default_scrape_url_is_the_api_origin():
+def test_the_default_scrape_url_is_the_api_origin_and_the_key_goes_only_there():
+    from vk.send.scrape import Scraper
+
     assert metrics_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/metrics"
+    own = Scraper.for_api("http://127.0.0.1:8000/v1", "", 1.0, False, "sk-x")
+    assert own.url == "http://127.0.0.1:8000/metrics" and own.api_key == "sk-x"
+    assert Scraper.for_api("http://127.0.0.1:8000/v1", "http://127.0.0.1:9100/metrics", 1.0, False,
+                           "sk-x").api_key is None
 
 
 # -- vk-eval: the names of vLLM, SGLang and TGI mapped ----------------------------------------------------------

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
@@ -41,12 +42,14 @@ _CHILD = ("import importlib.util, sys; spec = importlib.util.spec_from_file_loca
 _AUTH_ENV = "VK_SCRAPE_AUTHORIZATION"  # the API key travels in the environment, never on a command line
 
 
+def _origin(url: str) -> str:
+    u = urllib.parse.urlsplit(url)
+    return f"{u.scheme}://{u.netloc}"
+
+
 def metrics_url(api: str) -> str:
     """The default scrape URL: the API's origin + /metrics (``http://h:p/v1`` -> ``http://h:p/metrics``)."""
-    import urllib.parse
-
-    u = urllib.parse.urlsplit(api)
-    return f"{u.scheme}://{u.netloc}/metrics"
+    return _origin(api) + "/metrics"
 
 
 def exposition_records(text: str, t: float, run_id: str, *, buckets: bool = False) -> list[dict]:
@@ -150,6 +153,13 @@ class Scraper:
         self.proc: subprocess.Popen | None = None
         self.thread: threading.Thread | None = None
         self.lines = 0
+
+    @classmethod
+    def for_api(cls, api: str, url: str, interval: float, buckets: bool, api_key: str | None) -> Scraper:
+        """vk-send's scraper: ``url`` ("" for the API's origin + /metrics); the API key goes along only to the
+        API's own origin (never to another host named by --scrape)."""
+        url = url or metrics_url(api)
+        return cls(url, interval=interval, buckets=buckets, api_key=api_key if _origin(url) == _origin(api) else None)
 
     def start(self) -> Scraper:
         env = dict(os.environ)
