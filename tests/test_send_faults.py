@@ -36,6 +36,7 @@ def check_footer(recs: list[dict], scheduled: int, requests_per_session: dict | 
     """The footer's counts add up: started + not started = scheduled; responses = requests of started sessions."""
     end = recs[-1]
     assert end["kind"] == "run_end", recs[-1]
+    records.validate(end)
     resp = [r for r in recs if r["kind"] == "response"]
     assert end["requests"] == len(resp)
     started = {(r["session_index"], r["session_id"]) for r in resp}
@@ -86,10 +87,14 @@ def spawn_send(*args, **kw):
 # a lost worker
 
 
-def test_kill_one_worker_is_noticed_recorded_and_counted(serve, tmp_path):
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_kill_one_worker_is_noticed_recorded_and_counted(serve, tmp_path, mode):
     srv = serve("--ttft", "0.05", "--tpot", "0.01")
     n = 300
     sched = schedule_file(tmp_path, n, 0.02, chained=True)
+    if mode == "closed":
+        sess = [session(f"s{i}", [req("a"), req("b", parents=["a"])]) for i in range(n)]
+        sched = write_jsonl(tmp_path / "c.jsonl", closed_schedule(sess, 4))
     out = tmp_path / "run.jsonl"
     p = spawn_send(sched, "--api", srv.url, "--workers", "2", "-o", str(out))
     kids = wait_for(lambda: len(children(p.pid)) >= 2 and children(p.pid))
@@ -102,7 +107,10 @@ def test_kill_one_worker_is_noticed_recorded_and_counted(serve, tmp_path):
     recs = read_lines(out)
     end = check_footer(recs, n, {f"s{i}": 2 for i in range(n)})
     assert end["ended"] == "worker_lost" and end["workers_lost"][0]["worker"] == 1
-    assert end["sessions_not_started"] > 0  # worker 1's later sessions
+    if mode == "open":
+        assert end["sessions_not_started"] > 0  # worker 1's later sessions
+    else:
+        assert end["sessions_done"] == n  # the other worker took every session left
     lost = [r for r in recs if r["kind"] == "response" and "worker lost" in (r.get("error") or "")]
     assert all(r["status"] == "cancelled" and r["worker"] == 1 for r in lost)
     for r in recs:
@@ -246,9 +254,40 @@ def test_closed_loop_keeps_its_concurrency_across_workers(serve, tmp_path):
     p = run_vk("vk-send", sched, "--api", srv.url, "--workers", "2", "-o", str(out))
     assert p.returncode == 0, p.stderr
     recs = read_lines(out)
-    check_footer(recs, 60, {f"s{i}": 1 for i in range(60)})
     # before: sessions split 30/30 over 2 + 1 slots, 2.06 active on average; now 3 up to the last two
     assert _mean_active(recs) > 2.8
+    check_footer(recs, 60, {f"s{i}": 1 for i in range(60)})
+
+
+def test_closed_loop_rate_limit_is_the_whole_runs(serve, tmp_path):
+    srv = serve("--ttft", "0.001", "--tpot", "0.001")
+    sess = [session(f"s{i}", [req("a", out=1)]) for i in range(41)]
+    sched = write_jsonl(tmp_path / "s.jsonl", closed_schedule(sess, 4, rate_limit=20))
+    out = tmp_path / "run.jsonl"
+    p = run_vk("vk-send", sched, "--api", srv.url, "--workers", "2", "--lag-threshold", "10", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    recs = read_lines(out)
+    starts = sorted(r["t_intended"] for r in recs if r["kind"] == "response")
+    # 41 starts at 20/s take 2 s; each of the 2 workers applying the whole limit took 1 s
+    assert starts[-1] - starts[0] == pytest.approx(2.0, abs=0.1)
+
+
+def test_footer_lag_percentiles_are_numpys_linear_ones():
+    import numpy as np
+
+    from vk.jsonl import ListWriter
+    from vk.send.collector import Collector
+
+    c = Collector(ListWriter(), None, False, None)
+    c.start_writer(lambda: None)
+    lags = [i * 1e-3 for i in range(10)]
+    for i, lag in enumerate(lags):
+        c.add({"kind": "response", "status": "ok", "session_index": i, "session_id": f"s{i}", "request_id": "a",
+               "t_intended": 1.0, "t_dispatched": 1.0 + lag})
+    c.stop_writer()
+    st = c.lag_stats()
+    assert st["p99"] == pytest.approx(np.percentile(lags, 99), abs=1e-12)  # 8.91 ms; nearest rank said 9 ms
+    assert st["p50"] == pytest.approx(np.percentile(lags, 50), abs=1e-12)
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset not installed")

@@ -132,6 +132,8 @@ def dumps(rec: Any) -> bytes:
 class Writer:
     """Write records as JSON lines to a file or stdout (``-``), flushing after every record by default."""
 
+    failed: OSError | None = None  # the write error that ended this writer (a full disk)
+
     def __init__(self, path: str | os.PathLike | None = "-", *, flush_each: bool = True, append: bool = False):
         self.path = "-" if path is None else str(path)
         self.flush_each = flush_each
@@ -144,7 +146,6 @@ class Writer:
             except OSError as e:
                 raise VkError(f"{self.path}: cannot write ({e.strerror})") from None
             self._own = True
-        self.failed: OSError | None = None
 
     @property
     def is_regular_file(self) -> bool:

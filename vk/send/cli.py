@@ -123,8 +123,8 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
     if all(_is_file(p) for p in paths):
         # check the whole schedule before the first request, as the run will read it; count its sessions (so
         # that a stopped run's footer counts those it never read) and the busiest 10 s of an open loop
-        _, mode, _, sessions, _ = read_input((r for _, _, r in read_records(paths)), True, source_name(paths[0]),
-                                             concurrency)
+        _, mode, _, sessions, _ = read_input((r for _, _, r in read_records(paths)), False, source_name(paths[0]),
+                                             concurrency)  # read_records validated each record (exact file:line)
         total = 0
         starts = []
         for ss in sessions:

@@ -10,7 +10,7 @@ import threading
 
 
 class Entry:
-    __slots__ = ("ss", "n", "recorded", "worker", "t_start")
+    __slots__ = ("ss", "n", "recorded", "worker", "t_start", "moved")
 
     def __init__(self, ss: dict, worker: int):
         self.ss = ss
@@ -18,6 +18,7 @@ class Entry:
         self.recorded: set[str] = set()
         self.worker = worker
         self.t_start: float | None = None  # the worker started the session (seconds from the run start)
+        self.moved = False  # handed over from a lost worker
 
 
 def session_key(index, session_id) -> tuple:

@@ -158,8 +158,10 @@ def start_workers(ctx, cfg: Config, workers: int, stop_event, progress: bool) ->
     """Fork the workers; returns (processes, [(to_worker, from_worker)]) once each said it is ready."""
     procs, pipes = [], []
     for w in range(workers):
-        wcfg = Config(**{**cfg.__dict__, "worker": w,
-                         "concurrency": cfg.concurrency // workers + (1 if w < cfg.concurrency % workers else 0)})
+        slots = cfg.concurrency // workers + (1 if w < cfg.concurrency % workers else 0)
+        # a closed loop's rate limit is the whole run's: each worker gets its slots' share
+        rate = cfg.rate_limit * slots / cfg.concurrency if cfg.rate_limit and cfg.mode == "closed" else cfg.rate_limit
+        wcfg = Config(**{**cfg.__dict__, "worker": w, "concurrency": slots, "rate_limit": rate})
         in_r, in_w = ctx.Pipe(duplex=False)
         out_r, out_w = ctx.Pipe(duplex=False)
         inherited = [c for pair in pipes for c in pair] + [in_w, out_r]
@@ -277,14 +279,23 @@ def run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pip
         input_done.set()
 
     def end_worker(w: int) -> None:
-        if w in ended_w:
+        # never wait for the lock here: its holder may be blocked on a full pipe that only drains while this
+        # (the main) thread reads the workers' records; the loop tries again on its next turn
+        if w in ended_w or not send_locks[w].acquire(blocking=False):
             return
-        ended_w.add(w)
         try:
-            with send_locks[w]:
-                pipes[w][0].send_bytes(b"")
+            ended_w.add(w)
+            pipes[w][0].send_bytes(b"")
         except (OSError, ValueError):
             pass
+        finally:
+            send_locks[w].release()
+
+    def hand_over(moves: list) -> None:
+        """From a thread of its own, for the reason above: send a lost worker's sessions to their new workers."""
+        for target, e in moves:
+            if not send_to(target, e.ss):
+                ledger.remove(e)
 
     def lose(w: int, c) -> None:
         """Worker ``w`` ended without its goodbye: account for everything it had."""
@@ -292,6 +303,7 @@ def run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pip
         how = _how_it_ended(procs[w])
         t_rel = _mono() - clock.mono0
         n_lost = n_unstarted = n_moved = 0
+        moves: list = []
         for e in ledger.at_worker(w):
             due = None
             if e.t_start is not None:
@@ -312,12 +324,15 @@ def run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pip
                 if live:
                     target = live[(e.ss.get("index") or 0) % len(live)]
             if target is not None:
-                ledger.move(e, target)
-                if send_to(target, e.ss):
-                    n_moved += 1
-                    continue
+                ledger.move(e, target)  # open at its new worker: that worker hears of no end before it is done
+                e.moved = True
+                moves.append((target, e))
+                n_moved += 1
+                continue
             ledger.remove(e)
             n_unstarted += 1
+        if moves:
+            threading.Thread(target=hand_over, args=(moves,), daemon=True, name="vk-send-hand-over").start()
         set_reason(state, f"worker {w} was lost ({how})", "worker_lost")
         state.setdefault("lost", []).append({"worker": w, "how": how, "requests_lost": n_lost,
                                              "sessions_not_started": n_unstarted, "sessions_reassigned": n_moved})
@@ -367,8 +382,8 @@ def run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pip
                     continue
                 if msg[:1] == b"{":
                     done = collector.add(orjson.loads(msg), msg)
-                    if done is not None and closed:
-                        credits.put(done.worker)
+                    if done is not None and closed and not done.moved:
+                        credits.put(done.worker)  # a slot is free (a lost worker's session took none)
                 elif msg.startswith(b"#s "):
                     idx, sid, t0 = orjson.loads(msg[3:])
                     ledger.mark_started(idx, sid, t0)
