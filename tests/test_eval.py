@@ -313,6 +313,7 @@ def test_shards_and_overlapping_runs_are_one_run_in_time(tmp_path):
     b = write(tmp_path / "b.jsonl", _shard_run("sb", 2, 1.7e9, [1.0, 3.0, 5.0, 7.0, 9.0, 9.5]))
     res = evaluate([a, b]).to_dict()
     assert res["groups"] == []  # one run on one time axis: no per-run split by default
+    assert [v["shard"] for v in res["overall"]["accuracy"]["lag"]] == ["1/2", "2/2"]  # a lag verdict per shard
     whole = res["overall"]["throughput"]["whole"]
     assert whole["duration"] == pytest.approx(9.7 + 0.21, abs=1e-9)  # first send -> last done, one clock
     assert whole["requests_per_s"] == pytest.approx(12 / 9.91, rel=1e-9)

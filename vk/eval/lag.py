@@ -111,6 +111,7 @@ def run_verdict(d, r: int, measured: np.ndarray, okm: np.ndarray, percentiles: l
     out["arrivals"] = arr
     # what the delay adds to the figures measured from t_intended
     added = []
+    out["from_intended_added"] = adds = {}  # every addition, material or not: what the lag did to each figure
     for name, base in FROM_INTENDED:
         x = a[name][ok]
         y = a[base][ok]
@@ -123,11 +124,13 @@ def run_verdict(d, r: int, measured: np.ndarray, okm: np.ndarray, percentiles: l
             fy = float(np.percentile(ys, p))
             noise = quantile_noise(xs, p)
             plus = fx - fy
+            adds.setdefault(name, {})[M.pname(p)] = plus
             if material(plus, noise, fx):
                 added.append({"metric": name, "stat": M.pname(p), "value": fx, "from_t_sent": fy, "added": plus,
                               "noise": noise})
         fx, fy = float(xs.mean()), float(ys.mean())
         noise = 1.96 * float(xs.std()) / math.sqrt(len(xs))
+        adds.setdefault(name, {})["mean"] = fx - fy
         if material(fx - fy, noise, fx):
             added.append({"metric": name, "stat": "mean", "value": fx, "from_t_sent": fy, "added": fx - fy,
                           "noise": noise})

@@ -204,8 +204,11 @@ class Inputs:
         self.close()
 
 
-# the times of a response that must not run backwards (seconds since the run start, none negative)
+# the times of a response that must not run backwards (seconds since the run start, none negative), up to
+# CLOCK_SLACK: kernel receive timestamps (CLOCK_REALTIME) are converted onto the run's monotonic clock, and
+# a conversion may put them a little early
 ORDERED_TIMES = (("t_sent", "t_first_token"), ("t_sent", "t_done"), ("t_first_token", "t_last_token"))
+CLOCK_SLACK = 1e-3
 
 
 def check_times(rec: dict, name: str, line: int) -> None:
@@ -224,7 +227,7 @@ def check_times(rec: dict, name: str, line: int) -> None:
             raise RecordError(name, line, f, f"negative time {v!r} (seconds since the run start)")
     for a, b in ORDERED_TIMES:
         va, vb = rec.get(a), rec.get(b)
-        if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and vb < va:
+        if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and vb < va - CLOCK_SLACK:
             raise RecordError(name, line, b, f"{b} {vb!r} is before {a} {va!r}: the record's times run backwards")
 
 
@@ -415,8 +418,8 @@ def _sql_checks(con: duckdb.DuckDBPyConnection, inputs: Inputs, lean: bool = Fal
         f"""SELECT count(*) FROM raw WHERE kind IS NULL OR kind NOT IN ({', '.join(_sql_str(k) for k in INPUT_KINDS)})
             OR v IS NULL OR v < 1 OR v > (CASE kind {versions} END) OR run_id IS NULL
             OR (kind = 'response' AND (request_id IS NULL OR status IS NULL OR status NOT IN ({statuses})
-                OR {events_bad} OR t_sent < 0 OR t_done < 0 OR t_first_token < 0 OR t_done < t_sent
-                OR t_first_token < t_sent OR t_last_token < t_first_token))"""
+                OR {events_bad} OR t_sent < 0 OR t_done < 0 OR t_first_token < 0 OR t_done < t_sent - {CLOCK_SLACK}
+                OR t_first_token < t_sent - {CLOCK_SLACK} OR t_last_token < t_first_token - {CLOCK_SLACK}))"""
     ).fetchone()[0]
     if bad:
         validate_files(inputs)

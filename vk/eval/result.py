@@ -324,6 +324,10 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
                    f"queue delay p99 {_pct(arr['queue_delay_p99_share_of_gap'])} of it")
         else:
             how = "no scheduled times to compare"
+        add = (v.get("from_intended_added") or {}).get("ttft_from_intended") or {}
+        if add:
+            how += "; adds " + ", ".join(f"{_signed(x * 1000)} ms ({k})" for k, x in add.items()
+                                         if k in ("p50", "p99", "mean")) + " to ttft_from_intended"
         verdict = "LAGGED: " + "; ".join(v["findings"]) if v["lagged"] else (
             "not lagged: the arrivals kept the schedule and the *_from_intended figures match the ones from t_sent "
             "within their noise")
