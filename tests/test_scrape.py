@@ -83,8 +83,14 @@ def test_exposition_parsing_keeps_counters_raw_and_leaves_buckets_out():
     assert all(records.validate(r) for r in recs) and all(r["t"] == 1.5 for r in recs)
 
 
-def test_the_default_scrape_url_is_the_api_origin():
+def test_the_default_scrape_url_is_the_api_origin_and_the_key_goes_only_there():
+    from vk.send.scrape import Scraper
+
     assert metrics_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/metrics"
+    own = Scraper.for_api("http://127.0.0.1:8000/v1", "", 1.0, False, "sk-x")
+    assert own.url == "http://127.0.0.1:8000/metrics" and own.api_key == "sk-x"
+    assert Scraper.for_api("http://127.0.0.1:8000/v1", "http://127.0.0.1:9100/metrics", 1.0, False,
+                           "sk-x").api_key is None
 
 
 # -- vk-eval: the names of vLLM, SGLang and TGI mapped ----------------------------------------------------------
@@ -155,9 +161,14 @@ def test_the_server_metrics_view_and_the_figure(tmp_path):
 
     path = tmp_path / "run.jsonl"
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in _run_with_scrapes("sglang")))
-    rows = sql("SELECT t, sum(value) FROM server_metrics WHERE name = 'sglang:cached_tokens_total' "
+    rows = sql("SELECT t, sum(value) FROM server_samples WHERE name = 'sglang:cached_tokens_total' "
                "GROUP BY t ORDER BY t", str(path))
     assert rows == [(-0.01, 600.0), (10.0, 3600.0)]
+    rows = sql("SELECT t, running, waiting, kv_cache_usage, prefix_cache_hits, preemptions, "
+               "generation_tokens_per_s, prefix_cache_hit_rate FROM server_metrics", str(path))
+    assert rows[0] == (-0.01, 0, 0, 0, 600, 0, None, None)
+    assert rows[1][:6] == (10.0, 4, 2, 0.25, 3600, 1)
+    assert rows[1][6] == pytest.approx(1000 / 10.01) and rows[1][7] == pytest.approx(0.3)
     figs = plot_files(str(path), str(tmp_path / "plots"))
     assert str(tmp_path / "plots" / "server.png") in figs
 
@@ -204,9 +215,10 @@ def test_scraped_gauges_and_counters_agree_with_what_vk_serve_did(serve, tmp_pat
     def delta(name):
         return last[name] - first[name]
 
-    # counters: what the responses say the server did
+    # counters: what the responses say the server did (the baseline is taken before the run's start instant, so
+    # no request of the run is counted in it, however late the server answers it)
     assert delta("vllm:generation_tokens_total") == sum(r["usage"]["completion_tokens"] for r in rs)
-    assert delta("vllm:prompt_tokens_total") >= sum(r["usage"]["prompt_tokens"] for r in rs)
+    assert delta("vllm:prompt_tokens_total") == sum(r["usage"]["prompt_tokens"] for r in rs)
     cached = sum(r["usage"]["cached_tokens"] for r in rs)
     prompt = sum(r["usage"]["prompt_tokens"] for r in rs)
     assert cached > 0
@@ -233,12 +245,36 @@ def test_scraped_gauges_and_counters_agree_with_what_vk_serve_did(serve, tmp_pat
 
 
 def test_current_load_reads_the_queue_gauges_of_a_live_server(serve):
+    import concurrent.futures as cf
+
+    import httpx
+
     from vk.eval.server_metrics import current_load
 
-    srv = serve("--ttft", "0.01", "--tpot", "0.001")
+    # one sequence at a time, slow steps: of three long requests, one runs and two wait
+    srv = serve("--max-num-seqs", "1", "--speed", "0.2")
     assert current_load(srv.base + "/metrics") == {"engine": "vllm", "running": 0.0, "waiting": 0.0,
                                                    "kv_cache_usage": 0.0}
-    assert current_load(srv.base + "/nothing-here") is None
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "min_tokens": 400}
+
+    def post() -> int:
+        return httpx.post(srv.url + "/chat/completions", json=body, timeout=120).status_code
+
+    with cf.ThreadPoolExecutor(3) as ex:
+        futures = [ex.submit(post) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        load = None
+        while time.monotonic() < deadline:
+            load = current_load(srv.base + "/metrics")
+            if load["running"] + load["waiting"] == 3:
+                break
+            time.sleep(0.05)
+        assert load["running"] == 1 and load["waiting"] == 2 and load["kv_cache_usage"] > 0, load
+        srv.stop()  # the requests fail; they were only there to fill the queue
+        for f in futures:
+            with pytest.raises(httpx.HTTPError):
+                f.result()
+    assert current_load(srv.base + "/metrics", timeout=0.5) is None
 
 
 def test_a_failed_scrape_is_a_record_and_the_run_goes_on(serve, tmp_path):

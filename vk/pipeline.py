@@ -104,10 +104,10 @@ def run_benchmark(
             if server_cmd is not None:
                 from vk.launch import DEFAULT_READY_TIMEOUT, launched
 
-                launched_server = server.enter_context(launched(
+                launch = server.enter_context(launched(
                     server_cmd, api=api, log=f"{output}.server.log",
                     ready_timeout=server_ready_timeout or DEFAULT_READY_TIMEOUT))
-                api, server_info = launched_server.api, launched_server.info()
+                api, server_info = launch.api, launch.info()
             if api is None:
                 extra = ["--tokenizer", tokenizer] if tokenizer else []
                 api = server.enter_context(serving(*serve_args, *extra))

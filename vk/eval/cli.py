@@ -159,7 +159,9 @@ def _drop_stdout() -> None:
 @click.option("--db", metavar="FILE", help="Save the DuckDB database to FILE.")
 def sql_cmd(query, files, fmt, db):
     """Run QUERY over views of the records: requests (one row per response, with metric columns), events (one
-    row per streamed event), sessions, runs; tables raw and responses hold the records as read."""
+    row per streamed event), sessions, runs, and for runs recorded with vk-send --scrape server_metrics (the
+    server's gauges and counters per scrape, named alike for vLLM, SGLang and TGI) and server_samples (as
+    scraped); tables raw and responses hold the records as read."""
     from vk.eval.sqlq import format_rows, run_sql
 
     cols, rows = run_sql(query, list(files), db=db)

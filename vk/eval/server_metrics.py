@@ -66,9 +66,29 @@ def _files_sql(paths: list[str]) -> str:
 
 
 def view_sql(paths: list[str]) -> str:
-    """``vk-eval sql``'s ``server_metrics`` view: one row per scraped sample (and per failed scrape)."""
-    return ("CREATE OR REPLACE VIEW server_metrics AS SELECT run_id, t, name, labels, value, type, error "
-            f"FROM {_files_sql(paths)} WHERE kind = 'server_metric'")
+    """``vk-eval sql``'s views: ``server_samples`` (one row per scraped sample, and per failed scrape) and
+    ``server_metrics`` (one row per run and scrape, the QUANTITIES in the same columns whatever the engine:
+    gauges, raw counters, and per-interval rates from the counters' increases since the previous scrape)."""
+    def agg(q: str) -> str:
+        how = "avg" if QUANTITIES[q][1] == "mean" else "sum"
+        names = [n for e in ENGINES for n in QUANTITIES[q][4].get(e, ())]
+        return "coalesce(" + ", ".join(f"{how}(value) FILTER (WHERE name = '{n}')" for n in names) + f") AS {q}"
+
+    def inc(q: str) -> str:  # a counter's increase since the previous scrape (a drop: a restart)
+        prev = f"lag({q}) OVER (PARTITION BY run_id ORDER BY t)"
+        return f"CASE WHEN {q} < {prev} THEN {q} ELSE {q} - {prev} END"
+
+    dt = "(t - lag(t) OVER (PARTITION BY run_id ORDER BY t))"
+    return (
+        "CREATE OR REPLACE VIEW server_samples AS SELECT run_id, t, name, labels, value, type, error "
+        f"FROM {_files_sql(paths)} WHERE kind = 'server_metric';\n"
+        "CREATE OR REPLACE VIEW server_metrics AS SELECT *, "
+        f"{inc('prompt_tokens')} / {dt} AS prompt_tokens_per_s, "
+        f"{inc('generation_tokens')} / {dt} AS generation_tokens_per_s, "
+        f"{inc('prefix_cache_hits')} / nullif({inc('prefix_cache_queries')}, 0) AS prefix_cache_hit_rate "
+        "FROM (SELECT run_id, t, " + ", ".join(agg(q) for q in QUANTITIES)
+        + " FROM server_samples WHERE name IS NOT NULL GROUP BY run_id, t) ORDER BY run_id, t"
+    )
 
 
 def has_server_metrics(paths: list[str]) -> bool:

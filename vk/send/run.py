@@ -45,7 +45,7 @@ from vk.send.options import (
     redact_url,
     resolve_model,
 )
-from vk.send.scrape import DEFAULT_SCRAPE_INTERVAL, Scraper, metrics_url
+from vk.send.scrape import DEFAULT_SCRAPE_INTERVAL, Scraper
 from vk.send.workers import run_workers, start_workers
 
 _mono = time.monotonic
@@ -187,8 +187,8 @@ def send(
     try:
         return _run(cfg, header, stream_in, writer, workers, argv, me, progress, lag_threshold, soft,
                     handle_signals, quiet, reassign_lost, total_sessions, server=server,
-                    scraper=None if scrape is None else Scraper(scrape or metrics_url(api), interval=scrape_interval,
-                                                                buckets=scrape_buckets, api_key=api_key),
+                    scraper=None if scrape is None else Scraper.for_api(api, scrape, scrape_interval, scrape_buckets,
+                                                                        api_key),
                     run_fields=run_fields, stop=stop)
     finally:
         if own_writer:
