@@ -46,7 +46,7 @@ from vk.cli import command, examples, main_wrapper
 @click.option("--confidence", type=float, default=0.95, show_default=True, help="Level of the verdicts' intervals.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples per check.")
 @click.option("--extend", type=int, default=1, show_default=True,
-              help="Times an uncertain probe is run again, twice as long each time.")
+              help="Times a value whose verdict is uncertain is run again (scored with the runs before).")
 @click.option("--duration", type=float, metavar="SECONDS", help="Length of each probe.")
 @click.option("--max-sessions", "max_sessions", type=int, metavar="N", help="Sessions per probe.")
 @click.option("--warmup", type=int, default=0, show_default=True, help="Warm-up sessions per probe (not measured).")

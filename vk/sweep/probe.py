@@ -54,17 +54,16 @@ def sha256_file(path: str) -> str:
 
 
 def schedule_options(plan: Plan, value: float, attempt: int) -> dict:
-    """vk.schedule.schedule's keywords for this probe (an extension runs 2^attempt times as long)."""
-    scale = 2 ** attempt
+    """vk.schedule.schedule's keywords for this probe (a repeat differs from the first run by its seed only)."""
     opts: dict = {"seed": probe_seed(plan.seed, plan.knob, value, attempt), KNOBS[plan.knob][0]: value}
     if plan.knob == "gamma":
         opts["cv"] = plan.cv
     if plan.knob == "target_rate":
         opts["replay"] = True
     if plan.duration is not None:
-        opts["duration"] = plan.duration * scale
+        opts["duration"] = plan.duration
     if plan.max_sessions is not None:
-        opts["max_sessions"] = plan.max_sessions * scale
+        opts["max_sessions"] = plan.max_sessions
     if plan.warmup:
         opts["warmup"] = plan.warmup
     # sessions are repeated as needed to fill the probe (a closed loop only when its length is a count)
@@ -143,12 +142,16 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
         raise KeyboardInterrupt  # the probe stays incomplete: the next run of the same command redoes it
     saturation = monitor.evidence if monitor is not None else None
 
+    # a repeat is scored together with the earlier runs at the same value: more requests, a narrower interval
+    runs = pooled_runs(ctx.outdir, plan.knob, value, attempt)
     objectives = plan.objectives()
     goodput_spec = per_request_goodput(plan)
-    res = evaluate(run_path, slo=objectives, goodput=goodput_spec).to_dict()
+    res = evaluate(runs, slo=objectives, goodput=goodput_spec).to_dict()
     with open(os.path.join(pdir, "eval.json"), "wb") as fh:
         fh.write(orjson.dumps(res, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
-    rec = summarize(ctx, name, index, value, attempt, res, run_path, saturation, end, wall, key, opts["seed"])
+    if saturation is None and attempt:
+        saturation = earlier_saturation(ctx.outdir, plan.knob, value, attempt)
+    rec = summarize(ctx, name, index, value, attempt, res, runs, saturation, end, wall, key, opts["seed"])
     tmp = os.path.join(pdir, "probe.json.tmp")
     with open(tmp, "wb") as fh:
         fh.write(orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY))
@@ -156,7 +159,24 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
     return rec
 
 
-def summarize(ctx: Context, name: str, index: int, value: float, attempt: int, res: dict, run_path: str,
+def pooled_runs(outdir: str, knob: str, value: float, attempt: int) -> list[str]:
+    """The run files of attempts 0..attempt at ``value`` (a repeat is scored with the runs before it)."""
+    return [os.path.join(outdir, probe_name(knob, value, a), "run.jsonl") for a in range(attempt + 1)]
+
+
+def earlier_saturation(outdir: str, knob: str, value: float, attempt: int) -> dict | None:
+    for a in range(attempt):
+        try:
+            with open(os.path.join(outdir, probe_name(knob, value, a), "probe.json"), "rb") as fh:
+                sat = orjson.loads(fh.read()).get("saturation")
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if sat is not None:
+            return sat
+    return None
+
+
+def summarize(ctx: Context, name: str, index: int, value: float, attempt: int, res: dict, run_path,
               saturation: dict | None, end: dict, wall: float, key: dict, seed: int) -> dict:
     plan = ctx.plan
     cols = verdict.request_columns(run_path) if plan.objectives() else None
@@ -166,6 +186,7 @@ def summarize(ctx: Context, name: str, index: int, value: float, attempt: int, r
         scored.update(verdict="fail", confidence=1.0, uncertain=False)
     return records.new_sweep_probe(
         ctx.sweep_id, name, index, plan.knob, value, attempt=attempt, seed=seed, dir=name,
+        pooled=[os.path.basename(os.path.dirname(p)) for p in run_path] if isinstance(run_path, list) else None,
         run_id=end.get("run_id"), ended=end.get("ended"), wall_s=round(wall, 3),
         **figures(res), saturation=saturation, **scored, key=key)
 
@@ -199,28 +220,23 @@ def figures(res: dict) -> dict:
 # between probes
 
 
-def metrics_url(api: str) -> str:
-    base = api.rstrip("/")
-    if base.endswith("/v1"):
-        base = base[:-3]
-    return base + "/metrics"
-
-
 def queue_gauges(api: str) -> float | None:
     """Requests running + waiting by the server's /metrics (vLLM's gauges), or None where it does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vk.send.scrape import metrics_url
+
     try:
         with urllib.request.urlopen(metrics_url(api), timeout=2.0) as r:
             text = r.read().decode("utf-8", "replace")
+        total, found = 0.0, False
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                if smp.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+                    total += smp.value
+                    found = True
     except (urllib.error.URLError, OSError, ValueError):
         return None
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
-            try:
-                total += float(line.rsplit(None, 1)[1])
-                found = True
-            except (IndexError, ValueError):
-                continue
     return total if found else None
 
 
