@@ -35,7 +35,7 @@ class Context:
     plan: Plan
     sessions: str  # path of the sessions file
     sessions_sha: str
-    api: str
+    api: str | None  # None: the server below gives it once started
     outdir: str
     sweep_id: str
     send_options: dict = field(default_factory=dict)
@@ -43,6 +43,11 @@ class Context:
     sent: int = 0  # probes sent by this process (the first needs no cooldown or between-command)
     probes: list = field(default_factory=list)  # every sweep_probe record, in order
     on_probe: object = None  # callback(record) after each probe
+    server: object = None  # a vk.sweep.servers.LazyServer when vk-sweep starts the server under test
+
+    def live_api(self) -> str:
+        """The API to send to (the server under test is started here, when a probe first needs it)."""
+        return self.server.ensure() if self.server is not None else self.api
 
 
 def sha256_file(path: str) -> str:
@@ -72,7 +77,8 @@ def schedule_options(plan: Plan, value: float, attempt: int) -> dict:
 
 
 def probe_key(ctx: Context, value: float, attempt: int) -> dict:
-    return {"sessions_sha256": ctx.sessions_sha, "api": ctx.api, "send": ctx.send_options,
+    target = {"api": ctx.api} if ctx.server is None else ctx.server.identity  # never its port: it changes
+    return {"sessions_sha256": ctx.sessions_sha, **target, "send": ctx.send_options,
             "schedule": schedule_options(ctx.plan, value, attempt)}
 
 
@@ -101,10 +107,11 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
     if os.path.isdir(pdir):
         shutil.rmtree(pdir)
     os.makedirs(pdir)
+    api = ctx.live_api()
     if ctx.sent:
-        between(ctx)
+        between(ctx, api)
     else:
-        drain(ctx.api, plan.drain_timeout)
+        drain(api, plan.drain_timeout)
     ctx.sent += 1
 
     from vk.eval import evaluate
@@ -115,6 +122,10 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
     opts = key["schedule"]
     with open(sched_path, "wb") as fh:
         for rec in schedule((obj for _, obj in iter_lines(ctx.sessions)), **opts):
+            if rec.get("kind") == "scheduled_session":
+                # an annotation vk-send passes to every response: vk-eval --group-by sweep_probe, or SQL
+                rec["sweep_probe"] = name
+                rec["sweep_value"] = value
             fh.write(dumps(rec))
     mode, starts, nreq = schedule_arrivals(sched_path)
 
@@ -131,8 +142,9 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
         if monitor is not None:
             monitor.start()
         try:
-            end = send((orjson.loads(line) for line in sfh if line.strip()), api=ctx.api, output=run_path,
+            end = send((orjson.loads(line) for line in sfh if line.strip()), api=api, output=run_path,
                        quiet=True, argv=["vk-sweep", name], run_fields=annotation, stop=stop,
+                       server=ctx.server.info() if ctx.server is not None else None,
                        **{"workers": 1, **ctx.send_options})
         finally:
             if monitor is not None:
@@ -188,6 +200,7 @@ def summarize(ctx: Context, name: str, index: int, value: float, attempt: int, r
         ctx.sweep_id, name, index, plan.knob, value, attempt=attempt, seed=seed, dir=name,
         pooled=[os.path.basename(os.path.dirname(p)) for p in run_path] if isinstance(run_path, list) else None,
         run_id=end.get("run_id"), ended=end.get("ended"), wall_s=round(wall, 3),
+        server_params=ctx.server.params if ctx.server is not None else None,
         **figures(res), saturation=saturation, **scored, key=key)
 
 
@@ -252,9 +265,9 @@ def drain(api: str, timeout: float) -> dict:
         time.sleep(0.1)
 
 
-def between(ctx: Context) -> None:
+def between(ctx: Context, api: str) -> None:
     plan = ctx.plan
-    drain(ctx.api, plan.drain_timeout)
+    drain(api, plan.drain_timeout)
     if plan.cooldown:
         time.sleep(plan.cooldown)
     if plan.between_cmd:
