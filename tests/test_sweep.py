@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
-import math
 import os
 import signal
 import subprocess
@@ -11,13 +9,13 @@ import sys
 import threading
 import time
 
-import numpy as np
 import orjson
 import pytest
 
 from tests.conftest import run_vk
 from vk import records
 from vk.errors import RecordError
+from vk.sweep.bench import mdc_capacity
 from vk.sweep.saturation import Monitor
 from vk.sweep.verdict import decide
 
@@ -56,39 +54,13 @@ def lines(path) -> list[dict]:
     return [orjson.loads(x) for x in open(path, "rb") if x.strip()]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# the independent answer: the probe protocol (Poisson arrivals for DURATION s, WARMUP first sessions not
-# measured, an empty server at the start) on an M/D/c FIFO queue, simulated
-
-
-def mdc_p90(rate: float, c: int, duration: float, warmup: int, rng, reps: int = 200) -> float:
-    """Median over replications of the p90 of the measured requests' queueing wait."""
-    out = []
-    for _ in range(reps):
-        n = rng.poisson(rate * duration)
-        arr = np.sort(rng.uniform(0, duration, n))
-        free = [0.0] * c  # a heap of the times the c slots are free
-        waits = []
-        for a in arr:
-            start = max(a, heapq.heappop(free))
-            heapq.heappush(free, start + SERVICE)
-            waits.append(start - a)
-        w = np.array(waits[warmup:])
-        if len(w):
-            out.append(np.percentile(w, 90))
-    return float(np.median(out))
+# the independent answer: vk.sweep.bench.mdc_capacity simulates the probe protocol (Poisson arrivals for DURATION s,
+# the WARMUP first sessions not measured, an empty server at the start) on an M/D/c FIFO queue; it shares no code
+# with the search
 
 
 def capacity(wait_p90_limit: float, c: int, duration: float, warmup: int) -> float:
-    """The largest rate whose (median) p90 wait stays within the limit: bisection over the simulation."""
-    lo, hi = 1.0, 4 * c / SERVICE
-    for _ in range(14):
-        mid = math.sqrt(lo * hi)
-        if mdc_p90(mid, c, duration, warmup, np.random.default_rng(7)) <= wait_p90_limit:
-            lo = mid
-        else:
-            hi = mid
-    return math.sqrt(lo * hi)
+    return mdc_capacity(wait_p90_limit, c, SERVICE, duration, warmup)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -135,6 +107,22 @@ def test_search_finds_the_known_capacity(serve, sessions, tmp_path, name):
     # the records are valid
     for rec in lines(out / "sweep.jsonl"):
         records.validate(rec, "sweep.jsonl")
+
+
+def test_search_agrees_with_a_dense_grid_on_the_engine_model(serve, sessions, tmp_path):
+    import vk
+
+    srv = serve("--speed", "0.1", "--max-num-seqs", "8")  # continuous batching, about 13 sessions/s here
+    grid = vk.sweep(sessions, api=srv.url, output=tmp_path / "grid", poisson=[2 * (i + 1) for i in range(12)],
+                    slo="ttft:p90<300ms", duration=3, warmup=2, saturation=False)
+    search = vk.sweep(sessions, api=srv.url, output=tmp_path / "search", search="rate", start=4,
+                      slo="ttft:p90<300ms", duration=3, warmup=2, tolerance=0.2)
+    g, s = grid.answer, search.answer
+    assert g["last_pass"] is not None and g["first_fail"] is not None, grid.table()
+    assert s["last_pass"] is not None and s["first_fail"] is not None, search.table()
+    # the two brackets agree: each one's last pass is below the other's first failure
+    assert g["last_pass"] <= s["first_fail"] and s["last_pass"] <= g["first_fail"], grid.table() + search.table()
+    assert search.end["probe_time_s"] <= 0.5 * grid.end["probe_time_s"], search.table()
 
 
 # --------------------------------------------------------------------------------------------------------------

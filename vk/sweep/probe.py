@@ -194,8 +194,7 @@ def summarize(ctx: Context, name: str, index: int, value: float, attempt: int, r
     cols = verdict.request_columns(run_path) if plan.objectives() else None
     scored = verdict.score(res, cols, goodput_spec=per_request_goodput(plan), confidence=plan.confidence,
                            bootstrap=plan.bootstrap, seed=seed)
-    if saturation is not None:  # the server could not carry it: failing, by rule
-        scored.update(verdict="fail", confidence=1.0, uncertain=False)
+    verdict.by_rule(scored, saturation, res["overall"]["counts"].get("measured"))
     return records.new_sweep_probe(
         ctx.sweep_id, name, index, plan.knob, value, attempt=attempt, seed=seed, dir=name,
         pooled=[os.path.basename(os.path.dirname(p)) for p in run_path] if isinstance(run_path, list) else None,

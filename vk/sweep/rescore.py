@@ -73,8 +73,7 @@ def rescore_dir(dirpath: str, *, slo=None, goodput=None, min_goodput=None, confi
         cols = verdict.request_columns(runs) if objectives else None
         scored = verdict.score(res, cols, goodput_spec=gp, confidence=plan.confidence, bootstrap=plan.bootstrap,
                                seed=p.get("seed") or 0)
-        if p.get("saturation") is not None:
-            scored.update(verdict="fail", confidence=1.0, uncertain=False)
+        verdict.by_rule(scored, p.get("saturation"), res["overall"]["counts"].get("measured"))
         out.append({**p, **figures(res), **scored, "rescored": True})
     hdr = {**header, "slo": plan.slo, "goodput": plan.goodput, "min_goodput": plan.min_goodput,
            "objectives": objectives, "rescored_from": header.get("objectives")}

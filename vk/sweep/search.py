@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from vk.errors import VkError
 from vk.sweep.probe import Context, run_probe
 from vk.sweep.spec import round_value
 
@@ -38,6 +39,9 @@ def _probe(ctx: Context, value: float, results: dict) -> dict:
             break
         attempt += 1
     results[value] = rec
+    if plan.mode == "search" and rec.get("no_data"):
+        raise VkError(f"{rec['probe']}: no request was measured, so there is no verdict: lengthen --duration or "
+                      "lower --warmup")
     return rec
 
 

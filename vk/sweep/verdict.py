@@ -116,6 +116,16 @@ def score(eval_dict: dict, cols: dict | None, *, goodput_spec: str | None, confi
     return {"checks": checks, **decide(checks)}
 
 
+def by_rule(scored: dict, saturation: dict | None, measured: int | None) -> dict:
+    """The rules above the statistics: a saturated probe fails (confidence 1); a probe that measured nothing
+    (shorter than its warm-up) has no verdict."""
+    if saturation is not None:
+        scored.update(verdict="fail", confidence=1.0, uncertain=False)
+    elif scored["verdict"] is not None and not measured:
+        scored.update(verdict=None, confidence=None, uncertain=False, no_data=True)
+    return scored
+
+
 def decide(checks: list[dict]) -> dict:
     if not checks:
         return {"verdict": None, "confidence": None, "uncertain": False}
