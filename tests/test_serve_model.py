@@ -182,6 +182,42 @@ def test_metric_counters_match_usage(serve):
     assert metric(s.base, "vllm:num_requests_running") == 0
 
 
+def test_prefix_cache_counters_agree_with_responses(serve):
+    """What a scraper computes from /metrics (issue 16) is what the responses say: the hit rate from the counters
+    equals the cached tokens over the prompt tokens of the responses, and the other counters add up."""
+    s = serve("--t-fixed", "0.002", "--max-num-seqs", "4", *QUIET)
+    shared = " ".join(f"rule {i}: be kind to the number {i * 7}." for i in range(60))
+    bodies = [{"messages": [{"role": "system", "content": shared if i % 3 else f"{i} {shared}"},
+                            {"role": "user", "content": f"question {i}"}], "max_tokens": 4 + i % 5, "ignore_eos": True}
+              for i in range(24)]
+    with MetricsPoller(s.base, ["vllm:num_requests_waiting", "vllm:num_requests_running"]) as mp:
+        with cf.ThreadPoolExecutor(8) as ex:
+            usages = [r["usage"] for r in ex.map(lambda b: post(s.url, "/chat/completions", b).json(), bodies)]
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    prompt = sum(u["prompt_tokens"] for u in usages)
+    assert cached > 0.3 * prompt
+    assert metric(s.base, "vllm:prefix_cache_hits_total") == cached
+    assert metric(s.base, "vllm:prefix_cache_queries_total") == prompt
+    assert metric(s.base, "vllm:gpu_prefix_cache_hits_total") == cached
+    assert metric(s.base, "vllm:prompt_tokens_total") == prompt
+    assert metric(s.base, "vllm:generation_tokens_total") == sum(u["completion_tokens"] for u in usages)
+    assert metric(s.base, 'vllm:request_success_total{model_name="vk-sim",engine="0",finished_reason="length"}') == 24
+    assert max(mp.samples["vllm:num_requests_running"]) <= 4 and max(mp.samples["vllm:num_requests_waiting"]) >= 1
+    assert metric(s.base, "vllm:num_requests_running") == metric(s.base, "vllm:num_requests_waiting") == 0
+    assert metric(s.base, "vllm:kv_cache_usage_perc") == 0
+
+
+def test_fixed_latency_queue_gauges(serve):
+    s = serve("--ttft", "0.05", "--tpot", "0.01", "--max-num-seqs", "2")
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "ignore_eos": True}
+    with MetricsPoller(s.base, ["vllm:num_requests_waiting", "vllm:num_requests_running"]) as mp:
+        with cf.ThreadPoolExecutor(6) as ex:
+            list(ex.map(lambda _: stream_chat(s.url, body), range(6)))
+    assert max(mp.samples["vllm:num_requests_running"]) == 2 and max(mp.samples["vllm:num_requests_waiting"]) >= 2
+    assert metric(s.base, "vllm:num_requests_running") == metric(s.base, "vllm:num_requests_waiting") == 0
+    assert metric(s.base, "vllm:generation_tokens_total") == 30
+
+
 def test_client_disconnect_frees_the_engine(serve):
     s = serve("--max-num-seqs", "1", "--t-fixed", "0.005", *QUIET)
     with httpx.Client() as c, c.stream("POST", s.url + "/chat/completions", json={

@@ -4,6 +4,7 @@ lengths, faults) and the intake that yields to the engine's step timers."""
 from __future__ import annotations
 
 import random
+import sys
 import time
 import uuid
 from collections import deque
@@ -13,11 +14,24 @@ import numpy as np
 import orjson
 
 from vk import __version__
+from vk.serve.chat import chat_renderer, no_template_note
 from vk.serve.connection import Conn, HTTPError, error_body
 from vk.serve.engine import FixedLatency, Seq, Stats
 from vk.serve.metrics import exposition
+from vk.serve.prompts import (
+    INLINE_BYTES,
+    PromptWorker,
+    add_special_tokens,
+    count_tokens,
+    encode,
+    prepare,
+    too_long,
+    upper_bound,
+)
 from vk.serve.sinks import FullSink, StreamSink
 from vk.serve.textgen import words_for
+
+FIXED_MAX_MODEL_LEN = 1 << 20  # fixed-latency mode's context window unless --max-model-len: no limit in practice
 
 
 @dataclass
@@ -59,6 +73,9 @@ class Options:
     fault_malformed: float = 0.0
     fault_seed: int = 0
     log_requests: bool = False
+    reasoning_tokens: int = 0  # chat outputs start with this many reasoning tokens (delta.reasoning_content)
+    max_body_bytes: int = 32 * 1024 * 1024  # larger request bodies get 413
+    idle_timeout: float = 5.0  # seconds a connection may wait between requests or inside one (uvicorn's, for vLLM)
     extra: dict = field(default_factory=dict)
 
 
@@ -66,7 +83,7 @@ class Options:
 class App:
     """Request handling shared by all connections: validation, tokenization, sinks, faults, metrics."""
 
-    def __init__(self, opts: Options, loop):
+    def __init__(self, opts: Options, loop, worker: PromptWorker | None = None):
         from vk.tokenizer import load_tokenizer
 
         self.opts = opts
@@ -74,8 +91,15 @@ class App:
         self.tok = load_tokenizer(opts.tokenizer)
         self.words = words_for(self.tok)
         self.word_ids = np.asarray(self.words.ids, dtype=np.int64)
-        if self.tok.has_chat_template:  # compile the template now, not during the first request
-            self.tok.encode(self.tok.apply_chat_template([{"role": "user", "content": "hi"}]))
+        self.render = chat_renderer(self.tok)
+        for note in (no_template_note(self.tok), self.words.note):
+            if note:
+                print(note, file=sys.stderr)
+        self.tok.encode(self.render([{"role": "user", "content": "hi"}], True))  # compile the template now
+        self.worker = worker
+        if worker is not None:
+            worker.wait_ready()
+            worker.attach(loop)
         self.rng = np.random.default_rng(np.random.SeedSequence([opts.seed, 0x5E12]))
         self.fault_rng = random.Random(f"vk-serve-faults-{opts.fault_seed}")
         self.stats = Stats()
@@ -83,7 +107,7 @@ class App:
         self.start_time = time.time()
         if opts.ttft is not None or opts.tpot is not None:
             self.sched = FixedLatency(loop, opts.ttft or 0.0, opts.tpot or 0.0, self.stats, opts.max_num_seqs)
-            self.max_model_len = opts.max_model_len or 131072
+            self.max_model_len = opts.max_model_len or FIXED_MAX_MODEL_LEN
             self.mode = "fixed"
         else:
             from vk.serve.model import Engine, EngineConfig
@@ -95,6 +119,9 @@ class App:
         self.model_bytes = orjson.dumps(opts.model)
         self._n = 0
         self.intake = deque()  # connections with request bytes to handle
+        self.conns: set[Conn] = set()
+        if opts.idle_timeout > 0:
+            self.loop.call_later(min(1.0, opts.idle_timeout / 2), self._close_idle)
         self.drain_scheduled = False
         self.sched.on_step = self._after_step
 
@@ -139,6 +166,15 @@ class App:
             self.loop.call_soon(self._drain)
         # else: the engine calls _after_step when the step in flight has ended
 
+    def _close_idle(self) -> None:
+        """Close connections with no response in progress that sent nothing for --idle-timeout seconds: idle
+        keep-alive connections, and requests that stopped arriving halfway (headers or body)."""
+        limit = time.monotonic() - self.opts.idle_timeout
+        for conn in [c for c in self.conns if not c.busy and c.t_active < limit]:
+            conn.closed = True
+            conn.transport.close()
+        self.loop.call_later(min(1.0, self.opts.idle_timeout / 2), self._close_idle)
+
     # -- routing ----------------------------------------------------------------------------------------------
     def handle(self, conn: Conn, method: str, path: str, headers: dict, body: bytes) -> None:
         path = path.split("?", 1)[0]
@@ -168,27 +204,99 @@ class App:
             else:
                 raise HTTPError(404, "Not Found")
         except HTTPError as e:
-            if e.code in (404, 405) and e.type == "BadRequestError":
-                conn.respond(e.code, orjson.dumps({"detail": e.message}))
-            else:
-                self.stats.errors[e.code] = self.stats.errors.get(e.code, 0) + 1
-                conn.respond(e.code, error_body(e.code, e.message, e.type, e.param))
+            self.reply_error(conn, e, path in ("/v1/chat/completions", "/v1/completions"))
 
     # -- completions ------------------------------------------------------------------------------------------
     def completion(self, conn: Conn, chat: bool, headers: dict, body: bytes) -> None:
-        try:
-            req = orjson.loads(body)
-        except orjson.JSONDecodeError as e:
-            raise HTTPError(400, f"Invalid JSON body: {e}") from None
-        if not isinstance(req, dict):
-            raise HTTPError(400, "The request body must be a JSON object")
-        model = req.get("model")
-        if model is not None and model != self.opts.model:
-            raise HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
-        if chat:
-            prompt_ids = self._chat_prompt(req)
+        t_recv = conn.t_recv or time.monotonic()
+        limit = self.max_model_len
+        if self.worker is None or not self.worker.alive or len(body) <= INLINE_BYTES:
+            req, prompt = prepare(chat, body, self.opts.model, self.render)
+            if isinstance(prompt, list):
+                ids = prompt
+            elif upper_bound(prompt) <= limit:
+                ids = encode(self.tok, prompt, add_special_tokens(chat, req))
+            else:
+                n, ids = count_tokens(self.tok, prompt, limit, True, add_special_tokens(chat, req))
+                if n is None:
+                    raise too_long(limit, None, chat)
+            self._admit(conn, chat, headers, req, ids, len(ids), t_recv)
+            return
+        # A big body: parsed, templated and counted by the prompt worker, off the serving loop.
+        state = {}
+
+        def on_result(kind, *args) -> None:
+            seq = state.get("seq")
+            if seq is not None:  # started before its count: the count fills in its usage
+                if seq.aborted or conn.closed:
+                    return
+                if kind == "counted":
+                    self._counted(seq, args[0])
+                else:  # the count failed after the tokens began (the worker died): end the stream honestly
+                    conn.abort_connection()
+                return
+            if conn.closed or state.get("answered"):
+                return
+            try:
+                if kind == "error":
+                    raise args[0]
+                if kind == "parsed":
+                    req, bound, _exact = args
+                    state["req"] = req
+                    if self.mode == "fixed" and self._starts_uncounted(chat, req, bound):
+                        state["answered"] = True
+                        state["seq"] = self._admit(conn, chat, headers, req, None, None, t_recv)  # None: a fault
+                    return
+                state["answered"] = True
+                count, ids = args
+                if count is None:
+                    raise too_long(limit, None, chat)
+                self._admit(conn, chat, headers, state["req"], ids, count, t_recv)
+            except HTTPError as e:
+                state["answered"] = True
+                self.reply_error(conn, e)
+            except Exception as e:  # noqa: BLE001 - a bug must not kill the server
+                state["answered"] = True
+                conn.respond(500, error_body(500, f"internal error: {e!r}", "InternalServerError"))
+
+        self.worker.submit(chat, body, limit, on_result)
+
+    def _starts_uncounted(self, chat: bool, req: dict, bound: int) -> bool:
+        """Fixed-latency mode starts a request before its prompt is counted when nothing it sends before the end
+        depends on the count: an explicit max_tokens that fits beside any prompt of ``bound`` tokens, and no usage
+        in every chunk. (Its usage waits for the count, if the count comes after the last token.)"""
+        max_tokens = req.get("max_completion_tokens") if chat else None
+        if max_tokens is None:
+            max_tokens = req.get("max_tokens", None if chat else 16)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            return False
+        so = req.get("stream_options")
+        if isinstance(so, dict) and so.get("continuous_usage_stats"):
+            return False
+        return bound + max_tokens <= self.max_model_len
+
+    def _counted(self, seq: Seq, count: int) -> None:
+        """The prompt of a request started uncounted has been counted."""
+        seq.prompt_len = count
+        self.stats.prompt_tokens += count
+        if seq.done and not seq.aborted:
+            self.stats.prompt_hist.observe(count)
+            if seq.sink.finish_pending:
+                seq.sink.finish_pending = False
+                seq.sink.on_finish(seq, time.monotonic())
+
+    def reply_error(self, conn: Conn, e: HTTPError, completion: bool = True) -> None:
+        if completion:
+            self.stats.count_response(e.code)
+        if e.code in (404, 405) and e.type == "BadRequestError":
+            conn.respond(e.code, orjson.dumps({"detail": e.message}))
         else:
-            prompt_ids = self._completion_prompt(req)
+            conn.respond(e.code, error_body(e.code, e.message, e.type, e.param))
+
+    def _admit(self, conn: Conn, chat: bool, headers: dict, req: dict, prompt_ids, plen: int | None,
+               t_recv: float) -> Seq | None:
+        """Validate the rest of a request whose prompt is known (``plen`` None: not counted yet, see
+        :meth:`_starts_uncounted`) and start it; the Seq, or None when it was answered at once (fault)."""
         stream = req.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
             raise HTTPError(400, "'stream' must be a boolean", param="stream")
@@ -203,8 +311,7 @@ class App:
         n = req.get("n", 1)
         if n != 1 and n is not None:
             raise HTTPError(400, "vk-serve supports only n=1", param="n")
-        plen = len(prompt_ids)
-        room = self.max_model_len - plen
+        room = self.max_model_len - (plen or 0)
         max_tokens = req.get("max_completion_tokens") if chat else None
         key = "max_completion_tokens"
         if max_tokens is None:
@@ -213,12 +320,8 @@ class App:
         if max_tokens is not None:
             if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
                 raise HTTPError(400, f"{key} must be an integer >= 1, got {max_tokens!r}", param=key)
-        if room <= 0 or (max_tokens is not None and max_tokens > room):
-            want = plen + (max_tokens or 0)
-            raise HTTPError(400, (
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{want} tokens ({plen} in the messages, {max_tokens or 0} in the completion). Please reduce the "
-                "length of the messages or completion."), param="messages" if chat else "prompt")
+        if plen is not None and (room <= 0 or (max_tokens is not None and max_tokens > room)):
+            raise too_long(self.max_model_len, plen, chat, max_tokens)
         if max_tokens is None:
             max_tokens = room
         min_tokens = req.get("min_tokens", 0) or 0
@@ -244,18 +347,20 @@ class App:
         rid = uuid.uuid4().hex
         xrid = headers.get("x-request-id") or rid
         fault = self._fault()
+        if fault is not None:
+            self.stats.faults[fault] += 1
         if fault in ("429", "500", "503"):
             code = int(fault)
             msg, typ = {429: ("Too Many Requests (vk-serve injected fault)", "TooManyRequestsError"),
                         500: ("Internal Server Error (vk-serve injected fault)", "InternalServerError"),
                         503: ("Service Unavailable (vk-serve injected fault)", "ServiceUnavailableError")}[code]
-            self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+            self.stats.count_response(code)
             conn.respond(code, error_body(code, msg, typ), extra=b"x-request-id: %s\r\n" % xrid.encode())
-            return
+            return None
         sink_cls = StreamSink if stream else FullSink
         sink = sink_cls(self, conn, chat, rid, xrid, so, req)
-        seq = Seq(rid, prompt_ids, out_ids, reason, sink)
-        seq.t_arrival = conn.t_recv or time.monotonic()
+        seq = Seq(rid, prompt_ids, out_ids, reason, sink, plen)
+        seq.t_arrival = t_recv
         if fault == "disconnect":
             sink.disconnect_at = max(1, n_out // 2)
         elif fault == "malformed":
@@ -265,6 +370,7 @@ class App:
             seq.handle = self.loop.call_later(self.opts.stall_seconds, self._start, seq)
         else:
             self._start(seq)
+        return seq
 
     def _start(self, seq: Seq) -> None:
         if seq.aborted:
@@ -292,55 +398,3 @@ class App:
                 return name
             u -= p
         return None
-
-    def _chat_prompt(self, req: dict) -> list[int]:
-        msgs = req.get("messages")
-        if msgs is None:
-            raise HTTPError(400, "Field required: 'messages'", param="messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise HTTPError(400, "'messages' must be a non-empty list of messages", param="messages")
-        flat = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise HTTPError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
-            c = m.get("content")
-            if isinstance(c, list):
-                parts = []
-                for p in c:
-                    if isinstance(p, dict) and p.get("type") == "text":
-                        parts.append(str(p.get("text", "")))
-                    elif isinstance(p, str):
-                        parts.append(p)
-                    else:
-                        raise HTTPError(400, f"messages[{i}].content: only text parts are supported",
-                                        param="messages")
-                m = {**m, "content": "".join(parts)}
-            elif c is not None and not isinstance(c, str):
-                raise HTTPError(400, f"messages[{i}].content must be a string or a list of parts",
-                                param="messages")
-            flat.append(m)
-        agp = req.get("add_generation_prompt", True)
-        if self.tok.has_chat_template:
-            try:
-                text = self.tok.apply_chat_template(flat, add_generation_prompt=bool(agp))
-            except Exception as e:  # noqa: BLE001 - a template error is the client's bad request
-                raise HTTPError(400, f"chat template: {e}", param="messages") from None
-        else:
-            text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in flat) + ("assistant: " if agp else "")
-        return self.tok.encode(text)
-
-    def _completion_prompt(self, req: dict) -> list[int]:
-        p = req.get("prompt")
-        if p is None:
-            raise HTTPError(400, "Field required: 'prompt'", param="prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        if isinstance(p, str):
-            ids = self.tok.encode(p)
-        elif isinstance(p, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
-            ids = list(p)
-        else:
-            raise HTTPError(400, "'prompt' must be a string or a list of token ids (one prompt)", param="prompt")
-        if not ids:
-            raise HTTPError(400, "The prompt is empty", param="prompt")
-        return ids

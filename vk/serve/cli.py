@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from vk.cli import command, examples, main_wrapper
@@ -9,7 +11,7 @@ from vk.errors import VkError
 
 
 def _prob(ctx, param, value):
-    if value is not None and not 0.0 <= value <= 1.0:
+    if value is not None and not 0.0 <= value <= 1.0:  # also refuses nan
         raise click.BadParameter("must be a fraction between 0 and 1")
     return value
 
@@ -29,7 +31,8 @@ def _profiles_help() -> str:
     "\"stream\":true}'",
 ))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=int, help="Port; 0 picks a free one.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="Port; 0 picks a free one.")
 @click.option("--model", default="vk-sim", show_default=True, help="Model name served (and required if sent).")
 @click.option("--tokenizer", default=None, help="Tokenizer for counting prompts and making output text "
               "(default qwen2.5).")
@@ -70,11 +73,18 @@ def _profiles_help() -> str:
               help="Fraction with one malformed SSE event mid-stream.")
 @click.option("--fault-seed", type=int, default=0, show_default=True, help="Seed of the fault draws.")
 @click.option("--log-requests", is_flag=True, help="Log each request line on stderr.")
+@click.option("--reasoning-tokens", type=int, default=0, show_default=True,
+              help="Chat outputs start with this many reasoning tokens (delta.reasoning_content), then content.")
+@click.option("--max-body-bytes", type=int, default=32 * 1024 * 1024, show_default=True,
+              help="Largest request body accepted; larger ones get 413.")
+@click.option("--idle-timeout", type=float, default=5.0, show_default=True,
+              help="Close a connection that sent nothing for this many seconds while no response is in progress "
+              "(uvicorn's keep-alive timeout, as vLLM runs it; 0: never).")
 def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles, max_num_seqs,
                 max_num_batched_tokens, num_blocks, block_size, max_model_len, no_prefix_caching, t_fixed,
                 t_weights, t_token, t_kv, speed, stop_mean, stop_sigma, seed, server_timestamps, fault_429,
                 fault_500, fault_503, fault_stall, stall_seconds, fault_disconnect, fault_malformed, fault_seed,
-                log_requests):
+                log_requests, reasoning_tokens, max_body_bytes, idle_timeout):
     """Serve a simulated LLM with vLLM's OpenAI-compatible API.
 
     Without --ttft/--tpot the engine model runs: continuous batching, chunked prefill, a paged KV cache with
@@ -92,15 +102,21 @@ def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles
     total = fault_429 + fault_500 + fault_503 + fault_stall + fault_disconnect + fault_malformed
     if total > 1.0 + 1e-9:
         raise VkError(f"the --fault-* fractions add up to {total:g} > 1")
-    for name, v in (("--ttft", ttft), ("--tpot", tpot), ("--stall-seconds", stall_seconds)):
-        if v is not None and v < 0:
-            raise VkError(f"{name} must be >= 0")
+    for name, v in (("--ttft", ttft), ("--tpot", tpot), ("--stall-seconds", stall_seconds), ("--t-fixed", t_fixed),
+                    ("--t-weights", t_weights), ("--t-token", t_token), ("--t-kv", t_kv), ("--speed", speed),
+                    ("--stop-mean", stop_mean), ("--stop-sigma", stop_sigma), ("--idle-timeout", idle_timeout)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise VkError(f"{name} must be a finite number >= 0, got {v:g}")
     if speed <= 0:
         raise VkError("--speed must be > 0")
     for name, v in (("--max-num-seqs", max_num_seqs), ("--max-num-batched-tokens", max_num_batched_tokens),
                     ("--num-blocks", num_blocks), ("--block-size", block_size), ("--max-model-len", max_model_len)):
         if v is not None and v < 1:
             raise VkError(f"{name} must be >= 1")
+    if reasoning_tokens < 0:
+        raise VkError("--reasoning-tokens must be >= 0")
+    if max_body_bytes < 1024:
+        raise VkError("--max-body-bytes must be >= 1024")
     if stop_mean < 1:
         raise VkError("--stop-mean must be >= 1")
     from vk.serve.server import serve
@@ -113,7 +129,8 @@ def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles
               stop_sigma=stop_sigma, seed=seed, server_timestamps=server_timestamps, fault_429=fault_429,
               fault_500=fault_500, fault_503=fault_503, fault_stall=fault_stall, stall_seconds=stall_seconds,
               fault_disconnect=fault_disconnect, fault_malformed=fault_malformed, fault_seed=fault_seed,
-              log_requests=log_requests)
+              log_requests=log_requests, reasoning_tokens=reasoning_tokens, max_body_bytes=max_body_bytes,
+              idle_timeout=idle_timeout)
     except OSError as e:
         raise VkError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 

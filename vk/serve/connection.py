@@ -16,8 +16,8 @@ import time
 
 import orjson
 
-MAX_BODY = 64 * 1024 * 1024
 MAX_HEAD = 64 * 1024
+BIG_BODY = 1 << 20  # a body larger than this is collected in parts, joined once
 
 
 class HTTPError(Exception):
@@ -65,10 +65,15 @@ class Conn(asyncio.Protocol):
         self.closed = False
         self.sent_continue = False
         self.queued = False
-        self.t_recv = 0.0
+        self.t_recv = 0.0  # when the first byte of the request being read arrived
+        self.t_active = time.monotonic()  # the last read or finished response (for the idle timeout)
+        self.body_need = 0  # bytes still to come of a big body being collected in parts
+        self.body_parts = []
+        self.pending = None  # (method, target, version, headers) of that request
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.app.conns.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -78,6 +83,7 @@ class Conn(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self.app.conns.discard(self)
         seq = self.active
         if seq is not None and not seq.done:
             if seq.handle is not None and not seq.sink.started:
@@ -89,8 +95,13 @@ class Conn(asyncio.Protocol):
         self.active = None
 
     def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.t_active = now
+        if self.body_need:
+            self._body_part(data)
+            return
         if not self.buf:
-            self.t_recv = time.monotonic()
+            self.t_recv = now
         self.buf += data
         if not self.busy:
             self.app.enqueue(self)
@@ -104,8 +115,11 @@ class Conn(asyncio.Protocol):
         if not self.closed:
             self.transport.close()
         seq = self.active
-        if seq is not None and not seq.done:
-            self.app.sched.abort(seq)
+        if seq is not None:
+            if not seq.done:
+                self.app.sched.abort(seq)
+            else:  # closed at its last token (a 1-token output): counted as aborted, not as a success
+                seq.aborted = True
         self.active = None
         self.closed = True
 
@@ -116,6 +130,7 @@ class Conn(asyncio.Protocol):
     def response_done(self) -> None:
         self.active = None
         self.busy = False
+        self.t_active = time.monotonic()
         if self.close_after:
             if not self.closed:
                 self.transport.close()
@@ -126,12 +141,14 @@ class Conn(asyncio.Protocol):
             self.app.enqueue(self)
 
     def _bad(self, code: int, message: str) -> None:
+        """A request that cannot be read (framing, size): answered, and the connection closed."""
         self.close_after = True
         self.busy = True
+        self.app.stats.count_response(code)
         self.respond(code, error_body(code, message))
 
     def process(self) -> None:
-        while not self.busy and not self.closed and self.buf:
+        while not self.busy and not self.closed and self.buf and self.body_need == 0:
             buf = self.buf
             i = buf.find(b"\r\n\r\n")
             if i < 0:
@@ -146,48 +163,92 @@ class Conn(asyncio.Protocol):
                 method, target, version = lines[0].split(" ", 2)
                 headers = {}
                 for ln in lines[1:]:
-                    k, _, v = ln.partition(":")
-                    headers[k.strip().lower()] = v.strip()
+                    k, sep, v = ln.partition(":")
+                    k = k.strip().lower()
+                    if not sep or not k:
+                        raise ValueError(ln)
+                    if k in headers and k in ("content-length", "transfer-encoding"):
+                        raise ValueError(k)  # two framings: a smuggling attempt
+                    headers[k] = v.strip()
             except (ValueError, IndexError):
                 self._bad(400, "Malformed HTTP request")
                 return
             start = i + 4
-            te = headers.get("transfer-encoding", "").lower()
-            if "chunked" in te:
+            te = headers.get("transfer-encoding")
+            cl = headers.get("content-length")
+            if te is not None and cl is not None:
+                # RFC 9112 6.1: a request with both may be an attempt at request smuggling; answer and close
+                self._bad(400, "Both Content-Length and Transfer-Encoding")
+                return
+            if te is not None:
+                if te.lower() != "chunked":
+                    self._bad(400, f"Unsupported Transfer-Encoding: {te}")
+                    return
                 body, end = parse_chunked(buf, start)
                 if body is None:
                     if end < 0:
                         self._bad(400, "Malformed chunked body")
-                    elif len(buf) > MAX_BODY:
+                    elif len(buf) > self.app.opts.max_body_bytes:
                         self._bad(413, "Request body too large")
                     return
-            else:
-                try:
-                    cl = int(headers.get("content-length", "0") or 0)
-                except ValueError:
-                    self._bad(400, "Bad Content-Length")
-                    return
-                if cl > MAX_BODY:
+                if len(body) > self.app.opts.max_body_bytes:
                     self._bad(413, "Request body too large")
                     return
-                end = start + cl
+                del buf[:end]
+            else:
+                if cl is None:
+                    n = 0
+                elif cl.isdigit() and cl.isascii():
+                    n = int(cl)
+                else:
+                    self._bad(400, "Bad Content-Length")
+                    return
+                if n > self.app.opts.max_body_bytes:
+                    self._bad(413, "Request body too large")
+                    return
+                end = start + n
                 if len(buf) < end:
                     if headers.get("expect", "").lower() == "100-continue" and not self.sent_continue:
                         self.sent_continue = True
                         self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    if n > BIG_BODY:  # collect the rest in parts: no copy of the whole buffer per read
+                        self.body_parts = [bytes(buf[start:])]
+                        self.body_need = end - len(buf)
+                        self.pending = (method, target, version, headers)
+                        buf.clear()
                     return
                 body = bytes(buf[start:end])
-            del buf[:end]
-            self.sent_continue = False
-            conn_h = headers.get("connection", "").lower()
-            self.close_after = "close" in conn_h or (version == "HTTP/1.0" and "keep-alive" not in conn_h)
-            self.busy = True
-            if self.app.opts.log_requests:
-                print(f"vk-serve: {method} {target}", file=sys.stderr)
-            try:
-                self.app.handle(self, method, target, headers, body)
-            except Exception as e:  # noqa: BLE001 - a bug must not kill the server
-                self.respond(500, error_body(500, f"internal error: {e!r}", "InternalServerError"))
+                del buf[:end]
+            self._dispatch(method, target, version, headers, body)
+
+    def _body_part(self, data: bytes) -> None:
+        """The next bytes of a big Content-Length body (``data_received`` while ``body_need``)."""
+        need = self.body_need
+        if len(data) <= need:
+            self.body_parts.append(data)
+            self.body_need = need - len(data)
+        else:
+            self.body_parts.append(data[:need])
+            self.buf += data[need:]
+            self.body_need = 0
+        if self.body_need == 0:
+            body = b"".join(self.body_parts)
+            self.body_parts = []
+            method, target, version, headers = self.pending
+            self.pending = None
+            self._dispatch(method, target, version, headers, body)
+
+    def _dispatch(self, method: str, target: str, version: str, headers: dict, body: bytes) -> None:
+        self.sent_continue = False
+        conn_h = headers.get("connection", "").lower()
+        self.close_after = "close" in conn_h or (version == "HTTP/1.0" and "keep-alive" not in conn_h)
+        self.busy = True
+        if self.app.opts.log_requests:
+            print(f"vk-serve: {method} {target}", file=sys.stderr)
+        try:
+            self.app.handle(self, method, target, headers, body)
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the server
+            self.respond(500, error_body(500, f"internal error: {e!r}", "InternalServerError"))
 
 
 def parse_chunked(buf: bytearray, pos: int):

@@ -33,10 +33,13 @@ class Seq:
         "n_hashed", "hashes", "handle", "preemptions",
     )
 
-    def __init__(self, rid: str, prompt_ids: list[int], out_ids: list[int], finish_reason: str, sink):
+    def __init__(self, rid: str, prompt_ids: list[int] | None, out_ids: list[int], finish_reason: str, sink,
+                 prompt_len: int | None = None):
         self.rid = rid
         self.prompt_ids = prompt_ids
-        self.prompt_len = len(prompt_ids)
+        # -1: not counted yet (fixed-latency mode starts a big prompt while a worker counts it)
+        self.prompt_len = len(prompt_ids) if prompt_len is None and prompt_ids is not None else (
+            -1 if prompt_len is None else prompt_len)
         self.out_ids = out_ids  # the tokens this request will generate (decided at arrival)
         self.out_target = len(out_ids)
         self.n_out = 0
@@ -105,7 +108,8 @@ class Stats:
         self.prefix_hits = 0
         self.preemptions = 0
         self.success = {"stop": 0, "length": 0, "abort": 0}
-        self.errors = {}
+        self.responses = {}  # completion requests by the status code of their response (200: when it began)
+        self.faults = dict.fromkeys(("429", "500", "503", "stall", "disconnect", "malformed"), 0)  # injected
         self.steps = 0
         self.step_lag_max = 0.0
         self.step_lag_sum = 0.0
@@ -119,6 +123,9 @@ class Stats:
                                       100000))
         self.gen_hist = Histogram((1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
                                    100000))
+
+    def count_response(self, code: int) -> None:
+        self.responses[code] = self.responses.get(code, 0) + 1
 
     def observe_lag(self, lag: float) -> None:
         """One step's end (engine model) or one token (fixed latency), ``lag`` seconds after its planned time."""
@@ -148,7 +155,8 @@ class Stats:
         if seq.aborted:
             return
         self.e2e.observe(now - seq.t_arrival)
-        self.prompt_hist.observe(seq.prompt_len)
+        if seq.prompt_len >= 0:
+            self.prompt_hist.observe(seq.prompt_len)
         self.gen_hist.observe(seq.n_out)
         if seq.n_out > 1 and seq.t_first is not None:
             self.tpot.observe((now - seq.t_first) / (seq.n_out - 1))
@@ -195,7 +203,8 @@ class FixedLatency:
     # the interface -------------------------------------------------------------------------------------------
     def add(self, seq: Seq) -> None:
         seq.t_arrival = seq.t_arrival or self.clock()
-        self.stats.prompt_tokens += seq.prompt_len
+        if seq.prompt_len > 0:
+            self.stats.prompt_tokens += seq.prompt_len
         if self.running < self.cap:
             self._start(seq, seq.t_arrival)
         else:

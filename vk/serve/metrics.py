@@ -53,6 +53,15 @@ def exposition(app) -> str:
         out.append("# TYPE vllm:cache_config_info gauge")
         out.append(f'vllm:cache_config_info{{block_size="{c.block_size}",num_gpu_blocks="{c.num_blocks}",'
                    f'enable_prefix_caching="{c.enable_prefix_caching}"}} 1.0')
+    out.append("# HELP vk_serve_requests_total Completion requests by the status code of their response, counted when "
+               "the response began (vk-serve extension).")
+    out.append("# TYPE vk_serve_requests_total counter")
+    for code, v in sorted(s.responses.items()):
+        out.append(f'vk_serve_requests_total{{{lab},code="{code}"}} {v}')
+    out.append("# HELP vk_serve_faults_total Faults injected, by kind (vk-serve extension).")
+    out.append("# TYPE vk_serve_faults_total counter")
+    for kind, v in s.faults.items():
+        out.append(f'vk_serve_faults_total{{{lab},kind="{kind}"}} {v}')
     out.append("# HELP vk_serve_steps_total Engine steps simulated (vk-serve extension).")
     out.append("# TYPE vk_serve_steps_total counter")
     out.append(f"vk_serve_steps_total {s.steps}")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sys
 
 from vk.serve.app import App, Options
 from vk.serve.connection import Conn
+from vk.serve.prompts import PromptWorker
 
 __all__ = ["Options", "serve", "raise_fd_limit", "pin_to_cpu"]
 
@@ -28,6 +30,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *, ready=None, **options) -
         raise TypeError(f"serve(): unknown options {sorted(unknown)}")
     opts = Options(host=host, port=port, **options)
     raise_fd_limit()
+    # The prompt worker is forked first, before the event loop, the tokenizer's threads or any socket exist.
+    fixed = opts.ttft is not None or opts.tpot is not None
+    worker = PromptWorker(opts.tokenizer, opts.model, need_ids=not fixed)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    worker.start()
     try:
         import uvloop
 
@@ -36,7 +44,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *, ready=None, **options) -
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        app = App(opts, loop)
+        app = App(opts, loop, worker)
         # Long-lived objects (tokenizer, vocabulary tables) leave the cyclic GC's view; fewer, later collections
         # keep pauses out of the step timing.
         gc.collect()
@@ -61,6 +69,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *, ready=None, **options) -
         loop.run_until_complete(stop)
         server.close()
     finally:
+        worker.stop()
         loop.close()
         asyncio.set_event_loop(None)
 

@@ -18,7 +18,8 @@ from vk.serve.engine import Seq
 class Sink:
     """What both kinds of response know: the request's ids, its connection and its injected faults."""
 
-    __slots__ = ("app", "conn", "chat", "rid", "xrid", "disconnect_at", "malformed_at", "started")
+    __slots__ = ("app", "conn", "chat", "rid", "xrid", "disconnect_at", "malformed_at", "started", "finish_pending",
+                 "n_reasoning")
 
     def __init__(self, app, conn: Conn, chat: bool, rid: str, xrid: str):
         self.app = app
@@ -29,12 +30,22 @@ class Sink:
         self.disconnect_at = 0  # the output token after which the connection is closed (fault), 0 = none
         self.malformed_at = 0  # the output token before which a malformed event is sent (fault), 0 = none
         self.started = False
+        self.finish_pending = False  # the last token is out but the prompt is still being counted (usage waits)
+        self.n_reasoning = app.opts.reasoning_tokens if chat else 0  # the first tokens are reasoning, then content
+
+    def usage(self, seq: Seq) -> dict:
+        p, c = seq.prompt_len, seq.n_out
+        u = {"prompt_tokens": p, "total_tokens": p + c, "completion_tokens": c,
+             "prompt_tokens_details": {"cached_tokens": seq.cached_tokens}}
+        if self.n_reasoning:
+            u["completion_tokens_details"] = {"reasoning_tokens": min(self.n_reasoning, c)}
+        return u
 
 
 class StreamSink(Sink):
     """Writes a streamed response (SSE over chunked transfer encoding) as tokens come out of the engine."""
 
-    __slots__ = ("include_usage", "continuous", "ts", "head", "tail", "tail_end")
+    __slots__ = ("include_usage", "continuous", "ts", "head", "head_reasoning", "tail", "tail_end")
 
     def __init__(self, app, conn: Conn, chat: bool, rid: str, xrid: str, so: dict, req: dict):
         super().__init__(app, conn, chat, rid, xrid)
@@ -47,15 +58,19 @@ class StreamSink(Sink):
             app.model_bytes)
         if chat:
             self.head = b"data: " + common + b'{"index":0,"delta":{"content":'
+            # vLLM's reasoning parsers stream the thinking as delta.reasoning_content before any content
+            self.head_reasoning = b"data: " + common + b'{"index":0,"delta":{"reasoning_content":'
             self.tail = b'},"logprobs":null,"finish_reason":null}]'
             self.tail_end = b'},"logprobs":null,"finish_reason":"%s","stop_reason":null}]'
         else:
             self.head = b"data: " + common + b'{"index":0,"text":'
             self.tail = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]'
             self.tail_end = b',"logprobs":null,"finish_reason":"%s","stop_reason":null}]'
+            self.head_reasoning = self.head
 
     def start(self, seq: Seq) -> None:
         self.started = True
+        self.app.stats.count_response(200)
         # with --server-timestamps, the request's arrival on the server's clock (epoch seconds), the origin of
         # its TTFT: the truth a timing test compares the token times with
         arrival = b"vk-server-arrival: %.6f\r\n" % (time.time() - (time.monotonic() - seq.t_arrival)) \
@@ -65,15 +80,15 @@ class StreamSink(Sink):
             b"transfer-encoding: chunked\r\nx-request-id: %s\r\n%s%s\r\n"
             % (self.xrid.encode(), arrival, b"connection: close\r\n" if self.conn.close_after else b""))
 
-    def _usage(self, seq: Seq, final: bool) -> bytes:
+    def _usage(self, seq: Seq) -> bytes:
         p, c = seq.prompt_len, seq.n_out
-        if final:
-            return b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d,' \
-                   b'"prompt_tokens_details":{"cached_tokens":%d}}' % (p, p + c, c, seq.cached_tokens)
         return b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}' % (p, p + c, c)
 
     def on_token(self, seq: Seq, now: float) -> None:
         n = seq.n_out
+        if n == self.disconnect_at and n == seq.out_target:  # a 1-token output: close instead of answering
+            self.conn.abort_connection()
+            return
         parts = []
         if n == 1 and self.chat:
             ev = self.head[:-len(b'"content":')] + b'"role":"assistant","content":""' + self.tail
@@ -85,10 +100,10 @@ class StreamSink(Sink):
             parts.append(chunk(ev + b"}\n\n"))
         if n == self.malformed_at:
             parts.append(chunk(self.head + b'"broken\n\n'))
-        ev = self.head + self.app.words.json[seq.out_ids[n - 1]]
+        ev = (self.head if n > self.n_reasoning else self.head_reasoning) + self.app.words.json[seq.out_ids[n - 1]]
         ev += self.tail_end % seq.finish_reason.encode() if n == seq.out_target else self.tail
         if self.continuous:
-            ev += self._usage(seq, False)
+            ev += self._usage(seq)
         if self.ts:
             ev += b',"vk_server_time":%.6f' % time.time()
         parts.append(chunk(ev + b"}\n\n"))
@@ -97,9 +112,13 @@ class StreamSink(Sink):
             self.conn.abort_connection()
 
     def on_finish(self, seq: Seq, now: float) -> None:
+        if seq.prompt_len < 0:
+            self.finish_pending = True
+            return
         parts = []
         if self.include_usage:
-            ev = self.head[: self.head.index(b'"choices":[') + 11] + b"]" + self._usage(seq, True)
+            ev = self.head[: self.head.index(b'"choices":[') + 11] + b"]," + b'"usage":' + orjson.dumps(
+                self.usage(seq))
             if self.ts:
                 ev += b',"vk_server_time":%.6f' % time.time()
             parts.append(chunk(ev + b"}\n\n"))
@@ -121,20 +140,24 @@ class FullSink(Sink):
         self.started = True
 
     def on_token(self, seq: Seq, now: float) -> None:
-        if seq.n_out == self.disconnect_at and seq.n_out < seq.out_target:
+        if seq.n_out == self.disconnect_at:  # a disconnect fault: the connection closes before the answer
             self.conn.abort_connection()
 
     def on_finish(self, seq: Seq, now: float) -> None:
-        text = self.app.words.decode(seq.out_ids[: seq.n_out])
-        p, c = seq.prompt_len, seq.n_out
-        usage = {"prompt_tokens": p, "total_tokens": p + c, "completion_tokens": c,
-                 "prompt_tokens_details": {"cached_tokens": seq.cached_tokens}}
+        if seq.prompt_len < 0:
+            self.finish_pending = True
+            return
+        words = self.app.words
+        r = min(self.n_reasoning, seq.n_out)
+        text = words.decode(seq.out_ids[r: seq.n_out])
+        usage = self.usage(seq)
         if self.malformed_at:  # a malformed body instead of a malformed event
             body = b'{"id":"' + self.rid.encode() + b'","object":'
         elif self.chat:
             body = orjson.dumps({
                 "id": self.rid, "object": "chat.completion", "created": int(time.time()), "model": self.app.opts.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "reasoning_content": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text if text or not r else None,
+                                                     "reasoning_content": words.decode(seq.out_ids[:r]) if r else None,
                                                      "tool_calls": []},
                              "logprobs": None, "finish_reason": seq.finish_reason, "stop_reason": None}],
                 "usage": usage, "prompt_logprobs": None})
@@ -144,4 +167,6 @@ class FullSink(Sink):
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": seq.finish_reason,
                              "stop_reason": None, "prompt_logprobs": None}],
                 "usage": usage})
+        if not self.conn.closed:
+            self.app.stats.count_response(200)
         self.conn.respond(200, body, extra=b"x-request-id: %s\r\n" % self.xrid.encode())

@@ -35,47 +35,48 @@ language problem example result energy island travel simple quiet strong bright 
 
 
 class Words:
-    """Single-token words of a tokenizer: ``ids`` (token ids), ``text[i]`` and ``json[i]`` (JSON string bytes)."""
+    """Single-token words of a tokenizer: ``ids`` (token ids), ``text[i]`` and ``json[i]`` (JSON string bytes).
+
+    A word qualifies when it is one token *in running text*: ``PREFIX + word`` encodes as ``PREFIX`` plus one token,
+    so that a tokenizer whose normalizer prepends ``▁`` to every text (SentencePiece as Llama-2, Mistral v0.1 and
+    Phi-3 ship it) is handled as well as byte-level BPE and WordPiece. Common English words come first; then the
+    vocabulary's own ``Ġword`` / ``▁word`` / ``word`` entries; a sample of the chosen words must re-encode, joined,
+    to exactly their tokens. ``exact`` is False when no such words exist: the output is then the text of arbitrary
+    tokens (usage stays exact, as the server counts token ids, but the text may re-encode differently), and
+    ``note`` says so.
+    """
 
     def __init__(self, tokenizer, limit: int = 2000):
-        ids, words = [], []
-        seen = set()
-        common = [" " + w for w in dict.fromkeys(COMMON)]
-        for t, e in zip(common, tokenizer.encode_batch(common), strict=True):
-            if len(e) == 1 and e[0] not in seen:
-                seen.add(e[0])
-                ids.append(e[0])
-                words.append(t)
-        if len(ids) >= 100:
-            self._finish(ids, words)
+        self.exact = True
+        self.note = None
+        found = _in_context(tokenizer, [" " + w for w in dict.fromkeys(COMMON)])
+        if len(found) < 100:
+            vocab = tokenizer.backend.get_vocab()
+            cands = sorted((i, t.lstrip("\u0120\u2581")) for t, i in vocab.items()
+                           if _WORD.match(t.lstrip("\u0120\u2581")))
+            seen = {i for i, _ in found}
+            more = _in_context(tokenizer, [" " + w for _, w in cands[: limit * 4]])
+            found += [(i, t) for i, t in more if i not in seen][: limit]
+        if found and _joins_exactly(tokenizer, found):
+            self._finish([i for i, _ in found], [t for _, t in found])
             return
+        # No words that stay one token each: any ordinary tokens, with their own text.
         ids, words = [], []
-        vocab = tokenizer.backend.get_vocab()
-        cands = []
-        for tok, i in vocab.items():
-            if tok[:1] in ("\u0120", "\u2581") and _WORD.match(tok[1:]):
-                cands.append((i, tok[1:]))
-        cands.sort()
-        cands = cands[: limit * 2]
-        texts = [" " + w for _, w in cands]
-        enc = tokenizer.encode_batch(texts) if cands else []
-        for (i, _), t, e in zip(cands, texts, enc, strict=True):
-            if e == [i]:
+        special = set(tokenizer.backend.get_added_tokens_decoder()) if hasattr(
+            tokenizer.backend, "get_added_tokens_decoder") else set()
+        for i in range(min(tokenizer.vocab_size, 20000)):
+            t = tokenizer.decode([i])
+            if i not in special and t.strip() and "\ufffd" not in t:
                 ids.append(i)
-                words.append(t)
+                words.append(t if t.startswith(" ") else " " + t)
             if len(ids) >= limit:
                 break
-        if len(ids) < 10:
-            # A tokenizer without such entries: fall back to any token that decodes and re-encodes to itself.
-            for i in range(min(tokenizer.vocab_size, 50000)):
-                t = tokenizer.decode([i])
-                if t.strip() and t.startswith(" ") and tokenizer.encode(t) == [i]:
-                    ids.append(i)
-                    words.append(t)
-                if len(ids) >= limit:
-                    break
         if not ids:
-            raise ValueError(f"tokenizer {tokenizer.name}: no single-token words found")
+            raise ValueError(f"tokenizer {tokenizer.name}: no tokens with text found")
+        self.exact = False
+        self.note = (f"vk-serve: tokenizer '{tokenizer.name}': no words that stay one token each in running text; "
+                     "output text is made of arbitrary tokens' text: usage counts stay exact, but the text may "
+                     "re-encode to a different count")
         self._finish(ids, words)
 
     def _finish(self, ids, words):
@@ -86,6 +87,28 @@ class Words:
 
     def decode(self, ids) -> str:
         return "".join(self.text[i] for i in ids)
+
+
+PREFIX = "x"  # a word before the candidates: " word" after it is a word of running text, in every family
+
+
+def _in_context(tokenizer, texts: list[str]) -> list[tuple[int, str]]:
+    """``(id, text)`` of the texts that are exactly one token after :data:`PREFIX` (first of each id kept)."""
+    base = tokenizer.encode(PREFIX)
+    n = len(base)
+    out, seen = [], set()
+    for t, e in zip(texts, tokenizer.encode_batch([PREFIX + t for t in texts]), strict=True):
+        if len(e) == n + 1 and e[:n] == base and e[n] not in seen:
+            seen.add(e[n])
+            out.append((e[n], t))
+    return out
+
+
+def _joins_exactly(tokenizer, found: list[tuple[int, str]]) -> bool:
+    """Do the words, joined (as a stream's deltas are), re-encode to exactly their tokens?"""
+    sample = found[:200]
+    base = tokenizer.encode(PREFIX)
+    return tokenizer.encode(PREFIX + "".join(t for _, t in sample)) == base + [i for i, _ in sample]
 
 
 @functools.lru_cache(maxsize=4)
