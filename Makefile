@@ -3,7 +3,7 @@ PY     ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.vk-installed
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n auto  # pytest-xdist (the test extra): one worker per core; PYTEST_ARGS="-n 0" runs in one process
 
 .PHONY: install test demo bench lint man clean
 

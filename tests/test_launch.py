@@ -95,6 +95,30 @@ def test_an_exception_in_the_block_stops_the_server(tmp_path):
     assert _gone(pgid)
 
 
+def test_a_health_check_that_says_not_yet_is_waited_for(tmp_path):
+    # /health answers 503 for the first second (loading); /v1/models answers at once, but must not count
+    app = tmp_path / "app.py"
+    app.write_text(textwrap.dedent("""
+        import http.server, json, sys, time
+        T0 = time.monotonic()
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == '/health':
+                    self.send_response(200 if time.monotonic() - T0 > 1.0 else 503); self.end_headers()
+                elif self.path == '/v1/models':
+                    body = json.dumps({'data': [{'id': 'm'}]}).encode()
+                    self.send_response(200); self.end_headers(); self.wfile.write(body)
+                else:
+                    self.send_response(404); self.end_headers()
+            def log_message(self, *a):
+                pass
+        http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
+    """))
+    with launched(f"{PY} {app} {{port}}", log=tmp_path / "s.log") as s:
+        assert s.ready_probe == "/health" and s.ready_s > 1.0
+    assert _gone(s.pgid)
+
+
 def test_ready_falls_back_to_the_model_list_when_there_is_no_health_endpoint(tmp_path):
     app = tmp_path / "app.py"
     app.write_text(textwrap.dedent("""
@@ -117,7 +141,8 @@ def test_ready_falls_back_to_the_model_list_when_there_is_no_health_endpoint(tmp
     assert _gone(s.pgid)
 
 
-def test_sigint_to_the_benchmark_leaves_no_server_behind(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_benchmark_leaves_no_server_behind(tmp_path, sig):
     script = tmp_path / "bench.py"
     script.write_text(textwrap.dedent(f"""
         import sys, time
@@ -130,7 +155,7 @@ def test_sigint_to_the_benchmark_leaves_no_server_behind(tmp_path):
     try:
         pgid = int(p.stdout.readline())
         assert group_alive(pgid)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         p.wait(30)
     finally:
         if p.poll() is None:

@@ -71,7 +71,7 @@ def test_the_run_header_server_field_is_validated():
 
 
 def test_exposition_parsing_keeps_counters_raw_and_leaves_buckets_out():
-    text = (METRICS / "vllm.prom").read_text()
+    text = (METRICS / "vllm-1.prom").read_text()
     recs = exposition_records(text, 1.5, "r")
     by_name = {r["name"]: r for r in recs}
     assert by_name["vllm:prefix_cache_hits_total"]["value"] == 3400.0
@@ -83,8 +83,101 @@ def test_exposition_parsing_keeps_counters_raw_and_leaves_buckets_out():
     assert all(records.validate(r) for r in recs) and all(r["t"] == 1.5 for r in recs)
 
 
-def test_the_default_scrape_url_is_the_api_origin():
+def test_the_default_scrape_url_is_the_api_origin_and_the_key_goes_only_there():
+    from vk.send.scrape import Scraper
+
     assert metrics_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/metrics"
+    own = Scraper.for_api("http://127.0.0.1:8000/v1", "", 1.0, False, "sk-x")
+    assert own.url == "http://127.0.0.1:8000/metrics" and own.api_key == "sk-x"
+    assert Scraper.for_api("http://127.0.0.1:8000/v1", "http://127.0.0.1:9100/metrics", 1.0, False,
+                           "sk-x").api_key is None
+
+
+# -- vk-eval: the names of vLLM, SGLang and TGI mapped ----------------------------------------------------------
+
+
+def _run_with_scrapes(engine: str, *, scale_server_tokens: float = 1.0) -> list[dict]:
+    """A run of 10 responses of 100 output tokens each between 0.5 s and 9.5 s, with two scrapes of the engine's
+    fixture expositions around it (t = -0.01 and t = 10)."""
+    rid = "run-" + engine
+    out = [records.new_run(rid, 1.7e9, api="http://127.0.0.1:1/v1", model="m", endpoint="chat", vk_version="0",
+                           host="h", argv=[])]
+    for t, name in ((-0.01, f"{engine}-0.prom"), (10.0, f"{engine}-1.prom")):
+        recs = exposition_records((METRICS / name).read_text(), t, rid)
+        if t > 0 and scale_server_tokens != 1.0:
+            for r in recs:
+                if r["name"] == "vllm:generation_tokens_total":
+                    r["value"] = 500 + (r["value"] - 500) * scale_server_tokens
+        out += recs
+    for i in range(10):
+        t0 = 0.5 + i
+        ts = [round(t0 + 0.1 + j * 0.003, 6) for j in range(100)]
+        out.append(records.new_response(
+            rid, f"s{i}", "r0", "ok", t_intended=t0, t_dispatched=t0, t_sent=t0, t_first_byte=ts[0],
+            t_first_token=ts[0], t_first_content=ts[0], t_last_token=ts[-1], t_done=ts[-1],
+            events={"t": ts, "kind": "c" * 100}, usage={"prompt_tokens": 1000, "completion_tokens": 100}))
+    out.append(records.new_run_end(rid, requests=10, lagged=False))
+    return out
+
+
+@pytest.mark.parametrize("engine, running, waiting, kv, hit_rate, preemptions", [
+    ("vllm", 6, 3, 0.42, 0.3, 3),
+    ("sglang", 4, 2, 0.25, 0.3, 1),
+    ("tgi", 8, 5, None, None, None),
+])
+def test_each_engines_names_are_mapped(engine, running, waiting, kv, hit_rate, preemptions):
+    from vk.eval import evaluate
+
+    res = evaluate(_run_with_scrapes(engine)).to_dict()
+    (s,) = res["server"]
+    assert s["engine"] == engine and s["scrapes"] == 2 and s["window"] == [-0.01, 10.0]
+    assert s["running"]["max"] == running and s["waiting"]["max"] == waiting
+    assert (s["kv_cache_usage"] or {}).get("max") == kv
+    assert s["prefix_cache_hit_rate"] == (pytest.approx(hit_rate) if hit_rate is not None else None)
+    assert s["preemptions"] == preemptions
+    assert s["prompt_tokens"] == 10000 and s["generation_tokens"] == 1000
+    assert s["generation_tokens_per_s"] == pytest.approx(1000 / 10.01)
+    cc = s["cross_check"]
+    assert cc["client_output_tokens"] == 1000 and cc["ratio"] == pytest.approx(1.0)
+    assert not s["warnings"]
+    assert not any("SERVER TOKENS" in f for f in res["overall"]["accuracy"]["flags"])
+
+
+def test_a_server_that_counts_other_tokens_than_the_client_is_a_warning():
+    from vk.eval import evaluate
+
+    res = evaluate(_run_with_scrapes("vllm", scale_server_tokens=1.5))
+    s = res.to_dict()["server"][0]
+    assert s["cross_check"]["ratio"] == pytest.approx(1.5)
+    flags = res.to_dict()["overall"]["accuracy"]["flags"]
+    assert any(f.startswith("SERVER TOKENS DISAGREE") and "1500" in f and "1000" in f for f in flags)
+    text = res.format("table")
+    assert "Server (scraped metrics)" in text and "SERVER TOKENS DISAGREE" in text
+
+
+def test_the_server_metrics_view_and_the_figure(tmp_path):
+    from vk.eval import sql
+    from vk.eval.plots import plot_files
+
+    path = tmp_path / "run.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in _run_with_scrapes("sglang")))
+    rows = sql("SELECT t, sum(value) FROM server_samples WHERE name = 'sglang:cached_tokens_total' "
+               "GROUP BY t ORDER BY t", str(path))
+    assert rows == [(-0.01, 600.0), (10.0, 3600.0)]
+    rows = sql("SELECT t, running, waiting, kv_cache_usage, prefix_cache_hits, preemptions, "
+               "generation_tokens_per_s, prefix_cache_hit_rate FROM server_metrics", str(path))
+    assert rows[0] == (-0.01, 0, 0, 0, 600, 0, None, None)
+    assert rows[1][:6] == (10.0, 4, 2, 0.25, 3600, 1)
+    assert rows[1][6] == pytest.approx(1000 / 10.01) and rows[1][7] == pytest.approx(0.3)
+    figs = plot_files(str(path), str(tmp_path / "plots"))
+    assert str(tmp_path / "plots" / "server.png") in figs
+
+
+def test_runs_without_scrapes_have_no_server_section():
+    from vk.eval import evaluate
+
+    recs = [r for r in _run_with_scrapes("vllm") if r["kind"] != "server_metric"]
+    assert "server" not in evaluate(recs).to_dict()
 
 
 # -- vk-send --scrape against vk-serve ----------------------------------------------------------------------
@@ -122,9 +215,10 @@ def test_scraped_gauges_and_counters_agree_with_what_vk_serve_did(serve, tmp_pat
     def delta(name):
         return last[name] - first[name]
 
-    # counters: what the responses say the server did
+    # counters: what the responses say the server did (the baseline is taken before the run's start instant, so
+    # no request of the run is counted in it, however late the server answers it)
     assert delta("vllm:generation_tokens_total") == sum(r["usage"]["completion_tokens"] for r in rs)
-    assert delta("vllm:prompt_tokens_total") >= sum(r["usage"]["prompt_tokens"] for r in rs)
+    assert delta("vllm:prompt_tokens_total") == sum(r["usage"]["prompt_tokens"] for r in rs)
     cached = sum(r["usage"]["cached_tokens"] for r in rs)
     prompt = sum(r["usage"]["prompt_tokens"] for r in rs)
     assert cached > 0
@@ -148,6 +242,39 @@ def test_scraped_gauges_and_counters_agree_with_what_vk_serve_did(serve, tmp_pat
         assert 0 <= s["vllm:kv_cache_usage_perc"] <= 1
         if s["vllm:num_requests_running"] > 0:
             assert s["vllm:kv_cache_usage_perc"] > 0
+
+
+def test_current_load_reads_the_queue_gauges_of_a_live_server(serve):
+    import concurrent.futures as cf
+
+    import httpx
+
+    from vk.eval.server_metrics import current_load
+
+    # one sequence at a time, slow steps: of three long requests, one runs and two wait
+    srv = serve("--max-num-seqs", "1", "--speed", "0.2")
+    assert current_load(srv.base + "/metrics") == {"engine": "vllm", "running": 0.0, "waiting": 0.0,
+                                                   "kv_cache_usage": 0.0}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "min_tokens": 400}
+
+    def post() -> int:
+        return httpx.post(srv.url + "/chat/completions", json=body, timeout=120).status_code
+
+    with cf.ThreadPoolExecutor(3) as ex:
+        futures = [ex.submit(post) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        load = None
+        while time.monotonic() < deadline:
+            load = current_load(srv.base + "/metrics")
+            if load["running"] + load["waiting"] == 3:
+                break
+            time.sleep(0.05)
+        assert load["running"] == 1 and load["waiting"] == 2 and load["kv_cache_usage"] > 0, load
+        srv.stop()  # the requests fail; they were only there to fill the queue
+        for f in futures:
+            with pytest.raises(httpx.HTTPError):
+                f.result()
+    assert current_load(srv.base + "/metrics", timeout=0.5) is None
 
 
 def test_a_failed_scrape_is_a_record_and_the_run_goes_on(serve, tmp_path):

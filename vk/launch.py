@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -251,8 +252,8 @@ class Server:
         status, _ = _get(self.origin + "/health")
         if status == 200:
             return "/health"
-        if status is None:
-            return None  # not listening yet
+        if status not in (404, 405, 501):
+            return None  # not listening yet, or a health check that says "not yet" (503 while loading)
         models_url = self.api + "/models"
         status, _ = _get(models_url)
         if status == 200:
@@ -344,13 +345,26 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def _exit_on_sigterm(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def launched(cmd: str | Sequence[str], **kwargs: Any) -> Iterator[Server]:
-    """Start the server, wait until it is ready, yield it, stop it (also on an exception or Ctrl-C)."""
+    """Start the server, wait until it is ready, yield it, stop it (also on an exception, Ctrl-C or SIGTERM).
+
+    SIGTERM's default action would end this process without unwinding, leaving the server running: in the main
+    thread, while the default is in place, it becomes SystemExit(143) for the duration of the block.
+    """
     server = Server(cmd, **kwargs)
-    server.start()
+    old = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        old = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        server.start()
         server.wait_ready()
         yield server
     finally:
         server.stop()
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

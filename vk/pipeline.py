@@ -71,8 +71,9 @@ def run_benchmark(
     ``workload`` is a vk-gen config (dict or YAML path; None is vk-gen's default workload). Choose the arrival
     process with ``poisson`` (sessions/s) or ``concurrency`` (closed loop), or pass any vk-schedule option in
     ``schedule_options``. ``api`` is the server's base URL; without it a vk-serve process is started with
-    ``serve_args``. The run's records go to ``output`` (a temporary file when None; its path is in the result's
-    ``inputs``).
+    ``serve_args``. ``send_options`` are vk.send.send's keyword arguments (``workers`` defaults to 1 here). The
+    run's records go to ``output``; without one they go to a temporary directory that is removed once they are
+    evaluated (pass ``output`` to keep them).
 
     ``server_cmd`` starts the server under test for the run (vk.launch: its own process group, output in
     ``<output>.server.log``, ready when /health or /models answers, stopped afterwards; ``{port}`` in it is
@@ -93,25 +94,25 @@ def run_benchmark(
         sched_opts["concurrency"] = 1
     sched_opts.setdefault("seed", seed)
 
-    tmpdir = None
-    if output is None:
-        tmpdir = tempfile.mkdtemp(prefix="vk-run-")
-        output = Path(tmpdir) / "run.jsonl"
+    send_opts = {"workers": 1, **(send_options or {})}  # one worker unless asked: the caller's choice wins
 
-    with contextlib.ExitStack() as stack:
-        server_info = None
-        if server_cmd is not None:
-            from vk.launch import DEFAULT_READY_TIMEOUT, launched
+    with contextlib.ExitStack() as files:
+        if output is None:
+            output = Path(files.enter_context(tempfile.TemporaryDirectory(prefix="vk-run-"))) / "run.jsonl"
+        with contextlib.ExitStack() as server:  # the server stops before the evaluation
+            server_info = None
+            if server_cmd is not None:
+                from vk.launch import DEFAULT_READY_TIMEOUT, launched
 
-            server = stack.enter_context(launched(
-                server_cmd, api=api, log=f"{output}.server.log",
-                ready_timeout=server_ready_timeout or DEFAULT_READY_TIMEOUT))
-            api, server_info = server.api, server.info()
-        if api is None:
-            extra = ["--tokenizer", tokenizer] if tokenizer else []
-            api = stack.enter_context(serving(*serve_args, *extra))
-        sessions = generate(workload if workload is not None else {}, seed=seed, count=count, tokenizer=tokenizer)
-        scheduled = schedule(sessions, **sched_opts)
-        send(scheduled, api=api, output=str(output), model=model, workers=1, server=server_info,
-             **(send_options or {}))
-    return evaluate(str(output), **(eval_options or {}))
+                launch = server.enter_context(launched(
+                    server_cmd, api=api, log=f"{output}.server.log",
+                    ready_timeout=server_ready_timeout or DEFAULT_READY_TIMEOUT))
+                api, server_info = launch.api, launch.info()
+            if api is None:
+                extra = ["--tokenizer", tokenizer] if tokenizer else []
+                api = server.enter_context(serving(*serve_args, *extra))
+            sessions = generate(workload if workload is not None else {}, seed=seed, count=count,
+                                tokenizer=tokenizer)
+            scheduled = schedule(sessions, **sched_opts)
+            send(scheduled, api=api, output=str(output), model=model, server=server_info, **send_opts)
+        return evaluate(str(output), **(eval_options or {}))

@@ -42,9 +42,13 @@ KINDS = tuple(VERSIONS)
 STATUS_OK = "ok"
 STATUS_ERROR = "error"  # HTTP error, connection error, malformed stream, ...
 STATUS_TIMEOUT = "timeout"  # first-byte or total timeout
-STATUS_CANCELLED = "cancelled"  # stopped by SIGINT/SIGTERM or --max-errors
+STATUS_CANCELLED = "cancelled"  # stopped by a signal or --max-errors, or lost with its worker process
 STATUS_SKIPPED = "skipped"  # not sent because a parent failed
 STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_TIMEOUT, STATUS_CANCELLED, STATUS_SKIPPED)
+
+# How a run ended (run_end field ``ended``).
+ENDED = ("complete", "interrupted", "max_errors", "bad_input", "worker_lost", "unreachable", "output_closed",
+         "stopped")
 
 # How a request's output target is enforced (request field ``output_control``).
 #   exact       max_tokens = min_tokens = target (vLLM, SGLang)
@@ -573,6 +577,13 @@ def validate_run_end(rec: Any, source: str = "<run>", line: int | None = None) -
     ctx = _Ctx(source, line)
     _header(ctx, rec, "run_end")
     _str(ctx, rec, "run_id")
+    ended = _str(ctx, rec, "ended", required=False, nullable=True)
+    if ended is not None and ended not in ENDED:
+        ctx.fail("ended", f"expected one of {', '.join(ENDED)}, got {ended!r}")
+    for f in ("requests", "sessions_started", "sessions_done", "sessions_not_started", "sessions_scheduled"):
+        _num(ctx, rec, f, required=False, nullable=True, minimum=0, integer=True)
+    for f in ("input_complete", "reached_server"):
+        _bool(ctx, rec, f)
     return rec
 
 

@@ -43,8 +43,9 @@ def evaluate(inputs: Any, *, percentiles=None, slo=None, goodput=None, warmup=No
 
 
 def sql(query: str, inputs: Any, *, db: str | None = None, columns: bool = False):
-    """Run a SQL query over views ``requests``, ``events``, ``sessions``, ``runs``; returns the rows (tuples),
-    or ``(column names, rows)`` with ``columns=True``. ``db`` also saves the DuckDB database to that file."""
+    """Run a SQL query over views ``requests``, ``events``, ``sessions``, ``runs``, ``server_metrics``,
+    ``server_samples``; returns the rows (tuples), or ``(column names, rows)`` with ``columns=True``. ``db``
+    also saves the DuckDB database to that file."""
     from vk.eval.sqlq import run_sql
 
     cols, rows = run_sql(query, inputs, db=db)

@@ -32,9 +32,16 @@ EPILOG = examples(
     "vk-eval compare before.jsonl after.jsonl",
     "vk-eval big.jsonl --cache               # parsed once; later runs read big.jsonl.vk-eval-cache/",
     "",
+    "\b",
     "Subcommands: sql, plot, compare, report (vk-eval SUBCOMMAND --help). Times are in seconds in JSON/CSV",
-    "and in milliseconds in tables.",
+    "and in milliseconds in tables. Percentiles are linear (not nearest rank); stddev is the population one.",
+    "Exit status: 1 an SLO missed (--check), 2 bad input or option, 74 no space left for an output.",
 )
+
+
+LABEL_OPTION = click.option(
+    "--label", "labels", multiple=True, metavar="NAME",
+    help="Legend label of each input file, in order (repeat once per file); default: the file name without .jsonl.")
 
 
 def _common(fn):
@@ -65,7 +72,9 @@ def _common(fn):
 @click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Output format.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--slo", metavar="SPEC", help="Aggregate objectives, e.g. 'ttft:p90<500ms,tpot:p99<50ms,error_rate<1%'.")
+@click.option("--slo", metavar="SPEC",
+              help="Aggregate objectives, e.g. 'ttft:p90<500ms,tpot:p99<50ms,error_rate<1%'. Latency thresholds "
+                   "need a unit (us, ms, s; 'm' is refused); the SLO table prints each as read.")
 @click.option("--goodput", metavar="SPEC",
               help="Per-request objectives, e.g. 'ttft<1s,tpot<60ms': attainment and goodput (failed requests "
                    "are violations; one-token outputs have no TPOT and pass a TPOT condition).")
@@ -113,17 +122,28 @@ def _progress_done() -> None:
 
 
 def _write(output: str, text: str) -> None:
-    if output == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        from vk.errors import VkError
+    """The report to stdout or to a file; a full disk is one line naming it (exit 74, vk.eval.outputs)."""
+    from vk.eval.outputs import writing
 
+    if output == "-":
         try:
-            with open(output, "w") as f:
-                f.write(text)
-        except OSError as e:
-            raise VkError(f"{output}: cannot write ({e.strerror})") from None
+            with writing("<stdout>"):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        except Exception:
+            _drop_stdout()  # what is still buffered must not fail again at exit
+            raise
+    else:
+        with writing(output), open(output, "w") as f:
+            f.write(text)
+
+
+def _drop_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 @click.command("sql", context_settings=CONTEXT_SETTINGS, epilog=examples(
@@ -139,27 +159,31 @@ def _write(output: str, text: str) -> None:
 @click.option("--db", metavar="FILE", help="Save the DuckDB database to FILE.")
 def sql_cmd(query, files, fmt, db):
     """Run QUERY over views of the records: requests (one row per response, with metric columns), events (one
-    row per streamed event), sessions, runs; tables raw and responses hold the records as read."""
+    row per streamed event), sessions, runs, and for runs recorded with vk-send --scrape server_metrics (the
+    server's gauges and counters per scrape, named alike for vLLM, SGLang and TGI) and server_samples (as
+    scraped); tables raw and responses hold the records as read."""
     from vk.eval.sqlq import format_rows, run_sql
 
     cols, rows = run_sql(query, list(files), db=db)
-    sys.stdout.write(format_rows(cols, rows, fmt))
+    _write("-", format_rows(cols, rows, fmt))
 
 
 @click.command("plot", context_settings=CONTEXT_SETTINGS, epilog=examples(
     "vk-eval plot plots/ run.jsonl",
     "vk-eval plot plots/ a.jsonl b.jsonl --overlay     # runs overlaid in one set of figures",
+    "vk-eval plot plots/ a.jsonl b.jsonl --overlay --label before --label after",
 ))
 @click.argument("args", nargs=-1, required=True, type=click.Path(allow_dash=True), metavar="[DIR] FILE...")
 @click.option("-o", "--outdir", metavar="DIR", help="Output directory (else the first argument).")
 @click.option("--overlay", is_flag=True, help="Overlay the runs in one set of figures (default: one set per run).")
-def plot_cmd(args, outdir, overlay):
+@LABEL_OPTION
+def plot_cmd(args, outdir, overlay, labels):
     """Write PNG figures to DIR: CDFs of TTFT, TPOT, ITL and e2e; latency and throughput over time; TTFT
     against prompt length; ITL distribution. DIR is -o DIR or the first argument."""
     from vk.eval.plots import plot_files
 
     outdir, files = _dir_and_files(outdir, args)
-    for p in plot_files(files, outdir, overlay=overlay):
+    for p in plot_files(files, outdir, overlay=overlay, labels=list(labels) or None):
         print(p)
 
 
@@ -182,7 +206,7 @@ def compare_cmd(a, b, fmt, as_json, bootstrap, confidence, seed, percentiles):
     from vk.eval.compare import compare_runs, format_compare
 
     res = compare_runs(a, b, bootstrap=bootstrap, confidence=confidence, seed=seed, percentiles=percentiles)
-    sys.stdout.write(format_compare(res, "json" if as_json else fmt))
+    _write("-", format_compare(res, "json" if as_json else fmt))
 
 
 @click.command("report", context_settings=CONTEXT_SETTINGS, epilog=examples(
@@ -193,8 +217,10 @@ def compare_cmd(a, b, fmt, as_json, bootstrap, confidence, seed, percentiles):
 @click.option("-o", "--outdir", metavar="DIR", help="Output directory (else the first argument).")
 @click.option("--slo", metavar="SPEC", help="Aggregate objectives to check (as for vk-eval).")
 @click.option("--goodput", metavar="SPEC", help="Per-request objectives (as for vk-eval).")
+@LABEL_OPTION
 @_common
-def report_cmd(args, outdir, slo, goodput, percentiles, warmup, cooldown, group_by, fluidity, progress, validate):
+def report_cmd(args, outdir, slo, goodput, labels, percentiles, warmup, cooldown, group_by, fluidity, progress,
+               validate):
     """Write DIR/report.html: a self-contained page (figures embedded) with the tables and figures of the
     run(s), for sharing. DIR is -o DIR or the first argument."""
     from vk.eval.report import write_report
@@ -202,7 +228,8 @@ def report_cmd(args, outdir, slo, goodput, percentiles, warmup, cooldown, group_
     outdir, files = _dir_and_files(outdir, args)
     _progress(progress)
     path = write_report(files, outdir, slo=slo, goodput=goodput, percentiles=percentiles, warmup=warmup,
-                       cooldown=cooldown, group_by=group_by, fluidity=fluidity, validate=validate)
+                       cooldown=cooldown, group_by=group_by, fluidity=fluidity, validate=validate,
+                       labels=list(labels) or None)
     _progress_done()
     print(path)
 

@@ -6,6 +6,7 @@ timeseries, progress. The names below are re-exported for the callers of vk.eval
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -42,14 +43,17 @@ def evaluate_data(d: Data, opts: Options | None = None, consume: bool = False) -
         if ngroups > MAX_GROUPS:
             raise VkError(f"--group-by {','.join(group_by)}: {ngroups} groups (at most {MAX_GROUPS}); group by a "
                           "coarser field, or use vk-eval sql for per-value figures")
-        for k in sorted(set(keys.tolist()), key=lambda x: (str(x))):
+        order = {r["run_id"]: i for i, r in enumerate(d.runs)} if group_by == ["run"] else None
+        for k in sorted(set(keys.tolist()), key=lambda x: (order[x],) if order else natural_key(str(x))):
             gm = keys == k
             groups.append({"key": dict(zip(group_by, str(k).split(", ") if len(group_by) > 1 else [k], strict=False)),
                            "label": str(k), "summary": summarize(d, opts, gm, w0, w1, how, fl)})
     result = {
         "vk_eval": 1,
         "inputs": d.inputs.names,
-        "runs": [_run_info(r) for r in d.runs],
+        "runs": [_run_info(r, overall["accuracy"]) for r in d.runs],
+        "warnings": d.warnings,
+        "time_axes": [{k: ax[k] for k in ("run_ids", "shards", "offsets")} for ax in d.axes],
         "options": {**opts.to_dict(), "group_by": group_by},
         "definitions": {**LATENCY_METRICS, **STAT_DEFINITIONS},
         "overall": overall,
@@ -60,8 +64,22 @@ def evaluate_data(d: Data, opts: Options | None = None, consume: bool = False) -
 
     tick("groups, time series")
     result = clean(result)
+    from vk.eval.server_metrics import server_section
+
+    server = server_section(d.inputs.paths, d.con)  # vk-send --scrape: the server's own metrics, per run
+    if server is not None:
+        result["server"] = clean(server)
+        result["overall"]["accuracy"]["flags"] += [w for s in server for w in s["warnings"]]
     result["slo"] = check_slos(opts.slo, result)
     return result
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders the numbers inside labels as numbers: 64-127 before 128-255 before 1024-2047; labels
+    with no number ("unknown", "(none)") last."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", text)
+    key = tuple((0, float(x), "") if i % 2 else (1, 0.0, x) for i, x in enumerate(parts) if x != "")
+    return (not any(i % 2 for i, x in enumerate(parts) if x != ""), key)
 
 
 def clean(obj: Any) -> Any:
@@ -80,9 +98,11 @@ def clean(obj: Any) -> Any:
     return obj
 
 
-def _run_info(r: dict) -> dict:
-    keep = ("run_id", "file", "model", "api", "endpoint", "start_epoch", "vk_version", "host", "lagged")
+def _run_info(r: dict, accuracy: dict) -> dict:
+    keep = ("run_id", "file", "model", "api", "endpoint", "start_epoch", "vk_version", "host")
     out = {k: r.get(k) for k in keep}
+    out["lagged"] = r["run_id"] in accuracy.get("lagged_runs", ())  # vk-eval's verdict (vk.eval.lag)
+    out["vk_send_lagged"] = bool(r.get("lagged"))
     sch = r.get("schedule")
     if isinstance(sch, dict):
         out["schedule"] = {k: sch.get(k) for k in ("mode", "process", "params", "concurrency", "seed") if k in sch}

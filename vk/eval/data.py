@@ -3,8 +3,10 @@ computed from (Data), the metric names and definitions, the SQL views, the stead
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -13,6 +15,7 @@ import numpy as np
 from vk.errors import VkError
 from vk.eval import load as L
 from vk.eval import metrics as M
+from vk.eval.outputs import writing
 from vk.eval.progress import tick
 
 if TYPE_CHECKING:
@@ -21,7 +24,8 @@ if TYPE_CHECKING:
 LATENCY_METRICS = {
     "ttft": "t_first_token - t_sent (first token of any kind)",
     "ttfc": "t_first_content - t_sent (first content token)",
-    "tpot": "(t_last_token - t_first_token) / (output_tokens - 1)",
+    "tpot": "(t_last_token - t_first_token) / (output_tokens - 1); undefined with fewer than two token events "
+            "(non-streamed answers, one-token outputs)",
     "itl_chunk": "gap between consecutive token events, pooled",
     "itl_token": "chunk gap split evenly over its k tokens, pooled",
     "itl_token_zeros": "chunk gap then k-1 zero gaps, pooled",
@@ -41,7 +45,7 @@ STAT_DEFINITIONS = {
     "stddev": "population standard deviation (divides by n, not n - 1)",
 }
 POOLED = ("itl_chunk", "itl_token", "itl_token_zeros")
-COUNT_METRICS = ("input_tokens", "output_tokens")
+COUNT_METRICS = ("input_tokens", "output_tokens", "reasoning_tokens")  # reasoning: usage.reasoning_tokens
 STATUSES = ("ok", "error", "timeout", "cancelled", "skipped")
 OUTPUT_SOURCES = ("usage", "events.tokens", "token events")  # where a request's output token count comes from
 DERIVED_GROUP_FIELDS = ("run", "input_bucket", "output_bucket")
@@ -63,8 +67,8 @@ SELECT *,
            length(regexp_replace(coalesce(events.kind, ''), '[^crt]', '', 'g'))) AS output_tokens,
   usage.prompt_tokens AS prompt_tokens,
   usage.cached_tokens AS cached_tokens,
-  CASE WHEN coalesce(usage.completion_tokens, 0) > 1
-       THEN (t_last_token - t_first_token) / (usage.completion_tokens - 1) END AS tpot
+  CASE WHEN output_tokens > 1 AND length(regexp_replace(coalesce(events.kind, ''), '[^crt]', '', 'g')) > 1
+       THEN (t_last_token - t_first_token) / (output_tokens - 1) END AS tpot
 FROM responses;
 CREATE OR REPLACE VIEW events AS
 SELECT row AS request_row, run_id, session_id, request_id,
@@ -120,6 +124,18 @@ def _bucket(v: np.ndarray) -> np.ndarray:
     return out
 
 
+def open_db(db: str | None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB, or the database file ``db`` (--db), written afresh."""
+    if not db:
+        return duckdb.connect()
+    if os.path.isdir(db):
+        raise VkError(f"--db {db}: is a directory; give a file name for the DuckDB database (e.g. run.duckdb)")
+    with writing(db):
+        if os.path.exists(db):
+            os.remove(db)
+        return duckdb.connect(db)
+
+
 class Data:
     """Everything vk-eval knows about the inputs: the DuckDB connection and numpy arrays per request."""
 
@@ -133,19 +149,14 @@ class Data:
             opts = Options()
         self.opts = opts
         self.inputs = L.Inputs(inputs)
-        if db:
-            if os.path.exists(db):
-                os.remove(db)
-            self.con = duckdb.connect(db)
-        else:
-            self.con = duckdb.connect()
+        self.con = open_db(db)
         # without --db, the lean table: no events struct, event times read from the files when needed
         self.lean = not db
         tick("start")
-        self.cache = L.load(self.con, self.inputs, extra_fields, validate, lean=self.lean, cache=cache)
+        with writing(db) if db else contextlib.nullcontext():
+            self.cache = L.load(self.con, self.inputs, extra_fields, validate, lean=self.lean, cache=cache)
         tick("load (DuckDB)")
-        run_cols = ("kind, start_epoch, api, model, endpoint, vk_version, host, lagged, schedule, argv, totals, lag, "
-                    "reason, ended, end_reason, stop_reason")
+        run_cols = L.RUN_ONLY_COLUMNS
         if self.lean:
             ev_cols = ", ".join([*L.LEAN_EVENT_COLUMNS, "ev_tokens", "ev_kind"])
             self.con.execute(f"CREATE OR REPLACE VIEW responses AS SELECT rowid AS row, * EXCLUDE ({run_cols}, "
@@ -167,6 +178,9 @@ class Data:
                 + f", CASE WHEN {derived['ev_sparse']} THEN events.kind END AS ev_kind FROM responses"
             )
         self.runs = L.run_rows(self.con, self.inputs)
+        self.warnings = self.inputs.warnings + L.run_warnings(self.runs)
+        for w in self.warnings:
+            print(f"vk-eval: warning: {w}", file=sys.stderr)
         self.n = self.con.execute("SELECT count(*) FROM responses").fetchone()[0]
         if self.n == 0:
             raise VkError(f"{', '.join(self.inputs.names)}: no response records (is it vk-send output?)")
@@ -224,7 +238,12 @@ class Data:
             st = np.load(self.cache.path("server_t.npy")) if has_server_t else None
             kind_bytes = None
         else:
-            t, st, kind_bytes = self._event_times(n_tok, has_server_t)
+            try:
+                t, st, kind_bytes = self._event_times(n_tok, has_server_t)
+            except duckdb.Error as e:  # e.g. events.t holding strings, in an input too large to validate first
+                if not self.inputs.checked:
+                    L.validate_files(self.inputs)  # raises the error naming the file, line and field
+                raise VkError(f"cannot read the event times: {str(e).splitlines()[0]}") from None
         tick("  event times")
         # per-event token counts, fetched sparsely: only the token events whose count is not 1, with their rank
         # among the request's token events. Rows whose counts are all 1, one per token event, are skipped
@@ -249,10 +268,11 @@ class Data:
         self.te = te = M.token_events(flat, n_tok, cols_tokens_null, sp)
         del flat
         if self.cache is not None and not hit:
-            np.save(self.cache.path("t.npy"), te.t)
-            if te.server_t is not None:
-                np.save(self.cache.path("server_t.npy"), te.server_t)
-            self.cache.finish()
+            with writing(self.cache.dir, "cannot write the cache"):
+                np.save(self.cache.path("t.npy"), te.t)
+                if te.server_t is not None:
+                    np.save(self.cache.path("server_t.npy"), te.server_t)
+                self.cache.finish()
         tick("token events")
         self._time_axes()
         # everything that needs the event times, then the times become the gaps (in place)
@@ -287,7 +307,10 @@ class Data:
         a["ttfc"] = a["t_first_content"] - a["t_sent"]
         a["e2e"] = a["t_done"] - a["t_sent"]
         with np.errstate(invalid="ignore", divide="ignore"):
-            a["tpot"] = np.where(out > 1, (a["t_last_token"] - a["t_first_token"]) / np.where(out > 1, out - 1, 1),
+            # TPOT needs two token events at least: a non-streamed answer (or one whole chunk) has a single
+            # arrival time, and t_last_token - t_first_token = 0 is not a time per token
+            timed = (out > 1) & (pe["n_token_events"] > 1)
+            a["tpot"] = np.where(timed, (a["t_last_token"] - a["t_first_token"]) / np.where(timed, out - 1, 1),
                                  np.nan)
             a["normalized_latency"] = np.where(out > 0, a["e2e"] / np.where(out > 0, out, 1), np.nan)
         a["max_stall"] = pe["max_stall"]

@@ -26,7 +26,7 @@ from vk import records
 from vk.errors import RecordError, VkError
 from vk.jsonl import iter_lines, source_name
 
-INPUT_KINDS = ("run", "response", "run_end")
+INPUT_KINDS = ("run", "response", "run_end", "server_metric")
 FULL_VALIDATION_BYTES = 32 * 1024 * 1024
 
 # Fields of response records vk-eval reads, with their DuckDB types. Any other top-level field can still be
@@ -68,11 +68,17 @@ RESPONSE_COLUMNS: dict[str, str] = {
     "ended": "JSON",
     "end_reason": "JSON",
     "stop_reason": "JSON",
+    "lag_threshold": "JSON",
+    "dispatch_lag_p99": "JSON",
 }
 
 RUN_FIELDS = ("run_id", "start_epoch", "api", "model", "endpoint", "vk_version", "host", "lagged", "schedule",
               "argv")
-RUN_END_FIELDS = ("run_id", "lagged", "totals", "lag", "reason", "ended", "end_reason", "stop_reason")
+RUN_END_FIELDS = ("run_id", "lagged", "totals", "lag", "reason", "ended", "end_reason", "stop_reason", "lag_threshold",
+                  "dispatch_lag_p99")
+# the columns of raw that only run headers and footers fill (left out of the responses view)
+RUN_ONLY_COLUMNS = ("kind, start_epoch, api, model, endpoint, vk_version, host, lagged, schedule, argv, totals, lag, "
+                    "reason, ended, end_reason, stop_reason, lag_threshold, dispatch_lag_p99")
 
 
 def _sql_str(s: str) -> str:
@@ -88,6 +94,7 @@ class Inputs:
         self.object_size: int | None = None  # DuckDB's maximum_object_size that read the files
         self.paths: list[str] = []
         self.names: list[str] = []
+        self.warnings: list[str] = []  # about the input as read (a cut last line), printed once on stderr
         if isinstance(inputs, (str, os.PathLike)):
             inputs = [inputs]
         items = list(inputs) if not isinstance(inputs, list) else inputs
@@ -111,6 +118,61 @@ class Inputs:
             self.names.append("<records>")
         else:
             raise VkError("inputs must be file paths or record dicts")
+        for i in range(len(self.paths)):
+            self._cut_last_line(i)
+
+    def _cut_last_line(self, i: int, block: int = 1 << 16) -> None:
+        """A file whose last line was cut (a killed writer, a full disk) is read up to its last whole line: a
+        copy without the fragment is read instead, with one warning naming the line."""
+        path = self.paths[i]
+        try:
+            size = os.path.getsize(path)
+            if size == 0:
+                return
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) == b"\n":
+                    return
+                pos = size
+                tail = b""
+                while pos > 0 and b"\n" not in tail:
+                    step = min(block, pos)
+                    pos -= step
+                    f.seek(pos)
+                    tail = f.read(step) + tail
+                cut = pos + tail.rfind(b"\n") + 1  # 0 when the file is one line
+                fragment = tail[tail.rfind(b"\n") + 1:]
+                if not fragment.strip():
+                    return
+                try:
+                    orjson.loads(fragment)
+                    return  # a whole record without its newline
+                except orjson.JSONDecodeError:
+                    pass
+                f.seek(0)
+                line = 1
+                left = cut
+                while left > 0:
+                    chunk = f.read(min(1 << 20, left))
+                    if not chunk:
+                        break
+                    line += chunk.count(b"\n")
+                    left -= len(chunk)
+                copy = os.path.join(self._tmpdir(), f"whole-lines-{i}.jsonl")
+                f.seek(0)
+                with open(copy, "wb") as out:
+                    left = cut
+                    while left > 0:
+                        chunk = f.read(min(1 << 20, left))
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        left -= len(chunk)
+        except OSError as e:
+            raise VkError(f"{self.names[i]}: cannot read ({e.strerror})") from None
+        self.paths[i] = copy
+        self.warnings.append(f"{self.names[i]}:{line}: the last line is cut ({len(fragment)} bytes without a newline, "
+                             f"not a whole record); read the {line - 1} whole lines before it")
 
     def _tmpdir(self) -> str:
         if self._tmp is None:
@@ -142,6 +204,33 @@ class Inputs:
         self.close()
 
 
+# the times of a response that must not run backwards (seconds since the run start, none negative), up to
+# CLOCK_SLACK: kernel receive timestamps (CLOCK_REALTIME) are converted onto the run's monotonic clock, and
+# a conversion may put them a little early
+ORDERED_TIMES = (("t_sent", "t_first_token"), ("t_sent", "t_done"), ("t_first_token", "t_last_token"))
+CLOCK_SLACK = 1e-3
+
+
+def check_times(rec: dict, name: str, line: int) -> None:
+    """What vk-eval needs of a response beyond the record validators: numeric event times, no negative time, no
+    time before t_sent that must come after it."""
+    ev = rec.get("events")
+    if isinstance(ev, dict):
+        for x in ev.get("t") or ():
+            if not isinstance(x, (int, float)) or isinstance(x, bool):
+                raise RecordError(name, line, "events.t", f"expected numbers (seconds), got {x!r}")
+            if x < 0:
+                raise RecordError(name, line, "events.t", f"negative time {x!r} (seconds since the run start)")
+    for f in TIME_COLS:
+        v = rec.get(f)
+        if isinstance(v, (int, float)) and v < 0 and f not in ("t_intended", "t_dispatched"):
+            raise RecordError(name, line, f, f"negative time {v!r} (seconds since the run start)")
+    for a, b in ORDERED_TIMES:
+        va, vb = rec.get(a), rec.get(b)
+        if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and vb < va - CLOCK_SLACK:
+            raise RecordError(name, line, b, f"{b} {vb!r} is before {a} {va!r}: the record's times run backwards")
+
+
 def validate_files(inputs: Inputs) -> None:
     """Read every line with the record validators; raise the first RecordError (file, line, field)."""
     for path, name in zip(inputs.paths, inputs.names, strict=False):
@@ -151,8 +240,10 @@ def validate_files(inputs: Inputs) -> None:
                 kind = obj.get("kind")
                 if kind in ("session", "schedule", "scheduled_session"):
                     raise RecordError(name, n, "kind", f"got a '{kind}' record: vk-eval reads vk-send output "
-                                                       "(run, response, run_end records)")
+                                                       "(run, response, run_end, server_metric records)")
                 records.validate(obj, name, n, INPUT_KINDS)
+                if kind == "response":
+                    check_times(obj, name, n)
                 seen_any = True
         if not seen_any:
             raise VkError(f"{name}: no records (is it vk-send output?)")
@@ -223,7 +314,10 @@ def load(con: duckdb.DuckDBPyConnection, inputs: Inputs, extra_fields: Iterable[
             return c
         load(con, inputs, extra_fields, validate, lean)
         c.start()
-        con.execute(f"COPY raw TO {_sql_str(c.path('raw.parquet'))} (FORMAT parquet)")
+        from vk.eval.outputs import writing
+
+        with writing(c.dir, "cannot write the cache"):
+            con.execute(f"COPY raw TO {_sql_str(c.path('raw.parquet'))} (FORMAT parquet)")
         return c
     total = sum(os.path.getsize(p) for p in inputs.paths)
     if validate == "full" or (validate == "auto" and total <= FULL_VALIDATION_BYTES):
@@ -253,6 +347,8 @@ def load(con: duckdb.DuckDBPyConnection, inputs: Inputs, extra_fields: Iterable[
         except duckdb.Error as e:
             if size is None and "maximum_object_size" in str(e):
                 continue
+            if any(t in str(e).lower() for t in ("no space left", "could not write all bytes", "file too large")):
+                raise  # the database file (--db) is full: vk.eval.outputs.writing names it
             if not checked:
                 validate_files(inputs)  # raises the precise error when the input is at fault
             raise VkError(f"cannot read the input: {str(e).splitlines()[0]}") from None
@@ -292,7 +388,10 @@ class Cache:
             if os.path.exists(self.path("key.json")):
                 os.remove(self.path("key.json"))
         except OSError as e:
-            raise VkError(f"{self.dir}: cannot write the cache ({e.strerror})") from None
+            from vk.eval.outputs import writing
+
+            with writing(self.dir, "cannot write the cache"):
+                raise e from None
 
     def finish(self) -> None:
         with open(self.path("key.json"), "wb") as f:
@@ -316,10 +415,11 @@ def _sql_checks(con: duckdb.DuckDBPyConnection, inputs: Inputs, lean: bool = Fal
                     OR (events.tokens IS NOT NULL AND len(events.tokens) != len(events.t))
                     OR (events.server_t IS NOT NULL AND len(events.server_t) != len(events.t))))"""
     bad = con.execute(
-        f"""SELECT count(*) FROM raw WHERE kind IS NULL OR kind NOT IN ('run', 'response', 'run_end')
+        f"""SELECT count(*) FROM raw WHERE kind IS NULL OR kind NOT IN ({', '.join(_sql_str(k) for k in INPUT_KINDS)})
             OR v IS NULL OR v < 1 OR v > (CASE kind {versions} END) OR run_id IS NULL
             OR (kind = 'response' AND (request_id IS NULL OR status IS NULL OR status NOT IN ({statuses})
-                OR {events_bad}))"""
+                OR {events_bad} OR t_sent < 0 OR t_done < 0 OR t_first_token < 0 OR t_done < t_sent - {CLOCK_SLACK}
+                OR t_first_token < t_sent - {CLOCK_SLACK} OR t_last_token < t_first_token - {CLOCK_SLACK}))"""
     ).fetchone()[0]
     if bad:
         validate_files(inputs)
@@ -362,6 +462,26 @@ def run_rows(con: duckdb.DuckDBPyConnection, inputs: Inputs) -> list[dict]:
         lag = end.get("lag") if isinstance(end.get("lag"), dict) else {}
         r["lagged"] = bool(r.get("lagged_header") or end.get("lagged") or lag.get("lagged"))
     return list(runs.values())
+
+
+def run_warnings(runs: list[dict]) -> list[str]:
+    """What a reader of the figures must know about how each run was written: responses without a run header,
+    a run without its footer (vk-send killed, or the file cut), a run that did not end complete."""
+    out = []
+    for r in runs:
+        who = f"{r.get('file')}: run {r['run_id']}"
+        if "api" not in r:
+            out.append(f"{who}: responses without a run header (not vk-send's output as written?): no start time, "
+                       "API or schedule is known; its runs cannot be placed in time")
+        end = r.get("run_end")
+        if end is None:
+            out.append(f"{who}: no run_end footer: the run did not finish writing (vk-send killed, or the file cut); "
+                       "the figures cover the responses written so far")
+        elif end.get("ended") not in (None, "complete"):
+            why = end.get("reason")
+            out.append(f"{who}: the run ended {end.get('ended')}" + (f" ({why})" if why else "")
+                       + "; the figures cover the requests it made")
+    return out
 
 
 def source_of(path: str) -> str:

@@ -39,9 +39,14 @@ def _cdf(ax, values: np.ndarray, label: str) -> None:
 
 def _save(fig, plt, path: str) -> str:
     """Lay out, write and close one figure; returns its path."""
+    from vk.eval.outputs import writing
+
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        with writing(path):
+            fig.savefig(path, dpi=90)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -56,9 +61,27 @@ def _run_data(d, r: int) -> dict[str, np.ndarray]:
             "input": a["input_tokens"][m]}
 
 
-def figures(d, runs: list[int], ts: dict, prefix: str, outdir: str, plt) -> list[str]:
+def run_labels(d, labels: list[str] | None = None) -> dict[int, str]:
+    """A legend label per run: ``labels`` in input-file order (--label), else the file's name without .jsonl
+    (with the start of the run id when one file holds several runs, or two files share a name)."""
+    files = [str(r.get("file") or "") for r in d.runs]
+    order = list(dict.fromkeys(files))
+    if labels:
+        if len(labels) != len(order):
+            raise VkError(f"--label: {len(labels)} label(s) for {len(order)} input file(s); give one per file")
+        by_file = dict(zip(order, labels, strict=True))
+        base = [by_file[f] for f in files]
+    else:
+        base = [os.path.basename(f).removesuffix(".jsonl") or f or "run" for f in files]
+    out = {}
+    for r, b in enumerate(base):
+        out[r] = b if base.count(b) == 1 else f"{b}:{str(d.runs[r]['run_id'])[:8]}"
+    return out
+
+
+def figures(d, runs: list[int], ts: dict, prefix: str, outdir: str, plt, labels: dict[int, str]) -> list[str]:
     paths = []
-    labels = {r: str(d.runs[r]["run_id"]) for r in runs}
+    run_ids = {r: str(d.runs[r]["run_id"]) for r in runs}
     data = {r: _run_data(d, r) for r in runs}
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -75,7 +98,7 @@ def figures(d, runs: list[int], ts: dict, prefix: str, outdir: str, plt) -> list
 
     fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
     for r in runs:
-        s = ts.get(labels[r])
+        s = ts.get(run_ids[r])
         if not s:
             continue
         t = np.array(s["t"])
@@ -125,7 +148,7 @@ def figures(d, runs: list[int], ts: dict, prefix: str, outdir: str, plt) -> list
     return paths
 
 
-def plot_data(d, outdir: str, overlay: bool = False) -> list[str]:
+def plot_data(d, outdir: str, overlay: bool = False, labels: list[str] | None = None) -> list[str]:
     from vk.eval.timeseries import timeseries
 
     plt = _plt()
@@ -133,22 +156,28 @@ def plot_data(d, outdir: str, overlay: bool = False) -> list[str]:
         os.makedirs(outdir, exist_ok=True)
     except OSError as e:
         raise VkError(f"{outdir}: cannot create the directory ({e.strerror})") from None
+    names = run_labels(d, labels)
     ts = timeseries(d)
     runs = [r for r in range(len(d.runs)) if (d.a["run"] == r).any()]
     if overlay or len(runs) == 1:
-        return figures(d, runs, ts, "" if len(runs) == 1 or overlay else "", outdir, plt)
-    paths = []
-    for r in runs:
-        paths += figures(d, [r], ts, _safe(d.runs[r]["run_id"]) + "-", outdir, plt)
-    return paths
+        paths = figures(d, runs, ts, "", outdir, plt, names)
+    else:
+        paths = []
+        for r in runs:
+            paths += figures(d, [r], ts, _safe(names[r]) + "-", outdir, plt, names)
+    from vk.eval.server_metrics import server_figure, timelines
+
+    server = server_figure(timelines(d.inputs.paths, d.con), ts, os.path.join(outdir, "server.png"), plt)
+    return paths + ([server] if server else [])
 
 
-def plot_files(inputs: Any, outdir: str, overlay: bool = False, validate: str = "auto") -> list[str]:
+def plot_files(inputs: Any, outdir: str, overlay: bool = False, validate: str = "auto",
+               labels: list[str] | None = None) -> list[str]:
     from vk.eval.data import Data
 
     d = Data(inputs, validate=validate)
     try:
-        return plot_data(d, outdir, overlay)
+        return plot_data(d, outdir, overlay, labels)
     finally:
         d.con.close()
         d.inputs.close()

@@ -13,6 +13,7 @@ from vk.errors import VkError
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
+.headline { font-size: 1.1em; font-family: monospace; list-style: none; padding-left: 0; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 12px; }
 .warn { background: #fee; border: 2px solid #c00; padding: .5em 1em; margin: 1em 0; }
 .warn li { color: #900; font-weight: bold; }
@@ -37,10 +38,11 @@ def _latency_table(d: dict, summ: dict) -> str:
 
 
 def render_html(d: dict, figures: list[str]) -> str:
-    from vk.eval.result import to_text
+    from vk.eval.result import _slo_value, headline, to_text
 
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>vk-eval report</title>",
              f"<style>{CSS}</style></head><body><h1>vk-eval report</h1>"]
+    parts.append("<ul class='headline'>" + "".join(f"<li>{html.escape(ln)}</li>" for ln in headline(d)) + "</ul>")
     parts.append("<ul>" + "".join(
         f"<li>run <b>{html.escape(str(r['run_id']))}</b>, file {html.escape(str(r.get('file')))}, model "
         f"{html.escape(str(r.get('model')))}, api {html.escape(str(r.get('api')))}"
@@ -52,16 +54,16 @@ def render_html(d: dict, figures: list[str]) -> str:
         parts.append("<div class='warn'><b>Warnings</b><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in flags)
                      + "</ul></div>")
     if d.get("slo"):
-        parts.append("<h2>SLOs</h2><table><tr><th>slo</th><th>group</th><th>value</th><th>verdict</th></tr>")
+        parts.append("<h2>SLOs</h2><table><tr><th>slo</th><th>group</th><th>measured</th><th>objective (as read)</th>"
+                     "<th>verdict</th></tr>")
         for c in d["slo"]:
-            v = "-" if c["value"] is None else f"{c['value']:.6g}"
             cls = "ok" if c["ok"] else "missed"
-            parts.append(f"<tr><td>{html.escape(c['slo'])}</td><td>{html.escape(c['group'])}</td><td>{v}</td>"
+            parts.append(f"<tr><td>{html.escape(c['slo'])}</td><td>{html.escape(c['group'])}</td>"
+                         f"<td>{html.escape(_slo_value(c['value'], c.get('unit', '')))}</td>"
+                         f"<td>{html.escape(c['op'] + ' ' + _slo_value(c['threshold'], c.get('unit', '')))}</td>"
                          f"<td class='{cls}'>{'ok' if c['ok'] else 'MISSED'}</td></tr>")
         parts.append("</table>")
     parts.append("<h2>Latency (overall)</h2>" + _latency_table(d, d["overall"]))
-    for g in d["groups"]:
-        parts.append(f"<h2>Latency ({html.escape(g['label'])})</h2>" + _latency_table(d, g["summary"]))
     parts.append("<h2>Figures</h2>")
     for p in figures:
         with open(p, "rb") as f:
@@ -69,13 +71,19 @@ def render_html(d: dict, figures: list[str]) -> str:
         name = os.path.basename(p)
         parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'>"
                      f"<figcaption>{html.escape(name)}</figcaption></figure>")
-    parts.append("<h2>Full summary</h2><pre>" + html.escape(to_text(d)) + "</pre>")
+    # every table of the text report, as HTML tables (from its markdown form; html=False escapes any markup in
+    # the records' strings)
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    parts.append("<h2>All figures</h2>" + md.render(to_text(d, markdown=True, with_headline=False)))
     parts.append("</body></html>\n")
     return "".join(parts)
 
 
 def write_report(inputs: Any, outdir: str, *, slo=None, goodput=None, percentiles=None, warmup=None, cooldown=None,
-                 group_by=None, fluidity=None, validate: str = "auto", overlay: bool = True) -> str:
+                 group_by=None, fluidity=None, validate: str = "auto", overlay: bool = True,
+                 labels: list[str] | None = None) -> str:
     from vk.eval.core import Data, Options, evaluate_data
     from vk.eval.plots import plot_data
 
@@ -86,15 +94,23 @@ def write_report(inputs: Any, outdir: str, *, slo=None, goodput=None, percentile
     opts = Options(percentiles=percentiles, slo=slo, goodput=goodput, warmup=warmup, cooldown=cooldown,
                    group_by=group_by, fluidity=fluidity)
     d = Data(inputs, extra_fields=opts.group_by, validate=validate, opts=opts)
+    from vk.eval.outputs import EXIT_NO_SPACE, no_space
+
+    path = os.path.join(outdir, "report.html")
     try:
         res = evaluate_data(d, opts)
         with tempfile.TemporaryDirectory(prefix="vk-report-") as tmp:
-            figs = plot_data(d, tmp, overlay=overlay)
+            figs = plot_data(d, tmp, overlay=overlay, labels=labels)
             page = render_html(res, figs)
+    except VkError as e:
+        if e.exit_code == EXIT_NO_SPACE:  # the figures, on their way into the page
+            raise no_space(f"{path} (its figures: {e})") from None
+        raise
     finally:
         d.con.close()
         d.inputs.close()
-    path = os.path.join(outdir, "report.html")
-    with open(path, "w", encoding="utf-8") as f:
+    from vk.eval.outputs import writing
+
+    with writing(path), open(path, "w", encoding="utf-8") as f:
         f.write(page)
     return path

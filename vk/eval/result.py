@@ -116,6 +116,96 @@ def _heading(text: str, markdown: bool, level: int = 2) -> str:
     return text + "\n" + ("=" if level <= 2 else "-") * len(text) + "\n"
 
 
+STATS_NOTE = ("percentiles interpolate linearly between order statistics (not nearest rank); stddev is the population "
+              "one (divides by n)")
+
+
+def collapse_identical(stats: dict[str, Any]) -> list[tuple[list[str], dict]]:
+    """(names, stats) per distinct sample, in order: metrics whose statistics are identical (itl_token and
+    itl_token_zeros when every chunk is one token; ttfc when nothing comes before the content) share a row."""
+    out: list[tuple[list[str], dict]] = []
+    for name, st in stats.items():
+        if not st or not st.get("n"):
+            continue
+        for names, seen in out:
+            if seen == st:
+                names.append(name)
+                break
+        else:
+            out.append(([name], st))
+    return out
+
+
+def _pick(st: dict | None, want: str, fallback_last: bool) -> tuple[str, Any]:
+    """The statistic ``want`` (p50, p99) of ``st``, else the nearest configured percentile."""
+    st = st or {}
+    if want in st:
+        return want, st[want]
+    ps = sorted((k for k in st if k.startswith("p")), key=lambda k: float(k[1:]))
+    if not ps:
+        return want, None
+    k = ps[-1] if fallback_last else ps[0]
+    return k, st[k]
+
+
+def _ms(v: Any) -> str:
+    return "-" if v is None else f"{v * 1000:.2f} ms"
+
+
+def headline(d: dict) -> list[str]:
+    """The few lines a person pastes into a chat: what ran, how fast, the latencies people quote, errors, SLOs."""
+    s = d["overall"]
+    c = s["counts"]
+    acc = s["accuracy"]
+    runs = d["runs"]
+    axes = d.get("time_axes") or []
+    t = s["throughput"]
+    w = t["steady"] if t["steady"]["window"] != "whole run" else t["whole"]
+    nsess = (s.get("sessions") or {}).get("sessions")
+    first = f"{c['requests']} requests" + (f" in {nsess} sessions" if nsess else "")
+    if len(runs) > 1:
+        if len(axes) == 1:
+            sh = axes[0].get("shards")
+            first += f", {len(runs)} runs as one" + (f" (shards {', '.join(sh)})" if sh else " (overlapping in time)")
+        else:
+            first += f", {len(runs)} runs"
+    first += f", {_num(t['whole']['duration'])} s" + (f" (steady window {_num(w['duration'])} s)" if w is not t["whole"]
+                                                      else "")
+    rate = acc.get("rate") or {}
+    sent = (f"sent {_num(rate['achieved_per_s'])} req/s" + (f" (scheduled {_num(rate['intended_per_s'])})"
+                                                             if rate.get("intended_per_s") else "") + ", "
+            if rate.get("achieved_per_s") else "")
+    lines = [first,
+             f"rate      {sent}completed {_num(w['requests_per_s'])} req/s; output {_num(w['output_tokens_per_s'])} "
+             "tokens/s"]
+    for name, label in (("ttft", "TTFT"), ("tpot", "TPOT")):
+        st = s["latency"].get(name) or {}
+        if not st.get("n"):
+            why = " (no streamed request with two or more token events)" if name == "tpot" else ""
+            lines.append(f"{label:<9} undefined{why}")
+            continue
+        k1, v1 = _pick(st, "p50", False)
+        k2, v2 = _pick(st, "p99", True)
+        lines.append(f"{label:<9} {k1} {_ms(v1)}, {k2} {_ms(v2)}")
+    failed = c["failed"]
+    kinds = ", ".join(f"{k} {c[k]}" for k in ("error", "timeout", "cancelled", "skipped") if c.get(k))
+    lines.append(f"errors    {failed} of {c['measured']} ({_pct(c['error_rate'])})" + (f": {kinds}" if kinds else ""))
+    checks = d.get("slo") or []
+    if checks:
+        missed = [x for x in checks if not x["ok"]]
+        if missed:
+            lines.append(f"SLO       MISSED {len(missed)} of {len(checks)}: " + ", ".join(
+                f"{x['slo']} ({x['group']}: {_slo_value(x['value'], x.get('unit', ''))})" for x in missed[:3]))
+        else:
+            lines.append(f"SLO       met ({len(checks)} of {len(checks)})")
+    else:
+        lines.append("SLO       none given (--slo)")
+    flags = acc.get("flags") or []
+    kinds_f = sorted({f.split(":", 1)[0] for f in flags} | ({"INPUT"} if d.get("warnings") else set()))
+    lines.append("warnings  " + (", ".join(kinds_f) + " (see below)" if kinds_f else "none"))
+    return lines
+
+
 def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
     cols = _stat_cols(d)
     parts = [_heading(title, markdown, 2)]
@@ -137,11 +227,10 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
             parts.append(("- " if markdown else "  ! ") + f + "\n")
     parts.append("\n" + _heading("Latency (ms; n = requests, or gaps for itl_*)", markdown, 3))
     rows = []
-    for name, st in s["latency"].items():
-        if not st or not st.get("n"):
-            continue
-        rows.append([name, str(st["n"])] + [_num(st.get(k), "ms") for k in cols])
+    for names, st in collapse_identical(s["latency"]):
+        rows.append([" = ".join(names), str(st["n"])] + [_num(st.get(k), "ms") for k in cols])
     parts.append(_table(["metric", "n", *[f"{k} ms" for k in cols]], rows, markdown))
+    parts.append(("\n" if markdown else "") + f"{STATS_NOTE}\n")
     rows = []
     for name, st in s["tokens"].items():
         if st and st.get("n"):
@@ -192,15 +281,18 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
     a = s["accuracy"]
     parts.append("\n" + _heading("Run accuracy (measured ok requests)", markdown, 3))
     lines = []
-    if "prompt_vs_target" in a:
-        p = a["prompt_vs_target"]
-        line = (f"prompt tokens (usage) vs planned (target_input_tokens): {_pct(p['share_exact'])} equal, mean "
-                f"difference {_signed(p['mean_diff'])} tokens ({p['n']} requests)")
-        if "first_turns" in p:
-            f1 = p["first_turns"]
-            line += (f"; first turns only (no history): {_pct(f1['share_exact'])} equal, mean difference "
-                     f"{_signed(f1['mean_diff'])} tokens (the chat template)")
-        lines.append(line)
+    pv = a.get("prompt_vs_target") or {}
+    if pv:
+        part = []
+        if "first_turns" in pv:
+            f1 = pv["first_turns"]
+            part.append(f"first turns (whole prompt vs planned content): {_pct(f1['share_exact'])} equal, mean "
+                        f"{_signed(f1['mean_diff'])} tokens ({f1['n']} requests; the difference is the chat template)")
+        if "later_turns" in pv:
+            f2 = pv["later_turns"]
+            part.append(f"later turns (prompt growth over the previous turn's prompt and answer vs planned content): "
+                        f"{_pct(f2['share_exact'])} equal, mean {_signed(f2['mean_diff'])} tokens ({f2['n']} requests)")
+        lines.append("prompt tokens (usage) vs planned (target_input_tokens): " + "; ".join(part))
     if "output_vs_target" in a:
         o = a["output_vs_target"]
         what = "counted from events" if o.get("counted_by") else "usage"
@@ -223,6 +315,25 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
     if dl.get("n"):
         lines.append(f"dispatch lag (t_dispatched - t_intended): p50 {_num(dl.get('p50'), 'ms')} ms, p99 "
                      f"{_num(dl.get('p99'), 'ms')} ms, max {_num(dl.get('max'), 'ms')} ms")
+    for v in a.get("lag") or []:
+        who = f"run {v['run_id']}" + (f" (shard {v['shard']})" if v.get("shard") else "")
+        arr = v.get("arrivals") or {}
+        if arr:
+            how = (f"sent/scheduled rate {_pct(arr['achieved_over_intended'])}, gaps between sends off by "
+                   f"{_pct(arr['gap_distance_share'])} of the mean scheduled gap ({_num(arr['mean_gap'], 'ms')} ms), "
+                   f"queue delay p99 {_pct(arr['queue_delay_p99_share_of_gap'])} of it")
+        else:
+            how = "no scheduled times to compare"
+        add = (v.get("from_intended_added") or {}).get("ttft_from_intended") or {}
+        if add:
+            how += "; adds " + ", ".join(f"{_signed(x * 1000)} ms ({k})" for k, x in add.items()
+                                         if k in ("p50", "p99", "mean")) + " to ttft_from_intended"
+        verdict = "LAGGED: " + "; ".join(v["findings"]) if v["lagged"] else (
+            "not lagged: the arrivals kept the schedule and the *_from_intended figures match the ones from t_sent "
+            "within their noise")
+        lines.append(f"lag verdict, {who}: {verdict} ({how})")
+    for note in a.get("notes") or []:
+        lines.append("note: " + note)
     r = a.get("rate") or {}
     if r:
         ratio = r.get("achieved_over_intended")
@@ -240,20 +351,54 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
     return "".join(parts)
 
 
-def to_text(d: dict, markdown: bool = False) -> str:
+def to_text(d: dict, markdown: bool = False, with_headline: bool = True) -> str:
     out = []
-    if markdown:
-        out.append("# vk-eval report\n\n")
+    head = headline(d)
+    if not with_headline:
+        pass
+    elif markdown:
+        out.append("# vk-eval report\n\n" + "\n".join(f"- {ln}" for ln in head) + "\n\n")
+    else:
+        out.append("vk-eval: " + head[0] + "\n" + "".join(f"  {ln}\n" for ln in head[1:]) + "\n")
     for r in d["runs"]:
         lag = "  LAGGED" if r.get("lagged") else ""
-        out.append(f"run {r['run_id']}  file {r.get('file')}  model {r.get('model')}  api {r.get('api')}{lag}\n")
+        out.append(("- " if markdown else "")
+                   + f"run {r['run_id']}  file {r.get('file')}  model {r.get('model')}  api {r.get('api')}{lag}\n")
     out.append("\n")
-    out.append(summary_text(d, d["overall"], "Overall", markdown))
-    for g in d["groups"]:
-        out.append("\n" + summary_text(d, g["summary"], "Group " + g["label"], markdown))
+    for w in d.get("warnings") or []:
+        out.append(("- " if markdown else "  ! ") + "INPUT: " + w + "\n")
+    out.append(summary_text(d, d["overall"], "Details", markdown))
+    if d.get("server"):
+        from vk.eval.server_metrics import server_text
+
+        out.append("\n" + server_text(d["server"], markdown))
+    if d["groups"]:
+        out.append("\n" + group_table(d, markdown))
     if d.get("slo"):
         out.append("\n" + slo_table(d["slo"], markdown))
     return "".join(out)
+
+
+def group_table(d: dict, markdown: bool = False) -> str:
+    """One row per group (--group-by, or per run): the headline figures side by side (all figures: --json)."""
+    by = ", ".join(d["options"].get("group_by") or ["run"])
+    rows = []
+    for g in d["groups"]:
+        s = g["summary"]
+        c = s["counts"]
+        w = s["throughput"]["whole"]
+        lat = s["latency"]
+        row = [g["label"], str(c["requests"]), _pct(c["error_rate"]), _num(w["requests_per_s"]),
+               _num(w["output_tokens_per_s"])]
+        for name in ("ttft", "tpot", "e2e"):
+            st = lat.get(name) or {}
+            row += [_num(_pick(st, "p50", False)[1], "ms"), _num(_pick(st, "p99", True)[1], "ms")]
+        row.append("LAGGED" if s["accuracy"].get("lagged_runs") else "")
+        rows.append(row)
+    head = [by, "requests", "errors", "req/s", "out tok/s", "ttft p50", "ttft p99", "tpot p50", "tpot p99",
+            "e2e p50", "e2e p99", "lag"]
+    return (_heading(f"By {by} (latencies in ms; every figure per group: --json)", markdown, 2)
+            + _table(head, rows, markdown))
 
 
 def _slo_value(v: Any, unit: str) -> str:

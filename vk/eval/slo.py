@@ -43,7 +43,7 @@ SCALARS = {
     "cached_share": ("caching", "cached_share"),
 }
 SHARE_SCALARS = ("error_rate", "attainment", "fluidity", "fluid_share", "cached_share")
-COUNT_STAT_METRICS = ("input_tokens", "output_tokens")  # per-request token counts: thresholds in tokens
+COUNT_STAT_METRICS = ("input_tokens", "output_tokens", "reasoning_tokens")  # per-request counts: in tokens
 
 
 def threshold_kind(metric: str, stat: str | None) -> str:

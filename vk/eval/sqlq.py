@@ -1,10 +1,9 @@
-"""``vk-eval sql``: SQL over views of the records (requests, events, sessions, runs)."""
+"""``vk-eval sql``: SQL over views of the records (requests, events, sessions, runs, server_metrics)."""
 
 from __future__ import annotations
 
 import csv
 import io
-import os
 from typing import Any
 
 import duckdb
@@ -15,22 +14,24 @@ from vk.eval import load as L
 
 
 def open_db(inputs: Any, db: str | None = None) -> tuple[duckdb.DuckDBPyConnection, L.Inputs]:
+    import contextlib
+
     from vk.eval.data import VIEWS_SQL
+    from vk.eval.data import open_db as connect
+    from vk.eval.outputs import writing
 
     inp = L.Inputs(inputs)
-    if db:
-        if os.path.exists(db):
-            os.remove(db)
-        con = duckdb.connect(db)
-    else:
-        con = duckdb.connect()
-    L.load(con, inp)
+    con = connect(db)
+    with writing(db) if db else contextlib.nullcontext():
+        L.load(con, inp)
     con.execute(
-        "CREATE OR REPLACE VIEW responses AS SELECT rowid AS row, * EXCLUDE "
-        "(kind, start_epoch, api, model, endpoint, vk_version, host, lagged, schedule, argv, totals, lag, "
-        "reason, ended, end_reason, stop_reason) FROM raw WHERE kind = 'response'"
+        f"CREATE OR REPLACE VIEW responses AS SELECT rowid AS row, * EXCLUDE ({L.RUN_ONLY_COLUMNS}) FROM raw "
+        "WHERE kind = 'response'"
     )
     con.execute(VIEWS_SQL)
+    from vk.eval.server_metrics import view_sql
+
+    con.execute(view_sql(inp.paths))
     return con, inp
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from vk.eval import metrics as M
 from vk.eval.data import COUNT_METRICS, LATENCY_METRICS, OUTPUT_SOURCES, STATUSES, Data
+from vk.eval.lag import verdicts
 from vk.eval.options import Options
 from vk.eval.progress import tick
 from vk.eval.slo import Goodput
@@ -34,7 +35,10 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     counts["warmup_excluded"] = int((gmask & a["warmup"]).sum())
     counts["outside_window"] = int((gmask & ~a["warmup"] & ~in_window).sum())
     counts["failed"] = counts["measured"] - counts["ok"]
-    counts["error_rate"] = counts["failed"] / counts["measured"] if counts["measured"] else None
+    # the server's error rate: requests the run stopped before they ended (cancelled: Ctrl-C, --duration) or never
+    # sent (skipped) are not the server's failures
+    counts["served"] = counts["measured"] - counts["cancelled"] - counts["skipped"]
+    counts["error_rate"] = (counts["error"] + counts["timeout"]) / counts["served"] if counts["served"] else None
     nsrc = np.bincount(a["output_tokens_source_code"][okm], minlength=len(OUTPUT_SOURCES))
     counts["output_tokens_source"] = {k: int(nsrc[i]) for i, k in enumerate(OUTPUT_SOURCES) if nsrc[i]}
     out["counts"] = counts
@@ -139,7 +143,10 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     }
     if opts.goodput is not None:
         # over the steady window when there is one (--warmup/--cooldown or warm-up marks), else the whole run
-        out["goodput"] = _goodput(d, opts.goodput, measured, sdur if window_how != "whole run" else dur)
+        # requests the run itself cancelled (the user's Ctrl-C) or never sent are not the server's misses
+        stopped = (a["status_code"] == STATUSES.index("cancelled")) | (a["status_code"] == STATUSES.index("skipped"))
+        out["goodput"] = _goodput(d, opts.goodput, measured & ~stopped, sdur if window_how != "whole run" else dur)
+        out["goodput"]["not_counted_stopped"] = int((measured & stopped).sum())
     return out
 
 
@@ -189,29 +196,29 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
     a = d.a
     flags: list[str] = []
     out: dict[str, Any] = {}
-    # run-level lag verdicts
-    lagged = [d.runs[r]["run_id"] for r in np.unique(a["run"][gmask]) if d.runs[r].get("lagged")]
-    out["lagged_runs"] = lagged
-    for r in lagged:
-        flags.append(f"LAGGED: run {r}: vk-send could not keep up with the schedule; latencies include the "
-                     "client's own delay (see dispatch_lag and *_from_intended)")
-    # prompt tokens
+    # per run (per shard): what the client's own delay changed (vk.eval.lag)
+    lag_verdicts, lag_flags, lag_notes = verdicts(d, gmask, measured, okm, P)
+    out["lag"] = lag_verdicts
+    out["lagged_runs"] = [v["run_id"] for v in lag_verdicts if v["lagged"]]
+    out["notes"] = lag_notes
+    flags += lag_flags
+    # prompt tokens against the plan, like with like: target_input_tokens counts a request's new content only,
+    # while usage.prompt_tokens is the whole prompt (history and chat template included). First turns have no
+    # history: their difference is the template. A later turn is compared by its growth over the previous turn of
+    # its session (that turn's prompt and answer), which is the new content plus the template's per-turn part.
     pm = okm & np.isfinite(a["prompt_tokens"]) & np.isfinite(a["target_input_tokens"])
     if pm.any():
-        diff = a["prompt_tokens"][pm] - a["target_input_tokens"][pm]
-        out["prompt_vs_target"] = {"n": int(pm.sum()), "share_exact": float((diff == 0).mean()),
-                                   "mean_diff": float(diff.mean()),
-                                   "mean_abs_diff": float(np.abs(diff).mean()),
-                                   "ratio": M.stats(a["prompt_tokens"][pm] / np.maximum(a["target_input_tokens"][pm], 1),
-                                                    [50, 99])}
-        # target_input_tokens counts a request's new content only: history and the chat template add to
-        # prompt_tokens, so first turns (no history) are also reported on their own
-        first = pm & (d.sessions()["turn"] == 1)
+        sess = d.sessions()
+        first = pm & (sess["turn"] == 1)
+        pv: dict[str, Any] = {}
         if first.any():
-            fd = a["prompt_tokens"][first] - a["target_input_tokens"][first]
-            out["prompt_vs_target"]["first_turns"] = {"n": int(first.sum()), "share_exact": float((fd == 0).mean()),
-                                                      "mean_diff": float(fd.mean()),
-                                                      "max_abs_diff": float(np.abs(fd).max())}
+            pv["first_turns"] = _diff_stats(a["prompt_tokens"][first] - a["target_input_tokens"][first])
+        if not sess.get("single"):
+            growth = _prompt_growth(d, sess)
+            later = pm & (sess["turn"] > 1) & np.isfinite(growth)
+            if later.any():
+                pv["later_turns"] = _diff_stats(growth[later] - a["target_input_tokens"][later])
+        out["prompt_vs_target"] = pv
     # output tokens against targets
     om = okm & np.isfinite(a["completion_tokens"]) & np.isfinite(a["target_output_tokens"])
     if om.any():
@@ -286,15 +293,9 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
         rates["intended_per_s"] = (len(ti) - 1) / float(ti.max() - ti.min())
     if len(ts) > 1 and ts.max() > ts.min():
         rates["achieved_per_s"] = (len(ts) - 1) / float(ts.max() - ts.min())
-    if "intended_per_s" in rates and "achieved_per_s" in rates:
+    if "intended_per_s" in rates and "achieved_per_s" in rates:  # the verdict on them is in out["lag"]
         rates["achieved_over_intended"] = rates["achieved_per_s"] / rates["intended_per_s"]
-        if rates["achieved_over_intended"] < 0.95:
-            flags.append(f"RATE: achieved {rates['achieved_per_s']:.3g} req/s of the intended "
-                         f"{rates['intended_per_s']:.3g} req/s")
     out["rate"] = rates
-    dl = out["dispatch_lag"]
-    if dl.get("n") and dl.get("p99", 0) is not None and dl.get("p99", 0) > 0.1 and not lagged:
-        flags.append(f"LAG: p99 dispatch lag is {dl['p99'] * 1000:.0f} ms (requests left later than scheduled)")
     # timestamp error against the server's ground truth
     if d.te.err is not None:  # over the token events
         sel_ev = np.repeat(gmask, d.te.n) & np.isfinite(d.te.err)
@@ -304,10 +305,33 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
             e["spread_p99_minus_p50"] = e["p99"] - e["p50"]
             out["timestamp_error"] = e
     fm = measured & ~a["ok"]
-    if measured.any() and fm.mean() > 0.0:
-        flags.append(f"FAILED: {int(fm.sum())} of {int(measured.sum())} requests did not complete "
-                     f"({fm.mean():.1%}); they count as SLO violations")
+    stopped = (a["status_code"] == STATUSES.index("cancelled")) | (a["status_code"] == STATUSES.index("skipped"))
+    fm &= ~stopped
+    served = int((measured & ~stopped).sum())
+    if served and fm.any():
+        flags.append(f"FAILED: {int(fm.sum())} of {served} requests failed (error or timeout; "
+                     f"{int(fm.sum()) / served:.1%}); they count as SLO violations")
+    if (measured & stopped).any():
+        flags.append(f"STOPPED: {int((measured & stopped).sum())} requests were cancelled by the run's stop or never "
+                     "sent; they are not counted as the server's failures (error rate, goodput)")
     out["flags"] = flags
+    return out
+
+
+def _diff_stats(diff: np.ndarray) -> dict:
+    return {"n": int(len(diff)), "share_exact": float((diff == 0).mean()), "mean_diff": float(diff.mean()),
+            "max_abs_diff": float(np.abs(diff).max())}
+
+
+def _prompt_growth(d: Data, sess: dict) -> np.ndarray:
+    """Per request: prompt_tokens minus the previous turn's prompt_tokens and completion_tokens (NaN for first
+    turns and where usage is missing); turns in session order by intended time."""
+    a = d.a
+    order = np.lexsort((sess["turn"], sess["code"]))
+    out = np.full(d.n, np.nan)
+    same = sess["code"][order][1:] == sess["code"][order][:-1]
+    cur, prev = order[1:][same], order[:-1][same]
+    out[cur] = a["prompt_tokens"][cur] - a["prompt_tokens"][prev] - a["completion_tokens"][prev]
     return out
 
 

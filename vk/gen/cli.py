@@ -34,7 +34,8 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 @command("vk-gen", epilog=EPILOG)
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
-@click.option("--seed", type=int, metavar="N", help="Random seed (default: the config's seed, else 0).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), metavar="N",
+              help="Random seed, 0 to 2**64-1 (default: the config's seed, else 0).")
 @click.option("--count", type=click.IntRange(min=0), metavar="N",
               help="Number of sessions (default: the config's count, else 100 for synthetic workloads and every "
                    "row for traces; 0 = no limit).")
@@ -62,6 +63,9 @@ def cli_command(config, seed, count, duration, tokenizer, overrides, output, pro
     if flavor and not trace:
         raise VkError("--flavor goes with --trace FILE")
     if trace:
+        from vk.jsonl import open_input
+
+        open_input(trace).close()  # missing, a directory or unreadable: one line before anything else
         sg: dict = {"type": "trace", "trace_file": trace}
         if flavor:
             sg["flavor"] = {"type": flavor}

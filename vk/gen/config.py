@@ -106,6 +106,50 @@ def split_path(path: str) -> list:
     return out
 
 
+# Bounds on what a config may ask for (man vk-gen: LIMITS). A small file must not make vk-gen use unbounded memory.
+MAX_NODES = 100_000  # values in the config once YAML aliases are expanded (a "billion laughs" file has 10^9)
+MAX_LENGTH = 10_000_000  # tokens: any number under a *length* key (input, output, prefix lengths)
+MAX_SEED = 2**64 - 1
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """How many nodes the YAML tree holds once its aliases are expanded (each shared node counted per use)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a node that refers to itself counts once (safe_load refuses real recursion anyway)
+    n = 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            n += _expanded_size(k, memo) + _expanded_size(v, memo)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            n += _expanded_size(item, memo)
+    memo[key] = n
+    return n
+
+
+def check_bounds(cfg: Config) -> None:
+    """Refuse non-finite numbers anywhere, lengths above MAX_LENGTH tokens, and seeds outside 0..2**64-1."""
+
+    def walk(x, path: list, in_length: bool) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, path + [str(k)], in_length or "length" in str(k).lower())
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, path + [str(i)], in_length)
+        elif isinstance(x, float) and x != x or isinstance(x, float) and x in (float("inf"), float("-inf")):
+            raise cfg.error(".".join(path), f"{x} is not a finite number")
+        elif isinstance(x, (int, float)) and not isinstance(x, bool) and in_length and abs(x) > MAX_LENGTH:
+            raise cfg.error(".".join(path), f"{x:g} tokens is above the ceiling of {MAX_LENGTH:,} tokens per length")
+
+    walk(cfg.data, [], False)
+    seed = cfg.data.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:
+        raise cfg.error("seed", f"expected an integer from 0 to 2**64-1, got {seed}")
+
+
 def _line_map(node, path: tuple, out: dict) -> None:
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
@@ -155,6 +199,9 @@ def load_config(config: Any = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise VkError(f"{path}: expected a mapping of settings at the top, got {type(data).__name__}")
+    if node is not None and _expanded_size(node, {}) > MAX_NODES:
+        raise VkError(f"{path}: the config expands to more than {MAX_NODES:,} values through YAML aliases "
+                      "(anchors used over and over): refused")
     lines: dict = {}
     if node is not None:
         _line_map(node, (), lines)
@@ -232,3 +279,4 @@ def apply_overrides(cfg: Config, overrides) -> None:
         cfg.overridden.add(tuple(parts))
         for k in [k for k in cfg.lines if k[: len(parts)] == tuple(parts)]:
             cfg.lines.pop(k, None)
+    check_bounds(cfg)

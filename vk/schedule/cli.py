@@ -28,7 +28,7 @@ EPILOG = examples(
 
 @command("vk-schedule", epilog=EPILOG)
 @click.argument("files", nargs=-1, type=click.Path(allow_dash=True, dir_okay=False))
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same input and seed: same bytes).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Random seed (same input and seed: same bytes).")
 @click.option("--poisson", type=float, metavar="RATE", help="Poisson arrivals: exponential gaps, RATE sessions/s.")
 @click.option("--gamma", type=float, metavar="RATE", help="Gamma-distributed gaps at RATE sessions/s (with --cv).")
 @click.option("--cv", type=float, help="Coefficient of variation of the --gamma gaps (1 = Poisson, >1 bursty).")

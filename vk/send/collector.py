@@ -8,15 +8,20 @@ import fcntl
 import io
 import os
 import queue
+import signal
 import stat
 import sys
 import threading
 import time
 from array import array
 
-from vk.jsonl import Writer, dumps
+from vk.jsonl import NoSpaceError, Writer, dumps
+from vk.send.ledger import Ledger
 
 _mono = time.monotonic
+
+# signals that stop a run cleanly (footer written, exit 130); SIGHUP: the terminal went away
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 
@@ -41,6 +46,9 @@ class Collector:
         self.on_broken = None
         self.inflight = 0
         self.sessions_done = 0
+        self.ledger = Ledger()
+        self.answered = 0  # records of requests that got any byte of an answer
+        self.first_error: str | None = None
         self.bar = None
         self.t_bar = 0.0
         if progress:
@@ -72,7 +80,7 @@ class Collector:
                     # the reader went away (vk-send ... | head): stop sending, nothing more can be recorded
                     self.broken = True
                     self.on_broken()
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError, NoSpaceError) as e:
                     self.broken = True
                     self.write_error = e
                     self.on_broken()
@@ -93,11 +101,17 @@ class Collector:
         finally:
             os._exit(130)
 
-    def add(self, rec: dict, line: bytes | None = None) -> None:
+    def add(self, rec: dict, line: bytes | None = None):
+        """Hand a response record to the writer and count it; returns the session's ledger entry when this
+        record was the last one the session was waiting for."""
         self.q.put(line if line is not None else dumps(rec))
         self.n += 1
         st = rec.get("status")
         self.counts[st] += 1
+        if rec.get("http_status") is not None or rec.get("t_first_byte") is not None:
+            self.answered += 1
+        elif self.first_error is None and st in ("error", "timeout"):
+            self.first_error = rec.get("error")
         td = rec.get("t_dispatched")
         ti = rec.get("t_intended")
         if td is not None and ti is not None:
@@ -120,6 +134,14 @@ class Collector:
             now = _mono()
             if now - self.t_bar > 0.25:
                 self.refresh_bar()
+        return self.ledger.record(rec)
+
+    def unreachable(self) -> str | None:
+        """Why no request reached the server (none got a byte of an answer, none succeeded), else None."""
+        failed = self.counts["error"] + self.counts["timeout"]
+        if failed == 0 or self.answered or self.counts["ok"]:
+            return None
+        return f"no request reached the server: {failed} of {failed} failed without an answer ({self.first_error})"
 
     def refresh_bar(self) -> None:
         if self.bar is None:
@@ -136,18 +158,22 @@ class Collector:
         if not len(lags):
             return {"p50": None, "p99": None, "max": None, "n": 0}
         s = sorted(lags)
-        n = len(s)
-
-        def q(p):
-            return s[min(n - 1, int(p * (n - 1) + 0.5))]
-
-        return {"p50": q(0.5), "p99": q(0.99), "max": s[-1], "n": n}
+        return {"p50": linear_percentile(s, 0.5), "p99": linear_percentile(s, 0.99), "max": s[-1], "n": len(s)}
 
     def close_bar(self) -> None:
         if self.bar is not None:
             self.refresh_bar()
             self.bar.close()
 
+
+
+def linear_percentile(s, q: float) -> float:
+    """The q-quantile of sorted values by linear interpolation between closest ranks: numpy's default method
+    ("linear"), which vk-eval uses too, so that the footer's p99 is the p99 vk-eval reports."""
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def round_lag(x):

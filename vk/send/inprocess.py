@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import signal
 import sys
 import threading
 
-from vk.send.collector import set_reason
+from vk.send.collector import STOP_SIGNALS, set_reason
 from vk.send.engine import Engine
 from vk.send.feed import SWITCH_INTERVAL, QueueView, ThreadFeed, new_loop
 from vk.send.inputs import feeder
@@ -38,18 +37,24 @@ class InProcess:
         set_reason(state, f"interrupted by {signame}", "interrupted")
         self.engine.request_stop(f"interrupted by {signame}")
 
-    def run(self, stream_in) -> dict:
+    def run(self, stream_in, input_status: dict) -> dict:
         loop, engine, feed, collector = self.loop, self.engine, self.feed, self.collector
         installed = []
         if self.handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 try:
                     loop.add_signal_handler(sig, self.on_signal, sig.name)
                     installed.append(sig)
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
-        th = threading.Thread(target=feeder, args=(stream_in, feed.put, feed.end, self.input_error,
-                                                    lambda e: None), daemon=True, name="vk-send-feeder")
+        ledger = collector.ledger
+
+        def put(rec) -> bool:
+            ledger.add(rec)
+            return feed.put(rec)
+
+        th = threading.Thread(target=feeder, args=(stream_in, put, feed.end, self.input_error, lambda e: None,
+                                                   input_status), daemon=True, name="vk-send-feeder")
 
         async def main() -> None:
             prog = loop.create_task(progress_task(engine, collector)) if collector.bar is not None else None
@@ -78,8 +83,7 @@ class InProcess:
             if was_enabled:
                 gc.enable()
             gc.unfreeze()
-        return {"sessions_started": engine.sessions_started, "sessions_done": engine.sessions_done,
-                "sessions_not_started": engine.sessions_not_started, "duration_reached": engine.duration_reached,
+        return {"duration_reached": engine.duration_reached,
                 "kernel_timestamps": getattr(engine.client, "kts_ok", None)}
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from vk import __version__
@@ -29,22 +28,28 @@ from vk.send.clock import RunClock
 from vk.send.collector import Collector, rewrite_lagged, round_lag, set_reason, tell
 from vk.send.engine import Config
 from vk.send.inprocess import InProcess
-from vk.send.inputs import chain1, check_start, prepare_input
+from vk.send.inputs import MAX_WAIT, first_due, read_input
 from vk.send.options import (
     DEFAULT_FIRST_BYTE_TIMEOUT,
     DEFAULT_LAG_THRESHOLD,
     DEFAULT_TIMEOUT,
+    api_key_from_env,
     api_parts,
+    check_seconds,
+    check_workers,
     parse_headers,
     parse_max_errors,
     raise_nofile_limit,
     redact_argv,
+    redact_url,
     resolve_model,
 )
-from vk.send.scrape import DEFAULT_SCRAPE_INTERVAL, Scraper, metrics_url
-from vk.send.workers import run_workers, worker_main
+from vk.send.scrape import DEFAULT_SCRAPE_INTERVAL, Scraper
+from vk.send.workers import run_workers, start_workers
 
 _mono = time.monotonic
+
+FAR_AHEAD = 10.0  # seconds: a first request due later than this is announced on stderr
 
 __all__ = ["send", "DEFAULT_TIMEOUT", "DEFAULT_FIRST_BYTE_TIMEOUT", "DEFAULT_LAG_THRESHOLD"]
 
@@ -84,6 +89,9 @@ def send(
     source: str = "<input>",
     handle_signals: bool = True,
     quiet: bool = False,
+    reassign_lost: bool = False,
+    total_sessions: int | None = None,
+    peak_sessions: int | None = None,
     server: dict | None = None,
     scrape: str | None = None,
     scrape_interval: float = DEFAULT_SCRAPE_INTERVAL,
@@ -96,66 +104,54 @@ def send(
     ``records``: an optional ``schedule`` header, then ``scheduled_session`` records; or plain ``session``
     records, which run as a closed loop of ``concurrency`` sessions (default 1: one after another).
     Returns the ``run_end`` record. Bad input met during the run (a pipe) stops the run cleanly and raises
-    ``RecordError`` after the footer is written. ``server`` (vk.launch.Server.info()) goes into the run header.
+    ``RecordError`` after the footer is written.
+
+    ``reassign_lost``: hand a lost worker's sessions that are still due to the other workers.
+    ``total_sessions``: how many sessions the input holds, when known (a file), so that the footer counts those
+    a stopped run never read; ``peak_sessions``: the most sessions the schedule starts within 10 s (a file), for
+    the open-file check before the run. ``server`` (vk.launch.Server.info()) goes into the run header.
     ``scrape`` (a URL; ``""`` for the API's origin + /metrics) writes the server's Prometheus samples every
     ``scrape_interval`` seconds as ``server_metric`` records (vk.send.scrape). ``run_fields`` are added to the
     run header (annotations, e.g. vk-sweep's ``{"sweep": {...}}``). Setting ``stop`` (a ``threading.Event``) from
     another thread ends the run as a signal would (requests in flight cancelled), with ``ended: "stopped"``.
     """
     if api_key is None:
-        api_key = os.environ.get("OPENAI_API_KEY") or None
+        api_key = api_key_from_env()
     hdrs = parse_headers(headers)
     me = parse_max_errors(max_errors)
+    check_seconds("--timeout", timeout)
+    check_seconds("--first-byte-timeout", first_byte_timeout)
+    check_seconds("--lag-threshold", lag_threshold)
     scheme, host, port, path, _base = api_parts(api, endpoint)
     if client not in ("raw", "aiohttp", "httpx"):
         raise VkError(f"--client: expected raw, aiohttp or httpx, got {client!r}")
-    if workers is None:
-        workers = os.cpu_count() or 1
-    workers = max(1, int(workers))
+    workers = check_workers(workers)
 
-    # the first record decides the mode
-    it = iter(records)
-    header = None
-    first = None
-    line0 = 0
-    for rec in it:
-        if isinstance(rec, dict) and rec.get("kind") == "schedule":
-            if validate:
-                vkrecords.validate_schedule(rec, source, 1)
-            header = rec
-            line0 = 1
-        else:
-            first = rec
-        break
-    rest: Iterator[dict] = it if first is None else chain1(first, it)
-    if header is not None:
-        mode = header["mode"]
-        conc = int(header.get("concurrency") or 1)
+    header, mode, conc, stream_in, first_session = read_input(records, validate, source, concurrency)
+    if header is not None and header.get("start_at"):
+        wait = float(header["start_at"]) - time.time()
+        if wait > MAX_WAIT:
+            raise VkError(f"{source}: schedule start_at is {wait / 86400:.1f} days from now (more than "
+                          f"{MAX_WAIT / 86400:g}): refusing to wait that long")
     else:
-        mode = None
-        conc = int(concurrency or 1)
-    if concurrency is not None and header is not None and mode == "closed":
-        conc = int(concurrency)
-    stream_in = prepare_input(rest, validate, source, line0)
-    if mode is None:
-        # no header: scheduled sessions with start offsets run open loop; plain sessions a closed loop
-        peek = next(stream_in, None)
-        if peek is None:
-            stream_in = iter(())
-            mode = "closed"
-        else:
-            mode = "open" if (first.get("kind") == "scheduled_session" and peek.get("start") is not None) \
-                else "closed"
-            stream_in = chain1(peek, stream_in)
-    stream_in = check_start(stream_in, mode)
-    # The run's clock starts only once the first session is here: in a pipe, the upstream stages' own start-up
-    # (vk-gen loading a tokenizer) is not the client lagging behind its schedule.
-    first_session = next(stream_in, None)
-    if first_session is not None:
-        stream_in = chain1(first_session, stream_in)
+        wait = 0.0
+    due = first_due(first_session) if mode == "open" else None
+    if not quiet and max(wait, 0.0) + (due or 0.0) > FAR_AHEAD:
+        at = time.time() + max(wait, 0.0) + (due or 0.0)
+        print(f"vk-send: the first request is due in {_span(max(wait, 0.0) + (due or 0.0))}, at "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}; waiting until then", file=sys.stderr)
 
     soft, hard = raise_nofile_limit()
-    if not quiet and 0 < soft < max(1024, 2 * conc + 64):
+    if mode == "closed":
+        workers = max(1, min(workers, conc))
+    need = conc if mode == "closed" else peak_sessions
+    if need:
+        per_worker = -(-need // workers) + 64  # a socket per request in flight, plus the process's own files
+        if not quiet and 0 < soft < per_worker:
+            print(f"vk-send: open-file limit is {soft} (hard limit {hard}) but the schedule keeps up to about {need} "
+                  f"requests in flight ({-(-need // workers)} per worker): requests past the limit will fail with "
+                  "'too many open files'; raise it with 'ulimit -n' or use more --workers", file=sys.stderr)
+    elif not quiet and 0 < soft < 1024:
         print(f"vk-send: open-file limit is {soft} (hard limit {hard}): at most about {max(soft - 64, 0)} "
               "concurrent requests; raise it with 'ulimit -n'", file=sys.stderr)
 
@@ -173,17 +169,14 @@ def send(
         rate_limit=(header or {}).get("rate_limit"), duration=(header or {}).get("duration"),
         workers=workers,
     )
-    if mode == "closed":
-        workers = max(1, min(workers, conc))
-        cfg.workers = workers
 
     own_writer = not isinstance(output, Writer)
     writer = Writer(output) if own_writer else output
     try:
         return _run(cfg, header, stream_in, writer, workers, argv, me, progress, lag_threshold, soft,
-                    handle_signals, quiet, server=server,
-                    scraper=None if scrape is None else Scraper(scrape or metrics_url(api), interval=scrape_interval,
-                                                                buckets=scrape_buckets, api_key=api_key),
+                    handle_signals, quiet, reassign_lost, total_sessions, server=server,
+                    scraper=None if scrape is None else Scraper.for_api(api, scrape, scrape_interval, scrape_buckets,
+                                                                        api_key),
                     run_fields=run_fields, stop=stop)
     finally:
         if own_writer:
@@ -192,33 +185,18 @@ def send(
 
 
 def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max_errors, progress,
-         lag_threshold, nofile, handle_signals, quiet, server: dict | None = None,
+         lag_threshold, nofile, handle_signals, quiet, reassign_lost, total_sessions, server: dict | None = None,
          scraper: Scraper | None = None, run_fields: dict | None = None, stop=None) -> dict:
     state = {"reason": None, "ended": None, "signals": 0}
     input_error: list[BaseException] = []
 
-    procs = []
+    procs: list = []
     if workers > 1:
         import multiprocessing as mp
 
         ctx = mp.get_context("fork")
         stop_event = ctx.Event()
-        pipes = []
-        for w in range(workers):
-            wcfg = Config(**{**cfg.__dict__, "worker": w,
-                             "concurrency": cfg.concurrency // workers + (1 if w < cfg.concurrency % workers else 0)})
-            in_r, in_w = ctx.Pipe(duplex=False)
-            out_r, out_w = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=worker_main, args=(wcfg, in_r, out_w, stop_event, progress), daemon=True,
-                            name=f"vk-send-worker-{w}")
-            p.start()
-            in_r.close()
-            out_w.close()
-            procs.append(p)
-            pipes.append((in_w, out_r))
-        for _, out_r in pipes:
-            if out_r.recv_bytes() != b"#ready":
-                raise VkError("a worker process failed to start")
+        procs, pipes = start_workers(ctx, cfg, workers, stop_event, progress)
     if scraper is not None:
         scraper.start()  # before the start instant: its interpreter start-up is not the run's business
     collector = Collector(writer, max_errors, progress, None)
@@ -232,8 +210,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         ahead = max(ahead, float(header["start_at"]) - time.time())
     clock.set_start(_mono() + ahead)
     run_rec = vkrecords.new_run(
-        cfg.run_id, round(clock.epoch0, 6), api=cfg.api, model=cfg.model, endpoint=cfg.endpoint,
-        vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or [])), schedule=header,
+        cfg.run_id, round(clock.epoch0, 6), api=redact_url(cfg.api), model=cfg.model, endpoint=cfg.endpoint,
+        vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or []), [cfg.api_key]), schedule=header,
         workers=workers, client=cfg.client if not cfg.http2 else "httpx-http2", stream=cfg.stream,
         lag_threshold=lag_threshold, open_files_limit=nofile,
         **({"server": server} if server else {}), **(run_fields or {}),
@@ -269,12 +247,13 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
 
         threading.Thread(target=watch_stop, daemon=True, name="vk-send-stop").start()
     stats: dict[str, Any] = {}
+    input_status = {"exhausted": False}
     try:
         if workers == 1:
-            stats = inproc.run(stream_in)
+            stats = inproc.run(stream_in, input_status)
         else:
             stats = run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pipes, stop_event,
-                                 handle_signals)
+                                handle_signals, input_status, reassign=reassign_lost, quiet=quiet)
     finally:
         finished.set()
         if scraper is not None:
@@ -282,6 +261,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         collector.stop_writer()
     collector.close_bar()
     if collector.write_error is not None:
+        if isinstance(collector.write_error, VkError):
+            raise collector.write_error
         raise VkError(f"{writer.path}: cannot write ({collector.write_error})")
 
     lag = collector.lag_stats()
@@ -292,6 +273,16 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         reason = f"stopped at bad input: {input_error[0]}"
     if ended == "complete" and stats.get("duration_reached"):
         reason = "schedule duration reached"
+    unreachable = collector.unreachable()
+    if unreachable and ended == "complete":
+        ended, reason = "unreachable", unreachable
+    elif unreachable and ended == "max_errors":
+        reason = f"{reason}; {unreachable}"
+    input_complete = bool(input_status["exhausted"]) or total_sessions is not None
+    unread = None
+    if total_sessions is not None and not input_status["exhausted"]:
+        unread = max(0, total_sessions - collector.ledger.read)
+    sessions = collector.ledger.totals(unread)
     end = vkrecords.new_run_end(
         cfg.run_id,
         ended=ended,
@@ -299,9 +290,9 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         requests=collector.n,
         statuses=dict(collector.counts),
         errors=collector.errors,
-        sessions_started=stats.get("sessions_started", 0),
-        sessions_done=stats.get("sessions_done", 0),
-        sessions_not_started=stats.get("sessions_not_started", 0),
+        **sessions,
+        input_complete=input_complete,
+        reached_server=collector.counts["ok"] > 0 or collector.answered > 0,
         duration=round(collector.t_last_done, 6),
         dispatch_lag_p50=round_lag(lag["p50"]),
         dispatch_lag_p99=round_lag(lag["p99"]),
@@ -311,6 +302,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         kernel_timestamps=stats.get("kernel_timestamps"),
         workers=workers,
     )
+    if state.get("lost"):
+        end["workers_lost"] = state["lost"]
     if collector.broken:
         raise BrokenPipeError("the output was closed")
     writer.write(end)
@@ -327,3 +320,13 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     if input_error:
         raise input_error[0]
     return end
+
+
+def _span(sec: float) -> str:
+    if sec < 120:
+        return f"{sec:.0f} s"
+    if sec < 7200:
+        return f"{sec / 60:.0f} min"
+    if sec < 172800:
+        return f"{sec / 3600:.1f} h"
+    return f"{sec / 86400:.1f} days"

@@ -1,15 +1,16 @@
 """``vk-send --scrape``: read the server's Prometheus metrics during the run, as ``server_metric`` records.
 
-The scraper is a process of its own (``python -m vk.send.scrape``), not a thread of vk-send: fetching and
+The scraper is a process of its own (this file, run by path), not a thread of vk-send: fetching and
 parsing an exposition of a few hundred samples every second would otherwise take the interpreter lock from the
 send loop at moments the schedule does not know about, and the point of vk-send is that requests leave when the
 schedule says. The child writes finished JSON lines to a pipe; a thread of the parent hands each line to the
 run's writer as it is (no parsing on the parent's side).
 
 Protocol: the child starts before the run's start instant (its interpreter start-up is not the run's business),
-says ``#ready`` once it has imported what it needs, and waits for one line on stdin, ``MONO0 RUN_ID``: the run's time 0 on CLOCK_MONOTONIC, which is system-wide, so
-the child's times are on the run's clock. It scrapes once at once (a baseline before the first request), then
-every interval on the run's clock (ticks it missed are skipped, not caught up), and once more when its stdin
+scrapes once (the baseline: the parent waits for it, so no request of the run can be counted in it), says
+``#ready`` and waits for one line on stdin, ``MONO0 RUN_ID``: the run's time 0 on CLOCK_MONOTONIC, which is
+system-wide, so the child's times are on the run's clock. It writes the baseline (at its negative time), then
+scrapes every interval on the run's clock (ticks it missed are skipped, not caught up), and once more when its stdin
 closes (the run has ended), then exits. It ignores SIGINT: a Ctrl-C reaches the whole foreground group, and the
 final scrape after the parent's own shutdown is what makes the counters' last deltas complete.
 """
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
@@ -40,12 +42,14 @@ _CHILD = ("import importlib.util, sys; spec = importlib.util.spec_from_file_loca
 _AUTH_ENV = "VK_SCRAPE_AUTHORIZATION"  # the API key travels in the environment, never on a command line
 
 
+def _origin(url: str) -> str:
+    u = urllib.parse.urlsplit(url)
+    return f"{u.scheme}://{u.netloc}"
+
+
 def metrics_url(api: str) -> str:
     """The default scrape URL: the API's origin + /metrics (``http://h:p/v1`` -> ``http://h:p/metrics``)."""
-    import urllib.parse
-
-    u = urllib.parse.urlsplit(api)
-    return f"{u.scheme}://{u.netloc}/metrics"
+    return _origin(api) + "/metrics"
 
 
 def exposition_records(text: str, t: float, run_id: str, *, buckets: bool = False) -> list[dict]:
@@ -94,10 +98,11 @@ def _child_main(argv: list[str]) -> None:
     url, interval, timeout, buckets = argv[0], float(argv[1]), float(argv[2]), argv[3] == "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     auth = os.environ.pop(_AUTH_ENV, None)
-    import prometheus_client.parser  # noqa: F401 (imported now, not during the run)
-
     fd = sys.stdin.fileno()  # raw reads: select() must see what a buffered reader would have swallowed
     out = sys.stdout.buffer
+    # the baseline, before the parent sets the run's start instant: no request of the run can be in it
+    t_base = time.monotonic()
+    baseline = scrape_once(url, 0.0, "", timeout=timeout, buckets=buckets, authorization=auth)
     out.write(b"#ready\n")
     out.flush()
     got = b""
@@ -116,7 +121,10 @@ def _child_main(argv: list[str]) -> None:
         out.write(b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in recs))
         out.flush()
 
-    scrape()  # the baseline, before the first request
+    for r in baseline:
+        r["run_id"], r["t"] = run_id, round(t_base - mono0, 6)
+    out.write(b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in baseline))
+    out.flush()
     k = 1
     while True:
         now = time.monotonic()
@@ -145,6 +153,13 @@ class Scraper:
         self.proc: subprocess.Popen | None = None
         self.thread: threading.Thread | None = None
         self.lines = 0
+
+    @classmethod
+    def for_api(cls, api: str, url: str, interval: float, buckets: bool, api_key: str | None) -> Scraper:
+        """vk-send's scraper: ``url`` ("" for the API's origin + /metrics); the API key goes along only to the
+        API's own origin (never to another host named by --scrape)."""
+        url = url or metrics_url(api)
+        return cls(url, interval=interval, buckets=buckets, api_key=api_key if _origin(url) == _origin(api) else None)
 
     def start(self) -> Scraper:
         env = dict(os.environ)

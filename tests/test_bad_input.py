@@ -1,0 +1,180 @@
+"""Bad input to vk-gen, vk-schedule and vk-send: one clear line on stderr, exit status 2, never a traceback, and
+(vk-send) no request sent."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from conftest import run_vk
+from test_send import _free_port, open_schedule, req, session, write_jsonl
+
+BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+                 + [f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)])
+
+
+def one_line_exit_2(p, *expect: str) -> str:
+    err = p.stderr.decode()
+    assert p.returncode == 2, (p.returncode, err)
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for e in expect:
+        assert e in lines[0], (e, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def sched(tmp_path):
+    sess = [session(f"s{i}", [req("a")]) for i in range(3)]
+    return write_jsonl(tmp_path / "s.jsonl", open_schedule(sess, [0.0, 0.01, 0.02]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# vk-gen
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--set", "input.length.value=1000000000000"], "ceiling"),
+    (["--set", "input.length.value=.inf"], "not a finite number"),
+    (["--set", "output.length.value=.nan"], "not a finite number"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--flavor", "mooncake", "--trace", "."], "is a directory"),
+    (["--flavor", "mooncake", "--trace", "/no/such/trace.jsonl"], "no such file"),
+])
+def test_vk_gen(args, expect):
+    one_line_exit_2(run_vk("vk-gen", "--count", "1", *args, timeout=60), expect)
+
+
+def test_vk_gen_yaml_alias_bomb(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB + "\n")
+    one_line_exit_2(run_vk("vk-gen", str(path), "--count", "1", timeout=60), str(path), "aliases")
+
+
+def test_vk_gen_seed_in_config_beyond_64_bits(tmp_path):
+    path = tmp_path / "seed.yaml"
+    path.write_text(f"seed: {2**64}\n")
+    one_line_exit_2(run_vk("vk-gen", str(path), "--count", "1", timeout=60), f"{path}:1", "seed")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# vk-schedule
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--poisson", "1", "--seed", str(2**70)], "--seed"),
+    (["--poisson", "nan"], "--poisson"),
+    (["--concurrency", "2", "--ramp-up", "nan"], "--ramp-up"),
+])
+def test_vk_schedule(tmp_path, args, expect):
+    sessions = run_vk("vk-gen", "--count", "3", check=True).stdout
+    p = run_vk("vk-schedule", *args, "--max-sessions", "3", input=sessions, timeout=60)
+    one_line_exit_2(p, expect)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# vk-send: nothing is sent (the API points at a port where nothing listens: a request would be a record)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--api", "http://127.0.0.1:99999/v1"], "--api"),
+    (["--api", "http://127.0.0.1:0/v1"], "--api"),
+    (["--timeout", "nan"], "--timeout"),
+    (["--timeout", "inf"], "--timeout"),
+    (["--first-byte-timeout", "nan"], "--first-byte-timeout"),
+    (["--lag-threshold", "nan"], "--lag-threshold"),
+    (["--max-errors", "nan"], "--max-errors"),
+    (["--max-errors", "inf"], "--max-errors"),
+    (["-H", "X-A: b\r\nX-Injected: 1"], "header injection"),
+    (["-H", "X-A: b\nGET / HTTP/1.1"], "header injection"),
+    (["-H", "Bad Name: x"], "not a valid header name"),
+    (["--workers", "100000"], "--workers"),
+    (["--api-key-file", "/no/such/key"], "--api-key-file"),
+])
+def test_vk_send_options(sched, args, expect):
+    base = ["--api", f"http://127.0.0.1:{_free_port()}/v1"]
+    if args[0] == "--api":
+        base = []
+    p = run_vk("vk-send", sched, *base, "--model", "m", *args, timeout=60)
+    one_line_exit_2(p, expect)
+    assert p.stdout == b""  # not even a run header
+
+
+def _schedule_lines(tmp_path, recs) -> str:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    return str(path)
+
+
+def test_vk_send_bad_line_late_in_a_file_is_found_before_any_request(tmp_path, serve):
+    srv = serve("--ttft", "0.001")
+    sess = [session(f"s{i}", [req("a")]) for i in range(50)]
+    recs = open_schedule(sess, [i * 0.001 for i in range(50)])
+    recs[40]["start"] = None  # an open-loop session without a start, far down the file
+    path = _schedule_lines(tmp_path, recs)
+    p = run_vk("vk-send", path, "--api", srv.url, timeout=60)
+    one_line_exit_2(p, f"{path}:41", "start")
+    assert p.stdout == b""
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("start", 1e12, "days ahead"),
+    ("think_time", 1e12, "think_time"),
+])
+def test_vk_send_absurd_times_refused(tmp_path, field, value, expect):
+    sess = [session("s0", [req("a")])]
+    recs = open_schedule(sess, [0.0])
+    if field == "start":
+        recs[1]["start"] = value
+    else:
+        recs[1]["session"]["requests"][0]["think_time"] = value
+    path = _schedule_lines(tmp_path, recs)
+    p = run_vk("vk-send", path, "--api", f"http://127.0.0.1:{_free_port()}/v1", "--model", "m", timeout=60)
+    one_line_exit_2(p, expect)
+
+
+def test_vk_send_absurd_start_at_refused(tmp_path):
+    recs = open_schedule([session("s0", [req("a")])], [0.0], start_at=1e15)
+    path = _schedule_lines(tmp_path, recs)
+    p = run_vk("vk-send", path, "--api", f"http://127.0.0.1:{_free_port()}/v1", "--model", "m", timeout=60)
+    one_line_exit_2(p, "start_at", "days")
+
+
+def test_vk_send_far_start_is_announced(tmp_path, serve):
+    import subprocess
+    import time
+
+    from conftest import vk_cmd
+
+    srv = serve("--ttft", "0.001")
+    recs = open_schedule([session("s0", [req("a")])], [3600.0])
+    path = _schedule_lines(tmp_path, recs)
+    p = subprocess.Popen([*vk_cmd("vk-send"), path, "--api", srv.url], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    try:
+        line = p.stderr.readline().decode()
+    finally:
+        p.terminate()
+        p.wait(10)
+    assert "first request is due in 60 min" in line, line
+    time.sleep(0)
+
+
+def test_vk_send_warns_when_open_files_are_too_few(tmp_path, serve):
+    import resource
+    import subprocess
+
+    from conftest import vk_cmd
+
+    srv = serve("--ttft", "0.001")
+    n = 300
+    sess = [session(f"s{i}", [req("a", out=1)]) for i in range(n)]
+    path = write_jsonl(tmp_path / "s.jsonl", open_schedule(sess, [0.0] * n))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    p = subprocess.run([*vk_cmd("vk-send"), path, "--api", srv.url, "--workers", "1", "-o", str(tmp_path / "r")],
+                       capture_output=True, preexec_fn=limit, timeout=120)
+    err = p.stderr.decode()
+    assert "open-file limit is 128" in err and "300 requests in flight" in err, err
