@@ -45,7 +45,12 @@ def all_kinds():
     end = records.new_run_end("run-1", requests=1, lagged=False)
     metric = records.new_server_metric("run-1", 0.5, "vllm:num_requests_waiting", 3.0,
                                        labels={"model_name": "m"}, type="gauge")
-    return [a_session(), sched, ss, run, resp, metric, end]
+    sweep = records.new_sweep("sw-1", "search", "poisson", seed=0, slo="ttft:p90<500ms")
+    probe = records.new_sweep_probe("sw-1", "poisson-4", 0, "poisson", 4.0, verdict="pass", confidence=0.97,
+                                    uncertain=False, saturation=None,
+                                    checks=[{"slo": "ttft:p90<500ms", "value": 0.2, "threshold": 0.5, "ok": True}])
+    sweep_end = records.new_sweep_end("sw-1", answer={"last_pass": 4.0, "first_fail": 8.0, "confidence": 0.95})
+    return [a_session(), sched, ss, run, resp, metric, end, sweep, probe, sweep_end]
 
 
 def test_every_kind_round_trips(tmp_path):

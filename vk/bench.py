@@ -28,6 +28,7 @@ STAGES = [
     ("serve", "vk.serve.bench"),
     ("send", "vk.send.bench"),
     ("eval", "vk.eval.bench"),
+    ("sweep", "vk.sweep.bench"),
 ]
 
 

@@ -47,7 +47,8 @@ STATUS_SKIPPED = "skipped"  # not sent because a parent failed
 STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_TIMEOUT, STATUS_CANCELLED, STATUS_SKIPPED)
 
 # How a run ended (run_end field ``ended``).
-ENDED = ("complete", "interrupted", "max_errors", "bad_input", "worker_lost", "unreachable", "output_closed", "stopped")
+ENDED = ("complete", "interrupted", "max_errors", "bad_input", "worker_lost", "unreachable", "output_closed",
+         "stopped")
 
 # How a request's output target is enforced (request field ``output_control``).
 #   exact       max_tokens = min_tokens = target (vLLM, SGLang)

@@ -40,22 +40,32 @@ PLAN_KEYS = ("poisson", "gamma", "cv", "concurrency", "target_rate", "search", "
              "between_cmd", "drain_timeout")
 
 
-def sweep(sessions: str | os.PathLike | Iterable[dict], *, api: str, output: str | os.PathLike,
+def sweep(sessions: str | os.PathLike | Iterable[dict], *, api: str | None = None, output: str | os.PathLike,
           model: str | None = None, workers: int = 1, send_options: dict | None = None, quiet: bool = True,
-          argv: list[str] | None = None, **options: Any) -> SweepResult:
+          argv: list[str] | None = None, server_cmd: str | None = None, server_grid: Any = None,
+          server_ready_timeout: float | None = None, **options: Any) -> SweepResult | list[SweepResult]:
     """Run a sweep or a capacity search; returns a SweepResult (the same as ``vk-sweep --json``).
 
     ``sessions``: a vk-gen file (``-`` is stdin) or session dicts. ``options``: the command's options by their
     Python names (``poisson="1,2,4"``, ``search="rate"``, ``slo=...``, ``duration=10``, ...). Probes already
     complete in ``output`` are reused, so calling it again after an interruption resumes.
+
+    ``server_cmd`` starts the server under test (vk.launch; ``{port}`` becomes a free port and gives ``api``),
+    only once a probe needs it, and stops it at the end. ``server_grid`` (``"max_num_seqs=32,64;x=1,2"``, a
+    JSON/YAML file of combinations, or a list of dicts) runs the whole sweep once per server configuration, with
+    the parameters substituted into ``server_cmd``, each in ``output/<name>/``; then a list is returned.
     """
-    from vk.sweep.probe import Context, sha256_file
-    from vk.sweep.search import answer, run_grid, run_search
+    from vk.sweep.servers import LazyServer, config_name, parse_server_grid
 
     unknown = sorted(set(options) - set(PLAN_KEYS))
     if unknown:
         raise VkError(f"unknown sweep option {unknown[0]!r}")
     plan = make_plan(**options)
+    combos = parse_server_grid(server_grid)
+    if combos and not server_cmd:
+        raise VkError("--server-grid goes with --server-cmd (the parameters are substituted into it)")
+    if server_cmd is None and not api:
+        raise VkError("give the server's --api URL, or --server-cmd to start it")
     outdir = str(output)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise VkError(f"{outdir}: exists and is not a directory (-o names the sweep's directory)")
@@ -63,6 +73,27 @@ def sweep(sessions: str | os.PathLike | Iterable[dict], *, api: str, output: str
     spath = _sessions_file(sessions, outdir)
     if not os.path.getsize(spath):
         raise VkError(f"{spath}: no sessions")
+    common = dict(model=model, workers=workers, send_options=send_options, quiet=quiet, argv=argv)
+    if server_cmd is None:
+        return _sweep_one(plan, spath, api, outdir, None, **common)
+    results = []
+    for params in combos or [{}]:
+        sub = os.path.join(outdir, config_name(params)) if combos else outdir
+        os.makedirs(sub, exist_ok=True)
+        server = LazyServer(server_cmd, params, api=api, log=os.path.join(sub, "server.log"),
+                            ready_timeout=server_ready_timeout)
+        try:
+            results.append(_sweep_one(plan, spath, api, sub, server, **common))
+        finally:
+            server.stop()  # also on an error or Ctrl-C: nothing is left running
+    return results if combos else results[0]
+
+
+def _sweep_one(plan, spath: str, api: str | None, outdir: str, server, *, model, workers, send_options, quiet,
+               argv) -> SweepResult:
+    from vk.sweep.probe import Context, sha256_file
+    from vk.sweep.search import answer, run_grid, run_search
+
     sweep_path = os.path.join(outdir, "sweep.jsonl")
     sweep_id = _previous_id(sweep_path) or str(uuid.uuid4())
     sopts = dict(send_options or {})
@@ -70,10 +101,11 @@ def sweep(sessions: str | os.PathLike | Iterable[dict], *, api: str, output: str
         sopts["model"] = model
     sopts["workers"] = workers
     ctx = Context(plan=plan, sessions=spath, sessions_sha=sha256_file(spath), api=api, outdir=outdir,
-                  sweep_id=sweep_id, send_options=sopts, quiet=quiet)
+                  sweep_id=sweep_id, send_options=sopts, quiet=quiet, server=server)
     header = records.new_sweep(sweep_id, plan.mode, plan.knob, seed=plan.seed, slo=plan.slo, goodput=plan.goodput,
                                min_goodput=plan.min_goodput, objectives=plan.objectives(), plan=plan.to_dict(),
-                               sessions=spath, sessions_sha256=ctx.sessions_sha, api=api, dir=outdir, vk_version=__version__,
+                               sessions=spath, sessions_sha256=ctx.sessions_sha, api=api, dir=outdir,
+                               **(server.identity if server is not None else {}), vk_version=__version__,
                                argv=list(argv or []))
     t0 = time.monotonic()
     with Writer(sweep_path) as w:

@@ -16,11 +16,14 @@ from vk.cli import command, examples, main_wrapper
     "vk-sweep sessions.jsonl --api URL -o cap/ --search concurrency --min-goodput 0.9 --goodput 'ttft<1s'",
     "vk-gen w.yaml --count 200 | vk-sweep - --api URL -o sw/ --gamma 5,10,20 --cv 2 --duration 30 --plot",
     "vk-eval sweep cap/ --slo 'ttft:p90<1s'      # score the kept runs again under new objectives, no traffic",
+    "vk-sweep s.jsonl -o cfg/ --server-cmd 'vllm serve M --port {port} --max-num-seqs {max_num_seqs}' \\",
+    "    --server-grid max_num_seqs=32,64,128 --search rate --slo 'ttft:p90<500ms' --duration 60",
     "",
     "Running the same command again reuses the probes already complete (an interrupted sweep resumes).",
 ))
 @click.argument("sessions", type=click.Path(allow_dash=True))
-@click.option("--api", required=True, metavar="URL", help="The server's base URL (e.g. http://127.0.0.1:8000/v1).")
+@click.option("--api", metavar="URL", help="The server's base URL (e.g. http://127.0.0.1:8000/v1); with --server-cmd, "
+              "only when the command has no {port}.")
 @click.option("-o", "--output", "outdir", required=True, metavar="DIR",
               help="The sweep's directory: sweep.jsonl and one directory per probe.")
 @click.option("--poisson", metavar="LIST", help="Grid of Poisson rates (sessions/s), e.g. 1,2,4,8.")
@@ -46,7 +49,7 @@ from vk.cli import command, examples, main_wrapper
 @click.option("--confidence", type=float, default=0.95, show_default=True, help="Level of the verdicts' intervals.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples per check.")
 @click.option("--extend", type=int, default=1, show_default=True,
-              help="Times an uncertain probe is run again, twice as long each time.")
+              help="Times a value whose verdict is uncertain is run again (scored with the runs before).")
 @click.option("--duration", type=float, metavar="SECONDS", help="Length of each probe.")
 @click.option("--max-sessions", "max_sessions", type=int, metavar="N", help="Sessions per probe.")
 @click.option("--warmup", type=int, default=0, show_default=True, help="Warm-up sessions per probe (not measured).")
@@ -61,6 +64,15 @@ from vk.cli import command, examples, main_wrapper
               "server's prefix cache); a failure stops the sweep.")
 @click.option("--drain-timeout", "drain_timeout", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="Longest wait for /metrics to show nothing running or waiting.")
+@click.option("--server-cmd", "server_cmd", metavar="CMD",
+              help="Start the server under test (its own process group, output in DIR/server.log, ready when "
+                   "/health or /models answers, stopped at the end); {port} becomes a free port.")
+@click.option("--server-grid", "server_grid", metavar="SPEC",
+              help="Server parameters substituted into --server-cmd: NAME=V1,V2[;NAME=...] (every combination), "
+                   "or a JSON/YAML file with a list of objects. The sweep runs once per configuration, in "
+                   "DIR/NAME=V,.../, restarting the server only between configurations.")
+@click.option("--server-ready-timeout", "server_ready_timeout", type=float, metavar="SECONDS",
+              help="Longest wait for the started server to answer (default 900).")
 @click.option("--model", help="Model name (default: the server's first).")
 @click.option("--workers", type=int, default=1, show_default=True, help="vk-send worker processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
@@ -69,7 +81,7 @@ from vk.cli import command, examples, main_wrapper
 def cli_command(sessions, api, outdir, poisson, gamma, cv, concurrency, target_rate, search, slo, goodput,
                 min_goodput, start, growth, tolerance, max_probes, max_value, confidence, bootstrap, extend,
                 duration, max_sessions, warmup, seed, no_saturation, saturation_min, cooldown, between_cmd,
-                drain_timeout, model, workers, as_json, plot, quiet):
+                drain_timeout, server_cmd, server_grid, server_ready_timeout, model, workers, as_json, plot, quiet):
     """Run SESSIONS (vk-gen output, a file or - for stdin) as a series of probes against --api, each a
     vk-schedule + vk-send + vk-eval with one arrival knob changed, kept in DIR; or search for the capacity
     that meets --slo. Prints a table of the probes and, for a search, the answer as an interval with its
@@ -85,12 +97,20 @@ def cli_command(sessions, api, outdir, poisson, gamma, cv, concurrency, target_r
                 max_value=max_value, slo=slo, goodput=goodput, min_goodput=min_goodput, confidence=confidence,
                 bootstrap=bootstrap, extend=extend, duration=duration, max_sessions=max_sessions, warmup=warmup,
                 seed=seed, saturation=not no_saturation, saturation_min=saturation_min, cooldown=cooldown,
-                between_cmd=between_cmd, drain_timeout=drain_timeout)
-    click.echo(res.format("json" if as_json else "table"), nl=False)
+                between_cmd=between_cmd, drain_timeout=drain_timeout, server_cmd=server_cmd,
+                server_grid=server_grid, server_ready_timeout=server_ready_timeout)
+    results = res if isinstance(res, list) else [res]
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps([r.to_dict() for r in results] if isinstance(res, list) else res.to_dict(),
+                                option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
+    else:
+        click.echo("\n".join(r.format("table") for r in results), nl=False)
     if plot:
         from vk.sweep.plots import plot_sweeps
 
-        for p in plot_sweeps([res], os.path.join(outdir, "plots")):
+        for p in plot_sweeps(results, os.path.join(outdir, "plots")):
             print(f"vk-sweep: wrote {p}", file=sys.stderr)
 
 

@@ -78,7 +78,7 @@ def plot_sweeps(results: list[SweepResult], outdir: str, labels: list[str] | Non
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for res, lab in zip(results, labels, strict=True):
-        pts = sorted(_points(res, "output_tps", "user_tps"), key=lambda p: p[0])
+        pts = _points(res, "output_tps", "user_tps")  # in the order of the offered load
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=4, label=lab)
             for x, y, p in pts:

@@ -35,7 +35,7 @@ class Context:
     plan: Plan
     sessions: str  # path of the sessions file
     sessions_sha: str
-    api: str
+    api: str | None  # None: the server below gives it once started
     outdir: str
     sweep_id: str
     send_options: dict = field(default_factory=dict)
@@ -43,6 +43,11 @@ class Context:
     sent: int = 0  # probes sent by this process (the first needs no cooldown or between-command)
     probes: list = field(default_factory=list)  # every sweep_probe record, in order
     on_probe: object = None  # callback(record) after each probe
+    server: object = None  # a vk.sweep.servers.LazyServer when vk-sweep starts the server under test
+
+    def live_api(self) -> str:
+        """The API to send to (the server under test is started here, when a probe first needs it)."""
+        return self.server.ensure() if self.server is not None else self.api
 
 
 def sha256_file(path: str) -> str:
@@ -54,17 +59,16 @@ def sha256_file(path: str) -> str:
 
 
 def schedule_options(plan: Plan, value: float, attempt: int) -> dict:
-    """vk.schedule.schedule's keywords for this probe (an extension runs 2^attempt times as long)."""
-    scale = 2 ** attempt
+    """vk.schedule.schedule's keywords for this probe (a repeat differs from the first run by its seed only)."""
     opts: dict = {"seed": probe_seed(plan.seed, plan.knob, value, attempt), KNOBS[plan.knob][0]: value}
     if plan.knob == "gamma":
         opts["cv"] = plan.cv
     if plan.knob == "target_rate":
         opts["replay"] = True
     if plan.duration is not None:
-        opts["duration"] = plan.duration * scale
+        opts["duration"] = plan.duration
     if plan.max_sessions is not None:
-        opts["max_sessions"] = plan.max_sessions * scale
+        opts["max_sessions"] = plan.max_sessions
     if plan.warmup:
         opts["warmup"] = plan.warmup
     # sessions are repeated as needed to fill the probe (a closed loop only when its length is a count)
@@ -73,7 +77,8 @@ def schedule_options(plan: Plan, value: float, attempt: int) -> dict:
 
 
 def probe_key(ctx: Context, value: float, attempt: int) -> dict:
-    return {"sessions_sha256": ctx.sessions_sha, "api": ctx.api, "send": ctx.send_options,
+    target = {"api": ctx.api} if ctx.server is None else ctx.server.identity  # never its port: it changes
+    return {"sessions_sha256": ctx.sessions_sha, **target, "send": ctx.send_options,
             "schedule": schedule_options(ctx.plan, value, attempt)}
 
 
@@ -102,10 +107,11 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
     if os.path.isdir(pdir):
         shutil.rmtree(pdir)
     os.makedirs(pdir)
+    api = ctx.live_api()
     if ctx.sent:
-        between(ctx)
+        between(ctx, api)
     else:
-        drain(ctx.api, plan.drain_timeout)
+        drain(api, plan.drain_timeout)
     ctx.sent += 1
 
     from vk.eval import evaluate
@@ -116,6 +122,10 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
     opts = key["schedule"]
     with open(sched_path, "wb") as fh:
         for rec in schedule((obj for _, obj in iter_lines(ctx.sessions)), **opts):
+            if rec.get("kind") == "scheduled_session":
+                # an annotation vk-send passes to every response: vk-eval --group-by sweep_probe, or SQL
+                rec["sweep_probe"] = name
+                rec["sweep_value"] = value
             fh.write(dumps(rec))
     mode, starts, nreq = schedule_arrivals(sched_path)
 
@@ -132,8 +142,9 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
         if monitor is not None:
             monitor.start()
         try:
-            end = send((orjson.loads(line) for line in sfh if line.strip()), api=ctx.api, output=run_path,
+            end = send((orjson.loads(line) for line in sfh if line.strip()), api=api, output=run_path,
                        quiet=True, argv=["vk-sweep", name], run_fields=annotation, stop=stop,
+                       server=ctx.server.info() if ctx.server is not None else None,
                        **{"workers": 1, **ctx.send_options})
         finally:
             if monitor is not None:
@@ -143,12 +154,16 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
         raise KeyboardInterrupt  # the probe stays incomplete: the next run of the same command redoes it
     saturation = monitor.evidence if monitor is not None else None
 
+    # a repeat is scored together with the earlier runs at the same value: more requests, a narrower interval
+    runs = pooled_runs(ctx.outdir, plan.knob, value, attempt)
     objectives = plan.objectives()
     goodput_spec = per_request_goodput(plan)
-    res = evaluate(run_path, slo=objectives, goodput=goodput_spec).to_dict()
+    res = evaluate(runs, slo=objectives, goodput=goodput_spec).to_dict()
     with open(os.path.join(pdir, "eval.json"), "wb") as fh:
         fh.write(orjson.dumps(res, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
-    rec = summarize(ctx, name, index, value, attempt, res, run_path, saturation, end, wall, key, opts["seed"])
+    if saturation is None and attempt:
+        saturation = earlier_saturation(ctx.outdir, plan.knob, value, attempt)
+    rec = summarize(ctx, name, index, value, attempt, res, runs, saturation, end, wall, key, opts["seed"])
     tmp = os.path.join(pdir, "probe.json.tmp")
     with open(tmp, "wb") as fh:
         fh.write(orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY))
@@ -156,17 +171,35 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
     return rec
 
 
-def summarize(ctx: Context, name: str, index: int, value: float, attempt: int, res: dict, run_path: str,
+def pooled_runs(outdir: str, knob: str, value: float, attempt: int) -> list[str]:
+    """The run files of attempts 0..attempt at ``value`` (a repeat is scored with the runs before it)."""
+    return [os.path.join(outdir, probe_name(knob, value, a), "run.jsonl") for a in range(attempt + 1)]
+
+
+def earlier_saturation(outdir: str, knob: str, value: float, attempt: int) -> dict | None:
+    for a in range(attempt):
+        try:
+            with open(os.path.join(outdir, probe_name(knob, value, a), "probe.json"), "rb") as fh:
+                sat = orjson.loads(fh.read()).get("saturation")
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if sat is not None:
+            return sat
+    return None
+
+
+def summarize(ctx: Context, name: str, index: int, value: float, attempt: int, res: dict, run_path,
               saturation: dict | None, end: dict, wall: float, key: dict, seed: int) -> dict:
     plan = ctx.plan
     cols = verdict.request_columns(run_path) if plan.objectives() else None
     scored = verdict.score(res, cols, goodput_spec=per_request_goodput(plan), confidence=plan.confidence,
                            bootstrap=plan.bootstrap, seed=seed)
-    if saturation is not None:  # the server could not carry it: failing, by rule
-        scored.update(verdict="fail", confidence=1.0, uncertain=False)
+    verdict.by_rule(scored, saturation, res["overall"]["counts"].get("measured"))
     return records.new_sweep_probe(
         ctx.sweep_id, name, index, plan.knob, value, attempt=attempt, seed=seed, dir=name,
+        pooled=[os.path.basename(os.path.dirname(p)) for p in run_path] if isinstance(run_path, list) else None,
         run_id=end.get("run_id"), ended=end.get("ended"), wall_s=round(wall, 3),
+        server_params=ctx.server.params if ctx.server is not None else None,
         **figures(res), saturation=saturation, **scored, key=key)
 
 
@@ -199,28 +232,23 @@ def figures(res: dict) -> dict:
 # between probes
 
 
-def metrics_url(api: str) -> str:
-    base = api.rstrip("/")
-    if base.endswith("/v1"):
-        base = base[:-3]
-    return base + "/metrics"
-
-
 def queue_gauges(api: str) -> float | None:
     """Requests running + waiting by the server's /metrics (vLLM's gauges), or None where it does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vk.send.scrape import metrics_url
+
     try:
         with urllib.request.urlopen(metrics_url(api), timeout=2.0) as r:
             text = r.read().decode("utf-8", "replace")
+        total, found = 0.0, False
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                if smp.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+                    total += smp.value
+                    found = True
     except (urllib.error.URLError, OSError, ValueError):
         return None
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
-            try:
-                total += float(line.rsplit(None, 1)[1])
-                found = True
-            except (IndexError, ValueError):
-                continue
     return total if found else None
 
 
@@ -236,9 +264,9 @@ def drain(api: str, timeout: float) -> dict:
         time.sleep(0.1)
 
 
-def between(ctx: Context) -> None:
+def between(ctx: Context, api: str) -> None:
     plan = ctx.plan
-    drain(ctx.api, plan.drain_timeout)
+    drain(api, plan.drain_timeout)
     if plan.cooldown:
         time.sleep(plan.cooldown)
     if plan.between_cmd:

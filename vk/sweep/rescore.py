@@ -65,15 +65,15 @@ def rescore_dir(dirpath: str, *, slo=None, goodput=None, min_goodput=None, confi
     gp = per_request_goodput(plan)
     out = []
     for p in probes:
-        run_path = os.path.join(dirpath, p.get("dir") or p["probe"], "run.jsonl")
-        if not os.path.isfile(run_path):
-            raise VkError(f"{run_path}: missing (the sweep's runs are needed to score it again)")
-        res = evaluate(run_path, slo=objectives, goodput=gp).to_dict()
-        cols = verdict.request_columns(run_path) if objectives else None
+        runs = [os.path.join(dirpath, d, "run.jsonl") for d in (p.get("pooled") or [p.get("dir") or p["probe"]])]
+        for run_path in runs:
+            if not os.path.isfile(run_path):
+                raise VkError(f"{run_path}: missing (the sweep's runs are needed to score it again)")
+        res = evaluate(runs, slo=objectives, goodput=gp).to_dict()
+        cols = verdict.request_columns(runs) if objectives else None
         scored = verdict.score(res, cols, goodput_spec=gp, confidence=plan.confidence, bootstrap=plan.bootstrap,
                                seed=p.get("seed") or 0)
-        if p.get("saturation") is not None:
-            scored.update(verdict="fail", confidence=1.0, uncertain=False)
+        verdict.by_rule(scored, p.get("saturation"), res["overall"]["counts"].get("measured"))
         out.append({**p, **figures(res), **scored, "rescored": True})
     hdr = {**header, "slo": plan.slo, "goodput": plan.goodput, "min_goodput": plan.min_goodput,
            "objectives": objectives, "rescored_from": header.get("objectives")}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import statistics
 import threading
 import time
@@ -159,10 +158,3 @@ def schedule_arrivals(schedule_path: str) -> tuple[str, list[float], dict[str, i
                 s = rec["session"]
                 requests[str(s["id"])] = len(s["requests"])
     return mode, starts, requests
-
-
-def file_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0

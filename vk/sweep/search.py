@@ -4,14 +4,15 @@ The search grows the value geometrically (``--start``, times ``--growth``) until
 first fails, shrinks it until one passes), then bisects between the last passing and the first failing value
 (geometric midpoint for rates, integer midpoint for concurrency) until they are within ``--tolerance`` of each
 other (relative) or ``--max-probes`` probes have run. A probe whose verdict is uncertain (the confidence interval
-of a deciding check contains its threshold) is run again twice as long, up to ``--extend`` times, within the same
-probe budget; the longer run's verdict replaces the shorter's.
+of a deciding check contains its threshold) is run again, up to ``--extend`` times, within the same probe budget;
+the runs at one value are scored together (more requests, a narrower interval), and that verdict decides.
 """
 
 from __future__ import annotations
 
 import math
 
+from vk.errors import VkError
 from vk.sweep.probe import Context, run_probe
 from vk.sweep.spec import round_value
 
@@ -38,6 +39,9 @@ def _probe(ctx: Context, value: float, results: dict) -> dict:
             break
         attempt += 1
     results[value] = rec
+    if plan.mode == "search" and rec.get("no_data"):
+        raise VkError(f"{rec['probe']}: no request was measured, so there is no verdict: lengthen --duration or "
+                      "lower --warmup")
     return rec
 
 
@@ -84,7 +88,7 @@ def run_search(ctx: Context) -> str:
 
 
 def final_verdicts(probes: list[dict]) -> dict[float, dict]:
-    """Value -> the probe that decides it (the last attempt, the longest)."""
+    """Value -> the probe that decides it (the last attempt, scored with the runs before it)."""
     out: dict[float, dict] = {}
     for p in probes:
         cur = out.get(p["value"])

@@ -39,7 +39,7 @@ class Plan:
     min_goodput: float | None = None
     confidence: float = 0.95
     bootstrap: int = 1000
-    extend: int = 1  # extensions of a probe whose verdict is uncertain
+    extend: int = 1  # more runs at a value whose verdict is uncertain (pooled with the earlier ones)
     # each probe
     duration: float | None = None
     max_sessions: int | None = None
@@ -106,8 +106,8 @@ def value_text(v: float) -> str:
 
 
 def probe_name(knob: str, value: float, attempt: int) -> str:
-    """``poisson-4``, ``concurrency-16``; an extended probe (twice as long) ``poisson-4-x2``."""
-    return f"{knob}-{value_text(value)}" + (f"-x{2 ** attempt}" if attempt else "")
+    """``poisson-4``, ``concurrency-16``; the second run at a value whose verdict was uncertain ``poisson-4-r2``."""
+    return f"{knob}-{value_text(value)}" + (f"-r{attempt + 1}" if attempt else "")
 
 
 def probe_seed(sweep_seed: int, knob: str, value: float, attempt: int) -> int:

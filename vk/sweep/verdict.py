@@ -23,15 +23,17 @@ from vk.errors import VkError
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _NP_OPS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
 # per-request columns of vk-eval's requests view that an interval can be computed for
-SAMPLED = ("ttft", "ttfc", "tpot", "e2e", "ttft_from_intended", "e2e_from_intended", "dispatch_lag", "queue_delay")
+SAMPLED = ("ttft", "ttfc", "tpot", "e2e", "ttft_from_intended", "e2e_from_intended", "dispatch_lag", "queue_delay",
+           "normalized_latency")
 MAX_SAMPLE = 20000  # larger samples are subsampled for the bootstrap (memory stays bounded)
 
 
-def request_columns(run_path: str) -> dict[str, np.ndarray]:
+def request_columns(run_path) -> dict[str, np.ndarray]:
     """Per measured request (warm-up excluded): the latency columns, ``ok`` and ``warmup``."""
     from vk.eval import sql
 
-    cols = ", ".join(SAMPLED)
+    # normalized_latency as vk-eval defines it: e2e per output token
+    cols = ", ".join(SAMPLED[:-1]) + ", e2e / nullif(output_tokens, 0) AS normalized_latency"
     try:
         names, rows = sql(f"SELECT {cols}, status = 'ok' AS ok, coalesce(warmup, false) AS warmup FROM requests",
                           run_path, columns=True)
@@ -112,6 +114,16 @@ def score(eval_dict: dict, cols: dict | None, *, goodput_spec: str | None, confi
                 out["support"] = float(_NP_OPS[c["op"]](reps, c["threshold"]).mean())
         checks.append(out)
     return {"checks": checks, **decide(checks)}
+
+
+def by_rule(scored: dict, saturation: dict | None, measured: int | None) -> dict:
+    """The rules above the statistics: a saturated probe fails (confidence 1); a probe that measured nothing
+    (shorter than its warm-up) has no verdict."""
+    if saturation is not None:
+        scored.update(verdict="fail", confidence=1.0, uncertain=False)
+    elif scored["verdict"] is not None and not measured:
+        scored.update(verdict=None, confidence=None, uncertain=False, no_data=True)
+    return scored
 
 
 def decide(checks: list[dict]) -> dict:
