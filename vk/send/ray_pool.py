@@ -58,8 +58,8 @@ def import_ray():
 def _short(e: BaseException) -> str:
     """A Ray exception in one line (they span many)."""
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    text = lines[0] if lines else ""
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+    text = (lines[0] if lines else "").split(". ")[0][:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _how(code: int | None) -> str:
@@ -262,6 +262,7 @@ class RayWorker:
         if not self.lost:
             self.lost = True
             self.how_it_ended = how
+            self.kill()  # an actor that is only unreachable for now must not go on sending unrecorded requests
 
     def _down(self) -> None:
         conn = self.down_r
