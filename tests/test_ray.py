@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,19 @@ def test_missing_ray_is_one_clear_line(monkeypatch):
         send([session("s0", [req("a")])], api="http://127.0.0.1:9/v1", model="m", ray="auto", output=ListWriter(),
              quiet=True, handle_signals=False)
     assert str(e.value) == RAY_MISSING
+
+
+def test_unreachable_cluster_is_one_clear_line(serve):
+    pytest.importorskip("ray")
+    srv = serve()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(VkError, match=f"--ray 127.0.0.1:{port}: cannot reach the Ray cluster"):
+        send([session("s0", [req("a")])], api=srv.url, ray=f"127.0.0.1:{port}", output=ListWriter(), quiet=True,
+             handle_signals=False)
+    assert time.monotonic() - t0 < 10  # Ray alone would retry for minutes
 
 
 def test_clock_offset_keeps_the_tightest_round_trip():

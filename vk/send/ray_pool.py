@@ -55,6 +55,21 @@ def import_ray():
     return ray
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that does not accept connections is refused at once: Ray itself would retry
+    for minutes."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise VkError(f"--ray: expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise VkError(f"--ray {address}: cannot reach the Ray cluster ({e.strerror or e})") from None
+
+
 def _short(e: BaseException) -> str:
     """A Ray exception in one line (they span many)."""
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
@@ -337,6 +352,7 @@ class RayPool:
         self.quiet = quiet
         self.own = not ray.is_initialized()
         if self.own:
+            _check_reachable(address)
             try:
                 ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
             except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError...: one line

@@ -134,8 +134,12 @@ def send(
     scheme, host, port, path, _base = api_parts(api, endpoint)
     if client not in ("raw", "aiohttp", "httpx"):
         raise VkError(f"--client: expected raw, aiohttp or httpx, got {client!r}")
-    if ray is not None and workers is not None:
-        raise VkError("--workers and --ray: on a cluster, say --workers-per-node")
+    if ray is not None:
+        if workers is not None:
+            raise VkError("--workers and --ray: on a cluster, say --workers-per-node")
+        from vk.send.ray_pool import import_ray
+
+        import_ray()  # Ray missing: one line before anything else
     workers = check_workers(workers)
 
     header, mode, conc, stream_in, first_session = read_input(records, validate, source, concurrency)
