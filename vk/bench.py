@@ -27,6 +27,7 @@ STAGES = [
     ("schedule", "vk.schedule.bench"),
     ("serve", "vk.serve.bench"),
     ("send", "vk.send.bench"),
+    ("ray", "vk.send.bench_ray"),
     ("eval", "vk.eval.bench"),
     ("sweep", "vk.sweep.bench"),
 ]

@@ -496,7 +496,35 @@ def validate_run(rec: Any, source: str = "<run>", line: int | None = None) -> di
     server = _obj(ctx, rec, "server")
     if server is not None:
         validate_server_info(server, ctx, "server.")
+    ray = _obj(ctx, rec, "ray")
+    if ray is not None:
+        validate_ray_info(ray, ctx, "ray.")
     return rec
+
+
+def validate_ray_info(info: dict, ctx: _Ctx, prefix: str = "") -> dict:
+    """The ``ray`` object of a run header (vk-send --ray): the cluster's nodes that ran workers, each with its
+    clock offset to the driver (node minus driver, seconds) and the offset's uncertainty (half the tightest round
+    trip); ``workers`` lists the workers (the responses' ``worker``) placed on it. Responses carry ``node``."""
+    _str(ctx, info, "address", prefix)
+    _num(ctx, info, "workers_per_node", prefix, required=False, nullable=True, integer=True, minimum=1)
+    nodes = info.get("nodes")
+    if not isinstance(nodes, list) or not nodes:
+        ctx.fail(prefix + "nodes", "expected a list of nodes")
+    for i, n in enumerate(nodes):
+        p = f"{prefix}nodes[{i}]."
+        if not isinstance(n, dict):
+            ctx.fail(p[:-1], "expected an object")
+        _num(ctx, n, "node", p, integer=True, minimum=0)
+        _str(ctx, n, "host", p)
+        _num(ctx, n, "clock_offset", p)
+        _num(ctx, n, "clock_uncertainty", p, minimum=0)
+        _num(ctx, n, "clock_rtt", p, required=False, minimum=0)
+        _num(ctx, n, "clock_samples", p, required=False, integer=True, minimum=1)
+        w = n.get("workers")
+        if not isinstance(w, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in w):
+            ctx.fail(p + "workers", "expected a list of worker numbers")
+    return info
 
 
 def validate_server_info(info: dict, ctx: _Ctx, prefix: str = "") -> dict:

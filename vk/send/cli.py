@@ -91,6 +91,11 @@ def _is_file(p: str) -> bool:
 @click.option("--reassign-lost", is_flag=True,
               help="When a worker process is lost, hand its sessions that have not started and are still due to "
                    "the other workers (default: count them as not started).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Run the workers on a Ray cluster: auto (this node's cluster), HOST:PORT or ray://HOST:10001 "
+                   "(needs pip install 'vk[ray]').")
+@click.option("--workers-per-node", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --ray: workers on each node [default: the node's CPUs].")
 @click.option("--scrape", is_flag=False, flag_value="", default=None, metavar="[URL]",
               help="Record the server's Prometheus metrics (server_metric records) [URL default: the API's "
                    "origin + /metrics].")
@@ -102,7 +107,7 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
                 extra_body, timeout, first_byte_timeout, max_errors, save_text, continuous_usage,
                 max_tokens_param, min_tokens_param, ignore_eos_param, client, http2, no_kernel_timestamps,
                 lag_threshold, progress, reassign_lost, idle_timeout, cacert, insecure, scrape, scrape_interval,
-                scrape_buckets):
+                scrape_buckets, ray_address, workers_per_node):
     """Run a schedule of sessions against an OpenAI-compatible API.
 
     Reads a schedule (a schedule header and scheduled sessions, from vk-schedule) or plain sessions (from
@@ -117,6 +122,11 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
         api_key = read_api_key_file(api_key_file)
     _hide_secrets_from_ps(api_key)
     paths = list(schedule) or ["-"]
+    if ray_address and os.path.exists(ray_address):
+        raise VkError(f"--ray: {ray_address!r} is a file, not a cluster address (write --ray=ADDRESS, or put --ray "
+                      "after the input files)")
+    if workers_per_node is not None and ray_address is None:
+        raise VkError("--workers-per-node: only with --ray (locally, say --workers)")
     if scrape and not scrape.startswith(("http://", "https://")):
         raise VkError(f"--scrape: expected an http(s) URL, got {scrape!r} (write --scrape=URL, or put --scrape "
                       "after the input files)")
@@ -160,6 +170,7 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
         lag_threshold=lag_threshold, concurrency=concurrency, validate=validate,
         source=source_name(paths[0]), reassign_lost=reassign_lost, total_sessions=total, peak_sessions=peak,
         scrape=scrape, scrape_interval=scrape_interval, scrape_buckets=scrape_buckets,
+        ray=ray_address, workers_per_node=workers_per_node,
     )
     code = EXIT_STATUS.get(end["ended"], 0)
     if end["ended"] in ("max_errors", "unreachable"):

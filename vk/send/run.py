@@ -102,6 +102,8 @@ def send(
     scrape_buckets: bool = False,
     run_fields: dict | None = None,
     stop: threading.Event | None = None,
+    ray: str | None = None,
+    workers_per_node: int | None = None,
 ) -> dict:
     """Run the sessions of ``records`` against ``api``; write run, response... and run_end records.
 
@@ -118,6 +120,8 @@ def send(
     ``scrape_interval`` seconds as ``server_metric`` records (vk.send.scrape). ``run_fields`` are added to the
     run header (annotations, e.g. vk-sweep's ``{"sweep": {...}}``). Setting ``stop`` (a ``threading.Event``) from
     another thread ends the run as a signal would (requests in flight cancelled), with ``ended: "stopped"``.
+    ``ray`` (``auto``, ``HOST:PORT`` or ``ray://HOST:10001``) runs the workers on that Ray cluster,
+    ``workers_per_node`` on each node [default: its CPUs] (vk.send.ray_pool).
     """
     if api_key is None:
         api_key = api_key_from_env()
@@ -130,6 +134,12 @@ def send(
     scheme, host, port, path, _base = api_parts(api, endpoint)
     if client not in ("raw", "aiohttp", "httpx"):
         raise VkError(f"--client: expected raw, aiohttp or httpx, got {client!r}")
+    if ray is not None:
+        if workers is not None:
+            raise VkError("--workers and --ray: on a cluster, say --workers-per-node")
+        from vk.send.ray_pool import import_ray
+
+        import_ray()  # Ray missing: one line before anything else
     workers = check_workers(workers)
 
     header, mode, conc, stream_in, first_session = read_input(records, validate, source, concurrency)
@@ -169,6 +179,12 @@ def send(
     else:
         probe.probe(api, api_key, hdrs, ssl_context=probe_tls, quiet=quiet)
 
+    pool = None
+    if ray is not None:
+        from vk.send.ray_pool import RayPool
+
+        pool = RayPool(ray, workers_per_node, quiet)
+        workers = pool.size if mode != "closed" else max(1, min(pool.size, conc))
     run_id = str(uuid.uuid4())
     cfg = Config(
         run_id=run_id, api=api, scheme=scheme, host=host, port=port, path=path, endpoint=endpoint, model=model,
@@ -189,21 +205,24 @@ def send(
                     handle_signals, quiet, reassign_lost, total_sessions, server=server,
                     scraper=None if scrape is None else Scraper.for_api(api, scrape, scrape_interval, scrape_buckets,
                                                                         api_key),
-                    run_fields=run_fields, stop=stop)
+                    run_fields=run_fields, stop=stop, pool=pool)
     finally:
         if own_writer:
             writer.close()
+        if pool is not None:
+            pool.close()
 
 
 
 def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max_errors, progress,
          lag_threshold, nofile, handle_signals, quiet, reassign_lost, total_sessions, server: dict | None = None,
-         scraper: Scraper | None = None, run_fields: dict | None = None, stop=None) -> dict:
+         scraper: Scraper | None = None, run_fields: dict | None = None, stop=None, pool=None) -> dict:
     state = {"reason": None, "ended": None, "signals": 0}
     input_error: list[BaseException] = []
 
     procs: list = []
-    if workers > 1:
+    inprocess = workers == 1 and pool is None
+    if workers > 1 and pool is None:
         import multiprocessing as mp
 
         ctx = mp.get_context("fork")
@@ -212,12 +231,16 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     if scraper is not None:
         scraper.start()  # before the start instant: its interpreter start-up is not the run's business
     collector = Collector(writer, max_errors, progress, None)
+    if pool is not None:  # a Ray cluster's workers, shaped like local ones (vk.send.ray_pool)
+        procs, pipes, stop_event = pool.start(cfg, workers, progress, collector)
     clock = RunClock()
-    if workers == 1:
+    if inprocess:
         inproc = InProcess(cfg, clock, collector, state, input_error, handle_signals)
     gc.collect()  # before the start instant: a full collection can take tens of milliseconds
     # the start instant: a little ahead, so that everything is ready by then; or the schedule's start_at (epoch)
     ahead = 0.1 if workers > 1 else 0.02
+    if pool is not None:
+        ahead = pool.ahead
     if header is not None and header.get("start_at"):
         ahead = max(ahead, float(header["start_at"]) - time.time())
     clock.set_start(_mono() + ahead)
@@ -227,6 +250,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         workers=workers, client=client_label(cfg), http2=cfg.http2, tls=cfg.scheme == "https", stream=cfg.stream,
         lag_threshold=lag_threshold, open_files_limit=nofile,
         **({"server": server} if server else {}), **(run_fields or {}),
+        **(pool.header_fields() if pool is not None else {}),
     )
     header_line = dumps(run_rec)
     header_pos = tell(writer)
@@ -236,7 +260,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
         why = "the output was closed (broken pipe)" if collector.write_error is None else \
             f"cannot write the output ({collector.write_error})"
         set_reason(state, why, "output_closed")
-        if workers == 1:
+        if inprocess:
             inproc.loop.call_soon_threadsafe(inproc.engine.request_stop, why)
         else:
             stop_event.set()
@@ -250,7 +274,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
             while not finished.is_set():
                 if stop.wait(0.1):
                     set_reason(state, "stopped by the caller", "stopped")
-                    if workers == 1:
+                    if inprocess:
                         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to stop
                             inproc.loop.call_soon_threadsafe(inproc.engine.request_stop, "stopped by the caller")
                     else:
@@ -261,7 +285,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     stats: dict[str, Any] = {}
     input_status = {"exhausted": False}
     try:
-        if workers == 1:
+        if inprocess:
             stats = inproc.run(stream_in, input_status)
         else:
             stats = run_workers(cfg, clock, stream_in, collector, state, input_error, procs, pipes, stop_event,
@@ -317,6 +341,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     )
     if state.get("lost"):
         end["workers_lost"] = state["lost"]
+    if pool is not None:
+        end.update(pool.footer_fields(lag_threshold))
     if collector.broken:
         raise BrokenPipeError("the output was closed")
     writer.write(end)

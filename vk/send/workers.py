@@ -186,6 +186,8 @@ def start_workers(ctx, cfg: Config, workers: int, stop_event, progress: bool) ->
 
 def _how_it_ended(p) -> str:
     p.join(1.0)
+    if getattr(p, "how_it_ended", None):  # a Ray worker says itself (vk.send.ray_pool.RayWorker)
+        return p.how_it_ended
     code = p.exitcode
     if code is None:
         return "its pipe closed"
