@@ -67,7 +67,8 @@ def outcome(rec) -> tuple:
     """What every client must agree on: status, completion tokens, error kind."""
     err = rec.get("error") or ""
     kinds = ("redirect", "not text/event-stream", "without any token", "no choices", "not JSON", "Content-Encoding",
-             "cannot decode", "truncated", "idle timeout", "before any response", "HTTP 4", "HTTP 5", "malformed")
+             "cannot decode", "truncated", "idle timeout", "before any response", "HTTP 4", "HTTP 5", "malformed",
+             "TLS handshake failed", "TLS certificate verification failed")
     kind = next((k for k in kinds if k in err), err[:30])
     usage = rec.get("usage") or {}
     return rec["status"], usage.get("completion_tokens"), kind

@@ -364,3 +364,14 @@ def test_http2_flag_on_plain_http_records_what_ran(raw_server):
     rs, recs = run_one(raw_server.url("sse"), "raw", http2=True)
     assert recs[0]["client"] == "httpx" and recs[0]["http2"] is True  # before: "httpx-http2"
     assert rs[0]["protocol"] == "HTTP/1.1"  # no h2 without TLS: what ran is on each record
+
+
+def test_new_response_fields_are_validated():
+    from vk import records
+    from vk.errors import RecordError
+
+    rec = records.new_response("r", "s", "a", "ok", attempts=2, protocol="HTTP/1.1", warning="malformed SSE event #2")
+    records.validate(rec)
+    for field, bad in (("attempts", 0), ("attempts", "2"), ("protocol", 1.1), ("warning", ["x"])):
+        with pytest.raises(RecordError, match=field):
+            records.validate({**rec, field: bad})

@@ -4,8 +4,10 @@ ALPN http/1.1, kernel receive timestamps kept through TLS; and the run header sa
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import sys
+import threading
 import time
 
 import orjson
@@ -14,6 +16,7 @@ from conftest import run_vk
 from http_helpers import (
     CLIENTS,
     RawServer,
+    agree,
     chunk,
     head,
     make_cert,
@@ -131,3 +134,26 @@ def test_sni_follows_a_user_host_header_and_alpn_is_http11(tmp_path):
             assert recs[0]["client"] == client
     finally:
         srv.stop()
+
+
+def test_https_to_a_plain_http_server_is_a_tls_error():
+    # what an http server (nginx, uvicorn) answers to a ClientHello: a plain-text 400
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+
+    def serve_400():
+        while True:
+            try:
+                s, _ = lsock.accept()
+            except OSError:
+                return
+            s.recv(65536)
+            s.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            s.close()
+
+    threading.Thread(target=serve_400, daemon=True).start()
+    try:
+        for r in agree(f"https://127.0.0.1:{port}/v1", insecure=True, first_byte_timeout=5):
+            assert r["status"] == "error" and "TLS handshake failed" in r["error"], r["error"]
+    finally:
+        lsock.close()

@@ -573,6 +573,9 @@ def validate_response(rec: Any, source: str = "<response>", line: int | None = N
         ctx.fail("status", f"expected one of {', '.join(STATUSES)}, got {st!r}")
     _num(ctx, rec, "http_status", required=False, nullable=True, integer=True)
     _str(ctx, rec, "error", required=False, nullable=True)
+    _str(ctx, rec, "warning", required=False, nullable=True)
+    _num(ctx, rec, "attempts", required=False, nullable=True, integer=True, minimum=1)
+    _str(ctx, rec, "protocol", required=False, nullable=True)
     for f in TIME_FIELDS:
         _num(ctx, rec, f, required=False, nullable=True)
     ev = _obj(ctx, rec, "events")

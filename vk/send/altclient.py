@@ -97,10 +97,14 @@ def _describe(e: BaseException, answered: bool) -> str:
     from vk.send.tls import describe
 
     cause = e
-    for _ in range(8):  # the TLS error under the library's own wrapper exceptions
+    for _ in range(8):  # the TLS error under the library's own wrapper exceptions (which may be SSLErrors too)
+        inner = getattr(cause, "certificate_error", None) or getattr(cause, "os_error", None)
+        if isinstance(inner, ssl.SSLError):
+            cause = inner
+            break
         if cause is None or isinstance(cause, ssl.SSLError):
             break
-        cause = getattr(cause, "certificate_error", None) or cause.__cause__ or cause.__context__
+        cause = cause.__cause__ or cause.__context__
     if isinstance(cause, ssl.SSLError):
         return describe(cause)
     name = type(e).__name__

@@ -46,7 +46,9 @@ def describe(e: BaseException) -> str:
     if isinstance(e, ssl.SSLCertVerificationError):
         why = e.verify_message or str(e)
         return f"TLS certificate verification failed: {why} (use --cacert FILE, or --insecure)"
-    reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+    reason = getattr(e, "reason", None)
+    if not reason:
+        reason = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else (str(e) or type(e).__name__)
     return f"TLS handshake failed: {reason}"
 
 
@@ -73,7 +75,7 @@ class Tls:
                 await loop.sock_sendall(sock, out.read())
             data = await loop.sock_recv(sock, 65536)
             if not data:
-                raise ConnectionResetError("connection closed by the server during the TLS handshake")
+                raise ssl.SSLError("connection closed by the server during the TLS handshake")
             inc.write(data)
         if out.pending:
             await loop.sock_sendall(sock, out.read())
