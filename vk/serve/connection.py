@@ -104,7 +104,10 @@ class Conn(asyncio.Protocol):
             self.t_recv = now
         self.buf += data
         if not self.busy:
-            self.app.enqueue(self)
+            if self.buf.startswith(b"GET "):  # /metrics, /health, /v1/models: cheap, and wanted most under load
+                self.process()
+            else:
+                self.app.enqueue(self)
 
     def write(self, data: bytes) -> None:
         if not self.closed:
