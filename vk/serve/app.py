@@ -79,7 +79,6 @@ class Options:
     extra: dict = field(default_factory=dict)
 
 
-
 class App:
     """Request handling shared by all connections: validation, tokenization, sinks, faults, metrics."""
 
