@@ -270,8 +270,9 @@ def test_closed_loop_rate_limit_is_the_whole_runs(serve, tmp_path):
     assert p.returncode == 0, p.stderr
     recs = read_lines(out)
     starts = sorted(r["t_intended"] for r in recs if r["kind"] == "response")
-    # 41 starts at 20/s take 2 s; each of the 2 workers applying the whole limit took 1 s
-    assert starts[-1] - starts[0] == pytest.approx(2.0, abs=0.1)
+    # at most 20 starts/s: 41 starts take at least 2 s (a busy machine only makes it longer); each of the 2
+    # workers applying the whole limit took 1 s
+    assert starts[-1] - starts[0] >= 2.0 - 1e-6
 
 
 def test_footer_lag_percentiles_are_numpys_linear_ones():
