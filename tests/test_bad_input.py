@@ -177,4 +177,4 @@ def test_vk_send_warns_when_open_files_are_too_few(tmp_path, serve):
     p = subprocess.run([*vk_cmd("vk-send"), path, "--api", srv.url, "--workers", "1", "-o", str(tmp_path / "r")],
                        capture_output=True, preexec_fn=limit, timeout=120)
     err = p.stderr.decode()
-    assert "open-file limit is 128" in err and "300 requests in flight" in err, err
+    assert "open-file limit is 128" in err and "starts up to 300 sessions within 10 s" in err, err

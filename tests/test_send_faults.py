@@ -238,12 +238,12 @@ def test_every_request_refused_is_its_own_exit_status(tmp_path):
     assert end["ended"] == "unreachable" and end["reached_server"] is False
 
 
-def _mean_active(recs) -> float:
-    """Time-weighted mean number of active sessions (each session single-request) over the run."""
+def _span_and_peak(recs) -> tuple[float, int]:
+    """The run's length and the most sessions active at once (each session single-request)."""
     resp = [r for r in recs if r["kind"] == "response"]
-    busy = sum(r["t_done"] - r["t_dispatched"] for r in resp)
     span = max(r["t_done"] for r in resp) - min(r["t_dispatched"] for r in resp)
-    return busy / span
+    peak = max(sum(1 for o in resp if o["t_dispatched"] <= r["t_dispatched"] < o["t_done"]) for r in resp)
+    return span, peak
 
 
 def test_closed_loop_keeps_its_concurrency_across_workers(serve, tmp_path):
@@ -254,8 +254,10 @@ def test_closed_loop_keeps_its_concurrency_across_workers(serve, tmp_path):
     p = run_vk("vk-send", sched, "--api", srv.url, "--workers", "2", "-o", str(out))
     assert p.returncode == 0, p.stderr
     recs = read_lines(out)
-    # before: sessions split 30/30 over 2 + 1 slots, 2.06 active on average; now 3 up to the last two
-    assert _mean_active(recs) > 2.8
+    # 60 sessions of 0.1 s, 3 at a time: 2 s. Before, split 30/30 over 2 + 1 slots: the one-slot worker took 3 s
+    # (2 sessions active on average)
+    span, peak = _span_and_peak(recs)
+    assert peak == 3 and span < 2.5, (span, peak)
     check_footer(recs, 60, {f"s{i}": 1 for i in range(60)})
 
 
@@ -268,8 +270,9 @@ def test_closed_loop_rate_limit_is_the_whole_runs(serve, tmp_path):
     assert p.returncode == 0, p.stderr
     recs = read_lines(out)
     starts = sorted(r["t_intended"] for r in recs if r["kind"] == "response")
-    # 41 starts at 20/s take 2 s; each of the 2 workers applying the whole limit took 1 s
-    assert starts[-1] - starts[0] == pytest.approx(2.0, abs=0.1)
+    # at most 20 starts/s: 41 starts take at least 2 s (a busy machine only makes it longer); each of the 2
+    # workers applying the whole limit took 1 s
+    assert starts[-1] - starts[0] >= 2.0 - 1e-6
 
 
 def test_footer_lag_percentiles_are_numpys_linear_ones():

@@ -65,7 +65,8 @@ def cli_command(config, seed, count, duration, tokenizer, overrides, output, pro
     if trace:
         from vk.jsonl import open_input
 
-        open_input(trace).close()  # missing, a directory or unreadable: one line before anything else
+        if trace != "-":
+            open_input(trace).close()  # missing, a directory or unreadable: one line before anything else
         sg: dict = {"type": "trace", "trace_file": trace}
         if flavor:
             sg["flavor"] = {"type": flavor}

@@ -8,6 +8,7 @@ import click
 import orjson
 
 from vk.cli import _quiet_broken_pipe, command, examples, main_wrapper
+from vk.errors import VkError
 from vk.jsonl import Writer
 from vk.schedule.core import Input, Scheduler, make_config, needs_rewind
 from vk.schedule.stats import format_summary
@@ -28,7 +29,8 @@ EPILOG = examples(
 
 @command("vk-schedule", epilog=EPILOG)
 @click.argument("files", nargs=-1, type=click.Path(allow_dash=True, dir_okay=False))
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Random seed (same input and seed: same bytes).")
+@click.option("--seed", type=int, default=0, show_default=True, callback=lambda _c, _p, v: _seed_fits(v),
+              help="Random seed, 0 to 2**64-1 (same input and seed: same bytes).")
 @click.option("--poisson", type=float, metavar="RATE", help="Poisson arrivals: exponential gaps, RATE sessions/s.")
 @click.option("--gamma", type=float, metavar="RATE", help="Gamma-distributed gaps at RATE sessions/s (with --cv).")
 @click.option("--cv", type=float, help="Coefficient of variation of the --gamma gaps (1 = Poisson, >1 bursty).")
@@ -100,6 +102,13 @@ def cli_command(files, seed, poisson, gamma, cv, constant, ramp, stages, onoff, 
         sys.stderr.write(orjson.dumps(summary).decode() + "\n")
     else:
         sys.stderr.write(format_summary(summary) + "\n")
+
+
+def _seed_fits(seed: int) -> int:
+    # the random streams take 64-bit seeds: a larger one would fail deep inside numpy
+    if seed is not None and seed > 2**64 - 1:
+        raise VkError(f"--seed: must be < 2**64, got {seed}")
+    return seed
 
 
 main = main_wrapper(cli_command, "vk-schedule")

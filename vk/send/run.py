@@ -163,9 +163,12 @@ def send(
     if need:
         per_worker = -(-need // workers) + 64  # a socket per request in flight, plus the process's own files
         if not quiet and 0 < soft < per_worker:
-            print(f"vk-send: open-file limit is {soft} (hard limit {hard}) but the schedule keeps up to about {need} "
-                  f"requests in flight ({-(-need // workers)} per worker): requests past the limit will fail with "
-                  "'too many open files'; raise it with 'ulimit -n' or use more --workers", file=sys.stderr)
+            what = (f"the closed loop keeps {need} requests in flight" if mode == "closed" else
+                    f"the schedule starts up to {need} sessions within 10 s (in flight at once if requests take "
+                    "that long)")
+            print(f"vk-send: open-file limit is {soft} (hard limit {hard}) but {what}, {-(-need // workers)} per "
+                  "worker: requests past the limit will fail with 'too many open files'; raise it with "
+                  "'ulimit -n' or use more --workers", file=sys.stderr)
     elif not quiet and 0 < soft < 1024:
         print(f"vk-send: open-file limit is {soft} (hard limit {hard}): at most about {max(soft - 64, 0)} "
               "concurrent requests; raise it with 'ulimit -n'", file=sys.stderr)
