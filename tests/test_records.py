@@ -43,7 +43,9 @@ def all_kinds():
         finish_reason="length", target_input_tokens=1, target_output_tokens=4,
     )
     end = records.new_run_end("run-1", requests=1, lagged=False)
-    return [a_session(), sched, ss, run, resp, end]
+    metric = records.new_server_metric("run-1", 0.5, "vllm:num_requests_waiting", 3.0,
+                                       labels={"model_name": "m"}, type="gauge")
+    return [a_session(), sched, ss, run, resp, metric, end]
 
 
 def test_every_kind_round_trips(tmp_path):

@@ -407,7 +407,8 @@ def test_every_injected_fault_is_a_record(serve):
     assert any("HTTP 500" in e for e in errs)
     assert any("HTTP 503" in e for e in errs)
     assert any("truncated" in e or "closed" in e for e in errs)
-    assert any("malformed" in e for e in errs)
+    # policy (vk-send(1)): a malformed event in a stream that still finished is a warning on an ok record
+    assert any(r["status"] == "ok" and "malformed" in r.get("warning", "") for r in rs)
     assert any(r["status"] == "timeout" for r in rs)
     assert sum(r["status"] == "ok" for r in rs) > 40
     assert end["ended"] == "complete" and end["requests"] == 120
@@ -650,4 +651,4 @@ def test_sse_parser_survives_odd_payloads():
     r = parse_stream([(t + i * 0.001, x) for i, x in enumerate(odd)], c, False)
     assert r["events"]["kind"] == "eecuc" and r["text"] == "5split" and r["done"]
     assert r["events"]["t"][-1] == pytest.approx(1.008)  # the split event is timed by the read that ended it
-    assert "malformed" in r["error"]
+    assert "malformed" in r["malformed"] and r["error"] is None

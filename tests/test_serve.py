@@ -119,6 +119,43 @@ def test_fixed_latency_timing(serve):
     assert 0.0085 <= sorted(gaps)[1] <= 0.014, gaps
 
 
+def _server_times(res) -> tuple[float, list[float]]:
+    """(arrival, [time of each content token]) on the server's clock, from --server-timestamps."""
+    return float(res["headers"]["vk-server-arrival"]), [e["vk_server_time"] for e, _ in content_events(res)]
+
+
+def test_fixed_latency_queue_is_m_d_c(serve):
+    """--max-num-seqs in fixed mode: a FIFO queue in front of c slots, each held ttft + (n-1) tpot."""
+    ttft, tpot, n, c = 0.05, 0.01, 6, 2
+    service = ttft + (n - 1) * tpot
+    s = serve("--ttft", str(ttft), "--tpot", str(tpot), "--max-num-seqs", str(c), "--server-timestamps")
+    body = {"messages": MSGS, "max_tokens": n, "ignore_eos": True}
+    stream_chat(s.url, body)  # warm the connection pool and the server
+    with cf.ThreadPoolExecutor(6) as pool:
+        futs = []
+        for _ in range(6):  # staggered by 5 ms, so the arrival order is unambiguous; all queue behind the first 2
+            futs.append(pool.submit(stream_chat, s.url, body))
+            time.sleep(0.005)
+        results = [f.result() for f in futs]
+    obs = sorted(_server_times(r) for r in results)
+    free = [float("-inf")] * c  # an independent M/D/c simulation over the server's arrival times
+    waits, late = [], []
+    for arrival, tokens in obs:
+        assert len(tokens) == n
+        start = max(arrival, min(free))
+        free[free.index(min(free))] = start + service
+        waits.append(start - arrival)
+        late += [t - (start + ttft + k * tpot) for k, t in enumerate(tokens)]
+    assert waits[:2] == [0.0, 0.0] and min(waits[2:]) > 0.05  # the queue did form
+    # Every token at its predicted time: never early, nearly all within 1 ms (a wrong queue discipline or a
+    # slot freed at the actual rather than the planned time is off by whole tpots or drifts); a write delayed
+    # by the shared CPU does not move the schedule.
+    late.sort()
+    assert late[0] > -0.0002 and late[len(late) * 9 // 10] < 0.001 and late[-1] < 0.01, late
+    m = httpx.get(s.base + "/metrics").text
+    assert 'vllm:request_queue_time_seconds_count{model_name="vk-sim",engine="0"} 7' in m
+
+
 def test_output_lengths(serve):
     s = serve("--ttft", "0", "--tpot", "0", "--stop-mean", "20")
     lens, reasons = [], set()

@@ -9,13 +9,14 @@ The pipeline, as commands and as Python::
     from vk.send import send             # runs them, writes response records
     from vk.eval import evaluate         # metrics over the records
     from vk import run_benchmark         # all four in one call (starts vk-serve when no api is given)
+    from vk import sweep                 # a series of probes or a capacity search (vk-sweep)
 
 The record formats that connect the stages are defined in ``vk.records`` and documented in ``man/vk-formats.5``.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "run_benchmark", "serving"]
+__all__ = ["__version__", "run_benchmark", "serving", "sweep"]
 
 
 def __getattr__(name):  # lazy, so that `import vk` stays cheap for the commands
@@ -23,4 +24,8 @@ def __getattr__(name):  # lazy, so that `import vk` stays cheap for the commands
         from vk import pipeline
 
         return getattr(pipeline, name)
+    if name == "sweep":  # the vk.sweep package, callable: vk.sweep(...) is vk.sweep.sweep(...)
+        import vk.sweep
+
+        return vk.sweep
     raise AttributeError(f"module 'vk' has no attribute {name!r}")

@@ -4,7 +4,9 @@ Every ``vk-*`` command is a thin click layer over a library function; this modul
 
 - a ``VkError`` (bad input, bad option) prints ``vk-xxx: message`` on stderr and exits 2, never a traceback;
 - a closed stdout (``vk-gen | head``) exits quietly;
-- Ctrl-C exits 130.
+- Ctrl-C exits 130;
+- a full disk (ENOSPC, EFBIG under a file-size limit, EDQUOT) prints one line naming the file and exits 74
+  (``vk.jsonl.EXIT_NO_SPACE``); the Writer has already cut a partial output back to its last whole record.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import click
 
 from vk import __version__
 from vk.errors import VkError
+from vk.jsonl import EXIT_NO_SPACE, NO_SPACE_ERRNOS, cut_to_last_line, no_space_message
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -49,6 +52,9 @@ def main_wrapper(cmd: click.Command, prog: str) -> Callable[..., None]:
 
     @functools.wraps(cmd)
     def main(argv: list[str] | None = None) -> None:
+        if hasattr(signal, "SIGXFSZ"):
+            # past a file-size limit (ulimit -f) a write fails with EFBIG instead of killing the process
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         try:
             cmd.main(args=argv, prog_name=prog, standalone_mode=False)
         except VkError as e:
@@ -76,13 +82,37 @@ def main_wrapper(cmd: click.Command, prog: str) -> Callable[..., None]:
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             sys.exit(130)
+        except OSError as e:
+            if e.errno not in NO_SPACE_ERRNOS:
+                raise
+            _no_space(prog, e)
         else:
             try:
                 sys.stdout.flush()
             except BrokenPipeError:
                 _quiet_broken_pipe()
+            except OSError as e:
+                if e.errno not in NO_SPACE_ERRNOS:
+                    raise
+                _no_space(prog, e)
 
     return main
+
+
+def _no_space(prog: str, e: OSError) -> None:
+    """A write that did not go through vk.jsonl.Writer met a full disk: one line naming the file, exit 74."""
+    path = e.filename
+    if path is None:  # a write to standard output (redirected to a file)
+        path = "<stdout>"
+        try:
+            fd = sys.stdout.fileno()
+            cut_to_last_line(fd)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)  # what is still buffered goes nowhere: the exit flush cannot fail again
+        except (OSError, ValueError):
+            pass
+    print(f"{prog}: {no_space_message(str(path), e)}", file=sys.stderr)
+    sys.exit(EXIT_NO_SPACE)
 
 
 def _flush_quietly() -> None:

@@ -6,8 +6,10 @@ behave the same everywhere.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
@@ -16,6 +18,51 @@ import orjson
 
 from vk import records
 from vk.errors import RecordError, VkError
+
+# Exit status of every command whose output could not be written because the disk (or the file-size limit, or
+# the quota) is full: sysexits' EX_IOERR.
+EXIT_NO_SPACE = 74
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class NoSpaceError(VkError):
+    """The output could not be written: no space left (ENOSPC), file too large (EFBIG) or quota (EDQUOT)."""
+
+    exit_code = EXIT_NO_SPACE
+
+
+def no_space_message(path: str, e: OSError) -> str:
+    why = {errno.EFBIG: " (file size limit reached)", errno.EDQUOT: " (disk quota exceeded)"}.get(e.errno, "")
+    return f"{path}: no space left{why}; the output ends after its last whole record"
+
+
+def cut_to_last_line(fd: int) -> bool:
+    """Truncate a regular file after its last newline, so that a write cut short by a full disk leaves whole
+    records only. False when ``fd`` is not a regular file (nothing to do) or cannot be truncated."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        end = st.st_size
+        pos = end
+        # a fresh descriptor to read with: standard output is usually opened write-only
+        rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+        try:
+            while pos > 0:
+                n = min(1 << 16, pos)
+                chunk = os.pread(rfd, n, pos - n)
+                i = chunk.rfind(b"\n")
+                if i >= 0:
+                    pos = pos - n + i + 1
+                    break
+                pos -= n
+        finally:
+            os.close(rfd)
+        if pos != end:
+            os.ftruncate(fd, pos)
+        return True
+    except OSError:
+        return False
 
 
 def source_name(path: str | os.PathLike) -> str:
@@ -97,6 +144,7 @@ class Writer:
             except OSError as e:
                 raise VkError(f"{self.path}: cannot write ({e.strerror})") from None
             self._own = True
+        self.failed: OSError | None = None
 
     @property
     def is_regular_file(self) -> bool:
@@ -110,20 +158,60 @@ class Writer:
 
     def write_raw(self, line: bytes) -> None:
         """Write an already-encoded line (must end with a newline)."""
-        self.fh.write(line)
-        if self.flush_each:
+        try:
+            self.fh.write(line)
+            if self.flush_each:
+                self.fh.flush()
+        except OSError as e:
+            self._failed(e)
+
+    def write_lines(self, data: bytes) -> None:
+        """Write several whole lines and flush them."""
+        try:
+            self.fh.write(data)
             self.fh.flush()
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, e: OSError) -> None:
+        """A write failed. A full disk: cut the file back to its last whole record, send whatever is still
+        buffered nowhere (so that closing it cannot fail a second time) and raise NoSpaceError naming the file."""
+        if e.errno not in NO_SPACE_ERRNOS or isinstance(e, BrokenPipeError):
+            raise e
+        self.failed = e
+        self._discard()
+        raise NoSpaceError(no_space_message(source_name(self.path) if self.path != "-" else "<stdout>", e)) from None
+
+    def _discard(self) -> None:
+        try:
+            fd = self.fh.fileno()
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return
+        cut_to_last_line(fd)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        except OSError:
+            pass
 
     def flush(self) -> None:
         try:
             self.fh.flush()
         except (BrokenPipeError, ValueError):
             pass
+        except OSError as e:
+            self._failed(e)
 
     def close(self) -> None:
-        self.flush()
+        if self.failed is None:
+            self.flush()
         if self._own:
-            self.fh.close()
+            try:
+                self.fh.close()
+            except OSError:
+                if self.failed is None:
+                    raise
 
     def __enter__(self) -> Writer:
         return self

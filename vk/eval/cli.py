@@ -18,7 +18,7 @@ from vk import __version__
 from vk.cli import CONTEXT_SETTINGS, examples, main_wrapper
 from vk.eval.result import FORMATS
 
-SUBCOMMANDS = ("sql", "plot", "compare", "report")
+SUBCOMMANDS = ("sql", "plot", "compare", "report", "sweep")
 
 EPILOG = examples(
     "vk-eval run.jsonl",
@@ -256,6 +256,9 @@ class EvalCommand(click.Group):
 cli = EvalCommand("vk-eval", context_settings=CONTEXT_SETTINGS)
 for _c in (sql_cmd, plot_cmd, compare_cmd, report_cmd):
     cli.add_command(_c)
+from vk.sweep.cli import eval_sweep_cmd  # noqa: E402 - vk-eval sweep DIR: vk-sweep's re-scoring, no traffic
+
+cli.add_command(eval_sweep_cmd)
 
 main = main_wrapper(cli, "vk-eval")
 

@@ -64,6 +64,12 @@ def evaluate_data(d: Data, opts: Options | None = None, consume: bool = False) -
 
     tick("groups, time series")
     result = clean(result)
+    from vk.eval.server_metrics import server_section
+
+    server = server_section(d.inputs.paths, d.con)  # vk-send --scrape: the server's own metrics, per run
+    if server is not None:
+        result["server"] = clean(server)
+        result["overall"]["accuracy"]["flags"] += [w for s in server for w in s["warnings"]]
     result["slo"] = check_slos(opts.slo, result)
     return result
 

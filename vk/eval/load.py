@@ -26,7 +26,7 @@ from vk import records
 from vk.errors import RecordError, VkError
 from vk.jsonl import iter_lines, source_name
 
-INPUT_KINDS = ("run", "response", "run_end")
+INPUT_KINDS = ("run", "response", "run_end", "server_metric")
 FULL_VALIDATION_BYTES = 32 * 1024 * 1024
 
 # Fields of response records vk-eval reads, with their DuckDB types. Any other top-level field can still be
@@ -240,7 +240,7 @@ def validate_files(inputs: Inputs) -> None:
                 kind = obj.get("kind")
                 if kind in ("session", "schedule", "scheduled_session"):
                     raise RecordError(name, n, "kind", f"got a '{kind}' record: vk-eval reads vk-send output "
-                                                       "(run, response, run_end records)")
+                                                       "(run, response, run_end, server_metric records)")
                 records.validate(obj, name, n, INPUT_KINDS)
                 if kind == "response":
                     check_times(obj, name, n)
@@ -415,7 +415,7 @@ def _sql_checks(con: duckdb.DuckDBPyConnection, inputs: Inputs, lean: bool = Fal
                     OR (events.tokens IS NOT NULL AND len(events.tokens) != len(events.t))
                     OR (events.server_t IS NOT NULL AND len(events.server_t) != len(events.t))))"""
     bad = con.execute(
-        f"""SELECT count(*) FROM raw WHERE kind IS NULL OR kind NOT IN ('run', 'response', 'run_end')
+        f"""SELECT count(*) FROM raw WHERE kind IS NULL OR kind NOT IN ({', '.join(_sql_str(k) for k in INPUT_KINDS)})
             OR v IS NULL OR v < 1 OR v > (CASE kind {versions} END) OR run_id IS NULL
             OR (kind = 'response' AND (request_id IS NULL OR status IS NULL OR status NOT IN ({statuses})
                 OR {events_bad} OR t_sent < 0 OR t_done < 0 OR t_first_token < 0 OR t_done < t_sent - {CLOCK_SLACK}

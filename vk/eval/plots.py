@@ -160,11 +160,15 @@ def plot_data(d, outdir: str, overlay: bool = False, labels: list[str] | None = 
     ts = timeseries(d)
     runs = [r for r in range(len(d.runs)) if (d.a["run"] == r).any()]
     if overlay or len(runs) == 1:
-        return figures(d, runs, ts, "", outdir, plt, names)
-    paths = []
-    for r in runs:
-        paths += figures(d, [r], ts, _safe(names[r]) + "-", outdir, plt, names)
-    return paths
+        paths = figures(d, runs, ts, "", outdir, plt, names)
+    else:
+        paths = []
+        for r in runs:
+            paths += figures(d, [r], ts, _safe(names[r]) + "-", outdir, plt, names)
+    from vk.eval.server_metrics import server_figure, timelines
+
+    server = server_figure(timelines(d.inputs.paths, d.con), ts, os.path.join(outdir, "server.png"), plt)
+    return paths + ([server] if server else [])
 
 
 def plot_files(inputs: Any, outdir: str, overlay: bool = False, validate: str = "auto",

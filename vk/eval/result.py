@@ -368,6 +368,10 @@ def to_text(d: dict, markdown: bool = False, with_headline: bool = True) -> str:
     for w in d.get("warnings") or []:
         out.append(("- " if markdown else "  ! ") + "INPUT: " + w + "\n")
     out.append(summary_text(d, d["overall"], "Details", markdown))
+    if d.get("server"):
+        from vk.eval.server_metrics import server_text
+
+        out.append("\n" + server_text(d["server"], markdown))
     if d["groups"]:
         out.append("\n" + group_table(d, markdown))
     if d.get("slo"):

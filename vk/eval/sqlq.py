@@ -1,4 +1,4 @@
-"""``vk-eval sql``: SQL over views of the records (requests, events, sessions, runs)."""
+"""``vk-eval sql``: SQL over views of the records (requests, events, sessions, runs, server_metrics)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def open_db(inputs: Any, db: str | None = None) -> tuple[duckdb.DuckDBPyConnecti
         "WHERE kind = 'response'"
     )
     con.execute(VIEWS_SQL)
+    from vk.eval.server_metrics import view_sql
+
+    con.execute(view_sql(inp.paths))
     return con, inp
 
 

@@ -1,11 +1,19 @@
 """Prompt text of an exact number of tokens, cut from a public-domain corpus that ships with vk.
 
 The corpus (``vk/data/moby-dick.txt``, see ``vk/data/README.md``) is tokenized ONCE per tokenizer, with the
-character offset of every token. A token whose text begins with a space followed by an ASCII letter starts a
-pre-tokenizer chunk for byte-level BPE tokenizers (Qwen2.5, DeepSeek-V3, GPT-style), and BPE never merges across
-chunks, so any slice of the corpus from one such *safe boundary* to another re-encodes to exactly the number of
-tokens between them, and such slices concatenate exactly. Cutting a prompt is then a ``searchsorted`` over the
-boundary array and a string slice by character offsets: no encoding or decoding per prompt.
+character offset of every token. A token that starts a word after a space (its text begins with the space, as in
+byte-level BPE and SentencePiece's ``▁``, or follows it, as in WordPiece and T5's whitespace split) starts a
+pre-tokenizer chunk, and no family merges across those, so any slice of the corpus from one such *safe boundary*
+to another re-encodes, *in context* (after earlier text), to exactly the number of tokens between them, and such
+slices concatenate exactly. Cutting a prompt is then a ``searchsorted`` over the boundary array and a string slice
+by character offsets: no encoding or decoding per prompt.
+
+*In context* matters for SentencePiece tokenizers that prepend ``▁`` to the whole text (Llama-2, Mistral v0.1,
+Phi-3): a text that starts with a space gets one more token standalone than after other text. So every prompt
+(every message's content) starts with a *head*: one corpus word, without a leading space, that is a single token
+both at the start of a text and after a space under this tokenizer (:attr:`TextSource.heads`). Head words also
+make prompts distinct where they must be: a salt (:meth:`TextSource.salt`) is two head words, and different salts
+differ in their FIRST token, so two prompts never share a cached block they should not share, at any block size.
 
 At load a self-check encodes a few hundred samples and concatenations; for a tokenizer where the property does
 not hold (another pre-tokenizer, a normalizer that rewrites text) the source switches to *verify mode*: every
@@ -29,7 +37,7 @@ CORPUS_PATH = Path(__file__).resolve().parent.parent / "data" / "moby-dick.txt"
 
 _SELF_CHECK_SAMPLES = 200
 _FILLER_MAX = 64
-_CACHE_FORMAT = 1  # remainders up to this many tokens are filled from precomputed exact segments
+_CACHE_FORMAT = 2  # remainders up to this many tokens are filled from precomputed exact segments
 
 _cache: dict[tuple, _Corpus] = {}
 _cache_lock = threading.Lock()
@@ -66,6 +74,7 @@ class _Corpus:
         self.label = label
         self.check: tuple[str, int] | None = None  # (mode, failures) of an earlier self-check, from the disk cache
         self.warned = False
+        self.heads: list[str] | None = None  # TextSource.heads, found once
         self.cache_file = _cache_file(tokenizer, text)
         cached = _read_cache(self.cache_file)
         if cached is not None:
@@ -73,7 +82,7 @@ class _Corpus:
         else:
             enc = tokenizer.backend.encode(text, add_special_tokens=False)
             ids = np.asarray(enc.ids, dtype=np.int64)
-            starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(ids))
+            starts = _word_starts(text, enc.offsets)
         n = len(ids)
         if n < 2000:
             raise VkError(f"corpus {label}: too short ({n} tokens); give at least a few thousand tokens of text")
@@ -110,6 +119,19 @@ class _Corpus:
 
     def slice(self, a: int, b: int) -> str:
         return self.text[self.char_at[a]:self.char_at[b]]
+
+
+def _word_starts(text: str, offsets) -> np.ndarray:
+    """Each token's start offset; a word-initial token whose text does not hold the space before it (WordPiece,
+    T5's whitespace split) is moved back onto that space, so that slices cut there keep the space between words."""
+    starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+    prev_end = 0
+    out = starts.copy()
+    for i, (s, e) in enumerate(offsets):
+        if s > 0 and text[s] != " " and text[s - 1] == " " and prev_end <= s - 1 and (i == 0 or starts[i - 1] < s - 1):
+            out[i] = s - 1
+        prev_end = max(prev_end, e)
+    return out
 
 
 def _cache_file(tokenizer, text: str) -> Path | None:
@@ -176,6 +198,35 @@ def _load_corpus(tokenizer, corpus) -> _Corpus:
     return c
 
 
+def key_seed(key) -> int:
+    h = hashlib.blake2b(repr(key).encode() if not isinstance(key, bytes) else key, digest_size=16).digest()
+    return int.from_bytes(h, "little")
+
+
+def _head_words(text: str, tokenizer) -> list[str]:
+    """See TextSource.heads: lower-case corpus words (3 to 12 letters), one token at the start of a text and
+    after a space, not merged with the next word; one word per first token; sorted."""
+    import re
+
+    words = sorted(set(re.findall(r"(?<![A-Za-z])[A-Za-z][a-z]{1,11}(?![A-Za-z'])", text)))
+    enc = tokenizer.encode_batch
+    ref = enc(["the"])[0]
+    alone = enc(words)
+    after = enc([f"the {w}" for w in words])
+    before = enc([f"{w} the" for w in words])
+    out = []
+    seen = set()
+    for w, a, b, c in zip(words, alone, after, before, strict=True):
+        if len(a) != 1 or len(b) != len(ref) + 1 or b[:len(ref)] != ref or len(c) != 1 + len(ref) or c[0] != a[0]:
+            continue
+        if a[0] in seen or b[-1] in seen:
+            continue
+        seen.add(a[0])
+        seen.add(b[-1])
+        out.append(w)
+    return out
+
+
 class TextSource:
     """Natural text of exactly N tokens under ``tokenizer`` (a ``vk.tokenizer.Tokenizer``).
 
@@ -184,10 +235,13 @@ class TextSource:
     - ``sample(n, rng)``: random text of exactly n tokens; concatenations of samples stay exact.
     - ``block(key, n)``: deterministic text for a key (e.g. a trace's hash id), exactly n tokens;
       ``block(key, m)`` is a token prefix of ``block(key, n)`` for m < n whenever the corpus allows it.
-    - ``unique_salt(i)``: a short text that makes a prompt unique. It starts with a space and a word, like every
-      sample, so it joins exactly after any text and before any sample.
+    - ``start(n, rng)``, ``block_start(key, n)``: the same, as the first text of a prompt (a head word first).
+    - ``salt(x)``: two head words naming the number x (start form, 2 tokens); different x < len(heads) differ in
+      the first token, different x < len(heads)**2 in the first two. ``" " + salt(x)`` joins after any text.
+    - ``unique_salt(i)``: a salt for any key, with a leading space (2 tokens in context).
 
-    Samples start with a space (the start of a word). The empty string is returned for n == 0.
+    Samples and blocks start with a space (the start of a word) and are exact in context: after a head or any
+    other sample. A prompt starts with ``start``/``block_start``/``salt``. The empty string is returned for n == 0.
     """
 
     def __init__(self, tokenizer, corpus=None, *, self_check: bool = True):
@@ -203,6 +257,7 @@ class TextSource:
         self._c = _load_corpus(tokenizer, corpus)
         self.mode = "boundary"
         self.failures = 0  # self-check mismatches found at load
+        self._heads: list[str] | None = None
         if not self._c.has_boundaries:
             self.mode = "verify"
         elif self_check:
@@ -265,8 +320,7 @@ class TextSource:
             if n < 0:
                 raise ValueError(f"n_tokens must be >= 0, got {n}")
             return ""
-        h = hashlib.blake2b(repr(key).encode() if not isinstance(key, bytes) else key, digest_size=16).digest()
-        seed = int.from_bytes(h, "little")
+        seed = key_seed(key)
         if self.mode == "verify":
             return self._sample_verified(n, np.random.default_rng(seed))
         c = self._c
@@ -292,9 +346,56 @@ class TextSource:
             r = n
         return c.slice(a, e) + self._filler(r, seed)
 
+    @property
+    def heads(self) -> list[str]:
+        """Corpus words that are one token at the start of a text and one after a space, and that end a token
+        chunk (nothing merges across the space after them): the first word of every prompt. Sorted; their
+        first tokens are all different."""
+        if self._heads is None:
+            if self._c.heads is None:
+                self._c.heads = _head_words(self._c.text, self.tokenizer)
+            self._heads = self._c.heads
+            if len(self._heads) < 16:
+                raise VkError(f"tokenizer '{getattr(self.tokenizer, 'name', self.tokenizer)}': fewer than 16 "
+                              f"corpus words are single tokens ({len(self._heads)}); vk cannot cut prompts for it")
+        return self._heads
+
+    def head(self, x: int) -> str:
+        """Head word number x (modulo the number of heads), without a leading space: 1 token."""
+        h = self.heads
+        return h[int(x) % len(h)]
+
+    def salt(self, x: int) -> str:
+        """Two head words naming x: 2 tokens at the start of a prompt; ``" " + salt(x)``: 2 tokens after text."""
+        h = self.heads
+        k = len(h)
+        x = int(x)
+        return f"{h[x % k]} {h[(x // k) % k]}"
+
+    def start(self, n_tokens: int, rng: np.random.Generator) -> str:
+        """Like ``sample``, as the first text of a prompt: a head word (drawn from rng), then n - 1 tokens."""
+        n = int(n_tokens)
+        if n <= 0:
+            return self.sample(n, rng)
+        w = self.head(int(rng.integers(0, 1 << 62)))
+        return w + self.sample(n - 1, rng)
+
+    def block_start(self, key, n_tokens: int, head: int | None = None) -> str:
+        """Like ``block``, as the first text of a prompt: a head word (number ``head``, else chosen by the key),
+        then n - 1 tokens."""
+        n = int(n_tokens)
+        if n <= 0:
+            return self.block(key, n)
+        return self.head(key_seed(("head", key)) if head is None else head) + self.block(key, n - 1)
+
+    def count_after(self, text: str) -> int:
+        """Tokens of ``text`` after other text (in context), e.g. a sentence appended to a prompt."""
+        h = self.head(0)
+        return self.tokenizer.count(h + text) - 1
+
     def unique_salt(self, i) -> str:
-        """A short salt text, different for each ``i``; put it before a sample to make the prompt unique."""
-        return f" Request {i}:"
+        """A salt for any key ``i`` (a leading space, then ``salt(hash(i))``): 2 tokens after any text."""
+        return " " + self.salt(key_seed(("salt", i)))
 
     # -- internals --------------------------------------------------------------------------------------------
     def _piece(self, n: int, rng: np.random.Generator) -> str:
@@ -378,17 +479,18 @@ class TextSource:
         raise VkError(f"cannot cut text of exactly {n} tokens with tokenizer '{self.tokenizer.name}'")
 
     def _self_check(self) -> None:
+        """Samples after a head word, concatenations of samples, and salts in front: every length must hold."""
         rng = np.random.default_rng(12345)
         enc = self.tokenizer.encode_batch
         lengths = rng.integers(1, 1200, size=_SELF_CHECK_SAMPLES).tolist()
         texts = [self._piece(int(n), rng) for n in lengths]
-        got = [len(x) for x in enc(texts)]
-        bad = sum(1 for g, n in zip(got, lengths, strict=True) if g != n)
-        # concatenations of samples, and a salt in front
-        pairs = [texts[i] + texts[i + 1] for i in range(0, 40, 2)]
-        want = [lengths[i] + lengths[i + 1] for i in range(0, 40, 2)]
-        salted = [self.unique_salt(i) + texts[i] for i in range(20)]
-        want_s = [self.tokenizer.count(self.unique_salt(i)) + lengths[i] for i in range(20)]
+        heads = [self.head(i * 7) for i in range(len(texts))]
+        got = [len(x) for x in enc([h + t for h, t in zip(heads, texts, strict=True)])]
+        bad = sum(1 for g, n in zip(got, lengths, strict=True) if g != n + 1)
+        pairs = [heads[i] + texts[i] + texts[i + 1] for i in range(0, 40, 2)]
+        want = [1 + lengths[i] + lengths[i + 1] for i in range(0, 40, 2)]
+        salted = [self.salt(i * 131) + texts[i] + " " + self.salt(i) + texts[i + 1] for i in range(20)]
+        want_s = [4 + lengths[i] + lengths[i + 1] for i in range(20)]
         got2 = [len(x) for x in enc(pairs + salted)]
         bad += sum(1 for g, w in zip(got2, want + want_s, strict=True) if g != w)
         self.failures = bad

@@ -12,6 +12,7 @@ draws alone, and session N is the same whatever ``count`` is.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,6 +200,35 @@ class _Groups:
         return int(min(np.searchsorted(self.cdf, rng.random(), side="right"), self.n - 1))
 
 
+class Notes:
+    """Counts of requests vk-gen could not make as asked, said once each on stderr at the end."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, int] = {}
+
+    def add(self, what: str, session: int) -> None:
+        if what not in self.counts:
+            self.counts[what] = 0
+            self.first[what] = session
+        self.counts[what] += 1
+
+    def flush(self) -> None:
+        for what, n in self.counts.items():
+            print(f"vk-gen: warning: {n} {what} (first in session {self.first[what]})", file=sys.stderr)
+        self.counts.clear()
+
+
+def template_ignores_system(tok) -> bool:
+    """Whether the tokenizer's chat template leaves a system message's content out of the prompt (Phi-3)."""
+    probe = "Marker of the system prompt"
+    try:
+        text = tok.render_chat([{"role": "system", "content": probe}, {"role": "user", "content": "Hello"}])
+    except VkError:
+        return True  # a template that refuses system messages (Gemma's older ones) leaves them out too
+    return probe not in text
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the workload
 
@@ -319,7 +349,16 @@ class Workload:
                             f"'templated' needs a chat template, and tokenizer '{tok.name}' has none")
         self._overheads: dict = {}
         self._instr: dict = {}
-        self._salt_counts: dict = {}
+        self.notes = Notes()
+        # salts and prefix heads are numbered from a per-seed base: other seeds start prompts with other words
+        self._salt_base = int(component_rng(seed, "groups", 1 << 20).integers(0, 1 << 30))
+        self._system_ignored = False
+        if self.input_mode == "templated" and self.groups is not None and self.groups.role == "system" \
+                and self.format == "chat" and template_ignores_system(tok):
+            self._system_ignored = True
+            print(f"vk-gen: note: the chat template of tokenizer '{tok.name}' leaves system messages out of the "
+                  "prompt: prefix groups go at the start of the user message instead, so that the server's "
+                  "prompt_tokens still equal the targets", file=sys.stderr)
 
     # -- graph shapes ----------------------------------------------------------------------------------------
     def _graph(self, rng) -> list[tuple[list[int], int | None]]:
@@ -370,9 +409,10 @@ class Workload:
         v = self._overheads.get(kind)
         if v is None:
             tok = self.tokenizer
-            a = " The sea was calm."
-            b = " We sailed on."
-            c = " The wind rose."
+            # prompts start with a word, not a space (vk.gen.content), as these probes do
+            a = "The sea was calm."
+            b = "We sailed on."
+            c = "The wind rose."
             ca, cb, cc = tok.count(a), tok.count(b), tok.count(c)
             if kind == "root":
                 v = tok.count_chat([{"role": "user", "content": a}]) - ca
@@ -391,8 +431,24 @@ class Workload:
         if r is None:
             words = max(1, round(out_tokens * 0.75))
             text = f" Please write a reply of about {words} words."
-            r = self._instr[out_tokens] = (text, self.tokenizer.count(text))
+            r = self._instr[out_tokens] = (text, self.text.count_after(text))
         return r
+
+    def _user_text(self, body_n: int, *, i: int, j: int, prefix, salted: bool, instr: str) -> str:
+        """The user message: [shared prefix] [salt] body [instruction]. Its first piece is a head (start form),
+        the others follow it (in context), so the lengths add up exactly."""
+        text = self.text
+        parts = []
+        if prefix is not None:
+            key, n, head = prefix
+            parts.append(text.block_start(key, n, head=head))
+        if salted:
+            salt = text.salt(self._salt_base + 1024 + i * 8 + min(j, 7))
+            parts.append(" " + salt if parts else salt)
+        rng = component_rng(self.seed, "content", i * 4096 + j)
+        parts.append(text.sample(body_n, rng) if parts else text.start(body_n, rng))
+        parts.append(instr)
+        return "".join(parts)
 
     # -- one session -----------------------------------------------------------------------------------------
     def session(self, i: int, source_extra: dict | None = None) -> dict:
@@ -400,7 +456,6 @@ class Workload:
         g_rng = component_rng(seed, "graph", i)
         in_rng = component_rng(seed, "input", i)
         out_rng = component_rng(seed, "output", i)
-        c_rng = component_rng(seed, "content", i)
         p_rng = component_rng(seed, "prefix", i)
         t_rng = component_rng(seed, "think", i)
         nodes = self._graph(g_rng)
@@ -415,39 +470,42 @@ class Workload:
             # shared prefix (roots only); the draws happen for every request so that streams stay aligned
             use_prefix = p_rng.random() < self.prefix_prob
             group = self.groups.pick(p_rng) if self.groups is not None else None
-            prefix_text = ""
             system_text = None
             k = 0
             total = body_len
             kind = "turn" if hist is not None else "root"
+            group_key = None
             if is_root and use_prefix and self.groups is not None:
                 k = self.groups.lengths[group]
                 total = body_len + k
-                ptext = text.block(("prefix-group", seed, group), k)
-                if self.format == "chat" and self.groups.role == "system":
-                    system_text = ptext
+                group_key = ("prefix-group", seed, group)
+                if self.format == "chat" and self.groups.role == "system" and not self._system_ignored:
+                    system_text = text.block_start(group_key, k, head=self._salt_base + group)
                     kind = "root+system"
-                else:
-                    prefix_text = ptext
             else:
                 group = None
             overhead = self._overhead(kind) if self.input_mode == "templated" else 0
-            content_target = max(1, total - overhead)
+            content_target = total - overhead
+            if content_target < 1:
+                self.notes.add(f"requests whose target is below the chat template's own {overhead} tokens "
+                               "(sent with 1 token of content)", i)
+                content_target = 1
             if is_root and use_prefix and self.prefix_ratio > 0:
                 k = int(round(self.prefix_ratio * content_target))
-                prefix_text = text.block(("shared-prefix", seed), k)
-            salt = ""
-            n_salt = 0
-            if self.unique_salt and hist is None:
-                salt = text.unique_salt(f"{seed}.{i}.{j}")
-                n_salt = self.tokenizer.count(salt)
+            n_salt = 2 if self.unique_salt and hist is None else 0
             instr, n_instr = ("", 0)
             if self.output_control == "prompt":
                 instr, n_instr = self._instruction(out_len)
-            # the prefix (in the system message or in front), the salt and the instruction come out of the target
+            in_user_prefix = k if system_text is None else 0
             body_n = max(0, content_target - k - n_salt - n_instr)
-            body = text.sample(body_n, c_rng)
-            user = prefix_text + salt + body + instr
+
+            prefix = None
+            if in_user_prefix:
+                prefix = (group_key, in_user_prefix, self._salt_base + group) if group_key is not None else \
+                    (("shared-prefix", seed), in_user_prefix, self._salt_base - 1)
+            build = functools.partial(self._user_text, i=i, j=j, prefix=prefix, salted=bool(n_salt), instr=instr)
+
+            user = build(body_n)
             n_input = k + n_salt + body_n + n_instr
             if text.mode == "verify":
                 # joins are not guaranteed exact under this tokenizer: count, and correct the body until they are
@@ -458,13 +516,26 @@ class Workload:
                     if n_input == want or body_n + want - n_input < 0:
                         break
                     body_n += want - n_input
-                    body = text.sample(body_n, c_rng)
-                    user = prefix_text + salt + body + instr
+                    user = build(body_n)
+            msgs = []
+            if system_text is not None:
+                msgs.append({"role": "system", "content": system_text})
+            msgs.append({"role": "user", "content": user})
+            if self.input_mode == "templated" and hist is None:
+                # measure what the server will count (the real template applied) and adjust the body until exact
+                want = max(total, overhead + 1)
+                for _ in range(6):
+                    got = self.tokenizer.count_chat(msgs)
+                    if got == want or body_n + want - got < 0:
+                        break
+                    body_n += want - got
+                    user = build(body_n)
+                    n_input = k + n_salt + body_n + n_instr
+                    msgs[-1] = {"role": "user", "content": user}
+                if got != want:
+                    self.notes.add(f"first requests {got - want:+d} tokens off their templated target under "
+                                   f"this chat template", i)
             if self.format == "chat":
-                msgs = []
-                if system_text is not None:
-                    msgs.append({"role": "system", "content": system_text})
-                msgs.append({"role": "user", "content": user})
                 content = {"messages": msgs}
             else:
                 content = {"prompt": user}
@@ -581,6 +652,7 @@ def _synthetic_sessions(work: Workload, count: int, progress: bool, source: str 
     finally:
         if bar is not None:
             bar.close()
+        work.notes.flush()
 
 
 def _trace_sessions(cfg: Config, seed, count, duration, tokenizer, progress) -> Iterator[dict]:

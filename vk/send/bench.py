@@ -7,8 +7,11 @@ Each figure runs ``vk-send --workers 1`` pinned to core 0 against ``vk-serve`` p
 2. the event-timestamp error against vk-serve's own send times (``--server-timestamps``) with 1,000 concurrent
    streams at 20 tokens/s, delivered in bursts (the engine model with a fixed 50 ms step: every stream gets its
    token in the same step, as a batching server does), for the raw client with kernel receive timestamps, the
-   same client timing in Python after the read, and aiohttp;
-3. the largest number of concurrent open streams held without errors (and the open-file limit).
+   same client timing in Python after the read, aiohttp, and the raw client over https (TLS through memory BIOs,
+   self-signed certificate passed with --cacert), each with vk-send's CPU time per event;
+3. the largest number of concurrent open streams held without errors (and the open-file limit);
+4. p99 dispatch lag with ``--scrape`` (the server's /metrics every second) against the same schedule without it,
+   in alternating runs, so that the difference can be read against the run-to-run spread.
 """
 
 from __future__ import annotations
@@ -136,23 +139,77 @@ def bench_rate(tmp: str, quick: bool) -> list[dict]:
     ]
 
 
+def _self_signed(tmp: str) -> tuple[str, str] | None:
+    """A throw-away certificate for 127.0.0.1 (openssl command), or None without openssl."""
+    cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return cert, key
+
+
+def bench_scrape(tmp: str, quick: bool) -> list[dict]:
+    """Does scraping /metrics disturb the send loop? Alternating runs of one schedule, with and without."""
+    rate, dur, pairs = (100, 2.0, 1) if quick else (300, 6.0, 3)
+    srv = _Serve("--ttft", "0.01", "--tpot", "0.001")
+    rng = np.random.default_rng(7)
+    starts = np.cumsum(rng.exponential(1 / rate, int(rate * dur)))
+    starts -= starts[0]
+    sched = os.path.join(tmp, "scrape.jsonl")
+    _schedule(sched, starts, 64)
+    lag: dict[str, list[float]] = {"without": [], "with": []}
+    samples = 0
+    try:
+        for i in range(pairs):
+            for how, extra in (("without", ()), ("with", ("--scrape",))):
+                resp, end, err = _send(sched, os.path.join(tmp, f"scrape-{how}{i}.out"), srv.url, *extra)
+                if end.get("dispatch_lag_p99") is not None:
+                    lag[how].append(end["dispatch_lag_p99"] * 1e3)
+                if how == "with":
+                    with open(os.path.join(tmp, f"scrape-{how}{i}.out"), "rb") as f:
+                        samples += sum(b'"kind":"server_metric"' in ln for ln in f)
+    finally:
+        srv.stop()
+    if not lag["without"] or not lag["with"]:
+        return [{"figure": "p99 dispatch lag with --scrape vs without", "value": "no data", "target": "", "ok": False}]
+    a, b = np.median(lag["without"]), np.median(lag["with"])
+    spread = max(lag["without"]) - min(lag["without"])
+    runs = ", ".join(f"{x:.2f}" for x in lag["without"]) + " / " + ", ".join(f"{x:.2f}" for x in lag["with"])
+    return [{"figure": f"p99 dispatch lag without / with --scrape (1 s; {rate} req/s, {pairs} alternating pairs)",
+             "value": f"median {a:.2f} / {b:.2f} ms (runs {runs} ms; {samples} samples scraped)",
+             "target": "difference within the spread of the runs without",
+             "ok": None if quick else bool(b - a <= max(spread, 0.1))}]
+
+
 def bench_timestamps(tmp: str, quick: bool) -> list[dict]:
     n = 100 if quick else 1000
     tokens = 20 if quick else 60
-    srv = _Serve("--server-timestamps", "--t-fixed", "0.05", "--t-weights", "0", "--t-token", "0", "--t-kv", "0",
-                 "--max-num-seqs", str(max(n, 256)), "--max-num-batched-tokens", "1000000",
-                 "--num-blocks", "1000000")
+    server_args = ("--server-timestamps", "--t-fixed", "0.05", "--t-weights", "0", "--t-token", "0", "--t-kv", "0",
+                   "--max-num-seqs", str(max(n, 256)), "--max-num-batched-tokens", "1000000",
+                   "--num-blocks", "1000000")
+    srv = _Serve(*server_args)
+    tls = _self_signed(tmp)
+    srv_tls = _Serve(*server_args, "--tls-cert", tls[0], "--tls-key", tls[1]) if tls else None
     rows = []
     try:
         starts = np.linspace(0, 0.5, n)
         sched = os.path.join(tmp, "ts.jsonl")
         _schedule(sched, starts, tokens, prompt="hi")
-        variants = [("raw client, kernel receive timestamps", []),
-                    ("raw client, time taken after the read", ["--no-kernel-timestamps"])]
+        variants = [("raw client, kernel receive timestamps", srv, []),
+                    ("raw client, time taken after the read", srv, ["--no-kernel-timestamps"])]
         if not quick:
-            variants.append(("aiohttp client", ["--client", "aiohttp"]))
-        for name, extra in variants:
-            resp, end, err = _send(sched, os.path.join(tmp, "ts.out"), srv.url, *extra)
+            variants.append(("aiohttp client", srv, ["--client", "aiohttp"]))
+        if srv_tls is not None:
+            variants.append(("https, raw client over TLS, kernel receive timestamps", srv_tls,
+                             ["--cacert", tls[0]]))
+        else:
+            rows.append({"figure": "event-timestamp error over https", "value": "not measured (no openssl command)",
+                         "target": "p99 < 2 ms", "ok": None})
+        for name, server, extra in variants:
+            resp, end, err = _send(sched, os.path.join(tmp, "ts.out"), server.url, *extra)
             errs = []
             peak = 0
             for r in resp:
@@ -177,16 +234,20 @@ def bench_timestamps(tmp: str, quick: bool) -> list[dict]:
                 continue
             e = np.abs(np.array(errs))
             ok = bool(np.percentile(e, 99) < 0.002) and nerr == 0
+            events = sum(len(r["events"]["t"]) for r in resp if r["status"] == "ok")
+            measured = "kernel receive timestamps" in name
             rows.append({
                 "figure": f"event-timestamp error, {n} streams x 20 tok/s in bursts ({name})",
                 "value": f"p50 {np.percentile(e, 50) * 1e3:.3f} ms, p99 {np.percentile(e, 99) * 1e3:.3f} ms, "
                          f"max {e.max() * 1e3:.2f} ms over {len(e):,} events; peak {peak} open streams, "
-                         f"{nerr} errors",
-                "target": "p99 < 2 ms" if name.startswith("raw client, kernel") else "(comparison)",
-                "ok": (None if quick else ok) if name.startswith("raw client, kernel") else None,
+                         f"{nerr} errors; CPU {_LAST_CPU[0] / max(events, 1) * 1e6:.1f} us/event",
+                "target": "p99 < 2 ms" if measured else "(comparison)",
+                "ok": (None if quick else ok) if measured else None,
             })
     finally:
         srv.stop()
+        if srv_tls is not None:
+            srv_tls.stop()
     return rows
 
 
@@ -254,6 +315,7 @@ def run(quick: bool = False) -> list[dict]:
                  "value": f"{os.getloadavg()[0]:.2f}", "target": "(other work competes for the cores)",
                  "ok": None}]
         rows += bench_rate(tmp, quick)
+        rows += bench_scrape(tmp, quick)
         rows += bench_timestamps(tmp, quick)
         rows += bench_streams(tmp, quick)
     rows.append({"figure": "vk-send bench wall time", "value": f"{time.monotonic() - t0:.0f} s", "target": "",

@@ -11,7 +11,19 @@ import orjson
 from vk.cli import command, examples, main_wrapper
 from vk.errors import VkError
 from vk.jsonl import open_input, read_records, source_name
-from vk.send.run import DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_LAG_THRESHOLD, DEFAULT_TIMEOUT, send
+from vk.send.inputs import first_due, peak_starts, read_input
+from vk.send.options import read_api_key_file, redact_argv
+from vk.send.run import (
+    DEFAULT_FIRST_BYTE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LAG_THRESHOLD,
+    DEFAULT_TIMEOUT,
+    send,
+)
+from vk.send.scrape import DEFAULT_SCRAPE_INTERVAL
+
+# exit statuses (man vk-send: EXIT STATUS); 2 is bad input (vk.errors), 74 a full disk (vk.jsonl.EXIT_NO_SPACE)
+EXIT_STATUS = {"max_errors": 1, "worker_lost": 3, "unreachable": 4, "interrupted": 130}
 
 EPILOG = examples(
     "vk-gen synth.yaml | vk-schedule --poisson 10 | vk-send --api http://127.0.0.1:8000/v1 > run.jsonl",
@@ -40,7 +52,9 @@ def _is_file(p: str) -> bool:
               help="Sessions kept active when the input is plain sessions (no schedule) [default: 1]; "
                    "overrides a closed-loop schedule's concurrency.")
 @click.option("--api-key", default=None, metavar="KEY",
-              help="Bearer token [default: $OPENAI_API_KEY]. Never written to any record.")
+              help="Bearer token [default: $VK_API_KEY, else $OPENAI_API_KEY]. Never written to any record; "
+                   "prefer --api-key-file or the environment (a command line is visible to every user in ps).")
+@click.option("--api-key-file", default=None, metavar="FILE", help="Read the bearer token from FILE's first line.")
 @click.option("-H", "--header", "headers", multiple=True, metavar="'NAME: VALUE'",
               help="Extra HTTP header (repeatable).")
 @click.option("--extra-body", default=None, metavar="JSON", help="JSON object merged into every request body.")
@@ -48,6 +62,11 @@ def _is_file(p: str) -> bool:
               help="Total time allowed per request (0: none).")
 @click.option("--first-byte-timeout", type=click.FloatRange(min=0), default=DEFAULT_FIRST_BYTE_TIMEOUT, show_default=True,
               metavar="S", help="Time allowed until the first response byte (0: none).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=DEFAULT_IDLE_TIMEOUT, show_default=True,
+              metavar="S", help="Time allowed between two reads of a response, after its first byte (0: none).")
+@click.option("--cacert", default=None, metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="https: verify the server with the CA certificates in FILE (PEM) instead of the system's.")
+@click.option("--insecure", is_flag=True, help="https: do not verify the server's certificate.")
 @click.option("--max-errors", default=None, metavar="N|FRACTION",
               help="Stop the run once N requests failed, or once more than FRACTION of the attempted ones did "
                    "(after 20).")
@@ -69,18 +88,38 @@ def _is_file(p: str) -> bool:
 @click.option("--lag-threshold", type=click.FloatRange(min=0), default=DEFAULT_LAG_THRESHOLD, show_default=True, metavar="S",
               help="p99 dispatch lag above which the run is flagged as lagged.")
 @click.option("--progress", is_flag=True, help="Show a progress bar on stderr even when it is not a terminal.")
-def cli_command(schedule, api, output, model, endpoint, stream, workers, concurrency, api_key, headers,
+@click.option("--reassign-lost", is_flag=True,
+              help="When a worker process is lost, hand its sessions that have not started and are still due to "
+                   "the other workers (default: count them as not started).")
+@click.option("--scrape", is_flag=False, flag_value="", default=None, metavar="[URL]",
+              help="Record the server's Prometheus metrics (server_metric records) [URL default: the API's "
+                   "origin + /metrics].")
+@click.option("--scrape-interval", type=click.FloatRange(min=0.05), default=DEFAULT_SCRAPE_INTERVAL,
+              show_default=True, metavar="S", help="Seconds between scrapes (on the run's clock).")
+@click.option("--scrape-buckets", is_flag=True, help="Keep histogram buckets (default: only their _sum, _count).")
+def cli_command(schedule, api, output, model, endpoint, stream, workers, concurrency, api_key, api_key_file,
+                headers,
                 extra_body, timeout, first_byte_timeout, max_errors, save_text, continuous_usage,
                 max_tokens_param, min_tokens_param, ignore_eos_param, client, http2, no_kernel_timestamps,
-                lag_threshold, progress):
+                lag_threshold, progress, reassign_lost, idle_timeout, cacert, insecure, scrape, scrape_interval,
+                scrape_buckets):
     """Run a schedule of sessions against an OpenAI-compatible API.
 
     Reads a schedule (a schedule header and scheduled sessions, from vk-schedule) or plain sessions (from
     vk-gen) from SCHEDULE files or stdin, and writes a run header, one response record per request and a run_end
     footer. Open loop: every session starts at its offset from the run start. Closed loop: N sessions are kept
-    active. Exit status: 0 done, 1 stopped by --max-errors, 2 bad input or options, 130 interrupted.
+    active. Exit status: 0 done, 1 stopped by --max-errors, 2 bad input or options, 3 a worker process was
+    lost, 4 no request reached the server, 74 no space left for the output, 130 interrupted.
     """
+    if api_key and api_key_file:
+        raise VkError("--api-key and --api-key-file: give one")
+    if api_key_file:
+        api_key = read_api_key_file(api_key_file)
+    _hide_secrets_from_ps(api_key)
     paths = list(schedule) or ["-"]
+    if scrape and not scrape.startswith(("http://", "https://")):
+        raise VkError(f"--scrape: expected an http(s) URL, got {scrape!r} (write --scrape=URL, or put --scrape "
+                      "after the input files)")
     body = None
     if extra_body:
         try:
@@ -92,10 +131,19 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
     for p in paths:  # a missing or unreadable file is an error before the first request, not after the others
         if p != "-":
             open_input(p).close()
+    total = peak = None
     if all(_is_file(p) for p in paths):
-        # check the whole schedule before the first request
-        for _ in read_records(paths, ("schedule", "scheduled_session", "session")):
-            pass
+        # check the whole schedule before the first request, as the run will read it; count its sessions (so
+        # that a stopped run's footer counts those it never read) and the busiest 10 s of an open loop
+        _, mode, _, sessions, _ = read_input((r for _, _, r in read_records(paths)), True, source_name(paths[0]),
+                                             concurrency)
+        total = 0
+        starts = []
+        for ss in sessions:
+            total += 1
+            if mode == "open":
+                starts.append(first_due(ss))
+        peak = peak_starts(starts) if starts else None
         recs = (r for _, _, r in read_records(paths, validate=False))
         validate = False
     else:
@@ -105,17 +153,33 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
     end = send(
         recs, api=api, output=output, model=model, endpoint=endpoint, stream=stream, workers=workers,
         api_key=api_key, headers=headers, extra_body=body, timeout=timeout, first_byte_timeout=first_byte_timeout,
+        idle_timeout=idle_timeout, cacert=cacert, insecure=insecure,
         max_errors=max_errors, save_text=save_text, progress=progress, argv=sys.argv[1:],
         continuous_usage=continuous_usage, max_tokens_param=max_tokens_param, min_tokens_param=min_tokens_param,
         ignore_eos_param=ignore_eos_param, client=client, http2=http2, kernel_timestamps=not no_kernel_timestamps,
         lag_threshold=lag_threshold, concurrency=concurrency, validate=validate,
-        source=source_name(paths[0]),
+        source=source_name(paths[0]), reassign_lost=reassign_lost, total_sessions=total, peak_sessions=peak,
+        scrape=scrape, scrape_interval=scrape_interval, scrape_buckets=scrape_buckets,
     )
-    if end["ended"] == "interrupted":
-        sys.exit(130)
-    if end["ended"] == "max_errors":
-        print(f"vk-send: stopped early: {end['reason']}", file=sys.stderr)
-        sys.exit(1)
+    code = EXIT_STATUS.get(end["ended"], 0)
+    if end["ended"] in ("max_errors", "unreachable"):
+        print(f"vk-send: stopped early: {end['reason']}" if end["ended"] == "max_errors" else
+              f"vk-send: {end['reason']}", file=sys.stderr)
+    if code:
+        sys.exit(code)
+
+
+def _hide_secrets_from_ps(api_key: str | None) -> None:
+    """Show the command line without its secrets in ps (the workers are forked: they would show it too)."""
+    argv = sys.argv[1:]
+    shown = redact_argv(argv, [api_key])
+    if shown == argv:
+        return
+    try:
+        import setproctitle
+    except ImportError:  # pragma: no cover - a dependency; ps then shows what the user typed
+        return
+    setproctitle.setproctitle(" ".join(["vk-send", *shown]))
 
 
 main = main_wrapper(cli_command, "vk-send")

@@ -25,10 +25,10 @@ from typing import Any
 import orjson
 
 from vk import __version__
-from vk.records import STATUS_CANCELLED, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, STATUS_TIMEOUT, new_response
+from vk.records import STATUS_CANCELLED, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, new_response
+from vk.send.answer import interpret
 from vk.send.clock import Deadlines, RunClock
 from vk.send.rawhttp import Exchange, RawClient
-from vk.send.sse import error_body_text, parse_json_body, parse_stream
 
 _mono = time.monotonic
 
@@ -61,6 +61,9 @@ class Config:
     extra_body: dict | None = None
     timeout: float | None = None
     first_byte_timeout: float | None = None
+    idle_timeout: float | None = None
+    cacert: str | None = None
+    insecure: bool = False
     save_text: bool = False
     continuous_usage: bool = False
     max_tokens_param: str = "max_tokens"
@@ -153,32 +156,28 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------------------
     def _http_headers(self) -> dict[str, str]:
-        h = {"Content-Type": "application/json", "User-Agent": f"vk-send/{__version__}"}
-        if self.cfg.stream:
-            h["Accept"] = "text/event-stream"
-        if self.cfg.api_key:
-            h["Authorization"] = f"Bearer {self.cfg.api_key}"
-        for k, v in self.cfg.headers:
-            h[k] = v
-        return h
+        return http_headers(self.cfg)
 
     def _make_client(self):
         cfg = self.cfg
         h = self._http_headers()
-        url = f"{cfg.scheme}://{cfg.host}:{cfg.port}{cfg.path}"
-        if cfg.http2 or cfg.client == "httpx":
-            from vk.send.altclient import HttpxClient
+        label = client_label(cfg)
+        if label != "raw":
+            from vk.send.altclient import AiohttpClient, HttpxClient
 
-            return HttpxClient(url, h, http2=cfg.http2)
-        if cfg.client == "aiohttp" or cfg.scheme != "http":
-            from vk.send.altclient import AiohttpClient
-
-            return AiohttpClient(url, h)
-        client = RawClient(self.loop, self.clock, cfg.host, cfg.port, kernel_timestamps=cfg.kernel_timestamps)
-        hostport = cfg.host if cfg.port == 80 else f"{cfg.host}:{cfg.port}"
+            host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 literal keeps its brackets
+            url = f"{cfg.scheme}://{host}:{cfg.port}{cfg.path}"
+            cls = HttpxClient if label == "httpx" else AiohttpClient
+            return cls(url, h, http2=cfg.http2, ssl_context=tls_context(cfg, label), idle_timeout=cfg.idle_timeout)
+        user_host = h.pop("Host", None)
+        client = RawClient(self.loop, self.clock, cfg.host, cfg.port, kernel_timestamps=cfg.kernel_timestamps,
+                           ssl_context=tls_context(cfg, label), idle_timeout=cfg.idle_timeout,
+                           server_hostname=sni_host(user_host) if user_host else None)
+        default_port = 443 if cfg.scheme == "https" else 80
+        hostport = cfg.host if cfg.port == default_port else f"{cfg.host}:{cfg.port}"
         if ":" in cfg.host:
-            hostport = f"[{cfg.host}]:{cfg.port}"
-        lines = [f"POST {cfg.path} HTTP/1.1", f"Host: {hostport}"]
+            hostport = f"[{cfg.host}]" if cfg.port == default_port else f"[{cfg.host}]:{cfg.port}"
+        lines = [f"POST {cfg.path} HTTP/1.1", f"Host: {user_host or hostport}"]
         lines += [f"{k}: {v}" for k, v in h.items()]
         self._head_prefix = ("\r\n".join(lines) + "\r\n").encode("latin-1")
         return client
@@ -476,42 +475,11 @@ class Engine:
 
     def _finish_record(self, s: _Sess, r: dict, ex: Exchange, t_intended, t_dispatched, xrid) -> tuple[str, str]:
         mono0 = self.clock.mono0
-        status = STATUS_OK
-        error = None
-        if ex.error_kind is not None:
-            status = {"timeout": STATUS_TIMEOUT, "cancelled": STATUS_CANCELLED}.get(ex.error_kind, STATUS_ERROR)
-            error = ex.error
-        text = ""
-        parsed = None
-        if ex.status is not None and ex.status >= 400:
-            body = b"".join(c for _, c in ex.chunks)
-            status = STATUS_ERROR
-            error = f"HTTP {ex.status}: {error_body_text(body)}" + (f" ({error})" if error else "")
-        elif ex.status is not None and ex.chunks is not None:
-            ctype = ex.headers.get("content-type", "")
-            if self.cfg.stream and "json" not in ctype:
-                parsed = parse_stream(ex.chunks, self.clock, self.completions)
-            else:
-                body = b"".join(c for _, c in ex.chunks)
-                pj = parse_json_body(body, self.completions) if (body or status == STATUS_OK) else None
-                if pj is not None:
-                    t_last = ex.chunks[-1][0] if ex.chunks else ex.t_done
-                    tok = pj["kind"] in ("c", "r", "t")
-                    parsed = {
-                        "events": {"t": [round(t_last - mono0, 7)], "kind": pj["kind"]},
-                        "usage": pj["usage"], "finish_reason": pj["finish_reason"], "text": pj["text"],
-                        "server_id": pj["server_id"], "error": pj["error"], "done": True,
-                        "t_first_token": t_last if tok else None,
-                        "t_first_content": t_last if pj["kind"] == "c" else None,
-                        "t_last_token": t_last if tok else None,
-                    }
-            if parsed is not None:
-                text = parsed["text"]
-                if parsed["error"] and status == STATUS_OK:
-                    status = STATUS_ERROR
-                    error = parsed["error"]
-                elif parsed["error"] and error:
-                    error = f"{error}; {parsed['error']}"
+        verdict = interpret(ex, self.cfg.stream, self.completions, self.clock)
+        status = verdict["status"]
+        error = verdict["error"]
+        parsed = verdict["parsed"]
+        text = parsed["text"] if parsed is not None else ""
         rec = self._base_record(s, r, status)
         rec["http_status"] = ex.status
         rec["error"] = error
@@ -539,6 +507,10 @@ class Engine:
             rec["usage"] = None
             rec["finish_reason"] = None
         rec["x_request_id"] = xrid
+        rec["attempts"] = ex.attempts or 1
+        rec["protocol"] = ex.protocol
+        if verdict["warning"]:
+            rec["warning"] = verdict["warning"]
         # the server's own id: the response's id field (chatcmpl-...), else an x-request-id header not ours
         sid = parsed["server_id"] if parsed else None
         if sid is None:
@@ -550,3 +522,50 @@ class Engine:
         s.recorded.add(r["id"])
         self.emit(rec)
         return status, text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# what runs: the client, its headers and TLS (public: the run header says the same)
+
+
+def client_label(cfg: Config) -> str:
+    """The client that actually runs: raw (http and https), aiohttp, or httpx (asked for, or for --http2)."""
+    if cfg.http2 or cfg.client == "httpx":
+        return "httpx"
+    return cfg.client
+
+
+def http_headers(cfg: Config) -> dict[str, str]:
+    """The request headers: defaults, then the user's (-H) replacing any default of the same name, whatever its
+    case (a user ``Host`` replaces the URL's host; ``Accept-Encoding: gzip`` replaces ``identity``)."""
+    h = {"Content-Type": "application/json", "User-Agent": f"vk-send/{__version__}",
+         "Accept-Encoding": "identity"}
+    if cfg.stream:
+        h["Accept"] = "text/event-stream"
+    if cfg.api_key:
+        h["Authorization"] = f"Bearer {cfg.api_key}"
+    canon = {k.lower(): k for k in h}
+    for k, v in cfg.headers:
+        old = canon.get(k.lower())
+        if old is not None:
+            del h[old]
+        if k.lower() == "host":
+            k = "Host"
+        h[k] = v
+        canon[k.lower()] = k
+    return h
+
+
+def tls_context(cfg: Config, label: str):
+    """The ``SSLContext`` for https (None for http); ALPN http/1.1 except for httpx, which sets its own."""
+    if cfg.scheme != "https":
+        return None
+    from vk.send.tls import make_context
+
+    return make_context(cfg.cacert, cfg.insecure, alpn=None if label == "httpx" else ["http/1.1"])
+
+
+def sni_host(host: str) -> str:
+    from vk.send.tls import sni_host as f
+
+    return f(host)

@@ -11,8 +11,15 @@ The hot path per read is: one ``recvmsg``, the timestamp, and HTTP framing (stat
 chunked-transfer decoding); the body pieces are kept as ``(time, bytes)`` and parsed as SSE when the request ends
 (``vk.send.sse``). The time of an event is the time of the read that delivered its last byte.
 
-Connections are kept alive and reused; a request that finds its reused connection closed by the server before any
-byte of the response is retried once on a fresh connection.
+Connections are kept alive and reused. A request is retried (on a fresh connection) only when nothing of it can have
+reached the server: the reused keep-alive connection it was about to be written to proved closed by the server
+(end of stream, reset or unexpected bytes pending before the write, or the write itself failed with nothing
+written). A request once written is never sent again: if the connection then closes before any answer, that is an
+error record, because the server may have received (and acted on) it. ``Exchange.attempts`` counts the
+connections a request was tried on, and every retry resets the whole attempt (times, status, headers, body).
+
+https runs over the same socket through ``vk.send.tls`` (``ssl.SSLObject`` on memory BIOs), so decrypted bytes
+keep the kernel receive timestamp of the segment that completed their TLS record.
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 import struct
 import sys
 import time
 
 from vk.send.clock import RunClock
+from vk.send.tls import Tls, connect_tls, describe
 
 _mono = time.monotonic
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value (asm-generic)
@@ -32,6 +41,7 @@ _SOL_SOCKET = socket.SOL_SOCKET
 _ANC = socket.CMSG_SPACE(16)
 _TS = struct.Struct("@qq")
 _RECV = 65536  # below glibc's mmap threshold: a bigger buffer costs an mmap and page faults per read
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 # parser states
 _IDLE, _HEAD, _CHUNKED, _LENGTH, _UNTIL_CLOSE, _TRAILER = range(6)
@@ -42,21 +52,27 @@ class Exchange:
 
     __slots__ = (
         "status", "headers", "chunks", "t_sent", "t_first_byte", "t_done", "error", "error_kind", "fut",
-        "keep_alive", "got_bytes",
+        "keep_alive", "got_bytes", "attempts", "protocol",
     )
 
     def __init__(self):
+        self.attempts = 0  # connections this request was tried on (see the module's docstring)
+        self.fut = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything of an attempt (a retry starts from scratch)."""
         self.status = None
         self.headers: dict[str, str] = {}
-        self.chunks: list = []  # [(t_monotonic, bytes)] of the decoded body
+        self.chunks: list = []  # [(t_monotonic, bytes)] of the body as received (still content-encoded)
         self.t_sent = None
         self.t_first_byte = None
         self.t_done = None
         self.error = None
         self.error_kind = None  # "error" | "timeout" | "cancelled"
-        self.fut = None
         self.keep_alive = True
         self.got_bytes = False
+        self.protocol = None  # "HTTP/1.1", "HTTP/1.0", "HTTP/2": what the server answered with
 
     def fail(self, kind: str, message: str) -> None:
         if self.error is None:
@@ -64,18 +80,15 @@ class Exchange:
             self.error_kind = kind
 
 
-class StaleConnection(Exception):
-    pass
-
-
 class Conn:
-    """One keep-alive HTTP/1.1 connection read through ``add_reader``/``recvmsg``."""
+    """One keep-alive HTTP/1.1 connection read through ``add_reader``/``recvmsg`` (optionally TLS)."""
 
     __slots__ = (
-        "loop", "sock", "fd", "clock", "state", "buf", "remaining", "ex", "closed", "reused", "kts",
+        "loop", "sock", "fd", "clock", "state", "buf", "remaining", "ex", "closed", "reused", "kts", "tls",
+        "t_read",
     )
 
-    def __init__(self, loop, sock: socket.socket, clock: RunClock, kts: bool):
+    def __init__(self, loop, sock: socket.socket, clock: RunClock, kts: bool, tls: Tls | None = None):
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
@@ -87,6 +100,8 @@ class Conn:
         self.closed = False
         self.reused = False
         self.kts = kts
+        self.tls = tls
+        self.t_read = 0.0  # monotonic time of the last read (for the idle timeout)
         loop.add_reader(self.fd, self._on_readable)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -102,6 +117,27 @@ class Conn:
             self.sock.close()
         except OSError:
             pass
+
+    def usable(self) -> bool:
+        """Whether an idle keep-alive connection may take a request: nothing may be pending on it (the reader
+        callback may not have run since the server closed it). Nothing is written before this says yes."""
+        if self.closed:
+            return False
+        try:
+            if self.tls is None:
+                self.sock.recv(1, _PEEK)
+                return False  # end of stream (b"") or unexpected bytes: the server is done with it
+            data = self.sock.recv(_RECV, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        try:  # TLS: session tickets may arrive on an idle connection; application data or close_notify may not
+            return self.tls.decrypt(data) == b""
+        except ssl.SSLError:
+            return False
 
     def start(self, ex: Exchange) -> None:
         self.ex = ex
@@ -123,20 +159,16 @@ class Conn:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    def _abort(self, kind: str, message: str, stale_ok: bool = False) -> None:
+    def _abort(self, kind: str, message: str) -> None:
         ex = self.ex
         self.close()
         self.ex = None
         if ex is None:
             return
         ex.t_done = _mono()
-        fut = ex.fut
-        if stale_ok and self.reused and not ex.got_bytes:
-            if fut is not None and not fut.done():
-                fut.set_exception(StaleConnection())
-            return
         ex.fail(kind, message)
         ex.keep_alive = False
+        fut = ex.fut
         if fut is not None and not fut.done():
             fut.set_result(None)
 
@@ -147,9 +179,9 @@ class Conn:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self._abort("error", _conn_error_text(e, "reading the response"), stale_ok=True)
+            self._abort("error", _conn_error_text(e, "reading the response", self))
             return
-        t = _mono()
+        t = self.t_read = _mono()
         if anc:
             for lvl, typ, d in anc:
                 if typ == SO_TIMESTAMPNS and lvl == _SOL_SOCKET and len(d) >= 16:
@@ -161,6 +193,17 @@ class Conn:
         if not data:
             self._on_eof()
             return
+        if self.tls is not None:
+            try:
+                data = self.tls.decrypt(data)
+            except ssl.SSLError as e:
+                self._abort("error", f"TLS error while reading the response: {e.reason or e}")
+                return
+            if data is None:  # close_notify
+                self._on_eof()
+                return
+            if not data:  # a partial TLS record, or a session ticket
+                return
         ex = self.ex
         if ex is None:  # unexpected bytes on an idle connection: drop it
             self.close()
@@ -191,7 +234,7 @@ class Conn:
             self._finish()
             return
         if self.state == _HEAD and not ex.got_bytes:
-            self._abort("error", "connection closed by the server before any response", stale_ok=True)
+            self._abort("error", _closed_before_response(self))
         elif self.state == _HEAD:
             self._abort("error", "connection closed in the middle of the response headers")
         else:
@@ -200,6 +243,10 @@ class Conn:
     def _head(self, t: float, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
         i = buf.find(b"\r\n\r\n")
+        sep = 4
+        j = buf.find(b"\n\n")  # servers that end header lines with a bare LF (RFC 9112 section 2.2 allows it)
+        if j >= 0 and (i < 0 or j < i):
+            i, sep = j, 2
         if i < 0:
             if len(buf) > 65536:
                 self._abort("error", "response headers larger than 64 KiB")
@@ -207,20 +254,34 @@ class Conn:
             self.buf = buf
             return
         ex = self.ex
-        lines = buf[:i].decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
+        lines = buf[:i].decode("latin-1").split("\n")
+        parts = lines[0].rstrip("\r").split(" ", 2)
         try:
             ex.status = int(parts[1])
+            if not parts[0].startswith("HTTP/"):
+                raise ValueError
         except (IndexError, ValueError):
             self._abort("error", f"not an HTTP response: {lines[0][:80]!r}")
             return
+        rest = buf[i + sep:]
+        if 100 <= ex.status < 200 and ex.status != 101:
+            # an interim response (100 Continue, 103 Early Hints): skipped, the final one follows (RFC 9110 15.2)
+            ex.status = None
+            ex.t_first_byte = None
+            self.buf = b""
+            if rest:
+                ex.t_first_byte = t
+                self._head(t, rest)
+            return
+        if ex.t_first_byte is None:
+            ex.t_first_byte = t
+        ex.protocol = parts[0]
         h = ex.headers
         for ln in lines[1:]:
             k, _, v = ln.partition(":")
             h[k.strip().lower()] = v.strip()
         if parts[0] == "HTTP/1.0" or h.get("connection", "").lower() == "close":
             ex.keep_alive = False
-        rest = buf[i + 4:]
         self.buf = b""
         if "chunked" in h.get("transfer-encoding", "").lower():
             self.state = _CHUNKED
@@ -230,6 +291,8 @@ class Conn:
         elif "content-length" in h:
             try:
                 self.remaining = int(h["content-length"])
+                if self.remaining < 0:
+                    raise ValueError
             except ValueError:
                 self._abort("error", f"bad Content-Length {h['content-length']!r}")
                 return
@@ -238,6 +301,8 @@ class Conn:
                 self._finish()
             elif rest:
                 self._length(t, rest)
+        elif ex.status == 204 or ex.status == 304:
+            self._finish()  # no body by definition
         else:
             self.state = _UNTIL_CLOSE
             ex.keep_alive = False
@@ -325,10 +390,19 @@ class Conn:
             self.buf = buf
 
 
-def _conn_error_text(e: OSError, doing: str) -> str:
+def _closed_before_response(c: Conn) -> str:
+    if c.reused:
+        return ("connection closed by the server before any response (the request was written to a reused "
+                "keep-alive connection; not retried, since the server may have received it)")
+    return "connection closed by the server before any response"
+
+
+def _conn_error_text(e: OSError, doing: str, c: Conn | None = None) -> str:
     if e.errno == errno.ECONNREFUSED:
         return "connection refused"
     if e.errno == errno.ECONNRESET:
+        if c is not None and c.ex is not None and not c.ex.got_bytes:
+            return _closed_before_response(c).replace("closed", "reset", 1)
         return f"connection reset by the server while {doing}"
     if e.errno == errno.EMFILE or e.errno == errno.ENFILE:
         import resource
@@ -337,6 +411,8 @@ def _conn_error_text(e: OSError, doing: str) -> str:
         return f"too many open files (limit {soft}): raise it with 'ulimit -n'"
     if e.errno == errno.EPIPE:
         return f"connection closed by the server while {doing}"
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve the host name ({e.strerror or e})"
     return f"{e.strerror or type(e).__name__} while {doing}"
 
 
@@ -349,13 +425,18 @@ class Pool:
         self.idle: list[Conn] = []
 
 
+class _Unsent(Exception):
+    """The write failed before any byte of the request was accepted: safe to retry on a fresh connection."""
+
+
 class RawClient:
-    """HTTP/1.1 over plain TCP, one request per connection at a time, kernel receive timestamps."""
+    """HTTP/1.1 over TCP (or TLS), one request per connection at a time, kernel receive timestamps."""
 
     name = "raw"
 
     def __init__(self, loop, clock: RunClock, host: str, port: int, kernel_timestamps: bool = True,
-                 shared_idle: int = 256):
+                 shared_idle: int = 256, ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None, idle_timeout: float | None = None):
         self.loop = loop
         self.clock = clock
         self.host = host
@@ -365,6 +446,10 @@ class RawClient:
         self.shared_max = shared_idle
         self.all: set[Conn] = set()
         self.kts_ok = None  # whether the kernel gave us timestamps (set after first connect)
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname or host
+        self.idle_timeout = idle_timeout or None
+        self.addrs: list | None = None  # getaddrinfo's answer, resolved once per run
 
     def new_pool(self) -> Pool:
         return Pool()
@@ -382,78 +467,137 @@ class RawClient:
         c.close()
         self.all.discard(c)
 
-    async def _connect(self) -> Conn:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.kts:
-                try:
-                    sock.setsockopt(_SOL_SOCKET, SO_TIMESTAMPNS, 1)
-                    self.kts_ok = True
-                except OSError:
-                    self.kts_ok = False
-            await self.loop.sock_connect(sock, (self.host, self.port))
-        except BaseException:
-            sock.close()
-            raise
-        c = Conn(self.loop, sock, self.clock, self.kts)
-        self.all.add(c)
-        return c
+    async def _resolve(self) -> list:
+        if self.addrs is None:
+            infos = await self.loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            if not infos:
+                raise socket.gaierror(socket.EAI_NONAME, f"no address for {self.host}")
+            self.addrs = [(fam, addr) for fam, _t, _p, _c, addr in infos]
+        return self.addrs
 
-    def _take(self, pool: Pool) -> Conn | None:
+    async def _connect(self, timeout: float | None) -> Conn:
+        last: OSError | None = None
+        for fam, addr in await self._resolve():  # every address in turn (IPv6 and IPv4)
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.kts:
+                    try:
+                        sock.setsockopt(_SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                        self.kts_ok = True
+                    except OSError:
+                        self.kts_ok = False
+                if timeout:
+                    await asyncio.wait_for(self.loop.sock_connect(sock, addr), timeout)
+                else:
+                    await self.loop.sock_connect(sock, addr)
+            except OSError as e:
+                sock.close()
+                last = e
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            tls = None
+            if self.ssl_context is not None:
+                try:
+                    tls = await connect_tls(self.loop, sock, self.ssl_context, self.server_hostname, timeout)
+                except BaseException:
+                    sock.close()
+                    raise
+            c = Conn(self.loop, sock, self.clock, self.kts, tls)
+            self.all.add(c)
+            return c
+        raise last if last is not None else OSError(errno.EHOSTUNREACH, "no address to connect to")
+
+    def _take(self, pool: Pool) -> tuple[Conn | None, int]:
+        """An idle connection that may take a request, and how many dead ones were found on the way."""
+        dead = 0
         for lst in (pool.idle, self.shared):
             while lst:
                 c = lst.pop()
-                if not c.closed:
-                    return c
-                self.all.discard(c)
-        return None
+                if c.closed:
+                    self.all.discard(c)
+                    continue
+                if c.usable():
+                    return c, dead
+                dead += 1
+                self._drop(c)
+        return None, dead
+
+    def _send(self, c: Conn, data: bytes):
+        """Write what the socket takes now; returns the rest (or raises ``_Unsent`` when nothing was written)."""
+        if c.tls is not None:
+            data = c.tls.encrypt(data)
+        try:
+            n = c.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                raise _Unsent(e) from None
+            raise
+        return data[n:] if n < len(data) else None
 
     async def request(self, pool: Pool, ex: Exchange, head: bytes, body: bytes,
                       first_byte_timeout: float | None, total_timeout: float | None) -> None:
         """Send one request and wait for the whole response; fills ``ex`` (never raises but CancelledError)."""
         loop = self.loop
         t0 = _mono()
-        for attempt in (0, 1):
-            c = self._take(pool) if attempt == 0 else None
+        reuse = True
+        while True:
+            c = None
+            if reuse:
+                c, dead = self._take(pool)
+                if dead:  # a keep-alive connection found closed: a try on which nothing was written
+                    ex.attempts += 1
             if c is None:
                 try:
-                    if first_byte_timeout:
-                        c = await asyncio.wait_for(self._connect(), first_byte_timeout)
-                    else:
-                        c = await self._connect()
+                    c = await self._connect(first_byte_timeout)
                 except asyncio.TimeoutError:
                     ex.fail("timeout", f"connect timed out after {first_byte_timeout:g} s")
-                    ex.t_done = _mono()
-                    return
+                except (ssl.SSLError, ssl.CertificateError) as e:
+                    ex.fail("error", describe(e))
                 except OSError as e:
                     ex.fail("error", _conn_error_text(e, "connecting"))
+                if c is None:
+                    ex.attempts += 1
                     ex.t_done = _mono()
                     return
             else:
                 c.reused = True
+            ex.attempts += 1
             fut = loop.create_future()
             ex.fut = fut
             c.start(ex)
             data = head + body
             try:
                 t_before = _mono()  # the kernel has the bytes from here on (loopback may answer within send())
-                n = c.sock.send(data)
-                if n < len(data):
-                    await loop.sock_sendall(c.sock, data[n:])
+                rest = self._send(c, data)
+                if rest is not None:
+                    await loop.sock_sendall(c.sock, rest)
                     t_before = _mono()
-            except (BlockingIOError, InterruptedError):
-                await loop.sock_sendall(c.sock, data)
-                t_before = _mono()
-            except OSError as e:
-                if c.reused and attempt == 0:
-                    self._drop(c)
+            except _Unsent as e:
+                c.ex = None
+                self._drop(c)
+                if c.reused:  # nothing of the request reached the server: try it on a fresh connection
+                    ex.reset()
+                    reuse = False
                     continue
+                ex.fail("error", _conn_error_text(e.args[0], "sending the request"))
+                ex.t_done = _mono()
+                return
+            except OSError as e:
+                c.ex = None
                 self._drop(c)
                 ex.fail("error", _conn_error_text(e, "sending the request"))
                 ex.t_done = _mono()
                 return
+            except asyncio.CancelledError:
+                c.ex = None
+                self._drop(c)
+                raise
             ex.t_sent = t_before
             timers = []
             if first_byte_timeout:
@@ -461,16 +605,10 @@ class RawClient:
                                            first_byte_timeout))
             if total_timeout:
                 timers.append(loop.call_at(t0 + total_timeout, _total_timeout, c, ex, total_timeout))
+            if self.idle_timeout:
+                timers.append(_IdleWatch(loop, c, ex, self.idle_timeout))
             try:
                 await fut
-            except StaleConnection:
-                self.all.discard(c)
-                if attempt == 0:
-                    ex.got_bytes = False
-                    ex.t_sent = None
-                    continue
-                ex.fail("error", "connection closed by the server before any response")
-                return
             except asyncio.CancelledError:
                 c.ex = None
                 self._drop(c)
@@ -491,6 +629,30 @@ class RawClient:
             c.close()
         self.all.clear()
         self.shared.clear()
+
+
+class _IdleWatch:
+    """The idle timeout: fails the request when no byte arrived for ``s`` seconds after the first one. One timer,
+    moved on lazily (no work per read beyond the ``t_read`` store)."""
+
+    __slots__ = ("loop", "c", "ex", "s", "handle")
+
+    def __init__(self, loop, c: Conn, ex: Exchange, s: float):
+        self.loop, self.c, self.ex, self.s = loop, c, ex, s
+        self.handle = loop.call_at(_mono() + s, self._check)
+
+    def _check(self) -> None:
+        c, ex = self.c, self.ex
+        if c.ex is not ex:
+            return
+        now = _mono()
+        if ex.got_bytes and now - c.t_read >= self.s:
+            c._abort("timeout", f"no byte for {self.s:g} s after the last one (idle timeout)")
+            return
+        self.handle = self.loop.call_at((c.t_read if ex.got_bytes else now) + self.s, self._check)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 def _first_byte_timeout(c: Conn, ex: Exchange, s: float) -> None:

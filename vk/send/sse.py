@@ -12,16 +12,24 @@ import orjson
 
 from vk.records import EVENT_CONTENT, EVENT_EMPTY, EVENT_REASONING, EVENT_TOOL
 
+BOM = b"\xef\xbb\xbf"
+
 
 def iter_events(chunks):
     """Yield ``(t, data_bytes)`` for each complete SSE event with a ``data:`` field, then ``(t, None)`` if the
-    stream ended inside an event (incomplete trailing bytes)."""
+    stream ended inside an event (incomplete trailing bytes). Lines may end in CRLF, LF or a bare CR (the SSE
+    specification allows all three); a CRLF split across two pieces counts once."""
     buf = b""
     t = None
+    skip_lf = False  # the previous piece ended in CR: a LF starting this one belongs to it
     for t, piece in chunks:
+        if skip_lf and piece[:1] == b"\n":
+            piece = piece[1:]
+        skip_lf = False
+        if b"\r" in piece:
+            skip_lf = piece[-1:] == b"\r"
+            piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = buf + piece if buf else piece
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")  # a CRLF split across pieces is joined on the next round
         pos = 0
         while True:
             i = buf.find(b"\n\n", pos)
@@ -70,6 +78,8 @@ def _split(chunks):
     handled without the general parser."""
     out = []
     append = out.append
+    if chunks and chunks[0][1][:3] == BOM:  # a UTF-8 byte-order mark before the first event
+        chunks = [(chunks[0][0], chunks[0][1][3:]), *chunks[1:]]
     for i, (t, piece) in enumerate(chunks):
         if piece[:6] == b"data: " and piece[-2:] == b"\n\n":
             body = piece[6:-2]
@@ -84,7 +94,8 @@ def _split(chunks):
 
 def parse_stream(chunks, clock, completions: bool) -> dict:
     """Parse an SSE body. Returns a dict with events, usage, finish_reason, text, server id, times (raw
-    monotonic), and ``error`` when the stream itself reported one or had malformed events."""
+    monotonic), ``error`` when the stream itself reported one, and ``malformed`` naming the first of its malformed
+    events (skipped; ``vk.send.answer`` decides what that means for the record)."""
     loads = orjson.loads
     JSONDecodeError = orjson.JSONDecodeError
     ts: list[float] = []
@@ -98,6 +109,7 @@ def parse_stream(chunks, clock, completions: bool) -> dict:
     finish = None
     server_id = None
     error = None
+    bad = None
     done = False
     malformed = 0
     prev_ct = 0
@@ -111,13 +123,13 @@ def parse_stream(chunks, clock, completions: bool) -> dict:
             obj = loads(data)
         except JSONDecodeError:
             malformed += 1
-            if error is None:
-                error = f"malformed SSE event #{len(ts) + malformed}: {data[:80].decode('utf-8', 'replace')!r}"
+            if bad is None:
+                bad = f"malformed SSE event #{len(ts) + malformed}: {data[:80].decode('utf-8', 'replace')!r}"
             continue
         if type(obj) is not dict:
             malformed += 1
-            if error is None:
-                error = f"malformed SSE event #{len(ts) + malformed}: not a JSON object"
+            if bad is None:
+                bad = f"malformed SSE event #{len(ts) + malformed}: not a JSON object"
             continue
         choices = obj.get("choices")
         if choices is None and "error" in obj:
@@ -191,6 +203,7 @@ def parse_stream(chunks, clock, completions: bool) -> dict:
         "text": "".join(text_parts),
         "server_id": server_id,
         "error": error,
+        "malformed": None if bad is None else (bad if malformed == 1 else f"{bad} (and {malformed - 1} more)"),
         "done": done,
         "t_first_token": t_first_token,
         "t_first_content": t_first_content,
@@ -209,6 +222,8 @@ def parse_json_body(body: bytes, completions: bool) -> dict:
     """A non-streaming response body."""
     out = {"usage": None, "finish_reason": None, "text": "", "server_id": None, "error": None,
            "kind": EVENT_EMPTY}
+    if body[:3] == BOM:
+        body = body[3:]
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -241,6 +256,8 @@ def parse_json_body(body: bytes, completions: bool) -> dict:
     elif "error" in obj:
         err = obj["error"]
         out["error"] = f"server error: {str(err.get('message') if isinstance(err, dict) else err)[:300]}"
+    else:
+        out["error"] = "response body has no choices"
     return out
 
 

@@ -38,7 +38,8 @@ def _profiles_help() -> str:
 @click.option("--profile", default="llama3.1-8b-h100", show_default=True,
               help="Engine-model preset (model x GPU): see --list-profiles.")
 @click.option("--list-profiles", is_flag=True, help="Print the profiles and their constants, then exit.")
-@click.option("--max-num-seqs", type=int, default=None, help="Most sequences in one batch (profile default).")
+@click.option("--max-num-seqs", type=int, default=None, help="Most sequences in one batch (profile default); in fixed-latency mode, most requests served "
+              "at once, the rest wait in a FIFO queue (default: no cap).")
 @click.option("--max-num-batched-tokens", type=int, default=None, help="Token budget per step (chunked prefill).")
 @click.option("--num-blocks", type=int, default=None, help="KV-cache blocks.")
 @click.option("--block-size", type=int, default=None, help="Tokens per KV-cache block.")
@@ -69,11 +70,15 @@ def _profiles_help() -> str:
               help="Fraction with one malformed SSE event mid-stream.")
 @click.option("--fault-seed", type=int, default=0, show_default=True, help="Seed of the fault draws.")
 @click.option("--log-requests", is_flag=True, help="Log each request line on stderr.")
+@click.option("--tls-cert", default=None, metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="Serve https with this PEM certificate (with --tls-key).")
+@click.option("--tls-key", default=None, metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="The PEM private key of --tls-cert.")
 def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles, max_num_seqs,
                 max_num_batched_tokens, num_blocks, block_size, max_model_len, no_prefix_caching, t_fixed,
                 t_weights, t_token, t_kv, speed, stop_mean, stop_sigma, seed, server_timestamps, fault_429,
                 fault_500, fault_503, fault_stall, stall_seconds, fault_disconnect, fault_malformed, fault_seed,
-                log_requests):
+                log_requests, tls_cert=None, tls_key=None):
     """Serve a simulated LLM with vLLM's OpenAI-compatible API.
 
     Without --ttft/--tpot the engine model runs: continuous batching, chunked prefill, a paged KV cache with
@@ -102,6 +107,8 @@ def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles
             raise VkError(f"{name} must be >= 1")
     if stop_mean < 1:
         raise VkError("--stop-mean must be >= 1")
+    if bool(tls_cert) != bool(tls_key):
+        raise VkError("--tls-cert and --tls-key go together")
     from vk.serve.server import serve
 
     try:
@@ -112,7 +119,7 @@ def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles
               stop_sigma=stop_sigma, seed=seed, server_timestamps=server_timestamps, fault_429=fault_429,
               fault_500=fault_500, fault_503=fault_503, fault_stall=fault_stall, stall_seconds=stall_seconds,
               fault_disconnect=fault_disconnect, fault_malformed=fault_malformed, fault_seed=fault_seed,
-              log_requests=log_requests)
+              log_requests=log_requests, tls_cert=tls_cert, tls_key=tls_key)
     except OSError as e:
         raise VkError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 

@@ -1,6 +1,6 @@
 """The simulated serving engine: requests (``Seq``), the fixed-latency scheduler and the engine model.
 
-Both schedulers have the same small interface, used by the HTTP layer (``vk.serve.server``):
+Both schedulers have the same small interface, used by the request handling (``vk.serve.app``):
 
 - ``add(seq)``: a validated request enters the scheduler (``seq.sink`` receives its tokens);
 - ``abort(seq)``: the client went away; the request is dropped at the next opportunity;
@@ -15,7 +15,13 @@ function and profiles) lives in :mod:`vk.serve.model`; this module holds what bo
 from __future__ import annotations
 
 import bisect
+import heapq
 import time
+from collections import deque
+
+# seconds before a deadline that a timer fires (then it sleeps to the exact time): uvloop's timers have millisecond
+# resolution and fire up to ~1.3 ms off
+EARLY = 0.0015
 
 
 class Seq:
@@ -114,6 +120,28 @@ class Stats:
         self.gen_hist = Histogram((1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
                                    100000))
 
+    def observe_lag(self, lag: float) -> None:
+        """One step's end (engine model) or one token (fixed latency), ``lag`` seconds after its planned time."""
+        self.steps += 1
+        self.step_lag_sum += lag
+        self.step_lag_n += 1
+        self.step_lag.observe(lag)
+        if lag > self.step_lag_max:
+            self.step_lag_max = lag
+
+    def token(self, seq: Seq, now: float) -> bool:
+        """``seq`` emits its next token at ``now``: count it; True when it was the last (``seq.done`` is set)."""
+        seq.n_out += 1
+        self.generation_tokens += 1
+        if seq.n_out == 1:
+            seq.t_first = now
+            self.ttft.observe(now - seq.t_arrival)
+        seq.t_last = now
+        if seq.n_out >= seq.out_target:
+            seq.done = True
+            return True
+        return False
+
     def finished(self, seq: Seq, now: float) -> None:
         reason = "abort" if seq.aborted else seq.finish_reason
         self.success[reason] = self.success.get(reason, 0) + 1
@@ -127,69 +155,133 @@ class Stats:
 
 
 class FixedLatency:
-    """Every request gets its first token ``ttft`` seconds after arrival and one more every ``tpot`` seconds.
+    """Fixed latencies, with an optional concurrency cap: the mode for tests of clients and of load searches.
 
-    No queueing, no batching effects: the mode for tests of clients. Token ``k`` (0-based) of a request that
-    arrived at ``t0`` is emitted at ``t0 + ttft + k * tpot`` (absolute times, so timer jitter does not add up).
+    A request *starts* when it arrives, or, when ``max_num_seqs`` requests are already running, when the oldest
+    waiting request reaches the front of a FIFO queue and a running one finishes. Token ``k`` (0-based) of a
+    request that started at ``t0`` is emitted at ``t0 + ttft + k * tpot``; the request holds its slot until its
+    last token, so its service time is ``ttft + (n - 1) * tpot``. A queued request starts at the *planned* time of
+    the last token that freed its slot, not when that token was actually written, so timer jitter never adds up:
+    with Poisson arrivals and a fixed output length the server is an exact M/D/c queue.
+
+    Deadlines are absolute and kept in one heap; one event-loop timer wakes :data:`EARLY` before the earliest
+    and sleeps to the exact time (event-loop timers have millisecond resolution), then emits every token due.
     """
 
-    def __init__(self, loop, ttft: float, tpot: float, stats: Stats, clock=time.monotonic):
+    def __init__(self, loop, ttft: float, tpot: float, stats: Stats, max_num_seqs: int | None = None,
+                 clock=time.monotonic):
         self.loop = loop
         self.ttft = ttft
         self.tpot = tpot
         self.stats = stats
         self.clock = clock
+        self.cap = max_num_seqs or float("inf")
         self.running = 0
-        self.on_step = None
-        self.stepping = False
+        self.waiting_q: deque[Seq] = deque()
+        self.heap: list = []  # (deadline, tie-break counter, seq): each running request's next token
+        self._count = 0
+        self._timer = None
+        self._timer_at = float("inf")
+        self.on_step = None  # called after each batch of tokens (the HTTP layer resumes its intake)
+
+    @property
+    def stepping(self) -> bool:
+        return bool(self.heap)
 
     def deadline(self) -> float:
-        return float("inf")
+        """Until when other work may run without delaying the next token."""
+        return self.heap[0][0] - EARLY - 0.0005 if self.heap else float("inf")
 
     # the interface -------------------------------------------------------------------------------------------
     def add(self, seq: Seq) -> None:
         seq.t_arrival = seq.t_arrival or self.clock()
-        seq.t_scheduled = seq.t_arrival
-        self.running += 1
         self.stats.prompt_tokens += seq.prompt_len
-        self.stats.queue.observe(0.0)
-        seq.handle = self.loop.call_at(seq.t_arrival + self.ttft, self._tick, seq)
+        if self.running < self.cap:
+            self._start(seq, seq.t_arrival)
+        else:
+            self.waiting_q.append(seq)
 
     def abort(self, seq: Seq) -> None:
         if seq.done:
             return
         seq.aborted = True
         seq.done = True
-        if seq.handle is not None:
-            seq.handle.cancel()
-        self.running -= 1
-        self.stats.finished(seq, self.clock())
+        now = self.clock()
+        if seq.t_scheduled is None:  # still queued
+            try:
+                self.waiting_q.remove(seq)
+            except ValueError:
+                pass
+        else:  # its heap entry is skipped when it comes up
+            self._free_slot(now)
+        self.stats.finished(seq, now)
 
     @property
     def waiting(self) -> int:
-        return 0
+        return len(self.waiting_q)
 
     def kv_usage(self) -> float:
         return 0.0
 
     # internals ----------------------------------------------------------------------------------------------
-    def _tick(self, seq: Seq) -> None:
-        if seq.aborted:
-            return
-        now = self.clock()
-        seq.n_out += 1
-        self.stats.generation_tokens += 1
-        if seq.n_out == 1:
-            seq.t_first = now
-            self.stats.ttft.observe(now - seq.t_arrival)
-        seq.t_last = now
-        last = seq.n_out >= seq.out_target
-        if last:
-            seq.done = True
-            self.running -= 1
-        seq.sink.on_token(seq, now)
-        if last:
-            self.stats.finished(seq, now)
-            seq.sink.on_finish(seq, now)
-        elif not seq.aborted:
-            seq.handle = self.loop.call_at(seq.t_arrival + self.ttft + seq.n_out * self.tpot, self._tick, seq)
+    def _start(self, seq: Seq, t0: float) -> None:
+        seq.t_scheduled = t0
+        self.running += 1
+        self.stats.queue.observe(t0 - seq.t_arrival)
+        self._push(t0 + self.ttft, seq)
+
+    def _free_slot(self, t: float) -> None:
+        """A running request ended at (planned) time ``t``: the next queued one starts then (or at its arrival)."""
+        self.running -= 1
+        q = self.waiting_q
+        while q and self.running < self.cap:
+            nxt = q.popleft()
+            self._start(nxt, max(nxt.t_arrival, t))
+
+    def _push(self, t: float, seq: Seq) -> None:
+        heapq.heappush(self.heap, (t, self._count, seq))
+        self._count += 1
+        if t < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = t
+            self._timer = self.loop.call_at(t - EARLY, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        heap = self.heap
+        clock = self.clock
+        now = clock()
+        if heap and now < heap[0][0]:
+            wait = heap[0][0] - now
+            if wait <= 2 * EARLY:  # woken early on purpose: never emit before the planned time
+                time.sleep(wait)
+            now = clock()
+        st = self.stats
+        while heap:
+            if heap[0][0] > now:
+                now = clock()
+                if heap[0][0] > now:
+                    break
+            t, _, seq = heapq.heappop(heap)
+            if seq.aborted:
+                continue
+            st.observe_lag(now - t)  # how late the token is versus its planned time
+            if st.token(seq, now):
+                seq.sink.on_token(seq, now)
+                st.finished(seq, now)
+                seq.sink.on_finish(seq, now)
+                self._free_slot(t)
+            else:
+                seq.sink.on_token(seq, now)
+                if not seq.aborted:
+                    heapq.heappush(heap, (seq.t_scheduled + self.ttft + seq.n_out * self.tpot, self._count, seq))
+                    self._count += 1
+        if heap and heap[0][0] < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = heap[0][0]
+            self._timer = self.loop.call_at(self._timer_at - EARLY, self._fire)
+        if self.on_step is not None:
+            self.on_step()

@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields, replace
 
-from vk.serve.engine import Seq, Stats
+from vk.serve.engine import EARLY, Seq, Stats
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,6 @@ def step_time(cfg: EngineConfig, n_tokens: int, kv_tokens: int) -> float:
     if lin < cfg.t_weights:
         lin = cfg.t_weights
     return (cfg.t_fixed + lin + kv_tokens * cfg.t_kv) / cfg.speed
-
-EARLY = 0.0015  # seconds before a step's end that the engine's timer fires (then it sleeps to the exact time)
 
 
 class Block:
@@ -395,13 +393,7 @@ class Engine:
             time.sleep(t_end - now)
             now = self.clock()
         st = self.stats
-        lag = now - t_end
-        st.steps += 1
-        st.step_lag_sum += lag
-        st.step_lag_n += 1
-        st.step_lag.observe(lag)
-        if lag > st.step_lag_max:
-            st.step_lag_max = lag
+        st.observe_lag(now - t_end)
         if self.step_log is not None:
             ls = self.last_step
             self.step_log.append((t_end, now, ls[2], ls[3], ls[4]))
@@ -421,14 +413,7 @@ class Engine:
                         kv.register(seq.blocks[j], hs[j])
                     seq.n_hashed = full
             if seq.num_computed == seq.prompt_len + seq.n_out:
-                seq.n_out += 1
-                st.generation_tokens += 1
-                if seq.n_out == 1:
-                    seq.t_first = now
-                    st.ttft.observe(now - seq.t_arrival)
-                seq.t_last = now
-                if seq.n_out >= seq.out_target:
-                    seq.done = True
+                if st.token(seq, now):
                     finished = True
                     kv.release(seq.blocks)
                     seq.blocks = []

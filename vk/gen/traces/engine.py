@@ -14,9 +14,7 @@ per session, in order of the session's first row, before anything else.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import zlib
 from array import array
 from collections.abc import Iterator
 from typing import Any
@@ -25,17 +23,13 @@ import numpy as np
 
 from vk import records
 from vk.errors import VkError
+from vk.gen.traces.builder import Builder
+from vk.gen.traces.common import CacheSim, Warnings, block_sizes, component_rng  # noqa: F401 - re-exported
 from vk.gen.traces.flavors import FLAVORS, Flavor, Turn
 from vk.gen.traces.options import Options
 from vk.gen.traces.readers import FORMATS, open_source
 
 REQUEST_FORMATS = ("chat", "completion")
-
-
-def component_rng(seed: int, name: str, *more: int) -> np.random.Generator:
-    """A random stream for (seed, component name, ...), independent of every other component's."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF,
-                                                         zlib.crc32(name.encode()), *more]))
 
 
 def resolve_tokenizer(tokenizer, config: dict | None = None):
@@ -47,63 +41,6 @@ def resolve_tokenizer(tokenizer, config: dict | None = None):
     if tokenizer is None and isinstance(config, dict) and isinstance(config.get("tokenizer"), str):
         tokenizer = config["tokenizer"]
     return load_tokenizer(tokenizer)
-
-
-class Warnings:
-    """Counts of things the conversion had to adjust, reported by --stats and on stderr."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-        self.first_line: dict[str, int] = {}
-
-    def add(self, what: str, line: int, n: int = 1) -> None:
-        if what not in self.counts:
-            self.counts[what] = 0
-            self.first_line[what] = line
-        self.counts[what] += n
-
-    def lines(self) -> list[str]:
-        return [f"{n} {what} (first at row line {self.first_line[what]})" for what, n in self.counts.items()]
-
-
-class CacheSim:
-    """An infinite prefix cache over hash-id blocks: a block is served if it and every block before it were seen."""
-
-    def __init__(self):
-        self.bits = bytearray()
-        self.other: set = set()
-
-    def _seen(self, x) -> bool:
-        if isinstance(x, int) and 0 <= x < (1 << 40):
-            return (x >> 3) < len(self.bits) and bool(self.bits[x >> 3] & (1 << (x & 7)))
-        return x in self.other
-
-    def _add(self, x) -> None:
-        if isinstance(x, int) and 0 <= x < (1 << 40):
-            i = x >> 3
-            if i >= len(self.bits):
-                self.bits.extend(bytes(max(i + 1 - len(self.bits), len(self.bits) // 2 + 1024)))
-            self.bits[i] |= 1 << (x & 7)
-        else:
-            self.other.add(x)
-
-    def serve(self, ids: list, sizes: list[int]) -> int:
-        """Tokens served from cache for a request with these blocks; then the blocks are cached."""
-        served = 0
-        hit = True
-        for x, n in zip(ids, sizes, strict=False):
-            if hit and self._seen(x):
-                served += n
-            else:
-                hit = False
-            self._add(x)
-        return served
-
-
-def block_sizes(n_ids: int, input_len: int, block_size: int) -> list[int]:
-    sizes = [block_size] * n_ids
-    sizes[-1] = input_len - block_size * (n_ids - 1)
-    return sizes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -428,256 +365,6 @@ class Index:
         if n < 2 or span <= 0:
             return max(span, 1.0)
         return span + span / (n - 1)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# sessions
-
-
-_TEXT_SOURCES: dict = {}  # (tokenizer, corpus) -> TextSource, built once per process
-
-
-class Builder:
-    """Turns of one session -> a session record with exact-length or verbatim content."""
-
-    def __init__(self, cfg: TraceConfig, flavor: Flavor, seed: int, tokenizer, warn: Warnings,
-                 max_int_id: int | None = None):
-        self.cfg = cfg
-        self.fl = flavor
-        self.seed = int(seed)
-        self.tok = tokenizer
-        self.warn = warn
-        self.prefix = cfg.id_prefix if cfg.id_prefix is not None else flavor.name
-        self.source_file = cfg.trace_file
-        self.generator = f"trace:{flavor.name}"
-        self._text = None
-        self.cache = CacheSim() if flavor.hash_ids else None
-        self.stride = (max_int_id + 1) if max_int_id is not None else None
-        self._salt_len: dict[str, int] = {}
-        self._salt_const: int | None | bool = False  # not checked yet
-        self._instr: dict[int, tuple[str, int]] = {}
-        # salts start with the seed's digits: runs with other seeds do not share a block's first tokens either
-        self.seed_tag = f"{self.seed % 10**6:06d}"
-
-    @property
-    def text(self):
-        if self._text is None:
-            from vk.gen.content import TextSource
-
-            corpus = getattr(self.fl, "corpus_file", None) or self.cfg.corpus_file
-            key = (id(self.tok), corpus)
-            ts = _TEXT_SOURCES.get(key)
-            if ts is None or ts.tokenizer is not self.tok:
-                ts = _TEXT_SOURCES[key] = TextSource(self.tok, corpus)
-            self._text = ts
-        return self._text
-
-    # -- content ------------------------------------------------------------------------------------------------
-    def fresh(self, n: int, rng: np.random.Generator, salt_key: tuple | None) -> str:
-        """n tokens of new text. With a salt key, the text starts with a salt: a 12-digit number hashed from
-        (seed, key), so that sessions (and runs with other seeds) never share a prompt's first tokens."""
-        if salt_key is not None:
-            h = int.from_bytes(hashlib.blake2b(repr((self.seed, *salt_key)).encode(), digest_size=8).digest(),
-                               "little") % 10**12
-            salt = self.text.unique_salt(f"{self.seed_tag}{h:012d}")
-            c = self.salt_const
-            if c is None:
-                c = self.tok.count(salt)
-            if n > c:
-                return salt + self.text.sample(n - c, rng)
-        return self.text.sample(n, rng)
-
-    @property
-    def salt_const(self) -> int | None:
-        """The token count of every salt (seed tag + 12 digits), when the tokenizer gives them all the same count
-        (checked on a sample; digit-splitting tokenizers do), else None (each salt is counted)."""
-        if self._salt_const is False:
-            rng = np.random.default_rng(7)
-            tag = self.seed_tag
-            labels = [f"{tag}{int(x):012d}" for x in rng.integers(0, 10**12, size=200)] + \
-                     [f"{tag}{x:012d}" for x in (0, 1, 9, 10, 99, 100, 999, 1000, 4095, 65536, 10**6, 10**11)]
-            counts = {len(e) for e in self.tok.encode_batch([self.text.unique_salt(x) for x in labels])}
-            self._salt_const = counts.pop() if len(counts) == 1 else None
-        return self._salt_const
-
-    def instruction(self, out_tokens: int) -> tuple[str, int]:
-        """``output_control: prompt``: the sentence asking for the output length, and its token count."""
-        r = self._instr.get(out_tokens)
-        if r is None:
-            text = f" Please write a reply of about {max(1, round(out_tokens * 0.75))} words."
-            r = self._instr[out_tokens] = (text, self.tok.count(text))
-        return r
-
-    def block_key(self, x, epoch: int):
-        if epoch and not self.cfg.wrap_share_cache and x not in self.fl.keep_set:
-            if isinstance(x, int) and self.stride is not None and x >= 0:
-                return x + epoch * self.stride
-            return f"{x}@{epoch}"
-        return x
-
-    def hashed(self, ids: list, inp: int, epoch: int) -> tuple[str, int]:
-        """The prompt of a hash-id request: one block of text per id, ``block_size`` tokens (the last may be
-        partial). A block starts with a salt naming its id, so that different ids never give the same tokens
-        (corpus blocks alone can collide), then deterministic corpus text for (seed, id)."""
-        sizes = block_sizes(len(ids), inp, self.fl.block_size)
-        keys = [self.block_key(x, epoch) for x in ids]
-        served = self.cache.serve(keys, sizes)
-        text = self.text
-        s = self.seed
-        salts = self._salt_len
-        parts = []
-        const = self.salt_const
-        for k, n in zip(keys, sizes, strict=True):
-            if const is not None and isinstance(k, int) and 0 <= k < 10**12:
-                salt = text.unique_salt(f"{self.seed_tag}{k:012d}")
-                c = const
-            else:
-                salt = text.unique_salt(f"{self.seed_tag}:{k!r}")
-                c = salts.get(salt)
-                if c is None:
-                    if len(salts) > 100_000:
-                        salts.clear()
-                    c = salts[salt] = self.tok.count(salt)
-            if n > c:
-                parts.append(salt)
-                parts.append(text.block(f"h{s}:{k!r}", n - c))
-            else:  # a tiny last block: corpus text only
-                parts.append(text.block(f"h{s}:{k!r}", n))
-        return "".join(parts), served
-
-    # -- requests -----------------------------------------------------------------------------------------------
-    def plan(self, turns: list[Turn]) -> list[dict]:
-        """Ids, parents, history, think time and new-content length of each turn."""
-        fl = self.fl
-        src = fl.src
-        cumulative = fl.lengths == "cumulative"
-        first_history = getattr(fl, "history_mode", "first_parent") == "first_parent"
-        col = fl._resolved or {}
-        seen: dict[str, int] = {}
-        out: list[dict] = []
-        t0 = turns[0].t
-        for k, tu in enumerate(turns):
-            rid = tu.rid if tu.rid is not None else f"r{k}"
-            if rid in seen:
-                raise src.error(tu.line, col.get("rid") or "request_id", f"duplicate request id {rid!r} in the session")
-            if tu.parents is not None:
-                parents = tu.parents
-                for p in parents:
-                    if p not in seen:
-                        raise src.error(tu.line, col.get("parents") or "parents",
-                                        f"parent {p!r} is not an earlier request of this session")
-            else:
-                parents = [out[-1]["id"]] if out else []
-            if tu.history is not None:
-                if tu.history not in parents:
-                    raise src.error(tu.line, col.get("history") or "history",
-                                    f"history parent {tu.history!r} is not among the parents {parents}")
-                history = tu.history
-            else:
-                history = parents[0] if parents and first_history else None
-            # think time: explicit, or the gap between arrivals (latest parent's, or the session start for roots)
-            if tu.think is not None:
-                think = tu.think
-            elif tu.t is not None and t0 is not None:
-                ref = max((turns[seen[p]].t for p in parents if turns[seen[p]].t is not None), default=t0)
-                think = tu.t - ref
-                if think < 0:
-                    self.warn.add("turns arriving before their parent (think time set to 0)", tu.line)
-                    think = 0.0
-            else:
-                think = 0.0
-            new = None
-            if tu.text is None:
-                if tu.new is not None:
-                    new = tu.new
-                elif cumulative and history is not None:
-                    h = turns[seen[history]]
-                    new = tu.inp - (h.inp + max(h.out or 0, 0))
-                else:
-                    new = tu.inp
-                if new < 1:
-                    if cumulative and history is not None and tu.new is None:
-                        self.warn.add("turns whose cumulative input is not longer than the previous input + "
-                                      "output (new content clipped to 1 token)", tu.line)
-                    else:
-                        self.warn.add("requests with an input length of 0 (set to 1 token)", tu.line)
-                    new = 1
-            seen[rid] = k
-            out.append({"id": rid, "parents": list(parents), "history": history, "think": round(think, 6),
-                        "new": new})
-        return out
-
-    def output_tokens(self, tu: Turn) -> int:
-        if tu.reply is not None:
-            n = self.tok.count(tu.reply)
-        else:
-            n = tu.out
-        if n is None or n < 1:
-            self.warn.add("requests with an output length of 0 (set to 1 token)", tu.line)
-            return 1
-        return int(n)
-
-    def session(self, turns: list[Turn], *, epoch: int, trace_time: float | None, first_line: int,
-                warmup: bool = False, ordinal: int = 0) -> dict:
-        cfg = self.cfg
-        fl = self.fl
-        sid = f"{self.prefix}-warmup-{ordinal}" if warmup else \
-            f"{self.prefix}-{first_line}" + (f"-w{epoch}" if epoch else "")
-        plan = self.plan(turns)
-        rng = None
-        reqs = []
-        chat = cfg.request_format == "chat"
-        instr_mode = cfg.output_control == "prompt"
-        for k, (tu, p) in enumerate(zip(turns, plan, strict=True)):
-            prefix_tokens = 0
-            system = tu.system
-            out_tokens = fl.warmup_output_tokens if warmup else self.output_tokens(tu)
-            if tu.text is not None:
-                text = tu.text
-                n_in = self.tok.count(text) + (self.tok.count(system) if system else 0)
-            elif tu.ids is not None:
-                text, prefix_tokens = self.hashed(tu.ids, p["new"], epoch)
-                n_in = p["new"]
-            else:
-                if rng is None:
-                    rng = component_rng(self.seed, "vk.gen.traces.content", epoch, first_line)
-                n_gen = p["new"]
-                if instr_mode:  # the instruction comes out of the target: the total stays the trace's length
-                    n_gen = max(1, n_gen - self.instruction(out_tokens)[1])
-                text = self.fresh(n_gen, rng, (epoch, first_line, self.prefix) if k == 0 else None)
-                n_in = n_gen
-            if instr_mode:
-                instr, n_instr = self.instruction(out_tokens)
-                text += instr
-                n_in += n_instr
-            if chat:
-                msgs = ([{"role": "system", "content": system}] if system else []) + \
-                       [{"role": "user", "content": text}]
-                body = {"messages": msgs}
-            else:
-                body = {"prompt": (system + "\n\n" + text) if system else text}
-                if system:
-                    n_in = self.tok.count(body["prompt"])
-            extra = tu.extra or {}
-            reqs.append(records.new_request(
-                p["id"], parents=p["parents"], history=p["history"], think_time=p["think"],
-                input_tokens=n_in, prefix_tokens=prefix_tokens, output_tokens=out_tokens,
-                output_control=cfg.output_control, params=dict(cfg.params) if cfg.params else None,
-                **body, **extra))
-        source = {"generator": self.generator, "seed": self.seed, "file": self.source_file,
-                  "row": first_line}
-        if len(turns) > 1:
-            rows = sorted({tu.line for tu in turns})
-            if len(rows) > 1:
-                source["rows"] = rows
-        if turns[0].key is not None:
-            source["session"] = turns[0].key  # the trace's own session (or conversation) id
-        if epoch:
-            source["epoch"] = epoch
-        extra = {"warmup": True} if warmup else {}
-        if warmup and fl.name == "rag":
-            source["doc_id"] = turns[0].doc
-        return records.new_session(sid, reqs, source=source, trace_time=trace_time, **extra)
 
 
 # --------------------------------------------------------------------------------------------------------------

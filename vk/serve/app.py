@@ -1,0 +1,348 @@
+"""vk-serve's request handling: options, routes, completion requests (validation, prompt counting, output
+lengths, faults) and the intake that yields to the engine's step timers."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from vk import __version__
+from vk.serve.connection import Conn, HTTPError, error_body
+from vk.serve.engine import FixedLatency, Seq, Stats
+from vk.serve.metrics import exposition
+from vk.serve.sinks import FullSink, StreamSink
+from vk.serve.textgen import words_for
+
+
+@dataclass
+class Options:
+    """Everything ``vk-serve`` can be told (``vk.serve.serve(**options)`` takes the same names)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "vk-sim"
+    tokenizer: str | None = None
+    # fixed-latency mode (both set) or the engine model
+    ttft: float | None = None
+    tpot: float | None = None
+    # engine model (see vk.serve.model); None = the profile's value
+    profile: str = "llama3.1-8b-h100"
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    num_blocks: int | None = None
+    block_size: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    t_fixed: float | None = None
+    t_weights: float | None = None
+    t_token: float | None = None
+    t_kv: float | None = None
+    speed: float = 1.0
+    # output lengths when nothing forces them
+    stop_mean: float = 256.0
+    stop_sigma: float = 0.8
+    seed: int = 0
+    # ground truth and faults
+    server_timestamps: bool = False
+    fault_429: float = 0.0
+    fault_500: float = 0.0
+    fault_503: float = 0.0
+    fault_stall: float = 0.0
+    stall_seconds: float = 5.0
+    fault_disconnect: float = 0.0
+    fault_malformed: float = 0.0
+    fault_seed: int = 0
+    log_requests: bool = False
+    tls_cert: str | None = None  # PEM certificate (chain) and key: serve https (for vk-send's https tests/bench)
+    tls_key: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+
+class App:
+    """Request handling shared by all connections: validation, tokenization, sinks, faults, metrics."""
+
+    def __init__(self, opts: Options, loop):
+        from vk.tokenizer import load_tokenizer
+
+        self.opts = opts
+        self.loop = loop
+        self.tok = load_tokenizer(opts.tokenizer)
+        self.words = words_for(self.tok)
+        self.word_ids = np.asarray(self.words.ids, dtype=np.int64)
+        if self.tok.has_chat_template:  # compile the template now, not during the first request
+            self.tok.encode(self.tok.apply_chat_template([{"role": "user", "content": "hi"}]))
+        self.rng = np.random.default_rng(np.random.SeedSequence([opts.seed, 0x5E12]))
+        self.fault_rng = random.Random(f"vk-serve-faults-{opts.fault_seed}")
+        self.stats = Stats()
+        self.created = int(time.time())
+        self.start_time = time.time()
+        if opts.ttft is not None or opts.tpot is not None:
+            self.sched = FixedLatency(loop, opts.ttft or 0.0, opts.tpot or 0.0, self.stats, opts.max_num_seqs)
+            self.max_model_len = opts.max_model_len or 131072
+            self.mode = "fixed"
+        else:
+            from vk.serve.model import Engine, EngineConfig
+
+            self.cfg = EngineConfig.from_options(opts)
+            self.sched = Engine(loop, self.cfg, self.stats)
+            self.max_model_len = self.cfg.max_model_len
+            self.mode = "engine"
+        self.model_bytes = orjson.dumps(opts.model)
+        self._n = 0
+        self.intake = deque()  # connections with request bytes to handle
+        self.drain_scheduled = False
+        self.sched.on_step = self._after_step
+
+    # -- intake: request handling yields to the engine's step timers ----------------------------------------
+    def enqueue(self, conn: Conn) -> None:
+        if not conn.queued:
+            conn.queued = True
+            self.intake.append(conn)
+            if not self.drain_scheduled:
+                self.drain_scheduled = True
+                self.loop.call_soon(self._drain)
+
+    def _after_step(self) -> None:
+        if self.intake and not self.drain_scheduled:
+            self.drain_scheduled = True
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Handle queued requests in slices of about 1 ms, yielding to the end of the engine step in flight.
+
+        Parsing, tokenizing and templating requests is the server's heaviest work; done in one go after a burst
+        of arrivals it would delay the step timers. Like vLLM's API server (a process apart from the engine
+        core), intake should not stretch the model's steps: when a step is about to end, the rest waits for it.
+        Each call still handles at least 0.3 ms worth (and one request), so that steps shorter than the timer
+        margin cannot starve the intake.
+        """
+        self.drain_scheduled = False
+        now = time.monotonic()
+        step_deadline = self.sched.deadline()
+        deadline = max(min(now + 0.001, step_deadline), now + 0.0003)
+        intake = self.intake
+        while intake:
+            conn = intake.popleft()
+            conn.queued = False
+            if not conn.busy and not conn.closed:
+                conn.process()
+            now = time.monotonic()
+            if now >= deadline:
+                break
+        if intake and not self.drain_scheduled and (now < step_deadline or not self.sched.stepping):
+            self.drain_scheduled = True
+            self.loop.call_soon(self._drain)
+        # else: the engine calls _after_step when the step in flight has ended
+
+    # -- routing ----------------------------------------------------------------------------------------------
+    def handle(self, conn: Conn, method: str, path: str, headers: dict, body: bytes) -> None:
+        path = path.split("?", 1)[0]
+        if len(path) > 1:
+            path = path.rstrip("/")
+        try:
+            if path in ("/v1/chat/completions", "/v1/completions"):
+                if method != "POST":
+                    raise HTTPError(405, "Method Not Allowed")
+                self.completion(conn, path == "/v1/chat/completions", headers, body)
+                return
+            if method not in ("GET", "HEAD"):
+                if path in ("/health", "/v1/models", "/metrics", "/version", "/ping"):
+                    raise HTTPError(405, "Method Not Allowed")
+                raise HTTPError(404, "Not Found")
+            if path in ("/health", "/ping"):
+                conn.respond(200, b"")
+            elif path == "/v1/models":
+                conn.respond(200, orjson.dumps({"object": "list", "data": [{
+                    "id": self.opts.model, "object": "model", "created": self.created, "owned_by": "vk",
+                    "root": self.opts.model, "parent": None, "max_model_len": self.max_model_len,
+                    "permission": []}]}))
+            elif path == "/metrics":
+                conn.respond(200, exposition(self).encode(), b"text/plain; version=0.0.4; charset=utf-8")
+            elif path == "/version":
+                conn.respond(200, orjson.dumps({"version": f"vk-serve {__version__}"}))
+            else:
+                raise HTTPError(404, "Not Found")
+        except HTTPError as e:
+            if e.code in (404, 405) and e.type == "BadRequestError":
+                conn.respond(e.code, orjson.dumps({"detail": e.message}))
+            else:
+                self.stats.errors[e.code] = self.stats.errors.get(e.code, 0) + 1
+                conn.respond(e.code, error_body(e.code, e.message, e.type, e.param))
+
+    # -- completions ------------------------------------------------------------------------------------------
+    def completion(self, conn: Conn, chat: bool, headers: dict, body: bytes) -> None:
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise HTTPError(400, f"Invalid JSON body: {e}") from None
+        if not isinstance(req, dict):
+            raise HTTPError(400, "The request body must be a JSON object")
+        model = req.get("model")
+        if model is not None and model != self.opts.model:
+            raise HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        if chat:
+            prompt_ids = self._chat_prompt(req)
+        else:
+            prompt_ids = self._completion_prompt(req)
+        stream = req.get("stream", False)
+        if not isinstance(stream, bool) and stream is not None:
+            raise HTTPError(400, "'stream' must be a boolean", param="stream")
+        stream = bool(stream)
+        so = req.get("stream_options")
+        if so is not None:
+            if not stream:
+                raise HTTPError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
+            if not isinstance(so, dict):
+                raise HTTPError(400, "'stream_options' must be an object", param="stream_options")
+        so = so or {}
+        n = req.get("n", 1)
+        if n != 1 and n is not None:
+            raise HTTPError(400, "vk-serve supports only n=1", param="n")
+        plen = len(prompt_ids)
+        room = self.max_model_len - plen
+        max_tokens = req.get("max_completion_tokens") if chat else None
+        key = "max_completion_tokens"
+        if max_tokens is None:
+            max_tokens = req.get("max_tokens", None if chat else 16)
+            key = "max_tokens"
+        if max_tokens is not None:
+            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+                raise HTTPError(400, f"{key} must be an integer >= 1, got {max_tokens!r}", param=key)
+        if room <= 0 or (max_tokens is not None and max_tokens > room):
+            want = plen + (max_tokens or 0)
+            raise HTTPError(400, (
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{want} tokens ({plen} in the messages, {max_tokens or 0} in the completion). Please reduce the "
+                "length of the messages or completion."), param="messages" if chat else "prompt")
+        if max_tokens is None:
+            max_tokens = room
+        min_tokens = req.get("min_tokens", 0) or 0
+        if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
+            raise HTTPError(400, f"min_tokens must be an integer >= 0, got {min_tokens!r}", param="min_tokens")
+        if min_tokens > max_tokens:
+            raise HTTPError(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got "
+                                 f"{min_tokens}.", param="min_tokens")
+        ignore_eos = bool(req.get("ignore_eos", False))
+        # output length: forced by ignore_eos, else a sampled natural stop, at least min_tokens, at most max_tokens
+        if ignore_eos:
+            n_out, reason = max_tokens, "length"
+        else:
+            natural = self._natural_length()
+            if natural < max_tokens:
+                n_out, reason = max(natural, min_tokens), "stop"
+                if n_out >= max_tokens:
+                    n_out, reason = max_tokens, "length"
+            else:
+                n_out, reason = max_tokens, "length"
+        out_ids = self.word_ids[self.rng.integers(0, len(self.word_ids), n_out)].tolist()
+        self._n += 1
+        rid = uuid.uuid4().hex
+        xrid = headers.get("x-request-id") or rid
+        fault = self._fault()
+        if fault in ("429", "500", "503"):
+            code = int(fault)
+            msg, typ = {429: ("Too Many Requests (vk-serve injected fault)", "TooManyRequestsError"),
+                        500: ("Internal Server Error (vk-serve injected fault)", "InternalServerError"),
+                        503: ("Service Unavailable (vk-serve injected fault)", "ServiceUnavailableError")}[code]
+            self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+            conn.respond(code, error_body(code, msg, typ), extra=b"x-request-id: %s\r\n" % xrid.encode())
+            return
+        sink_cls = StreamSink if stream else FullSink
+        sink = sink_cls(self, conn, chat, rid, xrid, so, req)
+        seq = Seq(rid, prompt_ids, out_ids, reason, sink)
+        seq.t_arrival = conn.t_recv or time.monotonic()
+        if fault == "disconnect":
+            sink.disconnect_at = max(1, n_out // 2)
+        elif fault == "malformed":
+            sink.malformed_at = max(1, (n_out + 1) // 2)
+        conn.active = seq
+        if fault == "stall":
+            seq.handle = self.loop.call_later(self.opts.stall_seconds, self._start, seq)
+        else:
+            self._start(seq)
+
+    def _start(self, seq: Seq) -> None:
+        if seq.aborted:
+            return
+        if seq.handle is not None:  # after a stall: the request arrives at the engine now
+            seq.handle = None
+            seq.t_arrival = time.monotonic()
+        seq.sink.start(seq)
+        self.sched.add(seq)
+
+    def _natural_length(self) -> int:
+        mean, sigma = self.opts.stop_mean, self.opts.stop_sigma
+        if sigma <= 0:
+            return max(1, int(round(mean)))
+        mu = np.log(mean) - sigma * sigma / 2
+        return max(1, int(self.rng.lognormal(mu, sigma)))
+
+    def _fault(self) -> str | None:
+        o = self.opts
+        u = self.fault_rng.random()
+        for name, p in (("429", o.fault_429), ("500", o.fault_500), ("503", o.fault_503),
+                        ("stall", o.fault_stall), ("disconnect", o.fault_disconnect),
+                        ("malformed", o.fault_malformed)):
+            if u < p:
+                return name
+            u -= p
+        return None
+
+    def _chat_prompt(self, req: dict) -> list[int]:
+        msgs = req.get("messages")
+        if msgs is None:
+            raise HTTPError(400, "Field required: 'messages'", param="messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise HTTPError(400, "'messages' must be a non-empty list of messages", param="messages")
+        flat = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise HTTPError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
+            c = m.get("content")
+            if isinstance(c, list):
+                parts = []
+                for p in c:
+                    if isinstance(p, dict) and p.get("type") == "text":
+                        parts.append(str(p.get("text", "")))
+                    elif isinstance(p, str):
+                        parts.append(p)
+                    else:
+                        raise HTTPError(400, f"messages[{i}].content: only text parts are supported",
+                                        param="messages")
+                m = {**m, "content": "".join(parts)}
+            elif c is not None and not isinstance(c, str):
+                raise HTTPError(400, f"messages[{i}].content must be a string or a list of parts",
+                                param="messages")
+            flat.append(m)
+        agp = req.get("add_generation_prompt", True)
+        if self.tok.has_chat_template:
+            try:
+                text = self.tok.apply_chat_template(flat, add_generation_prompt=bool(agp))
+            except Exception as e:  # noqa: BLE001 - a template error is the client's bad request
+                raise HTTPError(400, f"chat template: {e}", param="messages") from None
+        else:
+            text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in flat) + ("assistant: " if agp else "")
+        return self.tok.encode(text)
+
+    def _completion_prompt(self, req: dict) -> list[int]:
+        p = req.get("prompt")
+        if p is None:
+            raise HTTPError(400, "Field required: 'prompt'", param="prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]
+        if isinstance(p, str):
+            ids = self.tok.encode(p)
+        elif isinstance(p, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+            ids = list(p)
+        else:
+            raise HTTPError(400, "'prompt' must be a string or a list of token ids (one prompt)", param="prompt")
+        if not ids:
+            raise HTTPError(400, "The prompt is empty", param="prompt")
+        return ids
