@@ -113,9 +113,10 @@ def test_files_replay_the_same_schedule(serve, tmp_path):
     ra = [r for _, _, r in read_records(tmp_path / "a.jsonl") if r["kind"] == "response"]
     rb = [r for _, _, r in read_records(tmp_path / "b.jsonl") if r["kind"] == "response"]
     assert len(ra) == len(rb) == 10
-    for runs in (ra, rb):  # the client's TTFT against the server's first write, request by request
-        for r in runs:
-            assert r["t_first_token"] - r["t_sent"] == pytest.approx(server_token_times(r)[0] - r["t_sent"], abs=2e-3)
+    for runs in (ra, rb):  # the client's TTFT against the server's first write (medians: a loaded machine
+        # may preempt either process between a write and its timestamp now and then)
+        assert statistics.median(r["t_first_token"] - r["t_sent"] for r in runs) == pytest.approx(
+            statistics.median(server_token_times(r)[0] - r["t_sent"] for r in runs), abs=5e-4)
     sa = statistics.median(server_token_times(r)[0] - r["t_sent"] for r in ra)
     sb = statistics.median(server_token_times(r)[0] - r["t_sent"] for r in rb)
     assert sb - sa == pytest.approx(0.04, rel=0.03)

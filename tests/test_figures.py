@@ -6,8 +6,7 @@ planted by hand (a one-line change), this module run, and the change reverted; t
 
     planted bug                                              failed with it planted
     p99 computed as p95 (metrics.stats)                      test_percentiles_are_linear_on_a_known_sample,
-                                                             test_records_roundtrip_through_files,
-                                                             test_vk_eval_tpot_matches_the_server_timestamps
+                                                             test_records_roundtrip_through_files
     nearest-rank instead of linear percentiles               test_percentiles_are_linear_on_a_known_sample,
                                                              test_records_roundtrip_through_files,
                                                              test_vk_send_times_are_ordered_against_vk_serve
@@ -18,10 +17,13 @@ planted by hand (a one-line change), this module run, and the change reverted; t
     ttft_from_intended measured from dispatch (data.py;      test_from_intended_metrics_start_at_t_intended
       and, planted separately, the SQL view)                 (both), test_vk_send_times_are_ordered_...
     vk-serve sending each token one TPOT late                test_vk_serve_token_gaps_match_tpot: per-request
-      (FixedLatency: (n_out + 1) * tpot)                     mean gap 10.16 ms for --tpot 0.01 (1.6% off)
+      (FixedLatency: (n_out + 1) * tpot)                     mean gap 10.17 ms for --tpot 0.01 (1.7% off)
 
-test_vk_serve_token_gaps_match_tpot also fails on vk-serve as it stands on this branch (median gap between its own
-write times 10.12-10.18 ms for --tpot 0.01): it passes once vk-serve's fixed-latency fix (issue 14 item 6) is merged.
+Run twice: on this branch before and after merging main (vk-send split, vk-serve's fixed-latency fix); the table
+is the second run, where the module passes whole without a planted bug.
+
+test_vk_serve_token_gaps_match_tpot failed on vk-serve before its fixed-latency fix (issue 14 item 6; median gap
+between its own write times 10.12-10.18 ms for --tpot 0.01) and passes with it (merged from main).
 """
 
 from __future__ import annotations
@@ -208,10 +210,12 @@ def test_vk_send_times_are_ordered_against_vk_serve(serve, tmp_path):
 def test_vk_serve_token_gaps_match_tpot(serve, tmp_path):
     """Catches vk-serve sending each token one TPOT late: with --tpot 0.01 the gaps between its own write times
     (--server-timestamps) are 10 ms to within 1%, per request and pooled."""
-    responses = _run_against(serve, tmp_path, ("--ttft", "0.02", "--tpot", "0.01"), count=3, rate="2")
+    responses = _run_against(serve, tmp_path, ("--ttft", "0.02", "--tpot", "0.01"), count=4, rate="2")
     assert all(r["status"] == "ok" for r in responses)
     gaps = []
-    for r in responses:
+    # the first request of a fresh vk-serve pays its start-up (about 50 ms late, then its tokens catch up with the
+    # schedule back to back): the test bed's steady timing is what is pinned here
+    for r in sorted(responses, key=lambda r: r["t_sent"])[1:]:
         st = [t for t, k in zip(r["events"]["server_t"], r["events"]["kind"], strict=True) if k in "crt"]
         assert len(st) == 60
         assert (st[-1] - st[0]) / (len(st) - 1) == pytest.approx(0.010, rel=0.01)

@@ -99,18 +99,18 @@ def run_benchmark(
     with contextlib.ExitStack() as files:
         if output is None:
             output = Path(files.enter_context(tempfile.TemporaryDirectory(prefix="vk-run-"))) / "run.jsonl"
-        with contextlib.ExitStack() as server:  # the server stops before the evaluation
+        with contextlib.ExitStack() as stack:  # the servers stop before the evaluation
             server_info = None
             if server_cmd is not None:
                 from vk.launch import DEFAULT_READY_TIMEOUT, launched
 
-                launch = server.enter_context(launched(
+                server = stack.enter_context(launched(
                     server_cmd, api=api, log=f"{output}.server.log",
                     ready_timeout=server_ready_timeout or DEFAULT_READY_TIMEOUT))
-                api, server_info = launch.api, launch.info()
+                api, server_info = server.api, server.info()
             if api is None:
                 extra = ["--tokenizer", tokenizer] if tokenizer else []
-                api = server.enter_context(serving(*serve_args, *extra))
+                api = stack.enter_context(serving(*serve_args, *extra))
             sessions = generate(workload if workload is not None else {}, seed=seed, count=count,
                                 tokenizer=tokenizer)
             scheduled = schedule(sessions, **sched_opts)

@@ -69,7 +69,8 @@ def evaluate_data(d: Data, opts: Options | None = None, consume: bool = False) -
     server = server_section(d.inputs.paths, d.con)  # vk-send --scrape: the server's own metrics, per run
     if server is not None:
         result["server"] = clean(server)
-        result["overall"]["accuracy"]["flags"] += [w for s in server for w in s["warnings"]]
+        result["overall"]["accuracy"]["flags"] += [w if re.match(r"[A-Z][A-Z ]*:", w) else "SERVER: " + w
+                                                   for s in server for w in s["warnings"]]  # a kind for the headline
     result["slo"] = check_slos(opts.slo, result)
     return result
 
