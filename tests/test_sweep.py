@@ -144,6 +144,7 @@ def test_probe_at_ten_times_capacity_stops_early(serve, sessions, tmp_path):
     assert probe["ended"] == "stopped" and probe["verdict"] == "fail"
     assert sat["t"] < 6, sat  # not the 20 s asked for
     assert sat["completed"] < 0.2 * sat["arrived"] and sat["in_flight"][1] > sat["in_flight"][0]
+    assert sat["server_queue"][1] > sat["server_queue"][0]  # the server's own gauges agree: its queue grows
     assert probe["wall_s"] < 8
     end = lines(out / probe["dir"] / "run.jsonl")[-1]
     assert end["kind"] == "run_end" and end["ended"] == "stopped"

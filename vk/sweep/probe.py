@@ -133,7 +133,8 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
     stop = threading.Event()
     monitor = None
     if plan.saturation and mode == "open":
-        monitor = Monitor(run_path, starts, nreq, stop, min_time=plan.saturation_min, duration=opts.get("duration"))
+        monitor = Monitor(run_path, starts, nreq, stop, min_time=plan.saturation_min, duration=opts.get("duration"),
+                          gauges=lambda: queue_gauges(api))
     annotation = {"sweep": {"sweep_id": ctx.sweep_id, "probe": name, "knob": plan.knob, "value": value,
                             "attempt": attempt, "seed": opts["seed"]}}
     _say(ctx, f"{name}: sending ({plan.knob} {value:g})")
