@@ -276,3 +276,18 @@ def test_bad_options_are_one_line(sessions, tmp_path, args, message):
                        capture_output=True, timeout=60)
     err = p.stderr.decode()
     assert p.returncode == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_between_command_runs_between_probes_and_its_failure_stops(serve, sessions, tmp_path):
+    srv = serve("--ttft", "0.01", "--tpot", "0.001")
+    marks = tmp_path / "marks"
+    p = subprocess.run(sweep_cmd(sessions, "--api", srv.url, "-o", str(tmp_path / "a"), "--poisson", "5,10,20",
+                                 "--duration", "0.5", "--cooldown", "0.2", "--between-cmd", f"echo x >> {marks}",
+                                 "-q"), capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr.decode()
+    assert marks.read_text() == "x\nx\n"  # between the three probes, not before the first
+    p = subprocess.run(sweep_cmd(sessions, "--api", srv.url, "-o", str(tmp_path / "b"), "--poisson", "5,10",
+                                 "--duration", "0.5", "--between-cmd", "echo cache reset failed >&2; exit 3", "-q"),
+                       capture_output=True, timeout=60)
+    assert p.returncode == 2 and "--between-cmd exited 3: cache reset failed" in p.stderr.decode()
+    assert (tmp_path / "b" / "poisson-5" / "probe.json").exists()
