@@ -291,3 +291,15 @@ def test_between_command_runs_between_probes_and_its_failure_stops(serve, sessio
                        capture_output=True, timeout=60)
     assert p.returncode == 2 and "--between-cmd exited 3: cache reset failed" in p.stderr.decode()
     assert (tmp_path / "b" / "poisson-5" / "probe.json").exists()
+
+
+def test_reused_probes_are_scored_under_the_objectives_of_the_run_that_reuses_them(serve, sessions, tmp_path):
+    srv = serve("--ttft", "0.01", "--tpot", "0.001")
+    base = sweep_cmd(sessions, "--api", srv.url, "-o", str(tmp_path / "a"), "--poisson", "5,10", "--duration", "0.5",
+                     "--json", "-q")
+    first = orjson.loads(subprocess.run([*base, "--slo", "ttft:p90<1s"], capture_output=True, timeout=60).stdout)
+    assert [q["verdict"] for q in first["probes"]] == ["pass", "pass"]
+    p = subprocess.run([*base, "--slo", "ttft:p90<1ms"], capture_output=True, timeout=60)
+    again = orjson.loads(p.stdout)
+    assert [(q["verdict"], q["reused"]) for q in again["probes"]] == [("fail", True), ("fail", True)]
+    assert [q["run_id"] for q in again["probes"]] == [q["run_id"] for q in first["probes"]]  # no new traffic
