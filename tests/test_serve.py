@@ -237,6 +237,29 @@ def test_huge_prompt_is_refused_without_freezing(serve):
     assert _rss_mb(s.proc.pid) < rss0 + 30, (rss0, _rss_mb(s.proc.pid))
 
 
+def test_big_chunked_body_in_many_reads(serve):
+    """A 4 MB chunked body sent in 4 KiB pieces: the server decodes it only once its last chunk may have come (not
+    at every read, quadratic in its size), and must still find that end, in whatever pieces it arrives."""
+    s = serve("--ttft", "0", "--tpot", "0")
+    body = orjson.dumps({"prompt": [7] * 1_000_000, "max_tokens": 1})
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 4096]), body[i:i + 4096]) for i in range(0, len(body), 4096))
+    data = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", _port(s))) as sock:
+        for i in range(0, len(data), 4096):
+            sock.sendall(data[i:i + 4096])
+        (code, answer), = _read_responses(sock, 1, timeout=30)
+    assert code == "200" and answer["usage"]["prompt_tokens"] == 1_000_000
+    for cut in range(1, 6):  # the end split at every place: "...\r\n" | "0\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", _port(s))) as sock:
+            small = orjson.dumps({"prompt": [7, 8], "max_tokens": 1})
+            msg = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small))
+            sock.sendall(msg[:-cut])
+            time.sleep(0.05)
+            sock.sendall(msg[-cut:])
+            assert _read_responses(sock, 1)[0][1]["usage"]["prompt_tokens"] == 2
+
+
 def test_body_size_cap(serve):
     s = serve("--ttft", "0", "--tpot", "0", "--max-body-bytes", "100000")
     r = post(s.url, "/chat/completions", {"messages": [{"role": "user", "content": "x " * 60000}]})

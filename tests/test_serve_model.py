@@ -208,7 +208,7 @@ def test_prefix_cache_counters_agree_with_responses(serve):
 
 
 def test_fixed_latency_queue_gauges(serve):
-    s = serve("--ttft", "0.05", "--tpot", "0.01", "--max-num-seqs", "2")
+    s = serve("--ttft", "0.2", "--tpot", "0.02", "--max-num-seqs", "2")  # 0.28 s per request: the queue lasts
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "ignore_eos": True}
     with MetricsPoller(s.base, ["vllm:num_requests_waiting", "vllm:num_requests_running"]) as mp:
         with cf.ThreadPoolExecutor(6) as ex:

@@ -1,8 +1,9 @@
 """How vk-serve turns chat messages into prompt text: the tokenizer's chat template, as a real server applies it.
 
 vLLM renders the template with transformers' renderer (the special tokens as variables) and encodes the text
-without adding special tokens (the template has them); vk-serve does the same, with the template found where transformers looks for it (``chat_template.jinja`` next to
-``tokenizer_config.json``, ``chat_template.json``, or ``tokenizer_config.json``'s ``chat_template``).
+without adding special tokens (the template has them); vk-serve does the same, with the template found where
+transformers looks for it (``chat_template.jinja`` next to ``tokenizer_config.json``, ``chat_template.json``, or
+``tokenizer_config.json``'s ``chat_template``), by :mod:`vk.tokenizer`.
 """
 
 from __future__ import annotations

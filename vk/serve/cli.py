@@ -41,8 +41,9 @@ def _profiles_help() -> str:
 @click.option("--profile", default="llama3.1-8b-h100", show_default=True,
               help="Engine-model preset (model x GPU): see --list-profiles.")
 @click.option("--list-profiles", is_flag=True, help="Print the profiles and their constants, then exit.")
-@click.option("--max-num-seqs", type=int, default=None, help="Most sequences in one batch (profile default); in fixed-latency mode, most requests served "
-              "at once, the rest wait in a FIFO queue (default: no cap).")
+@click.option("--max-num-seqs", type=int, default=None,
+              help="Most sequences in one batch (profile default); in fixed-latency mode, most requests served at "
+              "once, the rest wait in a FIFO queue (default: no cap).")
 @click.option("--max-num-batched-tokens", type=int, default=None, help="Token budget per step (chunked prefill).")
 @click.option("--num-blocks", type=int, default=None, help="KV-cache blocks.")
 @click.option("--block-size", type=int, default=None, help="Tokens per KV-cache block.")

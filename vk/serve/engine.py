@@ -37,9 +37,9 @@ class Seq:
                  prompt_len: int | None = None):
         self.rid = rid
         self.prompt_ids = prompt_ids
-        # -1: not counted yet (fixed-latency mode starts a big prompt while a worker counts it)
-        self.prompt_len = len(prompt_ids) if prompt_len is None and prompt_ids is not None else (
-            -1 if prompt_len is None else prompt_len)
+        if prompt_len is None:  # -1: not counted yet (fixed-latency mode starts a big prompt while it is counted)
+            prompt_len = len(prompt_ids) if prompt_ids is not None else -1
+        self.prompt_len = prompt_len
         self.out_ids = out_ids  # the tokens this request will generate (decided at arrival)
         self.out_target = len(out_ids)
         self.n_out = 0
@@ -268,11 +268,9 @@ class FixedLatency:
                 time.sleep(wait)
             now = clock()
         st = self.stats
-        while heap:
-            if heap[0][0] > now:
-                now = clock()
-                if heap[0][0] > now:
-                    break
+        # Only the tokens due by now: under a load the server cannot carry, tokens would always be due, and one
+        # callback that never returns would starve reading requests (and /metrics).
+        while heap and heap[0][0] <= now:
             t, _, seq = heapq.heappop(heap)
             if seq.aborted:
                 continue
