@@ -8,9 +8,7 @@ Each figure runs ``vk-send --workers 1`` pinned to core 0 against ``vk-serve`` p
    streams at 20 tokens/s, delivered in bursts (the engine model with a fixed 50 ms step: every stream gets its
    token in the same step, as a batching server does), for the raw client with kernel receive timestamps, the
    same client timing in Python after the read, and aiohttp;
-3. the largest number of concurrent open streams held without errors (and the open-file limit);
-4. p99 dispatch lag with ``--scrape`` (the server's /metrics every second) against the same schedule without it,
-   in alternating runs, so that the difference can be read against the run-to-run spread.
+3. the largest number of concurrent open streams held without errors (and the open-file limit).
 """
 
 from __future__ import annotations
@@ -138,39 +136,6 @@ def bench_rate(tmp: str, quick: bool) -> list[dict]:
     ]
 
 
-def bench_scrape(tmp: str, quick: bool) -> list[dict]:
-    """Does scraping /metrics disturb the send loop? Alternating runs of one schedule, with and without."""
-    rate, dur, pairs = (100, 2.0, 1) if quick else (300, 6.0, 3)
-    srv = _Serve("--ttft", "0.01", "--tpot", "0.001")
-    rng = np.random.default_rng(7)
-    starts = np.cumsum(rng.exponential(1 / rate, int(rate * dur)))
-    starts -= starts[0]
-    sched = os.path.join(tmp, "scrape.jsonl")
-    _schedule(sched, starts, 64)
-    lag: dict[str, list[float]] = {"without": [], "with": []}
-    samples = 0
-    try:
-        for i in range(pairs):
-            for how, extra in (("without", ()), ("with", ("--scrape",))):
-                resp, end, err = _send(sched, os.path.join(tmp, f"scrape-{how}{i}.out"), srv.url, *extra)
-                if end.get("dispatch_lag_p99") is not None:
-                    lag[how].append(end["dispatch_lag_p99"] * 1e3)
-                if how == "with":
-                    with open(os.path.join(tmp, f"scrape-{how}{i}.out"), "rb") as f:
-                        samples += sum(b'"kind":"server_metric"' in ln for ln in f)
-    finally:
-        srv.stop()
-    if not lag["without"] or not lag["with"]:
-        return [{"figure": "p99 dispatch lag with --scrape vs without", "value": "no data", "target": "", "ok": False}]
-    a, b = np.median(lag["without"]), np.median(lag["with"])
-    spread = max(lag["without"]) - min(lag["without"])
-    runs = ", ".join(f"{x:.2f}" for x in lag["without"]) + " / " + ", ".join(f"{x:.2f}" for x in lag["with"])
-    return [{"figure": f"p99 dispatch lag without / with --scrape (1 s; {rate} req/s, {pairs} alternating pairs)",
-             "value": f"median {a:.2f} / {b:.2f} ms (runs {runs} ms; {samples} samples scraped)",
-             "target": "difference within the spread of the runs without",
-             "ok": None if quick else bool(b - a <= max(spread, 0.1))}]
-
-
 def bench_timestamps(tmp: str, quick: bool) -> list[dict]:
     n = 100 if quick else 1000
     tokens = 20 if quick else 60
@@ -278,6 +243,41 @@ def bench_smoke(tmp: str) -> list[dict]:
                       f"{'-' if p99 is None else f'{p99 * 1e3:.2f} ms'}, event-time error p99 "
                       f"{np.percentile(e, 99) * 1e3 if e else float('nan'):.3f} ms",
              "target": "", "ok": None}]
+
+
+def bench_scrape(tmp: str, quick: bool) -> list[dict]:
+    """Does ``--scrape`` (the server's /metrics every second, by a process of its own) disturb the send loop? p99
+    dispatch lag in alternating runs of one schedule with and without it, so that the difference can be read
+    against the run-to-run spread."""
+    rate, dur, pairs = (100, 2.0, 1) if quick else (300, 6.0, 3)
+    srv = _Serve("--ttft", "0.01", "--tpot", "0.001")
+    rng = np.random.default_rng(7)
+    starts = np.cumsum(rng.exponential(1 / rate, int(rate * dur)))
+    starts -= starts[0]
+    sched = os.path.join(tmp, "scrape.jsonl")
+    _schedule(sched, starts, 64)
+    lag: dict[str, list[float]] = {"without": [], "with": []}
+    samples = 0
+    try:
+        for i in range(pairs):
+            for how, extra in (("without", ()), ("with", ("--scrape",))):
+                resp, end, err = _send(sched, os.path.join(tmp, f"scrape-{how}{i}.out"), srv.url, *extra)
+                if end.get("dispatch_lag_p99") is not None:
+                    lag[how].append(end["dispatch_lag_p99"] * 1e3)
+                if how == "with":
+                    with open(os.path.join(tmp, f"scrape-{how}{i}.out"), "rb") as f:
+                        samples += sum(b'"kind":"server_metric"' in ln for ln in f)
+    finally:
+        srv.stop()
+    if not lag["without"] or not lag["with"]:
+        return [{"figure": "p99 dispatch lag with --scrape vs without", "value": "no data", "target": "", "ok": False}]
+    a, b = np.median(lag["without"]), np.median(lag["with"])
+    spread = max(lag["without"]) - min(lag["without"])
+    runs = ", ".join(f"{x:.2f}" for x in lag["without"]) + " / " + ", ".join(f"{x:.2f}" for x in lag["with"])
+    return [{"figure": f"p99 dispatch lag without / with --scrape (1 s; {rate} req/s, {pairs} alternating pairs)",
+             "value": f"median {a:.2f} / {b:.2f} ms (runs {runs} ms; {samples} samples scraped)",
+             "target": "difference within the spread of the runs without",
+             "ok": None if quick else bool(b - a <= max(spread, 0.1))}]
 
 
 def run(quick: bool = False) -> list[dict]:
