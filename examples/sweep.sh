@@ -15,6 +15,7 @@ session_generator:
 YAML
 vk-gen "$OUT/w.yaml" --count 100 --seed 1 -o "$OUT/sessions.jsonl"
 
+rm -f "$OUT/serve.url"
 vk-serve --port 0 --ttft 0.04 --tpot 0.01 --max-num-seqs 16 > "$OUT/serve.url" &
 SERVE=$!
 trap 'kill $SERVE' EXIT

@@ -144,6 +144,7 @@ def test_probe_at_ten_times_capacity_stops_early(serve, sessions, tmp_path):
     assert probe["ended"] == "stopped" and probe["verdict"] == "fail"
     assert sat["t"] < 6, sat  # not the 20 s asked for
     assert sat["completed"] < 0.2 * sat["arrived"] and sat["in_flight"][1] > sat["in_flight"][0]
+    assert sat["server_queue"][1] > sat["server_queue"][0]  # the server's own gauges agree: its queue grows
     assert probe["wall_s"] < 8
     end = lines(out / probe["dir"] / "run.jsonl")[-1]
     assert end["kind"] == "run_end" and end["ended"] == "stopped"
@@ -275,3 +276,30 @@ def test_bad_options_are_one_line(sessions, tmp_path, args, message):
                        capture_output=True, timeout=60)
     err = p.stderr.decode()
     assert p.returncode == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_between_command_runs_between_probes_and_its_failure_stops(serve, sessions, tmp_path):
+    srv = serve("--ttft", "0.01", "--tpot", "0.001")
+    marks = tmp_path / "marks"
+    p = subprocess.run(sweep_cmd(sessions, "--api", srv.url, "-o", str(tmp_path / "a"), "--poisson", "5,10,20",
+                                 "--duration", "0.5", "--cooldown", "0.2", "--between-cmd", f"echo x >> {marks}",
+                                 "-q"), capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr.decode()
+    assert marks.read_text() == "x\nx\n"  # between the three probes, not before the first
+    p = subprocess.run(sweep_cmd(sessions, "--api", srv.url, "-o", str(tmp_path / "b"), "--poisson", "5,10",
+                                 "--duration", "0.5", "--between-cmd", "echo cache reset failed >&2; exit 3", "-q"),
+                       capture_output=True, timeout=60)
+    assert p.returncode == 2 and "--between-cmd exited 3: cache reset failed" in p.stderr.decode()
+    assert (tmp_path / "b" / "poisson-5" / "probe.json").exists()
+
+
+def test_reused_probes_are_scored_under_the_objectives_of_the_run_that_reuses_them(serve, sessions, tmp_path):
+    srv = serve("--ttft", "0.01", "--tpot", "0.001")
+    base = sweep_cmd(sessions, "--api", srv.url, "-o", str(tmp_path / "a"), "--poisson", "5,10", "--duration", "0.5",
+                     "--json", "-q")
+    first = orjson.loads(subprocess.run([*base, "--slo", "ttft:p90<1s"], capture_output=True, timeout=60).stdout)
+    assert [q["verdict"] for q in first["probes"]] == ["pass", "pass"]
+    p = subprocess.run([*base, "--slo", "ttft:p90<1ms"], capture_output=True, timeout=60)
+    again = orjson.loads(p.stdout)
+    assert [(q["verdict"], q["reused"]) for q in again["probes"]] == [("fail", True), ("fail", True)]
+    assert [q["run_id"] for q in again["probes"]] == [q["run_id"] for q in first["probes"]]  # no new traffic

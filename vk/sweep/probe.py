@@ -101,6 +101,10 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
     key = probe_key(ctx, value, attempt)
     done = load_complete(pdir, key)
     if done is not None:
+        if done.get("scoring") != scoring(plan):  # other objectives than when it ran: score the kept runs again
+            done = score_probe(ctx, name, index, value, attempt, done.get("saturation"),
+                               {"run_id": done.get("run_id"), "ended": done.get("ended")}, done.get("wall_s") or 0.0,
+                               key, done.get("seed"))
         done = {**done, "index": index, "sweep_id": ctx.sweep_id, "reused": True}
         _say(ctx, f"{name}: complete, reused")
         return done
@@ -114,7 +118,6 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
         drain(api, plan.drain_timeout)
     ctx.sent += 1
 
-    from vk.eval import evaluate
     from vk.schedule import schedule
     from vk.send import send
 
@@ -133,7 +136,8 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
     stop = threading.Event()
     monitor = None
     if plan.saturation and mode == "open":
-        monitor = Monitor(run_path, starts, nreq, stop, min_time=plan.saturation_min, duration=opts.get("duration"))
+        monitor = Monitor(run_path, starts, nreq, stop, min_time=plan.saturation_min, duration=opts.get("duration"),
+                          gauges=lambda: queue_gauges(api))
     annotation = {"sweep": {"sweep_id": ctx.sweep_id, "probe": name, "knob": plan.knob, "value": value,
                             "attempt": attempt, "seed": opts["seed"]}}
     _say(ctx, f"{name}: sending ({plan.knob} {value:g})")
@@ -154,16 +158,30 @@ def run_probe(ctx: Context, value: float, attempt: int, index: int) -> dict:
         raise KeyboardInterrupt  # the probe stays incomplete: the next run of the same command redoes it
     saturation = monitor.evidence if monitor is not None else None
 
-    # a repeat is scored together with the earlier runs at the same value: more requests, a narrower interval
-    runs = pooled_runs(ctx.outdir, plan.knob, value, attempt)
-    objectives = plan.objectives()
-    goodput_spec = per_request_goodput(plan)
-    res = evaluate(runs, slo=objectives, goodput=goodput_spec).to_dict()
-    with open(os.path.join(pdir, "eval.json"), "wb") as fh:
-        fh.write(orjson.dumps(res, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     if saturation is None and attempt:
         saturation = earlier_saturation(ctx.outdir, plan.knob, value, attempt)
-    rec = summarize(ctx, name, index, value, attempt, res, runs, saturation, end, wall, key, opts["seed"])
+    return score_probe(ctx, name, index, value, attempt, saturation, end, wall, key, opts["seed"])
+
+
+def scoring(plan: Plan) -> dict:
+    """What a verdict depends on besides the runs (a reused probe scored otherwise is scored again)."""
+    return {"objectives": plan.objectives(), "goodput": per_request_goodput(plan), "confidence": plan.confidence,
+            "bootstrap": plan.bootstrap}
+
+
+def score_probe(ctx: Context, name: str, index: int, value: float, attempt: int, saturation: dict | None,
+                end: dict, wall: float, key: dict, seed: int) -> dict:
+    """Evaluate the probe's runs (a repeat together with the runs before it at the same value: more requests, a
+    narrower interval), keep eval.json, and write probe.json last (the probe is complete)."""
+    from vk.eval import evaluate
+
+    plan = ctx.plan
+    pdir = os.path.join(ctx.outdir, name)
+    runs = pooled_runs(ctx.outdir, plan.knob, value, attempt)
+    res = evaluate(runs, slo=plan.objectives(), goodput=per_request_goodput(plan)).to_dict()
+    with open(os.path.join(pdir, "eval.json"), "wb") as fh:
+        fh.write(orjson.dumps(res, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    rec = summarize(ctx, name, index, value, attempt, res, runs, saturation, end, wall, key, seed)
     tmp = os.path.join(pdir, "probe.json.tmp")
     with open(tmp, "wb") as fh:
         fh.write(orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY))
@@ -199,7 +217,7 @@ def summarize(ctx: Context, name: str, index: int, value: float, attempt: int, r
         ctx.sweep_id, name, index, plan.knob, value, attempt=attempt, seed=seed, dir=name,
         pooled=[os.path.basename(os.path.dirname(p)) for p in run_path] if isinstance(run_path, list) else None,
         run_id=end.get("run_id"), ended=end.get("ended"), wall_s=round(wall, 3),
-        server_params=ctx.server.params if ctx.server is not None else None,
+        server_params=ctx.server.params if ctx.server is not None else None, scoring=scoring(plan),
         **figures(res), saturation=saturation, **scored, key=key)
 
 

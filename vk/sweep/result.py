@@ -90,7 +90,9 @@ class SweepResult:
                 lines.append(f"{p['probe']}: stopped at {s['t']:g} s ({s['rule']}): {s['arrived']} sessions due and "
                              f"{s['completed']} finished in ({s['window'][0]:g}, {s['window'][1]:g}] s, in flight "
                              f"{s['in_flight'][0]} -> {s['in_flight'][1]}, TTFT {_ms(s['ttft_first_quarter'])} -> "
-                             f"{_ms(s['ttft_last_quarter'])} ms (first -> last quarter)")
+                             f"{_ms(s['ttft_last_quarter'])} ms (first -> last quarter)"
+                             + (f", server queue {s['server_queue'][0]:g} -> {s['server_queue'][1]:g}"
+                                if s.get("server_queue") else ""))
         a = self.answer
         e = self.end
         if a is not None:

@@ -13,7 +13,8 @@ over the second half of what has run so far, ``(t/2, t]``:
 
 Under a stable load ``C`` follows ``A`` with a delay of one session time; at ten times the capacity ``C`` is about
 a tenth of ``A``. The evidence (the counts, in flight at ``t/2`` and at ``t``, the TTFT of the first and last
-quarter of the finished requests) goes into the probe's ``saturation`` field.
+quarter of the finished requests, and where the server's /metrics answers, its running + waiting requests at
+``t/2`` and ``t``) goes into the probe's ``saturation`` field.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Monitor(threading.Thread):
     """Reads ``run_path`` as it grows; sets ``stop`` and fills ``evidence`` when the test says saturated."""
 
     def __init__(self, run_path: str, starts: list[float], requests: dict[str, int], stop: threading.Event, *,
-                 min_time: float = 2.0, duration: float | None = None):
+                 min_time: float = 2.0, duration: float | None = None, gauges=None):
         super().__init__(daemon=True, name="vk-sweep-saturation")
         self.run_path = run_path
         self.starts = sorted(starts)
@@ -45,6 +46,8 @@ class Monitor(threading.Thread):
         self.min_time = min_time
         self.duration = duration
         self.done = threading.Event()
+        self.gauges = gauges  # () -> the server's running + waiting requests, or None (no /metrics)
+        self.queue: list[tuple[float, float]] = []  # (run time, running + waiting), about once a second
         self.evidence: dict | None = None
         self.start_epoch: float | None = None
         self.seen: dict[str, int] = {}
@@ -60,6 +63,12 @@ class Monitor(threading.Thread):
             if self.start_epoch is None:
                 continue
             t = time.time() - self.start_epoch
+            if self.gauges is not None and (not self.queue or t - self.queue[-1][0] >= 1.0):
+                n = self.gauges()
+                if n is None:
+                    self.gauges = None
+                else:
+                    self.queue.append((t, n))
             ev = self.check(t)
             if ev is not None:
                 self.evidence = ev
@@ -133,11 +142,15 @@ class Monitor(threading.Thread):
         q = max(1, len(tt) // 4)
         early = statistics.median(x for _, x in tt[:q]) if tt else None
         late = statistics.median(x for _, x in tt[-q:]) if tt else None
+        server_queue = None
+        if self.queue:
+            at_half = min(self.queue, key=lambda x: abs(x[0] - half))[1]
+            server_queue = [at_half, self.queue[-1][1]]
         return {"rule": rule, "t": round(t, 3), "window": [round(half, 3), round(t, 3)],
                 "arrived": arrived, "completed": completed, "in_flight": in_flight,
                 "service_time": None if service is None else round(service, 6),
                 "ttft_first_quarter": None if early is None else round(early, 6),
-                "ttft_last_quarter": None if late is None else round(late, 6)}
+                "ttft_last_quarter": None if late is None else round(late, 6), "server_queue": server_queue}
 
 
 def schedule_arrivals(schedule_path: str) -> tuple[str, list[float], dict[str, int]]:
