@@ -219,3 +219,20 @@ def test_ray_cluster_runs_as_one_run(cluster, serve, tmp_path):
     survivor = [r for r in responses(recs) if r["worker"] != lost["worker"]]
     assert survivor and all(r["status"] == "ok" for r in survivor)
     assert orjson.loads(open(out, "rb").readline())["ray"]["nodes"]
+
+    # -- the same with --reassign-lost on a fresh second node: the lost node's sessions still due run elsewhere --
+    extra = c.add_node(num_cpus=1, object_store_memory=STORE)
+    c.wait_for_nodes()
+    out = str(tmp_path / "moved.out")
+    p = _vk_send(path, "--api", srv.url, "--ray", c.address, "--reassign-lost", "-o", out)
+    _wait_for_responses(out, 4, p)
+    c.remove_node(extra, allow_graceful=False)
+    _, err = p.communicate(timeout=90)
+    assert p.returncode == 3, err.decode()
+    recs = read_run(out)
+    _accounted_once(recs, sched)
+    (lost,) = recs[-1]["workers_lost"]
+    assert lost["sessions_reassigned"] >= 1 and lost["sessions_not_started"] == 0
+    assert recs[-1]["sessions_not_started"] == 0  # every session ran, on the node that was left where needed
+    moved = [r for r in responses(recs) if r["session_index"] % 2 == lost["worker"] and r["worker"] != lost["worker"]]
+    assert len(moved) == lost["sessions_reassigned"] and all(r["status"] == "ok" for r in moved)

@@ -34,6 +34,7 @@ from vk import __version__
 from vk.errors import VkError
 from vk.send.collector import linear_percentile, round_lag
 from vk.send.engine import Config
+from vk.send.inputs import first_due
 from vk.send.workers import worker_main
 
 _mono = time.monotonic
@@ -252,8 +253,10 @@ class RayWorker:
     """The driver's stand-in for one Ray worker, shaped like a local worker process for run_workers: two pumps
     between a pair of local pipes and the relay actor."""
 
-    def __init__(self, ray, w: int, actor, node: dict, ctx):
+    def __init__(self, ray, w: int, actor, node: dict, ctx, on_lost=None):
         self.ray = ray
+        self.on_lost = on_lost  # called before run_workers hears of the loss
+        self.mono0: float | None = None  # the run's start instant (the driver's clock)
         self.w = w
         self.actor = actor
         self.node = node
@@ -294,6 +297,7 @@ class RayWorker:
                 continue  # keep reading, so that run_workers never blocks on a lost worker's pipe
             if batch[0].startswith(b"start "):  # the run's start instant, on this node's monotonic clock
                 _, m0, e0 = batch[0].split()
+                self.mono0 = float(m0)
                 batch[0] = b"start %r %s" % (float(m0) + offset, e0)
             try:
                 ray.get(self.actor.push.remote(batch))
@@ -326,6 +330,8 @@ class RayWorker:
         except Exception as e:  # noqa: BLE001 - the actor or its node is gone
             self._lose(f"{self.where()} lost: {_short(e)}")
         finally:
+            if self.lost and self.on_lost is not None:
+                self.on_lost(self)
             out.close()
 
     # the process interface run_workers uses
@@ -419,9 +425,12 @@ class RayPool:
             n["clock"] = measure_offset(lambda a=n["actor"]: ray.get(a.clock.remote()))
         ctx = mp.get_context("fork")
         for w, i in enumerate(infos):
-            self.workers.append(RayWorker(ray, w, self.actors[w], self.nodes[index[i["node_id"]]], ctx))
+            self.workers.append(RayWorker(ray, w, self.actors[w], self.nodes[index[i["node_id"]]], ctx,
+                                          on_lost=lambda rw: maybe_started(collector.ledger, rw.w, rw.mono0)))
         for rw in self.workers:
             rw.start()
+        if not self.quiet:
+            warn_offsets(self)
         self._count_per_node(collector)
         return self.workers, [(rw.down_w, rw.up_r) for rw in self.workers], RayStop(self.actors)
 
@@ -501,6 +510,24 @@ class RayPool:
                 ray.shutdown()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def maybe_started(ledger, worker: int, mono0: float | None) -> None:
+    """A lost Ray worker's sessions that may have started: open loop, those due by now; closed loop, all it was
+    handed (it gets a session only for a free slot). Its messages saying which started died with it (a local
+    worker's are still in its pipe), so these count as started: their requests without a record become
+    'worker lost' records (they may have been sent), never sessions 'not started' or handed to another worker."""
+    if mono0 is None:
+        return
+    now = _mono() - mono0
+    for e in ledger.at_worker(worker):
+        if e.t_start is not None:
+            continue
+        start = e.ss.get("start")
+        if start is None:
+            ledger.mark_started(e.ss.get("index"), e.ss["session"].get("id"), 0.0)
+        elif first_due(e.ss) <= now:
+            ledger.mark_started(e.ss.get("index"), e.ss["session"].get("id"), float(start))
 
 
 def warn_offsets(pool: RayPool, out=sys.stderr) -> None:
