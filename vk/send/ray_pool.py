@@ -377,11 +377,12 @@ class RayPool:
         self.workers: list[RayWorker] = []
         self.nodes: list[dict] = []
         self.pg = None
+        self.ledger = None
         self.lags: dict[int, array] = {}
         self.ahead = START_AHEAD
 
     # -- before the run ---------------------------------------------------------------------------------------
-    def start(self, cfg: Config, workers: int, progress: bool, collector) -> tuple[list, list, RayStop]:
+    def start(self, cfg: Config, workers: int, progress: bool) -> tuple[list, list, RayStop]:
         """Place ``workers`` relays over the nodes, fork their workers, measure the clocks; returns what
         run_workers takes: (processes, [(to_worker, from_worker)], stop_event)."""
         ray = self.ray
@@ -426,16 +427,21 @@ class RayPool:
         ctx = mp.get_context("fork")
         for w, i in enumerate(infos):
             self.workers.append(RayWorker(ray, w, self.actors[w], self.nodes[index[i["node_id"]]], ctx,
-                                          on_lost=lambda rw: maybe_started(collector.ledger, rw.w, rw.mono0)))
+                                          on_lost=self._on_lost))
         for rw in self.workers:
             rw.start()
         if not self.quiet:
             warn_offsets(self)
-        self._count_per_node(collector)
         return self.workers, [(rw.down_w, rw.up_r) for rw in self.workers], RayStop(self.actors)
 
-    def _count_per_node(self, collector) -> None:
-        """Every record gets its node (the driver's own records of a lost worker too); dispatch lag per node."""
+    def _on_lost(self, rw: RayWorker) -> None:
+        if self.ledger is not None:
+            maybe_started(self.ledger, rw.w, rw.mono0)
+
+    def attach(self, collector) -> None:
+        """Every record gets its node (the driver's own records of a lost worker too); dispatch lag per node; the
+        ledger, for a lost worker's sessions."""
+        self.ledger = collector.ledger
         add = collector.add
         node_of = {rw.w: rw.node["node"] for rw in self.workers}
         lags = self.lags = {n["node"]: array("d") for n in self.nodes}
