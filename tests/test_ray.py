@@ -179,15 +179,17 @@ def test_ray_cluster_runs_as_one_run(cluster, serve, tmp_path):
     assert abs(ttft_l - 0.05) < 0.005 and abs(ttft_r - 0.05) < 0.005
     assert err_l < 0.002 and err_r < 0.002  # event times against vk-serve's own send times
 
-    # -- a closed loop keeps exactly N sessions active across the cluster ---------------------------------------
+    # -- a closed loop keeps exactly N sessions active across the cluster (two workers per one-CPU node, N of them
+    # in use) ---------------------------------------------------------------------------------------------------
     n = 3
     fast = serve("--ttft", "0.03", "--tpot", "0.003")
     w = ListWriter()
     end = send(closed_schedule([session(f"c{i}", [req("a", out=10)]) for i in range(24)], n), api=fast.url,
-               output=w, ray=c.address, handle_signals=False, quiet=True)
+               output=w, ray=c.address, workers_per_node=2, handle_signals=False, quiet=True)
     rs = responses(w.records)
     assert end["ended"] == "complete" and len(rs) == 24 and all(r["status"] == "ok" for r in rs)
-    assert {r["node"] for r in rs} == {0, 1}
+    assert w.records[0]["ray"]["workers_per_node"] == 2 and end["workers"] == n
+    assert {r["node"] for r in rs} == {0, 1} and {r["worker"] for r in rs} == {0, 1, 2}
     edges = sorted([(r["t_dispatched"], 1) for r in rs] + [(r["t_done"], -1) for r in rs])
     cur = peak = 0
     for _, d in edges:

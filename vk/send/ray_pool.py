@@ -42,7 +42,8 @@ _mono = time.monotonic
 RAY_MISSING = "--ray: Ray is not installed here (pip install 'vk[ray]')"
 START_AHEAD = 1.0  # seconds from fixing the start instant to the start: the start message crosses the cluster
 PING_ROUNDS = 24  # round trips per node for its clock offset
-BATCH = 512  # messages per Ray call, each way
+BATCH = 512  # messages per Ray call, each way ...
+BATCH_BYTES = 4 << 20  # ... and at most about this many bytes (sessions with long prompts, records with --save-text)
 RELAY_BUFFER = 4096  # messages a relay holds for the driver before its worker waits on its pipe (bounded memory)
 PULL_WAIT = 0.05  # seconds a pull waits for the first message
 PLACE_TIMEOUT = 60.0  # seconds to wait for the placement group
@@ -179,12 +180,14 @@ class SenderRelay:
             m = self.out.get(timeout=PULL_WAIT)
         except queue.Empty:
             return out, None
+        size = 0
         while True:
             if m is None:
                 self.ended = True
                 return out, _how(self.proc.exitcode)
             out.append(m)
-            if len(out) >= BATCH:
+            size += len(m)
+            if len(out) >= BATCH or size >= BATCH_BYTES:
                 return out, None
             try:
                 m = self.out.get_nowait()
@@ -289,8 +292,10 @@ class RayWorker:
         while True:
             try:
                 batch = [conn.recv_bytes()]
-                while len(batch) < BATCH and conn.poll():
+                size = len(batch[0])
+                while len(batch) < BATCH and size < BATCH_BYTES and conn.poll():
                     batch.append(conn.recv_bytes())
+                    size += len(batch[-1])
             except (EOFError, OSError):
                 break
             if self.lost:
