@@ -35,6 +35,7 @@ from vk.errors import VkError
 from vk.send.collector import linear_percentile, round_lag
 from vk.send.engine import Config
 from vk.send.inputs import first_due
+from vk.send.options import raise_nofile_limit
 from vk.send.workers import worker_main
 
 _mono = time.monotonic
@@ -118,14 +119,14 @@ class SenderRelay:
 
     def launch(self, cfg: Config, progress: bool, node: int) -> int:
         """Fork the worker (from a thread that lives as long as it: the parent-death signal follows the thread
-        that forked) and wait until it is ready; returns its pid."""
+        that forked) and wait until it is ready; returns the open-file limit it runs with."""
+        soft, _hard = raise_nofile_limit()  # a socket per request in flight, as for a local worker
         ready: queue.Queue = queue.Queue()
         threading.Thread(target=self._own, args=(cfg, progress, node, ready), daemon=True,
                          name="vk-relay").start()
-        pid = ready.get()
-        if pid is None:
+        if ready.get() is None:
             raise RuntimeError("the vk-send worker process failed to start")
-        return pid
+        return soft
 
     def _own(self, cfg: Config, progress: bool, node: int, ready: queue.Queue) -> None:
         ctx = mp.get_context("fork")
@@ -424,7 +425,8 @@ class RayPool:
                              "concurrency": cfg.concurrency // workers + (1 if w < cfg.concurrency % workers else 0)})
             launches.append(self.actors[w].launch.remote(wcfg, progress, k))
         try:
-            ray.get(launches)
+            for w, soft in enumerate(ray.get(launches)):
+                self.nodes[index[infos[w]["node_id"]]]["open_files_limit"] = soft
         except Exception as e:  # noqa: BLE001
             raise VkError(f"--ray: a worker failed to start ({_short(e)})") from None
         for n in self.nodes:  # last before the start: the offsets are as fresh as they can be
@@ -468,7 +470,8 @@ class RayPool:
         return {"ray": {
             "address": self.address, "workers_per_node": self.workers_per_node,
             "nodes": [{"node": n["node"], "node_id": n["node_id"], "host": n["host"], "ip": n["ip"],
-                       "workers": n["workers"], "clock_offset": round(n["clock"]["wall"], 7),
+                       "workers": n["workers"], "open_files_limit": n.get("open_files_limit"),
+                       "clock_offset": round(n["clock"]["wall"], 7),
                        "clock_uncertainty": round(n["clock"]["uncertainty"], 7),
                        "clock_rtt": round(n["clock"]["rtt"], 7), "clock_samples": n["clock"]["samples"]}
                       for n in self.nodes]}}
