@@ -402,7 +402,7 @@ class RayPool:
             raise VkError(f"--ray: cannot place {workers} workers of {self.cpu_each:g} CPU on the cluster within "
                           f"{PLACE_TIMEOUT:g} s (lower --workers-per-node?)") from None
         relay = ray.remote(SenderRelay)
-        self.actors = [relay.options(num_cpus=self.cpu_each, max_concurrency=4, max_restarts=0,
+        self.actors = [relay.options(num_cpus=self.cpu_each, max_concurrency=8, max_restarts=0,
                                      scheduling_strategy=PlacementGroupSchedulingStrategy(
                                          self.pg, placement_group_bundle_index=w)).remote()
                        for w in range(workers)]
