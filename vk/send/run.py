@@ -121,7 +121,8 @@ def send(
     run header (annotations, e.g. vk-sweep's ``{"sweep": {...}}``). Setting ``stop`` (a ``threading.Event``) from
     another thread ends the run as a signal would (requests in flight cancelled), with ``ended: "stopped"``.
     ``ray`` (``auto``, ``HOST:PORT`` or ``ray://HOST:10001``) runs the workers on that Ray cluster,
-    ``workers_per_node`` on each node [default: its CPUs] (vk.send.ray_pool).
+    ``workers_per_node`` on each node [default: its CPUs] (vk.send.ray_pool); a process already connected to Ray
+    runs on that connection's cluster.
     """
     if api_key is None:
         api_key = api_key_from_env()
