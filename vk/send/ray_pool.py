@@ -269,7 +269,6 @@ class RayWorker:
         self.lost = False
         self.down_r, self.down_w = ctx.Pipe(duplex=False)  # run_workers -> relay
         self.up_r, self.up_w = ctx.Pipe(duplex=False)  # relay -> run_workers
-        self.pulled = 0  # messages received through Ray (the bench's transfer rate)
         self.up = threading.Thread(target=self._up, daemon=True, name=f"vk-ray-up-{w}")
         self.down = threading.Thread(target=self._down, daemon=True, name=f"vk-ray-down-{w}")
 
@@ -324,7 +323,6 @@ class RayWorker:
                 msgs, how = ray.get(ref)
                 if how is None:
                     ref = self.actor.pull.remote()  # the next batch travels while this one is written
-                self.pulled += len(msgs)
                 for m in msgs:
                     out.send_bytes(m)
                 if how is not None:
@@ -491,18 +489,20 @@ class RayPool:
             entry.update(dispatch_lag_p50=round_lag(linear_percentile(s, 0.5) if s else None),
                          dispatch_lag_p99=round_lag(p99), dispatch_lag_max=round_lag(s[-1] if s else None),
                          lagged=p99 is not None and p99 > lag_threshold)
-            if len(lost) < len(mine):
+            alive = [rw.actor for rw in mine if not rw.lost]
+            if alive:
                 try:
-                    c = measure_offset(lambda a=n["actor"]: ray.get(a.clock.remote(), timeout=5.0), rounds=8)
+                    c = measure_offset(lambda a=alive[0]: ray.get(a.clock.remote(), timeout=5.0), rounds=8)
                     entry["clock_drift"] = round(c["mono"] - n["clock"]["mono"], 7)
                     entry["clock_uncertainty_end"] = round(c["uncertainty"], 7)
                 except Exception:  # noqa: BLE001 - the node went away at the very end
                     pass
             out.append(entry)
+            if entry["lagged"] and not self.quiet and len(self.nodes) > 1:
+                print(f"vk-send: node {n['node']} ({n['host']}) lagged: p99 dispatch lag {p99 * 1e3:.2f} ms exceeds "
+                      f"{lag_threshold * 1e3:g} ms (its workers: {', '.join(map(str, n['workers']))})",
+                      file=sys.stderr)
         return {"ray_nodes": out}
-
-    def transferred(self) -> int:
-        return sum(rw.pulled for rw in self.workers)
 
     def close(self) -> None:
         """Stop the relays (their workers exit with them), free the placement group, leave the cluster."""
