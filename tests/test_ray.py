@@ -16,7 +16,7 @@ import time
 import numpy as np
 import orjson
 import pytest
-from conftest import vk_cmd
+from conftest import run_vk, vk_cmd
 from test_send import closed_schedule, open_schedule, read_run, req, responses, session, write_jsonl
 
 from vk import records
@@ -109,6 +109,23 @@ def _wait_for_responses(path, n, proc, timeout=60.0):
     raise AssertionError(f"fewer than {n} responses after {timeout} s")
 
 
+def _ray_worker_pid() -> int:
+    """The pid of a vk-send worker process forked by a Ray relay actor (it carries the actor's process title, and
+    so does its parent)."""
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read()
+            ppid = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]
+            parent = open(f"/proc/{ppid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"SenderRelay" in cmd and b"SenderRelay" in parent:
+            return int(d)
+    raise AssertionError("no vk-send worker under a Ray relay")
+
+
 def _accounted_once(recs, sched):
     """Every request of the schedule is accounted for exactly once: a record, or its session not started."""
     rs = responses(recs)
@@ -154,7 +171,7 @@ def test_ray_cluster_runs_as_one_run(cluster, serve, tmp_path):
     assert all(r["node"] == node_of[r["worker"]] and r["worker"] == r["session_index"] % 2 for r in rs_ray)
     for n in nodes:  # one machine: the offset is measured, and it is about zero
         assert 0 < n["clock_uncertainty"] < 0.01 and abs(n["clock_offset"]) <= n["clock_uncertainty"] + 0.001
-        assert n["clock_samples"] >= 8
+        assert n["clock_samples"] >= 8 and n["open_files_limit"] > 0
     assert [x["node"] for x in end["ray_nodes"]] == [0, 1]
     assert all(abs(x["clock_drift"]) < 0.01 and x["dispatch_lag_p99"] is not None for x in end["ray_nodes"])
     ttft_l, err_l = _ttft_and_truth(rs_local[2:])
@@ -162,15 +179,17 @@ def test_ray_cluster_runs_as_one_run(cluster, serve, tmp_path):
     assert abs(ttft_l - 0.05) < 0.005 and abs(ttft_r - 0.05) < 0.005
     assert err_l < 0.002 and err_r < 0.002  # event times against vk-serve's own send times
 
-    # -- a closed loop keeps exactly N sessions active across the cluster ---------------------------------------
+    # -- a closed loop keeps exactly N sessions active across the cluster (two workers per one-CPU node, N of them
+    # in use) ---------------------------------------------------------------------------------------------------
     n = 3
     fast = serve("--ttft", "0.03", "--tpot", "0.003")
     w = ListWriter()
     end = send(closed_schedule([session(f"c{i}", [req("a", out=10)]) for i in range(24)], n), api=fast.url,
-               output=w, ray=c.address, handle_signals=False, quiet=True)
+               output=w, ray=c.address, workers_per_node=2, handle_signals=False, quiet=True)
     rs = responses(w.records)
     assert end["ended"] == "complete" and len(rs) == 24 and all(r["status"] == "ok" for r in rs)
-    assert {r["node"] for r in rs} == {0, 1}
+    assert w.records[0]["ray"]["workers_per_node"] == 2 and end["workers"] == n
+    assert {r["node"] for r in rs} == {0, 1} and {r["worker"] for r in rs} == {0, 1, 2}
     edges = sorted([(r["t_dispatched"], 1) for r in rs] + [(r["t_done"], -1) for r in rs])
     cur = peak = 0
     for _, d in edges:
@@ -197,25 +216,49 @@ def test_ray_cluster_runs_as_one_run(cluster, serve, tmp_path):
         assert time.monotonic() < deadline, ray.available_resources()
         time.sleep(0.2)
 
-    # -- a node lost mid-run: its requests in flight are records with the reason, the rest not started ---------
+    # -- one node's worker killed mid-run: its requests in flight are records with the reason, the rest not started
     sched = open_schedule(slow, [i * 0.1 for i in range(40)])
     path = write_jsonl(tmp_path / "lost.jsonl", sched)
     out = str(tmp_path / "lost.out")
     p = _vk_send(path, "--api", srv.url, "--ray", c.address, "-o", out)
     _wait_for_responses(out, 4, p)
-    c.remove_node(extra, allow_graceful=False)
+    os.kill(_ray_worker_pid(), signal.SIGKILL)
     _, err = p.communicate(timeout=90)
     assert p.returncode == 3, err.decode()  # worker_lost
     recs = read_run(out)
     end = recs[-1]
     assert end["ended"] == "worker_lost" and "Ray worker on node" in end["reason"]
+    assert "killed by SIGKILL" in end["reason"]
     _accounted_once(recs, sched)
     (lost,) = end["workers_lost"]
+    w = lost["worker"]
     gone = [r for r in responses(recs) if (r.get("error") or "").startswith("worker lost:")]
     assert lost["requests_lost"] == len(gone) >= 1 and lost["sessions_not_started"] >= 1
-    assert all(r["status"] == "cancelled" and r["worker"] == lost["worker"] and "Ray worker on node" in r["error"]
-               for r in gone)
-    assert [x["workers_lost"] for x in end["ray_nodes"]].count([lost["worker"]]) == 1
-    survivor = [r for r in responses(recs) if r["worker"] != lost["worker"]]
+    assert all(r["status"] == "cancelled" and r["worker"] == w and "Ray worker on node" in r["error"] for r in gone)
+    assert [x["workers_lost"] for x in end["ray_nodes"]].count([w]) == 1
+    survivor = [r for r in responses(recs) if r["worker"] != w]
     assert survivor and all(r["status"] == "ok" for r in survivor)
-    assert orjson.loads(open(out, "rb").readline())["ray"]["nodes"]
+    # per-node figures from vk-eval: the lost node's group holds the lost requests
+    ev = orjson.loads(run_vk("vk-eval", out, "--group-by", "node", "--json", check=True).stdout)
+    counts = {g["key"]["node"]: g["summary"]["counts"] for g in ev["groups"]}
+    lost_node = str(next(n["node"] for n in recs[0]["ray"]["nodes"] if w in n["workers"]))
+    assert sorted(counts) == ["0", "1"] and counts[lost_node]["cancelled"] == len(gone)
+
+    # -- a whole node lost, with --reassign-lost: its sessions still due run on the node that is left ------------
+    # (Ray notices a removed node only after a few seconds: the schedule runs longer than that)
+    sched = open_schedule([session(f"m{i}", [req("a", out=40)]) for i in range(80)], [i * 0.1 for i in range(80)])
+    path = write_jsonl(tmp_path / "moved.jsonl", sched)
+    out = str(tmp_path / "moved.out")
+    p = _vk_send(path, "--api", srv.url, "--ray", c.address, "--reassign-lost", "-o", out)
+    _wait_for_responses(out, 4, p)
+    c.remove_node(extra, allow_graceful=False)
+    _, err = p.communicate(timeout=90)
+    assert p.returncode == 3, err.decode()
+    recs = read_run(out)
+    _accounted_once(recs, sched)
+    (lost,) = recs[-1]["workers_lost"]
+    assert "Ray worker on node" in lost["how"] and "lost" in lost["how"]
+    assert lost["sessions_reassigned"] >= 1 and lost["sessions_not_started"] == 0
+    assert recs[-1]["sessions_not_started"] == 0  # every session ran, on the node that was left where needed
+    moved = [r for r in responses(recs) if r["session_index"] % 2 == lost["worker"] and r["worker"] != lost["worker"]]
+    assert len(moved) == lost["sessions_reassigned"] and all(r["status"] == "ok" for r in moved)

@@ -34,6 +34,8 @@ from vk import __version__
 from vk.errors import VkError
 from vk.send.collector import linear_percentile, round_lag
 from vk.send.engine import Config
+from vk.send.inputs import first_due
+from vk.send.options import raise_nofile_limit
 from vk.send.workers import worker_main
 
 _mono = time.monotonic
@@ -41,7 +43,8 @@ _mono = time.monotonic
 RAY_MISSING = "--ray: Ray is not installed here (pip install 'vk[ray]')"
 START_AHEAD = 1.0  # seconds from fixing the start instant to the start: the start message crosses the cluster
 PING_ROUNDS = 24  # round trips per node for its clock offset
-BATCH = 512  # messages per Ray call, each way
+BATCH = 512  # messages per Ray call, each way ...
+BATCH_BYTES = 4 << 20  # ... and at most about this many bytes (sessions with long prompts, records with --save-text)
 RELAY_BUFFER = 4096  # messages a relay holds for the driver before its worker waits on its pipe (bounded memory)
 PULL_WAIT = 0.05  # seconds a pull waits for the first message
 PLACE_TIMEOUT = 60.0  # seconds to wait for the placement group
@@ -116,14 +119,14 @@ class SenderRelay:
 
     def launch(self, cfg: Config, progress: bool, node: int) -> int:
         """Fork the worker (from a thread that lives as long as it: the parent-death signal follows the thread
-        that forked) and wait until it is ready; returns its pid."""
+        that forked) and wait until it is ready; returns the open-file limit it runs with."""
+        soft, _hard = raise_nofile_limit()  # a socket per request in flight, as for a local worker
         ready: queue.Queue = queue.Queue()
         threading.Thread(target=self._own, args=(cfg, progress, node, ready), daemon=True,
                          name="vk-relay").start()
-        pid = ready.get()
-        if pid is None:
+        if ready.get() is None:
             raise RuntimeError("the vk-send worker process failed to start")
-        return pid
+        return soft
 
     def _own(self, cfg: Config, progress: bool, node: int, ready: queue.Queue) -> None:
         ctx = mp.get_context("fork")
@@ -178,12 +181,14 @@ class SenderRelay:
             m = self.out.get(timeout=PULL_WAIT)
         except queue.Empty:
             return out, None
+        size = 0
         while True:
             if m is None:
                 self.ended = True
                 return out, _how(self.proc.exitcode)
             out.append(m)
-            if len(out) >= BATCH:
+            size += len(m)
+            if len(out) >= BATCH or size >= BATCH_BYTES:
                 return out, None
             try:
                 m = self.out.get_nowait()
@@ -252,8 +257,10 @@ class RayWorker:
     """The driver's stand-in for one Ray worker, shaped like a local worker process for run_workers: two pumps
     between a pair of local pipes and the relay actor."""
 
-    def __init__(self, ray, w: int, actor, node: dict, ctx):
+    def __init__(self, ray, w: int, actor, node: dict, ctx, on_lost=None):
         self.ray = ray
+        self.on_lost = on_lost  # called before run_workers hears of the loss
+        self.mono0: float | None = None  # the run's start instant (the driver's clock)
         self.w = w
         self.actor = actor
         self.node = node
@@ -262,7 +269,6 @@ class RayWorker:
         self.lost = False
         self.down_r, self.down_w = ctx.Pipe(duplex=False)  # run_workers -> relay
         self.up_r, self.up_w = ctx.Pipe(duplex=False)  # relay -> run_workers
-        self.pulled = 0  # messages received through Ray (the bench's transfer rate)
         self.up = threading.Thread(target=self._up, daemon=True, name=f"vk-ray-up-{w}")
         self.down = threading.Thread(target=self._down, daemon=True, name=f"vk-ray-down-{w}")
 
@@ -286,14 +292,17 @@ class RayWorker:
         while True:
             try:
                 batch = [conn.recv_bytes()]
-                while len(batch) < BATCH and conn.poll():
+                size = len(batch[0])
+                while len(batch) < BATCH and size < BATCH_BYTES and conn.poll():
                     batch.append(conn.recv_bytes())
+                    size += len(batch[-1])
             except (EOFError, OSError):
                 break
             if self.lost:
                 continue  # keep reading, so that run_workers never blocks on a lost worker's pipe
             if batch[0].startswith(b"start "):  # the run's start instant, on this node's monotonic clock
                 _, m0, e0 = batch[0].split()
+                self.mono0 = float(m0)
                 batch[0] = b"start %r %s" % (float(m0) + offset, e0)
             try:
                 ray.get(self.actor.push.remote(batch))
@@ -314,7 +323,6 @@ class RayWorker:
                 msgs, how = ray.get(ref)
                 if how is None:
                     ref = self.actor.pull.remote()  # the next batch travels while this one is written
-                self.pulled += len(msgs)
                 for m in msgs:
                     out.send_bytes(m)
                 if how is not None:
@@ -326,6 +334,8 @@ class RayWorker:
         except Exception as e:  # noqa: BLE001 - the actor or its node is gone
             self._lose(f"{self.where()} lost: {_short(e)}")
         finally:
+            if self.lost and self.on_lost is not None:
+                self.on_lost(self)
             out.close()
 
     # the process interface run_workers uses
@@ -371,11 +381,12 @@ class RayPool:
         self.workers: list[RayWorker] = []
         self.nodes: list[dict] = []
         self.pg = None
+        self.ledger = None
         self.lags: dict[int, array] = {}
         self.ahead = START_AHEAD
 
     # -- before the run ---------------------------------------------------------------------------------------
-    def start(self, cfg: Config, workers: int, progress: bool, collector) -> tuple[list, list, RayStop]:
+    def start(self, cfg: Config, workers: int, progress: bool) -> tuple[list, list, RayStop]:
         """Place ``workers`` relays over the nodes, fork their workers, measure the clocks; returns what
         run_workers takes: (processes, [(to_worker, from_worker)], stop_event)."""
         ray = self.ray
@@ -389,7 +400,7 @@ class RayPool:
             raise VkError(f"--ray: cannot place {workers} workers of {self.cpu_each:g} CPU on the cluster within "
                           f"{PLACE_TIMEOUT:g} s (lower --workers-per-node?)") from None
         relay = ray.remote(SenderRelay)
-        self.actors = [relay.options(num_cpus=self.cpu_each, max_concurrency=4, max_restarts=0,
+        self.actors = [relay.options(num_cpus=self.cpu_each, max_concurrency=8, max_restarts=0,
                                      scheduling_strategy=PlacementGroupSchedulingStrategy(
                                          self.pg, placement_group_bundle_index=w)).remote()
                        for w in range(workers)]
@@ -412,21 +423,30 @@ class RayPool:
                              "concurrency": cfg.concurrency // workers + (1 if w < cfg.concurrency % workers else 0)})
             launches.append(self.actors[w].launch.remote(wcfg, progress, k))
         try:
-            ray.get(launches)
+            for w, soft in enumerate(ray.get(launches)):
+                self.nodes[index[infos[w]["node_id"]]]["open_files_limit"] = soft
         except Exception as e:  # noqa: BLE001
             raise VkError(f"--ray: a worker failed to start ({_short(e)})") from None
         for n in self.nodes:  # last before the start: the offsets are as fresh as they can be
             n["clock"] = measure_offset(lambda a=n["actor"]: ray.get(a.clock.remote()))
         ctx = mp.get_context("fork")
         for w, i in enumerate(infos):
-            self.workers.append(RayWorker(ray, w, self.actors[w], self.nodes[index[i["node_id"]]], ctx))
+            self.workers.append(RayWorker(ray, w, self.actors[w], self.nodes[index[i["node_id"]]], ctx,
+                                          on_lost=self._on_lost))
         for rw in self.workers:
             rw.start()
-        self._count_per_node(collector)
+        if not self.quiet:
+            warn_offsets(self)
         return self.workers, [(rw.down_w, rw.up_r) for rw in self.workers], RayStop(self.actors)
 
-    def _count_per_node(self, collector) -> None:
-        """Every record gets its node (the driver's own records of a lost worker too); dispatch lag per node."""
+    def _on_lost(self, rw: RayWorker) -> None:
+        if self.ledger is not None:
+            maybe_started(self.ledger, rw.w, rw.mono0)
+
+    def attach(self, collector) -> None:
+        """Every record gets its node (the driver's own records of a lost worker too); dispatch lag per node; the
+        ledger, for a lost worker's sessions."""
+        self.ledger = collector.ledger
         add = collector.add
         node_of = {rw.w: rw.node["node"] for rw in self.workers}
         lags = self.lags = {n["node"]: array("d") for n in self.nodes}
@@ -448,7 +468,8 @@ class RayPool:
         return {"ray": {
             "address": self.address, "workers_per_node": self.workers_per_node,
             "nodes": [{"node": n["node"], "node_id": n["node_id"], "host": n["host"], "ip": n["ip"],
-                       "workers": n["workers"], "clock_offset": round(n["clock"]["wall"], 7),
+                       "workers": n["workers"], "open_files_limit": n.get("open_files_limit"),
+                       "clock_offset": round(n["clock"]["wall"], 7),
                        "clock_uncertainty": round(n["clock"]["uncertainty"], 7),
                        "clock_rtt": round(n["clock"]["rtt"], 7), "clock_samples": n["clock"]["samples"]}
                       for n in self.nodes]}}
@@ -468,18 +489,20 @@ class RayPool:
             entry.update(dispatch_lag_p50=round_lag(linear_percentile(s, 0.5) if s else None),
                          dispatch_lag_p99=round_lag(p99), dispatch_lag_max=round_lag(s[-1] if s else None),
                          lagged=p99 is not None and p99 > lag_threshold)
-            if len(lost) < len(mine):
+            alive = [rw.actor for rw in mine if not rw.lost]
+            if alive:
                 try:
-                    c = measure_offset(lambda a=n["actor"]: ray.get(a.clock.remote(), timeout=5.0), rounds=8)
+                    c = measure_offset(lambda a=alive[0]: ray.get(a.clock.remote(), timeout=5.0), rounds=8)
                     entry["clock_drift"] = round(c["mono"] - n["clock"]["mono"], 7)
                     entry["clock_uncertainty_end"] = round(c["uncertainty"], 7)
                 except Exception:  # noqa: BLE001 - the node went away at the very end
                     pass
             out.append(entry)
+            if entry["lagged"] and not self.quiet and len(self.nodes) > 1:
+                print(f"vk-send: node {n['node']} ({n['host']}) lagged: p99 dispatch lag {p99 * 1e3:.2f} ms exceeds "
+                      f"{lag_threshold * 1e3:g} ms (its workers: {', '.join(map(str, n['workers']))})",
+                      file=sys.stderr)
         return {"ray_nodes": out}
-
-    def transferred(self) -> int:
-        return sum(rw.pulled for rw in self.workers)
 
     def close(self) -> None:
         """Stop the relays (their workers exit with them), free the placement group, leave the cluster."""
@@ -501,6 +524,24 @@ class RayPool:
                 ray.shutdown()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def maybe_started(ledger, worker: int, mono0: float | None) -> None:
+    """A lost Ray worker's sessions that may have started: open loop, those due by now; closed loop, all it was
+    handed (it gets a session only for a free slot). Its messages saying which started died with it (a local
+    worker's are still in its pipe), so these count as started: their requests without a record become
+    'worker lost' records (they may have been sent), never sessions 'not started' or handed to another worker."""
+    if mono0 is None:
+        return
+    now = _mono() - mono0
+    for e in ledger.at_worker(worker):
+        if e.t_start is not None:
+            continue
+        start = e.ss.get("start")
+        if start is None:
+            ledger.mark_started(e.ss.get("index"), e.ss["session"].get("id"), 0.0)
+        elif first_due(e.ss) <= now:
+            ledger.mark_started(e.ss.get("index"), e.ss["session"].get("id"), float(start))
 
 
 def warn_offsets(pool: RayPool, out=sys.stderr) -> None:

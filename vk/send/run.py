@@ -121,7 +121,8 @@ def send(
     run header (annotations, e.g. vk-sweep's ``{"sweep": {...}}``). Setting ``stop`` (a ``threading.Event``) from
     another thread ends the run as a signal would (requests in flight cancelled), with ``ended: "stopped"``.
     ``ray`` (``auto``, ``HOST:PORT`` or ``ray://HOST:10001``) runs the workers on that Ray cluster,
-    ``workers_per_node`` on each node [default: its CPUs] (vk.send.ray_pool).
+    ``workers_per_node`` on each node [default: its CPUs] (vk.send.ray_pool); a process already connected to Ray
+    runs on that connection's cluster.
     """
     if api_key is None:
         api_key = api_key_from_env()
@@ -182,12 +183,6 @@ def send(
     else:
         probe.probe(api, api_key, hdrs, ssl_context=probe_tls, quiet=quiet)
 
-    pool = None
-    if ray is not None:
-        from vk.send.ray_pool import RayPool
-
-        pool = RayPool(ray, workers_per_node, quiet)
-        workers = pool.size if mode != "closed" else max(1, min(pool.size, conc))
     run_id = str(uuid.uuid4())
     cfg = Config(
         run_id=run_id, api=api, scheme=scheme, host=host, port=port, path=path, endpoint=endpoint, model=model,
@@ -203,7 +198,13 @@ def send(
 
     own_writer = not isinstance(output, Writer)
     writer = Writer(output) if own_writer else output
+    pool = None
     try:
+        if ray is not None:  # the workers on a Ray cluster (vk.send.ray_pool)
+            from vk.send.ray_pool import RayPool
+
+            pool = RayPool(ray, workers_per_node, quiet)
+            workers = cfg.workers = pool.size if mode != "closed" else max(1, min(pool.size, conc))
         return _run(cfg, header, stream_in, writer, workers, argv, me, progress, lag_threshold, soft,
                     handle_signals, quiet, reassign_lost, total_sessions, server=server,
                     scraper=None if scrape is None else Scraper.for_api(api, scrape, scrape_interval, scrape_buckets,
@@ -225,6 +226,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
 
     procs: list = []
     inprocess = workers == 1 and pool is None
+    if pool is not None:
+        procs, pipes, stop_event = pool.start(cfg, workers, progress)
     if workers > 1 and pool is None:
         import multiprocessing as mp
 
@@ -234,8 +237,8 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     if scraper is not None:
         scraper.start()  # before the start instant: its interpreter start-up is not the run's business
     collector = Collector(writer, max_errors, progress, None)
-    if pool is not None:  # a Ray cluster's workers, shaped like local ones (vk.send.ray_pool)
-        procs, pipes, stop_event = pool.start(cfg, workers, progress, collector)
+    if pool is not None:  # a Ray cluster's workers, shaped like local ones
+        pool.attach(collector)
     clock = RunClock()
     if inprocess:
         inproc = InProcess(cfg, clock, collector, state, input_error, handle_signals)
