@@ -68,6 +68,9 @@ def test_clock_offset_keeps_the_tightest_round_trip():
 
 @pytest.fixture(scope="module")
 def cluster():
+    # Keep the whole cluster on loopback: by default Ray binds its nodes to the machine's own network address,
+    # and the tests may reach only 127.0.0.1 (the variable makes Ray take the loopback address, as on macOS).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 

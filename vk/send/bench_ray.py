@@ -154,6 +154,7 @@ def run(quick: bool = False) -> list[dict]:
         rows.append({"figure": "driver record write rate (parse, ledger, counts, writer thread, flushed line)",
                      "value": f"{w['rate']:,.0f} records/s ({w['bytes']:,} bytes each: 64 events)",
                      "target": "(one driver's ceiling)", "ok": None})
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the cluster on loopback only (see tests/test_ray.py)
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": STORE,
                                                           "include_dashboard": False})
         try:
