@@ -67,7 +67,8 @@ def test_mooncake_lengths_timestamps_and_provenance(tok):
         assert r["input_tokens"] == row["input_length"] == counts[i]
         assert r["output_tokens"] == max(1, row["output_length"])
         assert s["trace_time"] == pytest.approx((row["timestamp"] - rows[0]["timestamp"]) / 1000.0)
-        assert s["source"] == {"generator": "trace:mooncake", "seed": 1, "file": str(MOONCAKE), "row": i + 1}
+        assert s["source"] == {"generator": "trace:mooncake", "seed": 1, "file": str(MOONCAKE), "row": i + 1,
+                               "tokenizer": "qwen2.5"}
 
 
 def test_mooncake_equal_hash_ids_give_identical_token_blocks(tok):

@@ -562,7 +562,8 @@ class Workload:
                 **content,
                 **extra,
             ))
-        src = {"generator": "synthetic", "graph": self.graph_type, "seed": seed, "index": i}
+        src = {"generator": "synthetic", "graph": self.graph_type, "seed": seed, "index": i,
+               "tokenizer": self.tokenizer.ref}
         if source_extra:
             src.update(source_extra)
         return records.new_session(f"s{seed}-{i}", reqs, source=src)

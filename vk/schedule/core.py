@@ -191,13 +191,37 @@ class Input:
                 pass
 
 
-def _copy(raw: bytes, n: int) -> bytes:
-    """Copy ``n`` (>= 2) of a session: its id gains ``#n`` and ``copy_of`` names the original."""
+def _copy(raw: bytes, n: int, identical: bool = False, counts: dict | None = None) -> bytes:
+    """Copy ``n`` (>= 2) of a session: its id gains ``#n`` and ``copy_of`` names the original. Unless
+    ``identical``, its prompts are made new requests to the server (vk.gen.copies.retext: the first word of every
+    conversation is swapped for another of one token), so that a copy does not hit the prefix cache its original
+    filled; ``counts["unchanged"]`` counts requests that could not be changed."""
     obj = orjson.loads(raw)
     sid = obj["id"]
+    if not identical:
+        from vk.gen.copies import retext
+
+        obj, unchanged = retext(obj, n)
+        if counts is not None and unchanged:
+            counts["unchanged"] = counts.get("unchanged", 0) + unchanged
     obj["id"] = f"{sid}#{n}"
     obj["copy_of"] = sid
     return orjson.dumps(obj)
+
+
+_COPY_KEY = b'"copy_of"'
+
+
+def _cache_tokens(raw: bytes, identical_copy: bool) -> tuple[int, int]:
+    """(input tokens, tokens an infinite prefix cache serves) of a session, from its records: ``prefix_tokens``
+    (what the workload shares), or, for an identical copy, all of its prompt (its original came first)."""
+    obj = orjson.loads(raw)
+    inp = cached = 0
+    for r in obj.get("requests") or ():
+        n = r.get("input_tokens") or 0
+        inp += n
+        cached += n if identical_copy else min(r.get("prefix_tokens") or 0, n)
+    return inp, cached
 
 
 def _reread(path: str) -> Iterator[list[bytes]]:
@@ -221,10 +245,13 @@ class Scheduler:
         self.stop = None  # why the schedule ended
         self.header: dict | None = None
         self.stats: StatsAcc | None = None
+        self.copy_counts: dict = {}
 
     def summary(self) -> dict:
         assert self.stats is not None
-        return self.stats.result(self.stop)
+        out = self.stats.result(self.stop)
+        out["copies_unchanged"] = self.copy_counts.get("unchanged", 0)
+        return out
 
     def run(self) -> Iterator[bytes]:
         cfg = self.cfg
@@ -257,7 +284,7 @@ class Scheduler:
         p = 2
         while True:
             for raws in _reread(path):
-                yield [_copy(r, p) for r in raws]
+                yield [_copy(r, p, self.cfg.identical_copies, self.copy_counts) for r in raws]
             p += 1
 
     def _emit(self, batches: Iterator[list[bytes]]) -> Iterator[bytes]:
@@ -270,6 +297,7 @@ class Scheduler:
         sk, sn = (cfg.shard[0] - 1, cfg.shard[1]) if cfg.shard else (0, 1)
         head, head_w = (_HEAD_CLOSED, _HEAD_CLOSED_WARM) if closed else (_HEAD, _HEAD_WARM)
         stats = self.stats
+        ident = cfg.identical_copies and cfg.cycle
         times: list[float] = []
         j = 0
         idx = 0
@@ -300,6 +328,7 @@ class Scheduler:
                         nwarm += 1
                     else:
                         append((head % (idx, t)) if t is not None else (head % idx))
+                    stats.add_tokens(*_cache_tokens(raw, ident and _COPY_KEY in raw))
                     append(raw)
                     append(_TAIL)
                     ts.append(t)
@@ -496,7 +525,8 @@ class Scheduler:
                 break
             if idx % sn == sk:
                 if copy_n > 1:
-                    raw = _copy(raw, copy_n)
+                    raw = _copy(raw, copy_n, cfg.identical_copies, self.copy_counts)
+                self.stats.add_tokens(*_cache_tokens(raw, copy_n > 1 and cfg.identical_copies))
                 if idx < warm or _WARM_KEY in raw:
                     out.append(_HEAD_WARM % (idx, t))
                     nwarm += 1
@@ -544,6 +574,7 @@ def schedule(
     duration=None,
     max_sessions=None,
     cycle=False,
+    identical_copies=False,
     warmup=0,
     shard=None,
     start_at=None,
@@ -558,7 +589,8 @@ def schedule(
     cfg = make_config(seed=seed, poisson=poisson, gamma=gamma, cv=cv, constant=constant, ramp=ramp, stages=stages,
                       onoff=onoff, replay=replay, speedup=speedup, max_idle=max_idle, target_rate=target_rate,
                       concurrency=concurrency, ramp_up=ramp_up, rate_limit=rate_limit, duration=duration,
-                      max_sessions=max_sessions, cycle=cycle, warmup=warmup, shard=shard, start_at=start_at,
+                      max_sessions=max_sessions, cycle=cycle, identical_copies=identical_copies, warmup=warmup,
+                      shard=shard, start_at=start_at,
                       validate=validate)
     return _records(cfg, sessions)
 

@@ -34,6 +34,7 @@ class Builder:
         self.cache = CacheSim() if flavor.hash_ids else None
         self.stride = (max_int_id + 1) if max_int_id is not None else None
         self._instr: dict[int, tuple[str, int]] = {}
+        self.tok_ref = getattr(tokenizer, "ref", getattr(tokenizer, "name", None))
         # Salts are numbers written as two head words (vk.gen.content): the first word is the prompt's (or the
         # block's) first token, so it is what tells two prompts apart. Fresh prompts take consecutive numbers from
         # a per-seed base (distinct first tokens for as many sessions as there are head words); a hash id takes a
@@ -247,7 +248,7 @@ class Builder:
                 output_control=cfg.output_control, params=dict(cfg.params) if cfg.params else None,
                 **body, **extra))
         source = {"generator": self.generator, "seed": self.seed, "file": self.source_file,
-                  "row": first_line}
+                  "row": first_line, "tokenizer": self.tok_ref}
         if len(turns) > 1:
             rows = sorted({tu.line for tu in turns})
             if len(rows) > 1:
