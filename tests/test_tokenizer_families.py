@@ -139,10 +139,18 @@ def test_synthetic_prompts_are_exact(family_dirs, family, graph):
         _synth_cfg(graph, shared_prefix_ratio=0.4, format="completion"),
     ]
     for cfg in variants:
+        shared: dict = {}
         for s in generate(cfg, count=8, seed=3, tokenizer=tok):
             for r in s["requests"]:
                 got = _chat_count(tok, r) if "messages" in r else tok.count(r["prompt"])
                 assert got == r["input_tokens"], (s["id"], r["id"])
+                k = r.get("prefix_tokens", 0)
+                if k:  # a shared prefix is the same tokens in every session that has it
+                    ids = tok.encode(r["messages"][-1]["content"] if "messages" in r else r["prompt"])
+                    if "messages" in r and len(r["messages"]) > 1:
+                        ids = tok.encode(r["messages"][0]["content"])
+                    key = (r.get("prefix_group"), k)
+                    assert shared.setdefault(key, ids[:k]) == ids[:k], (s["id"], r["id"])
 
 
 FLAVORS = [
