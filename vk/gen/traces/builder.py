@@ -233,6 +233,12 @@ class Builder:
                 instr, n_instr = self.instruction(out_tokens)
                 text += instr
                 n_in += n_instr
+            if tu.text is None and self.text.mode == "verify":
+                # this tokenizer's joins are not known to be exact (its self-check failed): check, and say so
+                got = self.tok.count(text) + (self.tok.count(system) if system else 0)
+                if got != n_in:
+                    self.warn.add("generated prompts whose length is off under this tokenizer (its self-check "
+                                  "failed: verify mode)", tu.line)
             if chat:
                 msgs = ([{"role": "system", "content": system}] if system else []) + \
                        [{"role": "user", "content": text}]
