@@ -97,6 +97,7 @@ class Input:
         self.sessions = sessions
         self.validate = validate
         self.count = 0  # sessions read on the first pass
+        self.last_tokens: list = []  # (input, cached) tokens of the sessions of the chunk yielded last
         self.exhausted = False
         self._spool = None
         self._path = None
@@ -143,6 +144,8 @@ class Input:
             if src != src_prev:
                 src_prev, n = src, 0
             out = []
+            toks: list = []
+            self.last_tokens = toks  # (input, cached) of each session of the chunk yielded last
             for line in lines:
                 n += 1
                 raw = line.rstrip()
@@ -166,6 +169,7 @@ class Input:
                     out.append((n, src, tt, raw))
                 else:
                     out.append(raw)
+                    toks.append(_request_tokens(obj))
             if out:
                 self.count += len(out)
                 if spool is not None:
@@ -209,19 +213,22 @@ def _copy(raw: bytes, n: int, identical: bool = False, counts: dict | None = Non
     return orjson.dumps(obj)
 
 
-_COPY_KEY = b'"copy_of"'
+def _request_tokens(obj: dict, identical_copy: bool = False) -> tuple[int, int]:
+    """(input tokens, tokens an infinite prefix cache serves) of a parsed session: its requests'
+    ``prefix_tokens`` (what the workload shares), or, for an identical copy, all of its prompt (its original
+    came first)."""
+    inp = cached = 0
+    for r in obj.get("requests") or ():
+        n = r.get("input_tokens") if type(r) is dict else None
+        if type(n) is int:
+            inp += n
+            p = r.get("prefix_tokens")
+            cached += n if identical_copy else (min(p, n) if type(p) is int else 0)
+    return inp, cached
 
 
 def _cache_tokens(raw: bytes, identical_copy: bool) -> tuple[int, int]:
-    """(input tokens, tokens an infinite prefix cache serves) of a session, from its records: ``prefix_tokens``
-    (what the workload shares), or, for an identical copy, all of its prompt (its original came first)."""
-    obj = orjson.loads(raw)
-    inp = cached = 0
-    for r in obj.get("requests") or ():
-        n = r.get("input_tokens") or 0
-        inp += n
-        cached += n if identical_copy else min(r.get("prefix_tokens") or 0, n)
-    return inp, cached
+    return _request_tokens(orjson.loads(raw), identical_copy)
 
 
 def _reread(path: str) -> Iterator[list[bytes]]:
@@ -276,18 +283,21 @@ class Scheduler:
 
     # ---- sessions for open (non-replay) and closed loops
 
-    def _sessions(self) -> Iterator[list[bytes]]:
-        yield from self.inp.first_pass()
+    def _sessions(self) -> Iterator[tuple[list[bytes], list | None]]:
+        """(raw sessions, their (input, cached) tokens or None: to be read from the raws) per chunk."""
+        inp = self.inp
+        for raws in inp.first_pass():
+            yield raws, inp.last_tokens
         if not self.cfg.cycle or self.inp.count == 0:
             return
         path = self.inp.rewind()
         p = 2
         while True:
             for raws in _reread(path):
-                yield [_copy(r, p, self.cfg.identical_copies, self.copy_counts) for r in raws]
+                yield [_copy(r, p, self.cfg.identical_copies, self.copy_counts) for r in raws], None
             p += 1
 
-    def _emit(self, batches: Iterator[list[bytes]]) -> Iterator[bytes]:
+    def _emit(self, batches: Iterator[tuple[list[bytes], list | None]]) -> Iterator[bytes]:
         cfg = self.cfg
         closed = cfg.mode == "closed"
         proc = None if closed else make_process(cfg)
@@ -297,17 +307,17 @@ class Scheduler:
         sk, sn = (cfg.shard[0] - 1, cfg.shard[1]) if cfg.shard else (0, 1)
         head, head_w = (_HEAD_CLOSED, _HEAD_CLOSED_WARM) if closed else (_HEAD, _HEAD_WARM)
         stats = self.stats
-        ident = cfg.identical_copies and cfg.cycle
+        ident = cfg.identical_copies  # sessions without token counts are the copies
         times: list[float] = []
         j = 0
         idx = 0
         stop = None
-        for raws in batches:
+        for raws, toks in batches:
             out: list[bytes] = []
             ts: list = []
             nwarm = 0
             append = out.append
-            for raw in raws:
+            for i, raw in enumerate(raws):
                 if closed:
                     t = None
                 else:
@@ -328,7 +338,7 @@ class Scheduler:
                         nwarm += 1
                     else:
                         append((head % (idx, t)) if t is not None else (head % idx))
-                    stats.add_tokens(*_cache_tokens(raw, ident and _COPY_KEY in raw))
+                    stats.add_tokens(*(toks[i] if toks is not None else _cache_tokens(raw, ident)))
                     append(raw)
                     append(_TAIL)
                     ts.append(t)
