@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
-
-from tests.conftest import run_vk
+from conftest import run_vk
 
 T = Path(__file__).resolve().parent / "data" / "traces"
 
