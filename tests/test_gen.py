@@ -474,3 +474,32 @@ def test_config_from_stdin():
     assert [s["requests"][0]["input_tokens"] for s in sessions] == [40, 40]
     bad = run_vk("vk-gen", "-", input=b"nonsense_key: 1\n")
     assert bad.returncode == 2 and bad.stderr.decode().startswith("vk-gen: <stdin>:1: nonsense_key")
+
+
+def test_veeksha_client_keys_and_inherit_history_on_a_default_graph_are_not_silent(capsys):
+    from vk.gen import generate as gen_sessions
+
+    cfg = {"client": {"use_min_tokens_prompt_fallback": True, "max_tokens_param": "max_completion_tokens"},
+           "session_generator": {"inherit_history": True}}
+    out = list(gen_sessions(cfg, count=2))
+    err = capsys.readouterr().err
+    assert all(r["output_control"] == "prompt" for s in out for r in s["requests"])
+    assert "vk-send --max-tokens-param max_completion_tokens" in err
+    assert "inherit_history: true has no effect on a single_request graph" in err
+
+
+def test_fastchat_system_field_and_empty_user_messages(tmp_path):
+    from vk.gen import traces
+
+    p = tmp_path / "fc.json"
+    p.write_text('[{"id": "a", "system": "You are terse.", "conversations": [{"from": "human", "value": "Hi"}, '
+                 '{"from": "gpt", "value": "Hello."}, {"from": "human", "value": " "}, {"from": "gpt", "value": '
+                 '"Anything else?"}, {"from": "human", "value": "No"}, {"from": "gpt", "value": "Bye."}]}]')
+    notes: list = []
+    cfg = {"session_generator": {"type": "trace", "trace_file": str(p), "flavor": "conversations"}}
+    (s,) = traces.generate(cfg, seed=1, warnings=notes)
+    msgs = [r["messages"] for r in s["requests"]]
+    assert msgs == [[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
+                    [{"role": "user", "content": "No"}]]
+    assert all(r["input_tokens"] > 0 for r in s["requests"])
+    assert any("1 empty user messages left out" in n for n in notes)

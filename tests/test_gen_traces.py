@@ -67,7 +67,8 @@ def test_mooncake_lengths_timestamps_and_provenance(tok):
         assert r["input_tokens"] == row["input_length"] == counts[i]
         assert r["output_tokens"] == max(1, row["output_length"])
         assert s["trace_time"] == pytest.approx((row["timestamp"] - rows[0]["timestamp"]) / 1000.0)
-        assert s["source"] == {"generator": "trace:mooncake", "seed": 1, "file": str(MOONCAKE), "row": i + 1}
+        assert s["source"] == {"generator": "trace:mooncake", "seed": 1, "file": str(MOONCAKE), "row": i + 1,
+                               "tokenizer": "qwen2.5"}
 
 
 def test_mooncake_equal_hash_ids_give_identical_token_blocks(tok):
@@ -511,7 +512,7 @@ def test_window_needs_timestamps(tok):
         gen(T / "sharegpt.json", "conversations", tok, window={"start": 1})
 
 
-def test_session_grouped_file_is_replayed_in_time_order(tok):
+def test_session_grouped_file_is_replayed_in_time_order(tok, tmp_path):
     """A trace grouped by session (not sorted by time): sessions come out by start time, from the earliest."""
     p = T / "claude_code_by_session.csv"
     out = gen(p, "claude_code", tok)
@@ -527,6 +528,18 @@ def test_session_grouped_file_is_replayed_in_time_order(tok):
     with pytest.raises(VkError, match=r"azure_unsorted.csv:3: field 'TIMESTAMP': earlier than the first row"):
         gen(bad, "azure", tok)
     assert [s["source"]["row"] for s in gen(bad, "azure", tok, shuffle=True, seed=0)] != []
+    # a row earlier than the previous one (not the first) too: vk-schedule --replay would refuse it later
+    back = tmp_path / "back.csv"
+    back.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.0,374,44\n"
+                    "2023-11-16 18:15:50.0,396,109\n2023-11-16 18:15:48.0,879,55\n")
+    with pytest.raises(VkError, match=r"back.csv:4: field 'TIMESTAMP': earlier than the previous row by 2 s"):
+        gen(back, "azure", tok)
+    # and the keys of a trace config take --set without the session_generator. prefix
+    from vk.gen import generate
+
+    out = list(generate(cfg(AZURE, "azure"), overrides=["max_rows=5", "window.start=1", "sample=0.5"], seed=2,
+                        tokenizer=tok))
+    assert 0 < len(out) < 5
 
 
 def test_cli_stats_stdin_and_progress():
@@ -622,3 +635,10 @@ def test_every_prompt_has_exactly_its_input_tokens(tok, name, flavor):
     prompts = [r["prompt"] for s in out for r in s["requests"]]
     want = [r["input_tokens"] for s in out for r in s["requests"]]
     assert [len(x) for x in tok.encode_batch(prompts)] == want
+
+
+def test_stats_say_why_rows_were_left_out_by_window_and_sample():
+    st = traces.stats_dict(cfg(AZURE, "azure", sample=0.5, window={"start": 10}))
+    assert st["dropped"]["sessions outside the time window"] > 0
+    assert st["dropped"]["sessions not drawn by sample"] > 0
+    assert st["sessions"] + sum(st["dropped"].values()) == 200

@@ -105,7 +105,13 @@ def test_cycle_reuses_input_with_distinct_ids(tmp_path):
     assert len(set(ids)) == 30
     assert ids[:8] == ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s0#2"]
     assert ss[7]["session"]["copy_of"] == "s0"
-    assert ss[7]["session"]["requests"] == ss[0]["session"]["requests"]
+    # a copy is a new request to the server: its first word differs (one token for another), the rest is the same
+    a, b = ss[0]["session"]["requests"][0], ss[7]["session"]["requests"][0]
+    ca, cb = a["messages"][0]["content"], b["messages"][0]["content"]
+    assert ca != cb and ca.split(" ", 1)[1] == cb.split(" ", 1)[1]
+    _, same = parse(run_vk("vk-schedule", str(src), "--poisson", "5", "--max-sessions", "30", "--cycle",
+                           "--identical-copies", check=True).stdout)
+    assert same[7]["session"]["requests"] == same[0]["session"]["requests"]
     # from stdin too (spooled to a temporary file)
     p = run_vk("vk-schedule", "--constant", "1", "--duration", "20.5", "--cycle", input=src.read_bytes(), check=True)
     _, ss = parse(p.stdout)
@@ -221,8 +227,13 @@ def test_replay_superposition_reaches_target_with_distinct_copies(trace_file):
         if "copy_of" in sess:
             copies += 1
             assert sess["id"] in (f"{orig['id']}#2", f"{orig['id']}#3")
-        rest = {k: v for k, v in sess.items() if k not in ("id", "copy_of")}
-        assert rest == {k: v for k, v in orig.items() if k != "id"}  # the session's own dynamics are kept
+        rest = {k: v for k, v in sess.items() if k not in ("id", "copy_of", "requests")}
+        assert rest == {k: v for k, v in orig.items() if k not in ("id", "requests")}  # its own dynamics are kept
+        for r, o in zip(sess["requests"], orig["requests"], strict=True):
+            # a new request to the server: only the first word differs
+            words, owords = r["messages"][0]["content"].split(" "), o["messages"][0]["content"].split(" ")
+            changed = "copy_of" in sess and o.get("history") is None  # later turns continue their own copy
+            assert words[1:] == owords[1:] and (words[0] != owords[0]) == changed
     # copy 1 (the trace itself) and copy 2 are whole, copy 3 is thinned to half
     assert p["keep"] == pytest.approx(0.5, rel=1e-3)
     assert sum(1 for s in ss if "copy_of" not in s["session"]) == len(trace)

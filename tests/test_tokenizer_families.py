@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import families
 import numpy as np
+import pytest
 
+from vk.gen import generate
+from vk.gen import traces as vk_traces
+from vk.gen.content import TextSource
 from vk.tokenizer import load_tokenizer
 
 
@@ -53,18 +59,6 @@ def test_truncation_and_padding_are_switched_off_on_load(tmp_path):
 
 # --------------------------------------------------------------------------------------------------------------
 # every tokenizer family x every generator, flavor and chat template: exact lengths, blocks, first tokens
-
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import families  # noqa: E402
-
-from vk.gen import generate  # noqa: E402
-from vk.gen import traces as vk_traces  # noqa: E402
-from vk.gen.content import TextSource  # noqa: E402
 
 T = Path(__file__).resolve().parent / "data" / "traces"
 ALL_FAMILIES = (*families.FAMILIES, "qwen2.5", "deepseek-v3")
@@ -139,10 +133,18 @@ def test_synthetic_prompts_are_exact(family_dirs, family, graph):
         _synth_cfg(graph, shared_prefix_ratio=0.4, format="completion"),
     ]
     for cfg in variants:
+        shared: dict = {}
         for s in generate(cfg, count=8, seed=3, tokenizer=tok):
             for r in s["requests"]:
                 got = _chat_count(tok, r) if "messages" in r else tok.count(r["prompt"])
                 assert got == r["input_tokens"], (s["id"], r["id"])
+                k = r.get("prefix_tokens", 0)
+                if k:  # a shared prefix is the same tokens in every session that has it
+                    ids = tok.encode(r["messages"][-1]["content"] if "messages" in r else r["prompt"])
+                    if "messages" in r and len(r["messages"]) > 1:
+                        ids = tok.encode(r["messages"][0]["content"])
+                    key = (r.get("prefix_group"), k)
+                    assert shared.setdefault(key, ids[:k]) == ids[:k], (s["id"], r["id"])
 
 
 FLAVORS = [
@@ -160,7 +162,7 @@ FLAVORS = [
 def _trace(path, flavor, tok, **sg):
     fl = flavor if isinstance(flavor, dict) else {"type": flavor}
     cfg = {"session_generator": {"type": "trace", "trace_file": str(path), "flavor": fl, **sg}}
-    return list(vk_traces.generate(cfg, seed=1, count=40, tokenizer=tok, warnings=[]))
+    return list(vk_traces.generate(cfg, seed=1, count=20, tokenizer=tok, warnings=[]))
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

@@ -202,6 +202,14 @@ class Tokenizer:
         """Prompt tokens of a chat request as a server applying the chat template would count them."""
         return len(self.encode_chat(messages, add_generation_prompt, **kwargs))
 
+    @property
+    def ref(self) -> str:
+        """A name or absolute path that ``load_tokenizer`` resolves to this tokenizer again (written into session
+        records as ``source.tokenizer``)."""
+        if self.name in BUILTIN or (not os.path.exists(self.name) and "/" in self.name):
+            return self.name  # a built-in name, or a hub id from the local cache
+        return str(Path(self.directory).resolve())
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r})"
 

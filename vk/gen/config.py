@@ -50,7 +50,10 @@ DEFAULTS = {
 }
 
 SESSION_GENERATOR_KEYS = ("type", "session_graph", "channels", "output_spec", "inherit_history",
-                          "think_time_generator", "request_params", "trace_file", "flavor", "wrap_mode")
+                          "think_time_generator", "request_params", "trace_file", "flavor", "wrap_mode",
+                          # trace keys (vk.gen.traces.engine.TraceConfig)
+                          "file_format", "format", "output_control", "shuffle", "sample", "max_rows", "window",
+                          "wrap_share_cache", "id_prefix", "corpus_file")
 
 
 class Config:

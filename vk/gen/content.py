@@ -75,11 +75,11 @@ class _Corpus:
         self.label = label
         self.check: tuple[str, int] | None = None  # (mode, failures) of an earlier self-check, from the disk cache
         self.warned = False
-        self.heads: list[str] | None = None  # TextSource.heads, found once
         self.cache_file = _cache_file(tokenizer, text)
+        self.heads: list[str] | None = None  # TextSource.heads, found once (kept in the disk cache)
         cached = _read_cache(self.cache_file)
         if cached is not None:
-            ids, starts, self.check = cached
+            ids, starts, self.check, self.heads = cached
         else:
             enc = tokenizer.backend.encode(text, add_special_tokens=False)
             ids = np.asarray(enc.ids, dtype=np.int64)
@@ -176,9 +176,10 @@ def _read_cache(path: Path | None):
         with np.load(path, allow_pickle=False) as z:
             ids, starts = z["ids"].astype(np.int64), z["starts"].astype(np.int64)
             check = (str(z["mode"]), int(z["failures"])) if "mode" in z else None
+            heads = [str(x) for x in z["heads"].tolist()] if "heads" in z else None
         if len(ids) != len(starts):
             return None
-        return ids, starts, check
+        return ids, starts, check, heads
     except Exception:  # noqa: BLE001 - a damaged cache is only a cache: rebuild it
         return None
 
@@ -190,8 +191,9 @@ def _write_cache(c: _Corpus, mode: str, failures: int) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        extra = {"heads": np.asarray(c.heads, dtype=str)} if c.heads else {}
         np.savez(tmp, ids=c.ids.astype(np.int32), starts=c.starts.astype(np.int32), mode=np.str_(mode),
-                 failures=np.int64(failures))
+                 failures=np.int64(failures), **extra)
         os.replace(tmp, path)
         c.check = (mode, failures)
     except OSError:
@@ -366,6 +368,8 @@ class TextSource:
         if self._heads is None:
             if self._c.heads is None:
                 self._c.heads = _head_words(self._c.text, self.tokenizer)
+                if self._c.check is not None:  # the disk cache holds the self-check but not the heads yet
+                    _write_cache(self._c, *self._c.check)
             self._heads = self._c.heads
             if len(self._heads) < 16:
                 raise VkError(f"tokenizer '{getattr(self.tokenizer, 'name', self.tokenizer)}': fewer than 16 "

@@ -256,6 +256,11 @@ class Workload:
             raise cfg.error("session_generator.session_graph.type",
                             f"expected one of {', '.join(GRAPH_TYPES)}, got {raw_t!r}")
         self.graph_type = _GRAPH_ALIASES[raw_t.lower()]
+        if self.graph_type == "single_request" and sg.data.get("inherit_history") is True:
+            # Veeksha configs set it next to a graph; on the default graph it would silently do nothing
+            print("vk-gen: note: session_generator.inherit_history: true has no effect on a single_request graph "
+                  "(the default): set session_graph.type: linear or branching for multi-turn sessions",
+                  file=sys.stderr)
         allowed = {
             "single_request": ("type",),
             "linear": ("type", "num_request_generator", "request_wait_generator", "inherit_history"),
@@ -562,7 +567,8 @@ class Workload:
                 **content,
                 **extra,
             ))
-        src = {"generator": "synthetic", "graph": self.graph_type, "seed": seed, "index": i}
+        src = {"generator": "synthetic", "graph": self.graph_type, "seed": seed, "index": i,
+               "tokenizer": self.tokenizer.ref}
         if source_extra:
             src.update(source_extra)
         return records.new_session(f"s{seed}-{i}", reqs, source=src)
@@ -575,7 +581,30 @@ class Workload:
 def _resolve(config, overrides) -> Config:
     cfg = load_config(config)
     apply_overrides(cfg, overrides)
+    _client_settings(cfg)
     return cfg
+
+
+def _client_settings(cfg: Config) -> None:
+    """The seed design's ``client:`` keys that shape the workload itself: the prompt fallback for servers without
+    ``min_tokens`` is vk-gen's ``output_control: prompt``; the name of the max-tokens parameter is vk-send's."""
+    client = cfg.data.get("client")
+    if not isinstance(client, dict):
+        return
+    if client.get("use_min_tokens_prompt_fallback") is True:
+        sg = cfg.data.setdefault("session_generator", {})
+        if isinstance(sg, dict):
+            trace = str(sg.get("type", "synthetic")).lower() == "trace"
+            spec = sg.setdefault("output_spec", {}) if isinstance(sg.get("output_spec", {}), dict) else None
+            text = spec.setdefault("text", {}) if spec is not None and isinstance(spec.get("text", {}), dict) \
+                else None
+            if text is not None and text.get("output_control") is None and not (trace and sg.get("output_control")):
+                text["output_control"] = "prompt"
+                print("vk-gen: note: client.use_min_tokens_prompt_fallback: true: output_control is 'prompt' (the "
+                      "prompt asks for the output length)", file=sys.stderr)
+    if client.get("max_tokens_param") is not None:
+        print(f"vk-gen: note: client.max_tokens_param ({client['max_tokens_param']!r}) is vk-send's setting: "
+              f"vk-send --max-tokens-param {client['max_tokens_param']}", file=sys.stderr)
 
 
 def _top(cfg: Config, seed, count, tokenizer):

@@ -50,6 +50,9 @@ EPILOG = examples(
 @click.option("--duration", type=float, metavar="SECONDS", help="Stop scheduling at this offset.")
 @click.option("--max-sessions", type=int, metavar="N", help="Stop after N sessions (of the whole schedule).")
 @click.option("--cycle", is_flag=True, help="Reuse the input when it runs out (copies get ids ID#2, ID#3, ...).")
+@click.option("--identical-copies", is_flag=True,
+              help="Copies (--cycle, --target-rate) byte-identical to their original (default: new requests, "
+                   "with another first word, so they do not hit the cache their original filled).")
 @click.option("--warmup", type=int, default=0, metavar="N", help="Mark the first N sessions as warm-up.")
 @click.option("--shard", metavar="K/N", help="Keep sessions K, K+N, K+2N, ... (1-based) of the schedule.")
 @click.option("--start-at", type=float, metavar="EPOCH", help="Wall-clock start (Unix seconds) for the header.")
@@ -60,15 +63,16 @@ EPILOG = examples(
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
 @click.option("--progress", is_flag=True, help="Show a progress bar on stderr even when it is not a terminal.")
 def cli_command(files, seed, poisson, gamma, cv, constant, ramp, stages, onoff, replay, speedup, max_idle,
-                target_rate, concurrency, ramp_up, rate_limit, duration, max_sessions, cycle, warmup, shard,
-                start_at, validate, output, stats, as_json, quiet, progress):
+                target_rate, concurrency, ramp_up, rate_limit, duration, max_sessions, cycle, identical_copies, warmup,
+                shard, start_at, validate, output, stats, as_json, quiet, progress):
     """Give each session its start time: an open-loop arrival process, the trace's own timestamps, or a
     closed loop. Reads sessions (JSONL, stdin by default), writes a schedule header and one
     scheduled_session per session. A summary (rate, gap CV, index of dispersion vs asked) goes to stderr."""
     cfg = make_config(seed=seed, poisson=poisson, gamma=gamma, cv=cv, constant=constant, ramp=ramp, stages=stages,
                       onoff=onoff, replay=replay or None, speedup=speedup, max_idle=max_idle,
                       target_rate=target_rate, concurrency=concurrency, ramp_up=ramp_up, rate_limit=rate_limit,
-                      duration=duration, max_sessions=max_sessions, cycle=cycle, warmup=warmup, shard=shard,
+                      duration=duration, max_sessions=max_sessions, cycle=cycle, identical_copies=identical_copies,
+                      warmup=warmup, shard=shard,
                       start_at=start_at, validate=validate)
     inp = Input(paths=list(files) or ["-"], validate=cfg.validate, keep=needs_rewind(cfg))
     sch = Scheduler(cfg, inp)

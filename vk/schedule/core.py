@@ -97,6 +97,7 @@ class Input:
         self.sessions = sessions
         self.validate = validate
         self.count = 0  # sessions read on the first pass
+        self.last_tokens: list = []  # (input, cached) tokens of the sessions of the chunk yielded last
         self.exhausted = False
         self._spool = None
         self._path = None
@@ -143,6 +144,8 @@ class Input:
             if src != src_prev:
                 src_prev, n = src, 0
             out = []
+            toks: list = []
+            self.last_tokens = toks  # (input, cached) of each session of the chunk yielded last
             for line in lines:
                 n += 1
                 raw = line.rstrip()
@@ -166,6 +169,7 @@ class Input:
                     out.append((n, src, tt, raw))
                 else:
                     out.append(raw)
+                    toks.append(_request_tokens(obj))
             if out:
                 self.count += len(out)
                 if spool is not None:
@@ -191,13 +195,40 @@ class Input:
                 pass
 
 
-def _copy(raw: bytes, n: int) -> bytes:
-    """Copy ``n`` (>= 2) of a session: its id gains ``#n`` and ``copy_of`` names the original."""
+def _copy(raw: bytes, n: int, identical: bool = False, counts: dict | None = None) -> bytes:
+    """Copy ``n`` (>= 2) of a session: its id gains ``#n`` and ``copy_of`` names the original. Unless
+    ``identical``, its prompts are made new requests to the server (vk.gen.copies.retext: the first word of every
+    conversation is swapped for another of one token), so that a copy does not hit the prefix cache its original
+    filled; ``counts["unchanged"]`` counts requests that could not be changed."""
     obj = orjson.loads(raw)
     sid = obj["id"]
+    if not identical:
+        from vk.gen.copies import retext
+
+        obj, unchanged = retext(obj, n)
+        if counts is not None and unchanged:
+            counts["unchanged"] = counts.get("unchanged", 0) + unchanged
     obj["id"] = f"{sid}#{n}"
     obj["copy_of"] = sid
     return orjson.dumps(obj)
+
+
+def _request_tokens(obj: dict, identical_copy: bool = False) -> tuple[int, int]:
+    """(input tokens, tokens an infinite prefix cache serves) of a parsed session: its requests'
+    ``prefix_tokens`` (what the workload shares), or, for an identical copy, all of its prompt (its original
+    came first)."""
+    inp = cached = 0
+    for r in obj.get("requests") or ():
+        n = r.get("input_tokens") if type(r) is dict else None
+        if type(n) is int:
+            inp += n
+            p = r.get("prefix_tokens")
+            cached += n if identical_copy else (min(p, n) if type(p) is int else 0)
+    return inp, cached
+
+
+def _cache_tokens(raw: bytes, identical_copy: bool) -> tuple[int, int]:
+    return _request_tokens(orjson.loads(raw), identical_copy)
 
 
 def _reread(path: str) -> Iterator[list[bytes]]:
@@ -221,10 +252,13 @@ class Scheduler:
         self.stop = None  # why the schedule ended
         self.header: dict | None = None
         self.stats: StatsAcc | None = None
+        self.copy_counts: dict = {}
 
     def summary(self) -> dict:
         assert self.stats is not None
-        return self.stats.result(self.stop)
+        out = self.stats.result(self.stop)
+        out["copies_unchanged"] = self.copy_counts.get("unchanged", 0)
+        return out
 
     def run(self) -> Iterator[bytes]:
         cfg = self.cfg
@@ -249,18 +283,21 @@ class Scheduler:
 
     # ---- sessions for open (non-replay) and closed loops
 
-    def _sessions(self) -> Iterator[list[bytes]]:
-        yield from self.inp.first_pass()
+    def _sessions(self) -> Iterator[tuple[list[bytes], list | None]]:
+        """(raw sessions, their (input, cached) tokens or None: to be read from the raws) per chunk."""
+        inp = self.inp
+        for raws in inp.first_pass():
+            yield raws, inp.last_tokens
         if not self.cfg.cycle or self.inp.count == 0:
             return
         path = self.inp.rewind()
         p = 2
         while True:
             for raws in _reread(path):
-                yield [_copy(r, p) for r in raws]
+                yield [_copy(r, p, self.cfg.identical_copies, self.copy_counts) for r in raws], None
             p += 1
 
-    def _emit(self, batches: Iterator[list[bytes]]) -> Iterator[bytes]:
+    def _emit(self, batches: Iterator[tuple[list[bytes], list | None]]) -> Iterator[bytes]:
         cfg = self.cfg
         closed = cfg.mode == "closed"
         proc = None if closed else make_process(cfg)
@@ -270,16 +307,17 @@ class Scheduler:
         sk, sn = (cfg.shard[0] - 1, cfg.shard[1]) if cfg.shard else (0, 1)
         head, head_w = (_HEAD_CLOSED, _HEAD_CLOSED_WARM) if closed else (_HEAD, _HEAD_WARM)
         stats = self.stats
+        ident = cfg.identical_copies  # sessions without token counts are the copies
         times: list[float] = []
         j = 0
         idx = 0
         stop = None
-        for raws in batches:
+        for raws, toks in batches:
             out: list[bytes] = []
             ts: list = []
             nwarm = 0
             append = out.append
-            for raw in raws:
+            for i, raw in enumerate(raws):
                 if closed:
                     t = None
                 else:
@@ -300,6 +338,7 @@ class Scheduler:
                         nwarm += 1
                     else:
                         append((head % (idx, t)) if t is not None else (head % idx))
+                    stats.add_tokens(*(toks[i] if toks is not None else _cache_tokens(raw, ident)))
                     append(raw)
                     append(_TAIL)
                     ts.append(t)
@@ -496,7 +535,8 @@ class Scheduler:
                 break
             if idx % sn == sk:
                 if copy_n > 1:
-                    raw = _copy(raw, copy_n)
+                    raw = _copy(raw, copy_n, cfg.identical_copies, self.copy_counts)
+                self.stats.add_tokens(*_cache_tokens(raw, copy_n > 1 and cfg.identical_copies))
                 if idx < warm or _WARM_KEY in raw:
                     out.append(_HEAD_WARM % (idx, t))
                     nwarm += 1
@@ -544,6 +584,7 @@ def schedule(
     duration=None,
     max_sessions=None,
     cycle=False,
+    identical_copies=False,
     warmup=0,
     shard=None,
     start_at=None,
@@ -558,7 +599,8 @@ def schedule(
     cfg = make_config(seed=seed, poisson=poisson, gamma=gamma, cv=cv, constant=constant, ramp=ramp, stages=stages,
                       onoff=onoff, replay=replay, speedup=speedup, max_idle=max_idle, target_rate=target_rate,
                       concurrency=concurrency, ramp_up=ramp_up, rate_limit=rate_limit, duration=duration,
-                      max_sessions=max_sessions, cycle=cycle, warmup=warmup, shard=shard, start_at=start_at,
+                      max_sessions=max_sessions, cycle=cycle, identical_copies=identical_copies, warmup=warmup,
+                      shard=shard, start_at=start_at,
                       validate=validate)
     return _records(cfg, sessions)
 

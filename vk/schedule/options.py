@@ -25,6 +25,7 @@ class Config:
     duration: float | None = None
     max_sessions: int | None = None
     cycle: bool = False
+    identical_copies: bool = False  # copies byte-identical to their original (default: new requests)
     warmup: int = 0
     shard: tuple[int, int] | None = None  # (k, n), k in 1..n
     start_at: float | None = None
@@ -42,6 +43,8 @@ class Config:
             extra["max_sessions"] = self.max_sessions
         if self.cycle:
             extra["cycle"] = True
+        if self.identical_copies:
+            extra["identical_copies"] = True
         if self.warmup:
             extra["warmup"] = self.warmup
         if self.shard is not None:
@@ -141,6 +144,7 @@ def make_config(
     duration=None,
     max_sessions=None,
     cycle=False,
+    identical_copies=False,
     warmup=0,
     shard=None,
     start_at=None,
@@ -233,7 +237,7 @@ def make_config(
         raise VkError("--cycle needs --duration SECONDS or --max-sessions N to know when to stop")
     return Config(mode=mode, process=process, params=params, seed=seed_i, duration=dur, max_sessions=maxn,
                   cycle=bool(cycle), warmup=warm, shard=sh, start_at=st_at, concurrency=conc, ramp_up=ramp_up,
-                  rate_limit=rate_limit, validate=bool(validate))
+                  rate_limit=rate_limit, validate=bool(validate), identical_copies=bool(identical_copies))
 
 
 def make_process(cfg: Config) -> processes.Process:

@@ -64,6 +64,8 @@ class StatsAcc:
         self.header = header
         self.open = header.get("mode") == "open"
         self.n = 0
+        self.tok_in = 0  # prompt tokens of the scheduled sessions (add_tokens)
+        self.tok_cached = 0  # of which an infinite prefix cache would serve
         self.warmup = 0
         self.first = None
         self.last = None
@@ -99,6 +101,11 @@ class StatsAcc:
         if expect:
             per = min(per, max(expect / (2 * MIN_WINDOWS), 1.0))
         self.window = per / rate
+
+    def add_tokens(self, input_tokens: int, cached_tokens: int) -> None:
+        """Add one scheduled session's prompt tokens and the part an infinite prefix cache would serve."""
+        self.tok_in += input_tokens
+        self.tok_cached += cached_tokens
 
     def add(self, starts: list[float], warmup: int = 0) -> None:
         """Add the start offsets of consecutive sessions (None in a closed loop)."""
@@ -175,6 +182,11 @@ class StatsAcc:
             out["shard"] = f"{h['shard']['k']}/{h['shard']['n']}"
         if stop:
             out["stopped_by"] = stop
+        if self.tok_in:
+            out["input_tokens"] = self.tok_in
+            out["predicted_cached_tokens"] = self.tok_cached
+            out["cache_share"] = self.tok_cached / self.tok_in
+            out["identical_copies"] = bool(h.get("identical_copies"))
         if not self.open:
             out["concurrency"] = h.get("concurrency")
             return out
@@ -247,6 +259,20 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def _cache_line(s: dict) -> str | None:
+    if s.get("cache_share") is None:
+        return None
+    line = (f"  {'cache share':<16}{s['cache_share'] * 100:>9.1f}%   {s['predicted_cached_tokens']:,} of "
+            f"{s['input_tokens']:,} prompt tokens (infinite prefix cache")
+    if s.get("identical_copies"):
+        line += "; copies identical: served from cache)"
+    else:
+        line += "; copies are new requests)"
+    if s.get("copies_unchanged"):
+        line += f"; {s['copies_unchanged']} copied requests could not be made new"
+    return line
+
+
 def format_summary(s: dict) -> str:
     """The human summary printed on stderr."""
     head = f"{s['sessions']} sessions"
@@ -258,6 +284,8 @@ def format_summary(s: dict) -> str:
         lines = [f"vk-schedule: {head}, closed loop, concurrency {s.get('concurrency')}"]
         if s.get("stopped_by"):
             lines.append(f"  stopped by      {s['stopped_by']}")
+        if _cache_line(s):
+            lines.append(_cache_line(s))
         return "\n".join(lines)
     lines = [f"vk-schedule: {head} over {_fmt(s['duration'], 6)} s ({s['process']})"]
 
@@ -282,4 +310,6 @@ def format_summary(s: dict) -> str:
         if why == "end of input" and s.get("scheduled_duration") and s["duration"] < s["scheduled_duration"]:
             why += f" before --duration {s['scheduled_duration']:g} s (--cycle reuses the sessions)"
         lines.append(f"  {'stopped by':<16}{why}")
+    if _cache_line(s):
+        lines.append(_cache_line(s))
     return "\n".join(lines)

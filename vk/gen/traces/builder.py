@@ -34,6 +34,7 @@ class Builder:
         self.cache = CacheSim() if flavor.hash_ids else None
         self.stride = (max_int_id + 1) if max_int_id is not None else None
         self._instr: dict[int, tuple[str, int]] = {}
+        self.tok_ref = getattr(tokenizer, "ref", getattr(tokenizer, "name", None))
         # Salts are numbers written as two head words (vk.gen.content): the first word is the prompt's (or the
         # block's) first token, so it is what tells two prompts apart. Fresh prompts take consecutive numbers from
         # a per-seed base (distinct first tokens for as many sessions as there are head words); a hash id takes a
@@ -232,6 +233,12 @@ class Builder:
                 instr, n_instr = self.instruction(out_tokens)
                 text += instr
                 n_in += n_instr
+            if tu.text is None and self.text.mode == "verify":
+                # this tokenizer's joins are not known to be exact (its self-check failed): check, and say so
+                got = self.tok.count(text) + (self.tok.count(system) if system else 0)
+                if got != n_in:
+                    self.warn.add("generated prompts whose length is off under this tokenizer (its self-check "
+                                  "failed: verify mode)", tu.line)
             if chat:
                 msgs = ([{"role": "system", "content": system}] if system else []) + \
                        [{"role": "user", "content": text}]
@@ -247,7 +254,7 @@ class Builder:
                 output_control=cfg.output_control, params=dict(cfg.params) if cfg.params else None,
                 **body, **extra))
         source = {"generator": self.generator, "seed": self.seed, "file": self.source_file,
-                  "row": first_line}
+                  "row": first_line, "tokenizer": self.tok_ref}
         if len(turns) > 1:
             rows = sorted({tu.line for tu in turns})
             if len(rows) > 1:

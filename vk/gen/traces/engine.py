@@ -30,6 +30,8 @@ from vk.gen.traces.options import Options
 from vk.gen.traces.readers import FORMATS, open_source
 
 REQUEST_FORMATS = ("chat", "completion")
+WINDOW_REASON = "sessions outside the time window"
+SAMPLE_REASON = "sessions not drawn by sample"
 
 
 def resolve_tokenizer(tokenizer, config: dict | None = None):
@@ -129,6 +131,7 @@ class Scanner:
         self._sample_rng = component_rng(seed, "vk.gen.traces.sample")
         self.progress = None
         self.lenient = False  # the indexed mode accepts rows out of time order (it sorts sessions)
+        self.prev_rel: float | None = None  # the previous row's time (streaming mode: rows must not go back)
         self._prime()
 
     def _prime(self) -> None:
@@ -164,10 +167,18 @@ class Scanner:
         if not self.timed:
             return None
         rel = t - self.origin
-        if rel < -1e-9 and not self.lenient:
-            raise self.src.error(tu.line, self._tcol(),
-                                 f"earlier than the first row by {-rel:.6g} s: single-request traces are read "
-                                 f"in one pass, in time order (sort the file by time, or set shuffle)")
+        if not self.lenient:
+            if rel < -1e-9:
+                raise self.src.error(tu.line, self._tcol(),
+                                     f"earlier than the first row by {-rel:.6g} s: single-request traces are read "
+                                     f"in one pass, in time order (sort the file by time, or set shuffle)")
+            if self.prev_rel is not None and rel < self.prev_rel - 1e-9:
+                # vk-schedule --replay would refuse the sessions ("goes back in time"): say it here, at the row
+                raise self.src.error(tu.line, self._tcol(),
+                                     f"earlier than the previous row by {self.prev_rel - rel:.6g} s: "
+                                     f"single-request traces are read in one pass, in time order (sort the file "
+                                     f"by time, or set shuffle)")
+            self.prev_rel = rel
         return rel if self.lenient else max(rel, 0.0)
 
     def admit(self, rel: float | None) -> bool:
@@ -177,10 +188,18 @@ class Scanner:
             self.no_window()
         if rel is not None and cfg.windowed:
             if rel < cfg.window_start or (cfg.window_end is not None and rel >= cfg.window_end):
+                self._left_out(WINDOW_REASON, 1)
                 return False
         if cfg.sample < 1.0:
-            return bool(self._sample_rng.random() < cfg.sample)
+            drawn = bool(self._sample_rng.random() < cfg.sample)
+            if not drawn:
+                self._left_out(SAMPLE_REASON, 1)
+            return drawn
         return True
+
+    def _left_out(self, why: str, n: int) -> None:
+        if n:
+            self.dropped[why] = self.dropped.get(why, 0) + n
 
     def admit_all(self, rel: np.ndarray) -> np.ndarray:
         """``admit`` for every session at once (times relative to the trace start; NaN = untimed), drawing the
@@ -193,9 +212,11 @@ class Scanner:
             keep &= rel >= cfg.window_start
             if cfg.window_end is not None:
                 keep &= rel < cfg.window_end
+            self._left_out(WINDOW_REASON, int(len(keep) - keep.sum()))
         if cfg.sample < 1.0:
             ix = np.flatnonzero(keep)
             keep[ix] = self._sample_rng.random(len(ix)) < cfg.sample
+            self._left_out(SAMPLE_REASON, int(len(ix) - keep[ix].sum()))
         return keep
 
     def no_window(self):
@@ -486,6 +507,9 @@ def generate(config: dict, *, seed: int, count: int | None = None, tokenizer=Non
         if bar is not None:
             bar.close()
         sc.close()
+        if getattr(sc.flavor, "empty_user", 0):
+            sc.warn.add("empty user messages left out of their conversations (with their replies)",
+                        sc.flavor.empty_first, sc.flavor.empty_user)
         notes = sc.warn.lines()
         if warnings is not None:
             warnings.extend(notes)

@@ -497,6 +497,8 @@ class Conversations(Flavor):
         self.last_output_tokens = opts.int("last_turn_output_tokens", None, minimum=1)
         self.min_turns = opts.int("min_turns", 1, minimum=1)
         self.max_turns = opts.int("max_turns", None, minimum=1)
+        self.empty_user = 0  # empty user messages left out (said on stderr by the engine)
+        self.empty_first = 0
 
     @classmethod
     def option_names(cls):
@@ -529,9 +531,12 @@ class Conversations(Flavor):
                 t = parse_time(obj[self.timestamp_key], self.time_unit)
             except ValueError as e:
                 raise err(line, self.timestamp_key, str(e)) from None
-        # fold the messages into (system, [(user_text, assistant_text|None)])
-        system = None
+        # fold the messages into (system, [(user_text, assistant_text|None)]); FastChat puts the system prompt in a
+        # top-level "system" field
+        top = obj.get("system")
+        system = top if isinstance(top, str) and top else None
         pairs: list[list] = []
+        skip_reply = False
         for j, m in enumerate(msgs):
             if not isinstance(m, dict):
                 raise err(line, f"{mk}[{j}]", "expected an object with a role and a content")
@@ -553,12 +558,19 @@ class Conversations(Flavor):
                     raise err(line, f"{mk}[{j}].{rk}", "a system message after the first user turn is not supported")
                 system = content if system is None else system + "\n\n" + content
             elif r in self.user_roles:
+                if not content.strip():
+                    # an empty user message is no request (0 tokens of content): left out, with its reply
+                    self.empty_user += 1
+                    self.empty_first = self.empty_first or line
+                    skip_reply = True
+                    continue
+                skip_reply = False
                 if pairs and pairs[-1][1] is None:
                     pairs[-1][0] += "\n\n" + content  # two user messages in a row: one turn
                 else:
                     pairs.append([content, None])
             elif r in self.assistant_roles:
-                if not pairs:
+                if not pairs or skip_reply:
                     continue  # an assistant greeting before any user turn: not a request
                 if pairs[-1][1] is None:
                     pairs[-1][1] = content
