@@ -33,11 +33,11 @@ td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: right; vertical-a
 td:first-child, th:first-child { text-align: left; }
 th { background: #f3f3f3; }
 .ok { color: #070; } .missed { color: #c00; font-weight: bold; }
-.chart { border: 1px solid #ddd; margin: .6em 0; height: %dpx; }
+.chart { border: 1px solid #ddd; margin: .6em 0; height: CHART_HEIGHTpx; }
 .note { color: #555; font-size: 12px; }
 nav a { margin-right: 1em; }
 details { margin: 1em 0; }
-""" % CHART_HEIGHT
+""".replace("CHART_HEIGHT", str(CHART_HEIGHT))
 
 
 def _esc(x: Any) -> str:

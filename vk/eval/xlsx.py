@@ -191,9 +191,12 @@ def write_xlsx(inputs: Any, path: str, *, slo=None, goodput=None, percentiles=No
             runs = ", ".join(str(r["run_id"]) for r in d["runs"])
             _summary_sheet(wb, wb.add_worksheet(_sheet_name("summary", used)), d, d["overall"],
                            f"vk-eval summary: {len(d['runs'])} run(s) ({runs})", fmt)
-            for g in d["groups"]:
-                _summary_sheet(wb, wb.add_worksheet(_sheet_name(g["label"], used)), d, g["summary"],
-                               f"{', '.join(d['options'].get('group_by') or ['run'])} = {g['label']}", fmt)
+            by = d["options"].get("group_by") or ["run"]
+            stem = {str(r["run_id"]): os.path.basename(str(r.get("file"))).removesuffix(".jsonl") for r in d["runs"]}
+            for g in d["groups"]:  # a run's sheet is named after its file (a run id is longer than Excel allows)
+                name = stem.get(g["label"], g["label"]) if by == ["run"] else g["label"]
+                _summary_sheet(wb, wb.add_worksheet(_sheet_name(name, used)), d, g["summary"],
+                               f"{', '.join(by)} = {g['label']}", fmt)
             if d["groups"]:
                 _groups_sheet(wb, wb.add_worksheet(_sheet_name("groups", used)), d, fmt)
             if d.get("slo"):
