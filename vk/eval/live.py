@@ -348,12 +348,13 @@ def rich_view(f: dict, interval: float, took: float):
 
     head = Text()
     head.append("vk-eval live ", style="bold")
-    head.append(f"{f['name']}  run {f.get('run_id') or '?'}  model {f.get('model') or '?'}  t = {_num(f['t'])} s")
+    head.append(f"{f['name']}  run {f.get('run_id') or '?'}  model {f.get('model') or '?'}")
+    when = Text(f"t = {_num(f['t'])} s")
     if f.get("idle") is not None and f["idle"] > 5:
-        head.append(f"  (no record for {_num(f['idle'])} s)", style="yellow")
+        when.append(f"  (no record for {_num(f['idle'])} s)", style="yellow")
     if f.get("footer"):
-        head.append(f"  ended: {f['footer'].get('ended')}", style="bold green")
-    items: list[Any] = [head]
+        when.append(f"  ended: {f['footer'].get('ended')} ({f['footer'].get('reason')})", style="bold green")
+    items: list[Any] = [head, when]
     prog = Table.grid(padding=(0, 2))
     total = f.get("sessions_total")
     bar = ProgressBar(total=total or 1, completed=(f.get("sessions_done") or f["sessions_started"]) if total else 0,
