@@ -246,3 +246,17 @@ def test_trace_to_stdout_and_bad_input(tmp_path):
     p = run_vk("vk-eval", "trace", str(bad), "-o", str(tmp_path / "t.json"))
     assert p.returncode == 2 and b"bad.jsonl:2" in p.stderr and b"Traceback" not in p.stderr
     assert not (tmp_path / "t.json").exists() and not (tmp_path / "t.json.part").exists()
+
+
+def test_full_disk_is_one_line_exit_74(tmp_path):
+    """The workbook and the trace on a full disk (a 1-block file-size limit): one line naming the file, exit 74,
+    no half-written file left behind."""
+    src = str(Path(__file__).parent / "data" / "eval" / "small-run.jsonl")
+    for args, name in ((["report", "--xlsx", str(tmp_path / "b.xlsx"), src], "b.xlsx"),
+                       (["trace", src, "-o", str(tmp_path / "t.json")], "t.json")):
+        cmd = [sys.executable, "-m", "vk.eval.cli", *args]
+        q = subprocess.run(["bash", "-c", 'ulimit -f 1; exec "$@"', "sh", *cmd], capture_output=True)
+        err = q.stderr.decode().strip()
+        assert q.returncode == 74 and "no space left" in err and name in err, err
+        assert len(err.splitlines()) == 1 and not (tmp_path / name).exists()
+        assert not (tmp_path / (name + ".part")).exists()

@@ -170,6 +170,7 @@ def write_xlsx(inputs: Any, path: str, *, slo=None, goodput=None, percentiles=No
     """Write the workbook to ``path``; returns it."""
     try:
         import xlsxwriter
+        import xlsxwriter.exceptions
     except ImportError:
         raise VkError("vk-eval report --xlsx needs XlsxWriter: pip install XlsxWriter") from None
     from vk.eval import evaluate
@@ -208,7 +209,13 @@ def write_xlsx(inputs: Any, path: str, *, slo=None, goodput=None, percentiles=No
                 ws.set_column(0, 1, 24)
             _timeseries_sheet(wb, wb.add_worksheet(_sheet_name("over time", used)), d, fmt)
             _requests_sheet(wb.add_worksheet(_sheet_name("requests", used)), files, fmt)
-            wb.close()
+            try:
+                wb.close()
+            except xlsxwriter.exceptions.FileCreateError as e:  # XlsxWriter wraps the OSError: unwrap it for
+                inner = e.args[0] if e.args else None  # writing() (a full disk is exit 74)
+                if isinstance(inner, OSError):
+                    raise inner from None
+                raise VkError(f"{path}: cannot write ({e})") from None
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
