@@ -6,12 +6,12 @@ errors by kind with the latest messages, the lag verdict and, with ``--slo``/``-
 far. On a terminal it is a ``rich`` live display; otherwise one plain line per refresh. It ends by itself when
 the run's footer (``run_end``) arrives, with vk-eval's headline of the whole run.
 
-Every figure is vk-eval's: each refresh runs ``vk.eval.evaluate`` over the records read so far (spooled,
-complete lines only, into a private temporary file) and over the responses that finished within the last window,
-so the figures at the end are those ``vk-eval RUN.jsonl`` prints for the finished file. Following only reads the
-file (never locks or writes it) and runs at a lower priority (nice 10); when an evaluation takes longer than half
-the interval, the interval stretches to twice the evaluation's time, so a long run never has the follower
-evaluating all the time.
+Every figure is vk-eval's: ``vk.eval.evaluate`` over the records read so far (spooled, complete lines only, into
+a private temporary file) and over the responses that finished within the last window; at the end over every
+record, so the final figures are those ``vk-eval RUN.jsonl`` prints for the finished file. The window is
+evaluated at each refresh; the whole run in a background thread over a snapshot of the spool (a long run's
+evaluation takes seconds: the view says "as of" which moment its whole-run figures are), at most half of the
+time. Following only reads the file (never locks or writes it) and runs at a lower priority (nice 10).
 """
 
 from __future__ import annotations
@@ -199,16 +199,81 @@ class Schedule:
 
 
 def _evaluate(path: str, opts: dict) -> dict | None:
-    """vk-eval's result for ``path``; its warnings go into the result, not onto the terminal."""
+    """vk-eval's result for ``path`` (None before the first response). follow() keeps vk-eval's warnings off the
+    terminal: they are in the result."""
     from vk.eval import evaluate
 
-    with contextlib.redirect_stderr(io.StringIO()):
+    try:
+        return evaluate(path, **opts).to_dict()
+    except VkError as e:
+        if "no response records" in str(e):
+            return None
+        raise
+
+
+class WholeRun:
+    """The whole run's evaluation in a thread, over a snapshot of the spool, so that the view keeps its cadence
+    (the window's figures, the counts) while a long run's evaluation takes longer than a refresh. A new one starts
+    when the last has finished and as long after it as it took (the follower evaluates at most half the time)."""
+
+    def __init__(self, state: State, opts: dict):
+        self.state = state
+        self.opts = opts
+        self.snapshot = os.path.join(state.spool_dir, "snapshot.jsonl")
+        self.result: dict | None = None
+        self.as_of = 0.0  # the run time of the latest response in the evaluated snapshot
+        self.took = 0.0
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.next_start = 0.0
+        self.size = 0
+
+    def maybe_start(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if (self.thread is not None and self.thread.is_alive()) or time.monotonic() < self.next_start:
+            return
+        size = self.state.spool_fh.tell()  # complete lines only, flushed
+        if size == self.size:
+            return
+        with open(self.state.spool, "rb") as src, open(self.snapshot, "wb") as dst:
+            shutil.copyfileobj(io.BufferedReader(_Limited(src, size)), dst)
+        self.size = size
+        self.thread = threading.Thread(target=self._run, args=(self.state.last_t,), daemon=True)
+        self.thread.start()
+
+    def _run(self, as_of: float) -> None:
+        t0 = time.monotonic()
         try:
-            return evaluate(path, **opts).to_dict()
-        except VkError as e:
-            if "no response records" in str(e):
-                return None
-            raise
+            res = _evaluate(self.snapshot, self.opts)
+        except BaseException as e:  # raised in the main thread by the next maybe_start
+            self.error = e
+            return
+        self.took = time.monotonic() - t0
+        self.next_start = time.monotonic() + self.took
+        self.result, self.as_of = res, as_of
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+
+class _Limited(io.RawIOBase):
+    """The first ``n`` bytes of a file."""
+
+    def __init__(self, f, n: int):
+        self.f, self.left = f, n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.left <= 0:
+            return 0
+        data = self.f.read(min(len(b), self.left))
+        b[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
 
 
 def _ms(v: Any) -> str:
@@ -234,8 +299,10 @@ def figures(state: State, whole: dict | None, win: dict | None, sched: Schedule 
     f["model"] = run.get("model")
     f["api"] = run.get("api")
     start = run.get("start_epoch")
-    f["t"] = (state.footer or {}).get("duration") if state.footer else (
-        max(state.last_t, now_wall - start) if start else state.last_t)
+    if state.footer and state.footer.get("duration") is not None:
+        f["t"] = state.footer["duration"]
+    else:
+        f["t"] = max(state.last_t, now_wall - start) if start and not state.footer else state.last_t
     f["idle"] = (now_wall - start - state.last_t) if start and not state.footer else None
     started = len(state.requests_of)
     f["sessions_started"] = started
@@ -322,6 +389,8 @@ def plain_line(f: dict) -> str:
     parts.append(f"in flight ~{_num(f.get('in_flight'))}")
     parts.append(f"output {_num(f.get('output_tokens_per_s'))} tok/s (last {f['window_s']:g}s "
                  f"{_num(f.get('window_output_tokens_per_s'))})")
+    if f.get("as_of") is not None and f["t"] - f["as_of"] > 5 and not f.get("footer"):
+        parts.append(f"whole run as of t={_num(f['as_of'])}s")
     for label, wv, av in latency_rows(f):
         parts.append(f"{label} p50/p90/p99 {'/'.join(av)} ms (last {f['window_s']:g}s {'/'.join(wv)})")
     c = f["counts"]
@@ -417,6 +486,9 @@ def rich_view(f: dict, interval: float, took: float):
         g = f["goodput"]
         items.append(Text(f"goodput ({g['spec']}): {_num(g['attainment'] * 100)}% of measured requests met every "
                           f"objective, {_num(g['requests_per_s'], 2)} req/s"))
+    if f.get("as_of") is not None and not f.get("footer"):
+        items.append(Text(f"whole-run figures as of t = {_num(f['as_of'])} s (evaluated in the background)",
+                          style="dim"))
     items.append(Text(f"refresh every {interval:.1f} s; the last evaluation took {took:.2f} s; {f['lines']} lines read",
                       style="dim"))
     return Panel(Group(*items), title="vk-eval live", border_style="blue")
@@ -444,48 +516,57 @@ def follow(path: str, *, slo=None, goodput=None, warmup=None, cooldown=None, win
     follower = Follower(path)
     state = State(name=follower.name, spool_dir=tmp, window=window)
     live = None
-    console = None
     whole = win = None
     took = 0.0
     f: dict = {}
+    background = WholeRun(state, opts)
+    real_stderr = sys.stderr
     try:
-        if not plain:
-            from rich.console import Console
-            from rich.live import Live
+        # vk-eval's warnings (a run without its footer yet, ...) are in its result; the terminal is the view's
+        with contextlib.redirect_stderr(io.StringIO()):
+            if not plain:
+                from rich.console import Console
+                from rich.live import Live
 
-            console = Console(file=out)
-            live = Live(console=console, auto_refresh=False, transient=False, redirect_stdout=False,
-                        redirect_stderr=False)
-            live.start()
-        step = interval
-        while True:
-            t0 = time.monotonic()
-            for line in follower.poll():
-                state.add(line)
-                if state.footer is not None:
+                live = Live(console=Console(file=out), auto_refresh=False, transient=False, redirect_stdout=False,
+                            redirect_stderr=False)
+                live.start()
+            step = interval
+            while True:
+                t0 = time.monotonic()
+                for line in follower.poll():
+                    state.add(line)
+                    if state.footer is not None:
+                        break
+                state.flush()
+                done = state.footer is not None or follower.ended
+                if done:  # the final figures: vk-eval over every record, once the last evaluation has ended
+                    background.wait()
+                    whole = _evaluate(state.spool, opts) if state.responses else None
+                    as_of = state.last_t
+                elif state.responses:
+                    background.maybe_start()
+                    whole, as_of = background.result, background.as_of
+                if state.responses:
+                    e0 = time.monotonic()
+                    wpath = state.write_window()
+                    win = _evaluate(wpath, opts) if wpath else None
+                    took = time.monotonic() - e0
+                    step = max(interval, 2 * took)
+                f = figures(state, whole, win, sched, time.time(), window)
+                f["as_of"] = as_of if whole is not None else None
+                if live is not None:
+                    live.update(rich_view(f, step, max(took, background.took)), refresh=True)
+                elif not done:
+                    print(plain_line(f), file=out, flush=True)
+                if done:
                     break
-            state.flush()
-            done = state.footer is not None or follower.ended
-            if state.responses:
-                e0 = time.monotonic()
-                whole = _evaluate(state.spool, opts)
-                wpath = state.write_window()
-                win = _evaluate(wpath, opts) if wpath else None
-                took = time.monotonic() - e0
-                step = max(interval, 2 * took)
-            f = figures(state, whole, win, sched, time.time(), window)
-            if live is not None:
-                live.update(rich_view(f, step, took), refresh=True)
-            elif not done:
-                print(plain_line(f), file=out, flush=True)
-            if done:
-                break
-            time.sleep(max(0.05, step - (time.monotonic() - t0)))
+                time.sleep(max(0.05, step - (time.monotonic() - t0)))
     except KeyboardInterrupt:
         if live is not None:
             live.stop()
             live = None
-        print("vk-eval live: interrupted", file=sys.stderr)
+        print("vk-eval live: interrupted", file=real_stderr)
         return 130
     finally:
         if live is not None:
