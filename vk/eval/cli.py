@@ -18,7 +18,7 @@ from vk import __version__
 from vk.cli import CONTEXT_SETTINGS, examples, main_wrapper
 from vk.eval.result import FORMATS
 
-SUBCOMMANDS = ("sql", "plot", "compare", "report", "sweep")
+SUBCOMMANDS = ("sql", "plot", "compare", "report", "sweep", "live", "trace")
 
 EPILOG = examples(
     "vk-eval run.jsonl",
@@ -29,11 +29,12 @@ EPILOG = examples(
     "vk-eval run.jsonl --group-by input_bucket --percentiles p50,p99,p99.9",
     "vk-eval sql 'SELECT status, count(*) FROM requests GROUP BY 1' run.jsonl",
     "vk-eval plot plots/ run.jsonl        vk-eval report out/ run.jsonl     (or -o DIR after the files)",
+    "vk-eval live run.jsonl --slo 'ttft:p90<500ms'     vk-eval trace run.jsonl -o run.trace.json",
     "vk-eval compare before.jsonl after.jsonl",
     "vk-eval big.jsonl --cache               # parsed once; later runs read big.jsonl.vk-eval-cache/",
     "",
     "\b",
-    "Subcommands: sql, plot, compare, report (vk-eval SUBCOMMAND --help). Times are in seconds in JSON/CSV",
+    "Subcommands: sql, plot, compare, report, live, trace (vk-eval SUBCOMMAND --help). Times are in seconds in JSON/CSV",
     "and in milliseconds in tables. Percentiles are linear (not nearest rank); stddev is the population one.",
     "Exit status: 1 an SLO missed (--check), 2 bad input or option, 74 no space left for an output.",
 )
@@ -217,21 +218,81 @@ def compare_cmd(a, b, fmt, as_json, bootstrap, confidence, seed, percentiles):
 @click.option("-o", "--outdir", metavar="DIR", help="Output directory (else the first argument).")
 @click.option("--slo", metavar="SPEC", help="Aggregate objectives to check (as for vk-eval).")
 @click.option("--goodput", metavar="SPEC", help="Per-request objectives (as for vk-eval).")
+@click.option("--xlsx", metavar="FILE", help="Also (or, without DIR, only) write an Excel workbook: summary sheets, "
+                                             "per-request records, charts.")
+@click.option("--static", is_flag=True, help="The page with PNG figures (matplotlib) instead of interactive charts.")
 @LABEL_OPTION
 @_common
-def report_cmd(args, outdir, slo, goodput, labels, percentiles, warmup, cooldown, group_by, fluidity, progress,
-               validate):
-    """Write DIR/report.html: a self-contained page (figures embedded) with the tables and figures of the
-    run(s), for sharing. DIR is -o DIR or the first argument."""
-    from vk.eval.report import write_report
-
-    outdir, files = _dir_and_files(outdir, args)
+def report_cmd(args, outdir, slo, goodput, xlsx, static, labels, percentiles, warmup, cooldown, group_by, fluidity,
+               progress, validate):
+    """Write DIR/report.html: a self-contained page with interactive charts (plotly, embedded: no network) and
+    the tables of the run(s), for sharing; with --xlsx FILE, a workbook too. DIR is -o DIR or the first
+    argument (not needed with --xlsx alone)."""
+    kw = dict(slo=slo, goodput=goodput, percentiles=percentiles, warmup=warmup, cooldown=cooldown, group_by=group_by,
+              fluidity=fluidity, validate=validate)
+    if xlsx and outdir is None and (len(args) == 1 or os.path.isfile(args[0])):
+        outdir, files = None, list(args)
+    else:
+        outdir, files = _dir_and_files(outdir, args)
     _progress(progress)
-    path = write_report(files, outdir, slo=slo, goodput=goodput, percentiles=percentiles, warmup=warmup,
-                       cooldown=cooldown, group_by=group_by, fluidity=fluidity, validate=validate,
-                       labels=list(labels) or None)
+    if outdir is not None:
+        if static:
+            from vk.eval.report import write_report
+        else:
+            from vk.eval.html_report import write_interactive_report as write_report
+        print(write_report(files, outdir, labels=list(labels) or None, **kw))
+    if xlsx:
+        from vk.eval.xlsx import write_xlsx
+
+        print(write_xlsx(files, xlsx, **kw))
     _progress_done()
-    print(path)
+
+
+@click.command("live", context_settings=CONTEXT_SETTINGS, epilog=examples(
+    "vk-send sched.jsonl --api URL -o run.jsonl &  vk-eval live run.jsonl --slo 'ttft:p90<500ms'",
+    "ssh host tail -c +0 -f run.jsonl | vk-eval live -          # a run on another machine",
+    "vk-eval live run.jsonl --schedule sched.jsonl --window 30s  # sessions due and time left",
+))
+@click.argument("file", type=click.Path(allow_dash=True))
+@click.option("--slo", metavar="SPEC", help="Aggregate objectives (as for vk-eval): attainment so far.")
+@click.option("--goodput", metavar="SPEC", help="Per-request objectives (as for vk-eval): attainment so far.")
+@click.option("--schedule", metavar="SCHED.jsonl", type=click.Path(exists=True, dir_okay=False),
+              help="The schedule vk-send runs: sessions due and done, time left.")
+@click.option("--window", default="10s", show_default=True, metavar="DURATION",
+              help="The last window's length (its percentiles beside the whole run's).")
+@click.option("--interval", type=float, metavar="SECONDS",
+              help="Refresh period (default 1 on a terminal, 5 for plain lines); longer when an evaluation takes "
+                   "more than half of it.")
+@click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
+@click.option("--final-json", metavar="FILE", help="At the end, write vk-eval's JSON summary of the run to FILE.")
+@click.option("--warmup", metavar="DURATION", help="As for vk-eval.")
+@click.option("--cooldown", metavar="DURATION", help="As for vk-eval.")
+def live_cmd(file, slo, goodput, schedule, window, interval, plain, final_json, warmup, cooldown):
+    """Follow FILE while vk-send writes it (- : a stream, e.g. over ssh) and show the run live; ends by itself
+    when the run's footer arrives (exit 0; 1 when the input ended without it). Only reads the file."""
+    from vk.eval.live import follow
+    from vk.eval.slo import parse_duration
+
+    sys.exit(follow(file, slo=slo, goodput=goodput, warmup=warmup, cooldown=cooldown, schedule=schedule,
+                    window=parse_duration(window, "--window"), interval=interval, plain=plain or None,
+                    final_json=final_json))
+
+
+@click.command("trace", context_settings=CONTEXT_SETTINGS, epilog=examples(
+    "vk-eval trace run.jsonl -o run.trace.json          # open in ui.perfetto.dev or chrome://tracing",
+    "vk-eval trace run.jsonl --by worker -o run.trace.json",
+))
+@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
+@click.option("-o", "--output", metavar="FILE", default="-", help="The trace file (default stdout).")
+@click.option("--by", type=click.Choice(["session", "worker"]), default="session", show_default=True,
+              help="One track per session or per vk-send worker.")
+def trace_cmd(files, output, by):
+    """Write the run(s) as a Chrome trace-event / Perfetto timeline: a slice per request from t_intended to t_done
+    with its phases (queued, waiting for first token, decoding), instant markers for events, ids and token
+    counts in the arguments."""
+    from vk.eval.trace import trace_file
+
+    trace_file(list(files), output, by=by)
 
 
 def _dir_and_files(outdir: str | None, args: tuple[str, ...]) -> tuple[str, list[str]]:
@@ -256,7 +317,7 @@ class EvalCommand(click.Group):
 
 
 cli = EvalCommand("vk-eval", context_settings=CONTEXT_SETTINGS)
-for _c in (sql_cmd, plot_cmd, compare_cmd, report_cmd):
+for _c in (sql_cmd, plot_cmd, compare_cmd, report_cmd, live_cmd, trace_cmd):
     cli.add_command(_c)
 from vk.sweep.cli import eval_sweep_cmd  # noqa: E402 - vk-eval sweep DIR: vk-sweep's re-scoring, no traffic
 
