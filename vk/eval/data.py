@@ -47,6 +47,15 @@ STAT_DEFINITIONS = {
 POOLED = ("itl_chunk", "itl_token", "itl_token_zeros")
 COUNT_METRICS = ("input_tokens", "output_tokens", "reasoning_tokens")  # reasoning: usage.reasoning_tokens
 STATUSES = ("ok", "error", "timeout", "cancelled", "skipped")
+# requests the run itself stopped (the user's Ctrl-C, --duration, --max-errors) or never sent: not the server's
+# failures. error_rate = (error + timeout) / the others (the requests the server was asked to finish)
+NOT_SERVED = ("cancelled", "skipped")
+SERVER_FAILURES = ("error", "timeout")
+
+
+def served(status: np.ndarray) -> np.ndarray:
+    """Per request (an array of status strings): True when the server was asked to finish it."""
+    return ~np.isin(status, NOT_SERVED)
 OUTPUT_SOURCES = ("usage", "events.tokens", "token events")  # where a request's output token count comes from
 DERIVED_GROUP_FIELDS = ("run", "input_bucket", "output_bucket")
 MAX_GROUPS = 1000
