@@ -215,7 +215,8 @@ class Data:
             "usage.cached_tokens AS cached_tokens, usage.reasoning_tokens AS reasoning_tokens, "
             "target_input_tokens, target_output_tokens, coalesce(prefix_tokens, target_prefix_tokens) AS prefix, "
             "ev_n AS n_events, ev_has_server_t AS has_server_t, ev_tokens_null AS tokens_null, row, "
-            "ev_ntok AS n_tok, ev_sparse AS needs_sparse "
+            "ev_ntok AS n_tok, ev_sparse AS needs_sparse, coalesce(attempts, 1) > 1 AS retried, "
+            "warning IS NOT NULL AS warned "
             "FROM responses_ev"
         ).fetchnumpy()
         self.a: dict[str, np.ndarray] = {}
@@ -226,6 +227,8 @@ class Data:
         a["status"] = np.array(STATUSES, dtype=object)[a["status_code"]]
         a["ok"] = a["status_code"] == 0
         a["warmup"] = np.asarray(cols["warmup"], dtype=bool)
+        a["retried"] = np.asarray(np.ma.filled(cols["retried"], False), dtype=bool)  # attempts > 1
+        a["warned"] = np.asarray(np.ma.filled(cols["warned"], False), dtype=bool)  # ok, a malformed line skipped
         for f in L.TIME_COLS:
             a[f] = _f(cols[f])
         for f in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
