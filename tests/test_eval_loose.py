@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
+import pytest
 from test_eval import RUN, resp
 
 from vk.eval import evaluate
@@ -142,3 +143,25 @@ def test_the_server_vk_started_is_in_the_configuration(tmp_path):
     assert "server (started by vk): vk-serve --port 8000; ready in 1.25 s; version {'version': '0.9'}; models sim, sim-2" \
         in text
     assert res.to_dict()["runs"][0]["server"]["ready_s"] == 1.25
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_save_text_keeps_reasoning_text_next_to_the_content(serve, tmp_path, stream):
+    from conftest import run_vk
+    from test_send import open_schedule, req, session
+
+    srv = serve("--ttft", "0.001", "--tpot", "0.001", "--reasoning-tokens", "3")
+    sched = open_schedule([session("s", [req("a", out=8)])], [0.0])
+    path = write(tmp_path / "s.jsonl", sched)
+    out = tmp_path / "run.jsonl"
+    p = run_vk("vk-send", path, "--api", srv.url, "-o", str(out), "--workers", "1", "--save-text",
+               *(() if stream else ("--no-stream",)))
+    assert p.returncode == 0, p.stderr.decode()
+    r = [orjson.loads(x) for x in out.read_bytes().splitlines() if b'"response"' in x][0]
+    assert r["status"] == "ok" and r["usage"]["reasoning_tokens"] == 3
+    assert r["text"] and r["reasoning_text"], r
+    assert r["reasoning_text"] not in r["text"]
+    # without --save-text: neither
+    p = run_vk("vk-send", path, "--api", srv.url, "-o", str(out), "--workers", "1")
+    r = [orjson.loads(x) for x in out.read_bytes().splitlines() if b'"response"' in x][0]
+    assert "text" not in r and "reasoning_text" not in r
