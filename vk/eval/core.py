@@ -100,7 +100,7 @@ def clean(obj: Any) -> Any:
 
 
 def _run_info(r: dict, accuracy: dict) -> dict:
-    keep = ("run_id", "file", "model", "api", "endpoint", "start_epoch", "vk_version", "host")
+    keep = ("run_id", "file", "model", "api", "endpoint", "start_epoch", "vk_version", "host", "server", "ray")
     out = {k: r.get(k) for k in keep}
     out["lagged"] = r["run_id"] in accuracy.get("lagged_runs", ())  # vk-eval's verdict (vk.eval.lag)
     out["vk_send_lagged"] = bool(r.get("lagged"))

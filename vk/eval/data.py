@@ -47,6 +47,15 @@ STAT_DEFINITIONS = {
 POOLED = ("itl_chunk", "itl_token", "itl_token_zeros")
 COUNT_METRICS = ("input_tokens", "output_tokens", "reasoning_tokens")  # reasoning: usage.reasoning_tokens
 STATUSES = ("ok", "error", "timeout", "cancelled", "skipped")
+# requests the run itself stopped (the user's Ctrl-C, --duration, --max-errors) or never sent: not the server's
+# failures. error_rate = (error + timeout) / the others (the requests the server was asked to finish)
+NOT_SERVED = ("cancelled", "skipped")
+SERVER_FAILURES = ("error", "timeout")
+
+
+def served(status: np.ndarray) -> np.ndarray:
+    """Per request (an array of status strings): True when the server was asked to finish it."""
+    return ~np.isin(status, NOT_SERVED)
 OUTPUT_SOURCES = ("usage", "events.tokens", "token events")  # where a request's output token count comes from
 DERIVED_GROUP_FIELDS = ("run", "input_bucket", "output_bucket")
 MAX_GROUPS = 1000
@@ -206,7 +215,8 @@ class Data:
             "usage.cached_tokens AS cached_tokens, usage.reasoning_tokens AS reasoning_tokens, "
             "target_input_tokens, target_output_tokens, coalesce(prefix_tokens, target_prefix_tokens) AS prefix, "
             "ev_n AS n_events, ev_has_server_t AS has_server_t, ev_tokens_null AS tokens_null, row, "
-            "ev_ntok AS n_tok, ev_sparse AS needs_sparse "
+            "ev_ntok AS n_tok, ev_sparse AS needs_sparse, coalesce(attempts, 1) > 1 AS retried, "
+            "warning IS NOT NULL AS warned "
             "FROM responses_ev"
         ).fetchnumpy()
         self.a: dict[str, np.ndarray] = {}
@@ -217,6 +227,8 @@ class Data:
         a["status"] = np.array(STATUSES, dtype=object)[a["status_code"]]
         a["ok"] = a["status_code"] == 0
         a["warmup"] = np.asarray(cols["warmup"], dtype=bool)
+        a["retried"] = np.asarray(np.ma.filled(cols["retried"], False), dtype=bool)  # attempts > 1
+        a["warned"] = np.asarray(np.ma.filled(cols["warned"], False), dtype=bool)  # ok, a malformed line skipped
         for f in L.TIME_COLS:
             a[f] = _f(cols[f])
         for f in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",

@@ -70,15 +70,21 @@ RESPONSE_COLUMNS: dict[str, str] = {
     "stop_reason": "JSON",
     "lag_threshold": "JSON",
     "dispatch_lag_p99": "JSON",
+    "attempts": "BIGINT",
+    "warning": "VARCHAR",
+    "server": "JSON",
+    "ray": "JSON",
+    "ray_nodes": "JSON",
+    "retried": "JSON",
 }
 
 RUN_FIELDS = ("run_id", "start_epoch", "api", "model", "endpoint", "vk_version", "host", "lagged", "schedule",
-              "argv")
+              "argv", "server", "ray")
 RUN_END_FIELDS = ("run_id", "lagged", "totals", "lag", "reason", "ended", "end_reason", "stop_reason", "lag_threshold",
-                  "dispatch_lag_p99")
+                  "dispatch_lag_p99", "ray_nodes", "retried")
 # the columns of raw that only run headers and footers fill (left out of the responses view)
 RUN_ONLY_COLUMNS = ("kind, start_epoch, api, model, endpoint, vk_version, host, lagged, schedule, argv, totals, lag, "
-                    "reason, ended, end_reason, stop_reason, lag_threshold, dispatch_lag_p99")
+                    "reason, ended, end_reason, stop_reason, lag_threshold, dispatch_lag_p99, server, ray, ray_nodes, retried")
 
 
 def _sql_str(s: str) -> str:
@@ -444,7 +450,7 @@ def run_rows(con: duckdb.DuckDBPyConnection, inputs: Inputs) -> list[dict]:
         if d["kind"] == "run":
             for f in RUN_FIELDS:
                 v = d[f]
-                r[f] = orjson.loads(v) if f in ("schedule", "argv") and v is not None else v
+                r[f] = orjson.loads(v) if f in ("schedule", "argv", "server", "ray") and v is not None else v
             r["lagged_header"] = bool(d["lagged"])
         else:
             end = {}

@@ -189,7 +189,9 @@ def headline(d: dict) -> list[str]:
         lines.append(f"{label:<9} {k1} {_ms(v1)}, {k2} {_ms(v2)}")
     failed = c["failed"]
     kinds = ", ".join(f"{k} {c[k]}" for k in ("error", "timeout", "cancelled", "skipped") if c.get(k))
-    lines.append(f"errors    {failed} of {c['measured']} ({_pct(c['error_rate'])})" + (f": {kinds}" if kinds else ""))
+    how = ", ".join(f"{k.replace('_', ' ')} {c[k]}" for k in ("retried", "ok_with_warning") if c.get(k))
+    lines.append(f"errors    {failed} of {c['measured']} ({_pct(c['error_rate'])})" + (f": {kinds}" if kinds else "")
+                 + (f"; {how}" if how else ""))
     checks = d.get("slo") or []
     if checks:
         missed = [x for x in checks if not x["ok"]]
@@ -202,6 +204,9 @@ def headline(d: dict) -> list[str]:
         lines.append("SLO       none given (--slo)")
     flags = acc.get("flags") or []
     kinds_f = sorted({f.split(":", 1)[0] for f in flags} | ({"INPUT"} if d.get("warnings") else set()))
+    # a run that did not end complete, named (vk.eval.load.run_warnings has the details)
+    kinds_f += [f"run {r['run_id']} ended {(r.get('run_end') or {})['ended']}" for r in runs
+                if (r.get("run_end") or {}).get("ended") not in (None, "complete")]
     lines.append("warnings  " + (", ".join(kinds_f) + " (see below)" if kinds_f else "none"))
     return lines
 
@@ -334,6 +339,11 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
         lines.append(f"lag verdict, {who}: {verdict} ({how})")
     for note in a.get("notes") or []:
         lines.append("note: " + note)
+    lines += _ray_clock_lines(a.get("ray_clock") or [])
+    if c.get("retried") or c.get("ok_with_warning"):
+        lines.append(f"answers: {c['retried']} requests retried on a new connection (attempts > 1: the keep-alive "
+                     f"one was closed before any byte was written), {c['ok_with_warning']} ok answers with a "
+                     "malformed SSE line skipped (their warning field)")
     r = a.get("rate") or {}
     if r:
         ratio = r.get("achieved_over_intended")
@@ -351,6 +361,24 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
     return "".join(parts)
 
 
+def _ray_clock_lines(clock: list[dict]) -> list[str]:
+    lines = []
+    for run in clock:
+        for n in run["nodes"]:
+            drift = (f"drift {n['clock_drift'] * 1000:+.2f} ms" if n["drift_measured"]
+                     else "drift not measured (the node was gone at the end)")
+            lag = ("" if n["lagged"] is None else f"; vk-send's lag verdict: {'LAGGED' if n['lagged'] else 'not lagged'}"
+                   f" (dispatch lag p99 {_num(n['dispatch_lag_p99'], 'ms')} ms)")
+            lost = f"; workers lost {n['workers_lost']}" if n["workers_lost"] else ""
+            lines.append(f"clock, run {run['run_id']} node {n['node']} ({n['host']}): offset "
+                         f"{(n['clock_offset'] or 0) * 1000:+.2f} ms +/- {_num(n['clock_uncertainty'], 'ms')} ms, "
+                         f"{drift}: times within {_num(n['error_bound'], 'ms')} ms of the run's axis{lag}{lost}")
+        lines.append(f"clock, run {run['run_id']}: times across its {len(run['nodes'])} nodes are on one axis within "
+                     f"{_num(run['error_bound'], 'ms')} ms (residual error: clock_uncertainty + |clock_drift|, the "
+                     "largest over its nodes)")
+    return lines
+
+
 def to_text(d: dict, markdown: bool = False, with_headline: bool = True) -> str:
     out = []
     head = headline(d)
@@ -364,6 +392,12 @@ def to_text(d: dict, markdown: bool = False, with_headline: bool = True) -> str:
         lag = "  LAGGED" if r.get("lagged") else ""
         out.append(("- " if markdown else "")
                    + f"run {r['run_id']}  file {r.get('file')}  model {r.get('model')}  api {r.get('api')}{lag}\n")
+        srv = r.get("server")
+        if isinstance(srv, dict):
+            models = srv.get("models")
+            out.append(("  " if markdown else "    ") + f"server (started by vk): {srv.get('cmd')}; ready in "
+                       f"{_num(srv.get('ready_s'))} s; version {srv.get('version')}; models "
+                       f"{', '.join(map(str, models)) if isinstance(models, list) else models}\n")
     out.append("\n")
     for w in d.get("warnings") or []:
         out.append(("- " if markdown else "  ! ") + "INPUT: " + w + "\n")

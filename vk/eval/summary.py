@@ -39,6 +39,10 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     # sent (skipped) are not the server's failures
     counts["served"] = counts["measured"] - counts["cancelled"] - counts["skipped"]
     counts["error_rate"] = (counts["error"] + counts["timeout"]) / counts["served"] if counts["served"] else None
+    # how the answers came (vk-send's attempts and warning fields): a retry on a new connection (the keep-alive one
+    # proved closed before any byte was written) and an ok answer with a malformed SSE line skipped
+    counts["retried"] = int((measured & a["retried"]).sum())
+    counts["ok_with_warning"] = int((okm & a["warned"]).sum())
     nsrc = np.bincount(a["output_tokens_source_code"][okm], minlength=len(OUTPUT_SOURCES))
     counts["output_tokens_source"] = {k: int(nsrc[i]) for i, k in enumerate(OUTPUT_SOURCES) if nsrc[i]}
     out["counts"] = counts
@@ -202,6 +206,9 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
     out["lagged_runs"] = [v["run_id"] for v in lag_verdicts if v["lagged"]]
     out["notes"] = lag_notes
     flags += lag_flags
+    clock = _ray_clock(d, gmask)
+    if clock:
+        out["ray_clock"] = clock
     # prompt tokens against the plan, like with like: target_input_tokens counts a request's new content only,
     # while usage.prompt_tokens is the whole prompt (history and chat template included). First turns have no
     # history: their difference is the template. A later turn is compared by its growth over the previous turn of
@@ -315,6 +322,36 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
         flags.append(f"STOPPED: {int((measured & stopped).sum())} requests were cancelled by the run's stop or never "
                      "sent; they are not counted as the server's failures (error rate, goodput)")
     out["flags"] = flags
+    return out
+
+
+def _ray_clock(d: Data, gmask) -> list[dict]:
+    """Per ``vk-send --ray`` run in the group: each node's clock (the header's ray.nodes: offset to the driver and
+    its uncertainty; the footer's ray_nodes: drift over the run) and vk-send's lag verdict per node, with the
+    residual error bound of its times on the run's axis (clock_uncertainty + |clock_drift|) and the run's (the
+    largest over its nodes)."""
+    out = []
+    for r in np.unique(d.a["run"][gmask]):
+        info = d.runs[int(r)]
+        ray = info.get("ray")
+        if not isinstance(ray, dict) or not isinstance(ray.get("nodes"), list):
+            continue
+        end = info.get("run_end") or {}
+        feet = {n.get("node"): n for n in end.get("ray_nodes") or [] if isinstance(n, dict)}
+        nodes = []
+        for n in ray["nodes"]:
+            f = feet.get(n.get("node"), {})
+            unc, drift = n.get("clock_uncertainty"), f.get("clock_drift")
+            nodes.append({"node": n.get("node"), "host": n.get("host"), "workers": n.get("workers"),
+                          "clock_offset": n.get("clock_offset"), "clock_uncertainty": unc, "clock_drift": drift,
+                          # without a drift (a node lost before the end) the bound holds only early in the run
+                          "error_bound": None if unc is None else unc + abs(drift or 0.0),
+                          "drift_measured": drift is not None,
+                          "dispatch_lag_p99": f.get("dispatch_lag_p99"), "lagged": f.get("lagged"),
+                          "workers_lost": f.get("workers_lost") or []})
+        bounds = [n["error_bound"] for n in nodes if n["error_bound"] is not None]
+        out.append({"run_id": info["run_id"], "nodes": nodes, "error_bound": max(bounds) if bounds else None,
+                    "lagged_nodes": [n["node"] for n in nodes if n["lagged"]]})
     return out
 
 

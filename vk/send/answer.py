@@ -115,6 +115,7 @@ def interpret(ex, stream: bool, completions: bool, clock) -> dict:
         parsed = {
             "events": {"t": [round(t_last - clock.mono0, 7)], "kind": pj["kind"]},
             "usage": pj["usage"], "finish_reason": pj["finish_reason"], "text": pj["text"],
+            "reasoning_text": pj.get("reasoning_text", ""),
             "server_id": pj["server_id"], "error": pj["error"], "malformed": None, "done": True,
             "t_first_token": t_last if tok else None,
             "t_first_content": t_last if pj["kind"] == "c" else None,

@@ -520,6 +520,8 @@ class Engine:
         rec["server_request_id"] = sid
         if self.cfg.save_text:
             rec["text"] = text
+            if parsed is not None and parsed.get("reasoning_text"):
+                rec["reasoning_text"] = parsed["reasoning_text"]
         s.recorded.add(r["id"])
         self.emit(rec)
         return status, text

@@ -105,6 +105,7 @@ def parse_stream(chunks, clock, completions: bool) -> dict:
     has_tokens = False
     has_server_t = False
     text_parts: list[str] = []
+    reasoning_parts: list[str] = []  # kept for --save-text
     usage = None
     finish = None
     server_id = None
@@ -155,8 +156,9 @@ def parse_stream(chunks, clock, completions: bool) -> dict:
                         if txt:
                             kind = "c"
                             text_parts.append(txt if type(txt) is str else str(txt))
-                        elif delta.get("reasoning_content") or delta.get("reasoning"):
+                        elif rsn := delta.get("reasoning_content") or delta.get("reasoning"):
                             kind = "r"
+                            reasoning_parts.append(rsn if type(rsn) is str else str(rsn))
                         elif delta.get("tool_calls"):
                             kind = "t"
                 fr = ch.get("finish_reason")
@@ -201,6 +203,7 @@ def parse_stream(chunks, clock, completions: bool) -> dict:
         "usage": _usage(usage) if isinstance(usage, dict) else None,
         "finish_reason": finish,
         "text": "".join(text_parts),
+        "reasoning_text": "".join(reasoning_parts),
         "server_id": server_id,
         "error": error,
         "malformed": None if bad is None else (bad if malformed == 1 else f"{bad} (and {malformed - 1} more)"),
@@ -245,9 +248,10 @@ def parse_json_body(body: bytes, completions: bool) -> dict:
             msg = ch.get("message") or {}
             if isinstance(msg, dict):
                 out["text"] = msg.get("content") or ""
+                out["reasoning_text"] = str(msg.get("reasoning_content") or msg.get("reasoning") or "")
                 if out["text"]:
                     out["kind"] = EVENT_CONTENT
-                elif msg.get("reasoning_content") or msg.get("reasoning"):
+                elif out["reasoning_text"]:
                     out["kind"] = EVENT_REASONING
                 elif msg.get("tool_calls"):
                     out["kind"] = EVENT_TOOL

@@ -19,6 +19,7 @@ import operator
 import numpy as np
 
 from vk.errors import VkError
+from vk.eval.data import served
 
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _NP_OPS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
@@ -29,21 +30,26 @@ MAX_SAMPLE = 20000  # larger samples are subsampled for the bootstrap (memory st
 
 
 def request_columns(run_path) -> dict[str, np.ndarray]:
-    """Per measured request (warm-up excluded): the latency columns, ``ok`` and ``warmup``."""
+    """Per measured request (warm-up excluded): the latency columns, ``ok``, ``served`` (vk-eval's: the server
+    was asked to finish it, not cancelled by the run's stop or skipped) and ``warmup``."""
     from vk.eval import sql
 
     # normalized_latency as vk-eval defines it: e2e per output token
     cols = ", ".join(SAMPLED[:-1]) + ", e2e / nullif(output_tokens, 0) AS normalized_latency"
     try:
-        names, rows = sql(f"SELECT {cols}, status = 'ok' AS ok, coalesce(warmup, false) AS warmup FROM requests",
+        names, rows = sql(f"SELECT {cols}, status = 'ok' AS ok, status, coalesce(warmup, false) AS warmup "
+                          "FROM requests",
                           run_path, columns=True)
     except VkError:  # no response carries a warm-up mark, so the column does not exist
-        names, rows = sql(f"SELECT {cols}, status = 'ok' AS ok, false AS warmup FROM requests", run_path,
+        names, rows = sql(f"SELECT {cols}, status = 'ok' AS ok, status, false AS warmup FROM requests",
+                          run_path,
                           columns=True)
     out = {}
     for i, n in enumerate(names):
         if n in ("ok", "warmup"):
             out[n] = np.array([bool(r[i]) for r in rows], dtype=bool)
+        elif n == "status":
+            out["served"] = served(np.array([r[i] for r in rows], dtype=object))
         else:
             out[n] = np.array([np.nan if r[i] is None else float(r[i]) for r in rows], dtype=float)
     keep = ~out["warmup"]
@@ -82,12 +88,14 @@ def sample_for(check: dict, cols: dict, goodput_spec: str | None) -> tuple[np.nd
     if stat is not None and metric in SAMPLED:
         v = cols[metric][cols["ok"]]
         return v[np.isfinite(v)], stat
+    # shares over the requests the server was asked to finish, as vk-eval counts them (vk.eval.data.served)
+    srv = cols["served"] if "served" in cols else np.ones(len(cols["ok"]), bool)
     if stat is None and metric == "error_rate":
-        return (~cols["ok"]).astype(float), "mean"
+        return (~cols["ok"][srv]).astype(float), "mean"
     if stat is None and metric == "attainment" and goodput_spec:
         from vk.eval.slo import parse_goodput
 
-        return _good(cols, parse_goodput(goodput_spec).conditions).astype(float), "mean"
+        return _good(cols, parse_goodput(goodput_spec).conditions)[srv].astype(float), "mean"
     return None
 
 
