@@ -3,7 +3,9 @@ PY     ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.vk-installed
-PYTEST_ARGS ?= -n auto  # pytest-xdist (the test extra): one worker per core; PYTEST_ARGS="-n 0" runs in one process
+# pytest-xdist (the test extra): one worker per core, the slowest tests first (tests/conftest.py); --durations: the
+# slow ones in every log. PYTEST_ARGS="-n 0" runs in one process.
+PYTEST_ARGS ?= -n auto --durations=15
 
 .PHONY: install test demo bench lint man clean
 
