@@ -207,6 +207,7 @@ def test_vk_send_times_are_ordered_against_vk_serve(serve, tmp_path):
     assert lat["ttft_from_intended"]["p50"] == pytest.approx(want, abs=1e-9)
 
 
+@pytest.mark.timing
 def test_vk_serve_token_gaps_match_tpot(serve, tmp_path):
     """Catches vk-serve sending each token one TPOT late: with --tpot 0.01 the gaps between its own write times
     (--server-timestamps) are 10 ms to within 1%, per request and pooled."""
@@ -227,6 +228,7 @@ def test_vk_serve_token_gaps_match_tpot(serve, tmp_path):
     assert statistics.median(gaps) == pytest.approx(0.010, rel=0.01)
 
 
+@pytest.mark.timing
 def test_vk_eval_tpot_matches_the_server_timestamps(serve, tmp_path):
     """vk-eval's TPOT against the server's own write times (not against the configured --tpot with a wide
     tolerance): per request the client's and the server's token spans agree to 0.2 ms."""

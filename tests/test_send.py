@@ -296,6 +296,7 @@ def test_http_error_and_non_json_bodies_are_records(scripted):
 # loops and pacing
 
 
+@pytest.mark.timing
 def test_closed_loop_holds_concurrency(serve):
     srv = serve("--ttft", "0.03", "--tpot", "0.003")
     n = 4
@@ -330,6 +331,7 @@ def test_plain_sessions_run_one_after_another(serve):
         assert y["t_dispatched"] >= x["t_done"]
 
 
+@pytest.mark.timing
 def test_open_loop_absolute_deadlines_rate_within_1_percent(serve):
     srv = serve("--ttft", "0.005", "--tpot", "0.001")
     rng = np.random.default_rng(1)
@@ -615,6 +617,7 @@ def test_closed_output_stops_the_run_quietly(serve):
     assert p.wait(timeout=30) == 0 and b"Traceback" not in err
 
 
+@pytest.mark.timing
 def test_start_at_sets_the_run_start(scripted):
     at = time.time() + 0.5
     w = ListWriter()
