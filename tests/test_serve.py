@@ -202,15 +202,15 @@ def test_big_prompt_is_counted_off_the_serving_loop(serve):
     assert expected > 100_000
     ttfts = []
     with cf.ThreadPoolExecutor(2) as pool:
-        other = pool.submit(stream_chat, s.url, {"messages": MSGS, "max_tokens": 100, "ignore_eos": True})
-        for _ in range(3):
+        other = pool.submit(stream_chat, s.url, {"messages": MSGS, "max_tokens": 200, "ignore_eos": True})
+        for _ in range(5):  # a median of five: one first write late by the OS's scheduling is not the server's
             res = stream_chat(s.url, {"messages": big, "max_tokens": 5, "ignore_eos": True,
                                       "stream_options": {"include_usage": True}})
             arrival, tokens = _server_times(res)
             ttfts.append(tokens[0] - arrival)
             assert res["events"][-2]["usage"]["prompt_tokens"] == expected
         other = other.result()
-    assert abs(sorted(ttfts)[1] - ttft) <= 0.01 * ttft, ttfts
+    assert abs(sorted(ttfts)[2] - ttft) <= 0.01 * ttft, ttfts
     _not_stalled(_server_times(other)[1], tpot)
     r = post(s.url, "/chat/completions", {"messages": big, "max_tokens": 3})  # not streamed, counted all the same
     assert r.json()["usage"]["prompt_tokens"] == expected
