@@ -3,7 +3,11 @@ PY     ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.vk-installed
-PYTEST_ARGS ?= -n auto  # pytest-xdist (the test extra): one worker per core; PYTEST_ARGS="-n 0" runs in one process
+# The timing tests (pytest -m timing: they pin times to the millisecond) run first, alone in one process, so that
+# the suite's own load does not stand in their way; then the rest with pytest-xdist (the test extra), one worker
+# per core, the slowest tests first (tests/conftest.py). --durations: the slow ones in every log. make test fails
+# when either part fails. PYTEST_ARGS="-n 0" runs the rest in one process too.
+PYTEST_ARGS ?= -n auto
 
 .PHONY: install test demo bench lint man clean
 
@@ -16,7 +20,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 0 -m timing --durations=5; t=$$?; \
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) -m "not timing" --durations=15; r=$$?; \
+	test $$t = 0 && test $$r = 0
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh

@@ -54,6 +54,7 @@ def sh(*parts: list[str]) -> str:
     return " | ".join(shlex.join(p) for p in parts)
 
 
+@pytest.mark.timing
 def test_pipeline_measures_what_the_server_was_told(serve, tmp_path):
     """TTFT 50 ms and 10 ms per output token at the server must come out as 50 ms and 10 ms in vk-eval: the
     client's figures agree with the server's own write times to 0.2 ms, and those with what it was told."""
@@ -98,6 +99,7 @@ def test_pipeline_measures_what_the_server_was_told(serve, tmp_path):
     assert report["overall"]["accuracy"]["timestamp_error"]["p50"] == pytest.approx(0.0, abs=5e-4)
 
 
+@pytest.mark.timing
 def test_files_replay_the_same_schedule(serve, tmp_path):
     """A cached schedule file runs again against a second server; both runs evaluate side by side."""
     a = serve("--ttft", "0.02", "--tpot", "0.005", "--server-timestamps")

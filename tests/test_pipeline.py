@@ -20,6 +20,7 @@ WORKLOAD = {
 }
 
 
+@pytest.mark.timing
 def test_run_benchmark_starts_vk_serve_and_returns_the_evaluation(tmp_path):
     out = tmp_path / "run.jsonl"
     result = vk.run_benchmark(WORKLOAD, count=8, concurrency=2, output=out,

@@ -192,6 +192,7 @@ def prefix_sessions(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.timing
 def test_scraped_gauges_and_counters_agree_with_what_vk_serve_did(serve, tmp_path, prefix_sessions):
     # two sequences at a time and six sessions in flight: a queue forms and the prefix cache is hit
     srv = serve("--max-num-seqs", "2", "--speed", "8")

@@ -296,6 +296,7 @@ def test_http_error_and_non_json_bodies_are_records(scripted):
 # loops and pacing
 
 
+@pytest.mark.timing
 def test_closed_loop_holds_concurrency(serve):
     srv = serve("--ttft", "0.03", "--tpot", "0.003")
     n = 4
@@ -310,12 +311,13 @@ def test_closed_loop_holds_concurrency(serve):
         cur += d
         peak = max(peak, cur)
     assert peak == n
-    # between the first n starts and the last n ends, n sessions are active all the time
+    # a session that ends frees its place for the next at once: the (n+i)-th start follows the i-th end. Medians
+    # of the 20 hand-overs (a busy machine delays some of them, not vk-send's rule); 3 ms is less than 5% of the
+    # 57 ms a request takes, the idle share the former busy-time test allowed
     starts = sorted(r["t_dispatched"] for r in rs)
     ends = sorted(r["t_done"] for r in rs)
-    t0, t1 = starts[n - 1], ends[-n]
-    busy = sum(max(0.0, min(r["t_done"], t1) - max(r["t_dispatched"], t0)) for r in rs)
-    assert busy / (t1 - t0) > n - 0.2
+    handovers = sorted(s - e for s, e in zip(starts[n:], ends, strict=False))
+    assert handovers[0] >= 0 and handovers[len(handovers) // 2] < 0.003, handovers
 
 
 def test_plain_sessions_run_one_after_another(serve):
@@ -329,6 +331,7 @@ def test_plain_sessions_run_one_after_another(serve):
         assert y["t_dispatched"] >= x["t_done"]
 
 
+@pytest.mark.timing
 def test_open_loop_absolute_deadlines_rate_within_1_percent(serve):
     srv = serve("--ttft", "0.005", "--tpot", "0.001")
     rng = np.random.default_rng(1)
@@ -614,13 +617,16 @@ def test_closed_output_stops_the_run_quietly(serve):
     assert p.wait(timeout=30) == 0 and b"Traceback" not in err
 
 
+@pytest.mark.timing
 def test_start_at_sets_the_run_start(scripted):
     at = time.time() + 0.5
     w = ListWriter()
     send(open_schedule([session("s", [req("a")])], [0.0], start_at=at), api=scripted.url, output=w, workers=1,
          model="m", handle_signals=False, quiet=True)
-    assert w.records[0]["start_epoch"] == pytest.approx(at, abs=0.002)
-    assert responses(w.records)[0]["status"] == "ok"
+    # the start instant is start_at itself, not start_at plus whatever preempted vk-send between two clock reads
+    assert w.records[0]["start_epoch"] == pytest.approx(at, abs=2e-6)
+    r = responses(w.records)[0]
+    assert r["status"] == "ok" and r["t_dispatched"] >= 0
 
 
 def test_server_closing_idle_connections(tmp_path):

@@ -92,7 +92,8 @@ def test_kill_one_worker_is_noticed_recorded_and_counted(serve, tmp_path, mode):
     srv = serve("--ttft", "0.05", "--tpot", "0.01")
     n = 300
     sched = schedule_file(tmp_path, n, 0.02, chained=True)
-    if mode == "closed":
+    if mode == "closed":  # 80 sessions: 40 responses before the kill, twice as many after it (300 took 20-45 s)
+        n = 80
         sess = [session(f"s{i}", [req("a"), req("b", parents=["a"])]) for i in range(n)]
         sched = write_jsonl(tmp_path / "c.jsonl", closed_schedule(sess, 4))
     out = tmp_path / "run.jsonl"

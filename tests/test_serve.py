@@ -8,7 +8,8 @@ import time
 
 import httpx
 import orjson
-from conftest import vk_cmd
+import pytest
+from conftest import steady_pace, vk_cmd
 
 from vk.tokenizer import load_tokenizer
 
@@ -106,6 +107,7 @@ def test_stream_shape_like_vllm(serve):
     assert len(tok.encode(text)) == 12  # real text that re-encodes to the reported count
 
 
+@pytest.mark.timing
 def test_fixed_latency_timing(serve):
     s = serve("--ttft", "0.05", "--tpot", "0.01")
     ttfts, gaps = [], []
@@ -124,6 +126,7 @@ def _server_times(res) -> tuple[float, list[float]]:
     return float(res["headers"]["vk-server-arrival"]), [e["vk_server_time"] for e, _ in content_events(res)]
 
 
+@pytest.mark.timing
 def test_fixed_latency_queue_is_m_d_c(serve):
     """--max-num-seqs in fixed mode: a FIFO queue in front of c slots, each held ttft + (n-1) tpot."""
     ttft, tpot, n, c = 0.05, 0.01, 6, 2
@@ -156,20 +159,23 @@ def test_fixed_latency_queue_is_m_d_c(serve):
     assert 'vllm:request_queue_time_seconds_count{model_name="vk-sim",engine="0"} 7' in m
 
 
+@pytest.mark.timing
 def test_fixed_latency_is_exact_against_server_timestamps(serve):
     """Token k is written at arrival + ttft + k * tpot: TTFT and the gaps within 1% (the server's own clock)."""
     ttft, tpot, n = 0.05, 0.01, 30
     s = serve("--ttft", str(ttft), "--tpot", str(tpot), "--server-timestamps")
-    ttfts, mean_gaps, gaps = [], [], []
+    body = {"messages": MSGS, "max_tokens": n, "ignore_eos": True}
+    stream_chat(s.url, body)  # a fresh server's first request pays its start-up: the steady timing is pinned
+    ttfts, paces, gaps = [], [], []
     for _ in range(5):
-        arrival, tokens = _server_times(stream_chat(s.url, {"messages": MSGS, "max_tokens": n, "ignore_eos": True}))
+        arrival, tokens = _server_times(stream_chat(s.url, body))
         assert len(tokens) == n
         ttfts.append(tokens[0] - arrival)
-        mean_gaps.append((tokens[-1] - tokens[0]) / (n - 1))
+        paces.append(steady_pace(tokens, tpot))  # not first to last token: one late write is not the pace
         gaps += [b - a for a, b in zip(tokens, tokens[1:], strict=False)]
     # medians: on a busy machine a write can be late by the OS's scheduling, which the server cannot help
     assert abs(sorted(ttfts)[2] - ttft) <= 0.01 * ttft, ttfts
-    assert abs(sorted(mean_gaps)[2] - tpot) <= 0.01 * tpot, mean_gaps
+    assert abs(sorted(paces)[2] - tpot) <= 0.01 * tpot, paces
     gaps.sort()
     assert abs(gaps[len(gaps) // 2] - tpot) <= 0.01 * tpot, gaps
 
@@ -185,6 +191,7 @@ def _not_stalled(tokens: list[float], tpot: float) -> None:
     assert abs(gaps[len(gaps) // 2] - tpot) <= 0.01 * tpot and gaps[-1] < tpot + 0.05, gaps[-5:]
 
 
+@pytest.mark.timing
 def test_big_prompt_is_counted_off_the_serving_loop(serve):
     """A 100,000-token prompt gets its first token at ttft, is counted exactly, and stalls no other stream."""
     ttft, tpot = 0.05, 0.01
@@ -195,15 +202,15 @@ def test_big_prompt_is_counted_off_the_serving_loop(serve):
     assert expected > 100_000
     ttfts = []
     with cf.ThreadPoolExecutor(2) as pool:
-        other = pool.submit(stream_chat, s.url, {"messages": MSGS, "max_tokens": 100, "ignore_eos": True})
-        for _ in range(3):
+        other = pool.submit(stream_chat, s.url, {"messages": MSGS, "max_tokens": 200, "ignore_eos": True})
+        for _ in range(5):  # a median of five: one first write late by the OS's scheduling is not the server's
             res = stream_chat(s.url, {"messages": big, "max_tokens": 5, "ignore_eos": True,
                                       "stream_options": {"include_usage": True}})
             arrival, tokens = _server_times(res)
             ttfts.append(tokens[0] - arrival)
             assert res["events"][-2]["usage"]["prompt_tokens"] == expected
         other = other.result()
-    assert abs(sorted(ttfts)[1] - ttft) <= 0.01 * ttft, ttfts
+    assert abs(sorted(ttfts)[2] - ttft) <= 0.01 * ttft, ttfts
     _not_stalled(_server_times(other)[1], tpot)
     r = post(s.url, "/chat/completions", {"messages": big, "max_tokens": 3})  # not streamed, counted all the same
     assert r.json()["usage"]["prompt_tokens"] == expected
@@ -214,6 +221,7 @@ def _rss_mb(pid: int) -> float:
         return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024
 
 
+@pytest.mark.timing
 def test_huge_prompt_is_refused_without_freezing(serve):
     """10 MB of prompt: vLLM's context-length error, another stream keeps its pace, memory comes back down."""
     tpot = 0.01
@@ -338,6 +346,7 @@ def test_models_health_metrics(serve):
     assert 'vllm:generation_tokens_total{model_name="my-model",engine="0"} 3' in text
 
 
+@pytest.mark.timing
 def test_server_timestamps(serve):
     s = serve("--ttft", "0.01", "--tpot", "0.005", "--server-timestamps")
     res = stream_chat(s.url, {"messages": MSGS, "max_tokens": 5, "min_tokens": 5,

@@ -207,6 +207,7 @@ def test_prefix_cache_counters_agree_with_responses(serve):
     assert metric(s.base, "vllm:kv_cache_usage_perc") == 0
 
 
+@pytest.mark.timing
 def test_fixed_latency_queue_gauges(serve):
     s = serve("--ttft", "0.2", "--tpot", "0.02", "--max-num-seqs", "2")  # 0.28 s per request: the queue lasts
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "ignore_eos": True}
@@ -218,6 +219,7 @@ def test_fixed_latency_queue_gauges(serve):
     assert metric(s.base, "vllm:generation_tokens_total") == 30
 
 
+@pytest.mark.timing
 def test_client_disconnect_frees_the_engine(serve):
     s = serve("--max-num-seqs", "1", "--t-fixed", "0.005", *QUIET)
     with httpx.Client() as c, c.stream("POST", s.url + "/chat/completions", json={

@@ -80,6 +80,7 @@ SLOS = {
 }
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("name", list(SLOS))
 def test_search_finds_the_known_capacity(serve, sessions, tmp_path, name):
     c, duration, warmup = 16, 3.0, 10

@@ -36,16 +36,24 @@ class RunClock:
             epoch0 = time.time() - (_mono() - mono0)
         self.mono0 = mono0
         self.epoch0 = epoch0
-        self.wall_off = time.time() - _mono()
+        self.wall_off = wall_offset()
 
     def set_start(self, mono0: float) -> None:
         """Fix the run's start instant (objects holding this clock see the change)."""
-        self.wall_off = time.time() - _mono()
+        self.wall_off = wall_offset()
         self.mono0 = mono0
         self.epoch0 = mono0 + self.wall_off
 
+    def set_start_epoch(self, epoch0: float) -> None:
+        """Fix the run's start instant at a wall-clock time (a schedule's ``start_at``), with one reading of the
+        offset between the clocks: reading them once for the wait and again for the start put a preemption between
+        the two readings into the start instant (milliseconds on a busy machine)."""
+        self.wall_off = wall_offset()
+        self.mono0 = epoch0 - self.wall_off
+        self.epoch0 = epoch0
+
     def refresh(self) -> None:
-        self.wall_off = time.time() - _mono()
+        self.wall_off = wall_offset()
 
     def rel(self, mono: float) -> float:
         return mono - self.mono0
@@ -59,6 +67,19 @@ class RunClock:
     def wall_to_rel(self, epoch: float) -> float:
         """An epoch time (server ground truth, kernel timestamp) as seconds from the run start."""
         return epoch - self.wall_off - self.mono0
+
+
+def wall_offset() -> float:
+    """``time.time() - time.monotonic()``, from the tightest of three bracketed readings: a preemption between the
+    two clock reads would otherwise shift the offset by its length."""
+    best = None
+    for _ in range(3):
+        a = _mono()
+        w = time.time()
+        b = _mono()
+        if best is None or b - a < best[0]:
+            best = (b - a, w - (a + b) / 2)
+    return best[1]
 
 
 class _Timespec(ctypes.Structure):

@@ -247,9 +247,10 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     ahead = 0.1 if workers > 1 else 0.02
     if pool is not None:
         ahead = pool.ahead
-    if header is not None and header.get("start_at"):
-        ahead = max(ahead, float(header["start_at"]) - time.time())
-    clock.set_start(_mono() + ahead)
+    if header is not None and header.get("start_at") and float(header["start_at"]) - time.time() > ahead:
+        clock.set_start_epoch(float(header["start_at"]))
+    else:
+        clock.set_start(_mono() + ahead)
     run_rec = vkrecords.new_run(
         cfg.run_id, round(clock.epoch0, 6), api=redact_url(cfg.api), model=cfg.model, endpoint=cfg.endpoint,
         vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or []), [cfg.api_key]), schedule=header,
