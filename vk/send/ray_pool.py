@@ -36,7 +36,7 @@ from vk.send.collector import linear_percentile, round_lag
 from vk.send.engine import Config
 from vk.send.inputs import first_due
 from vk.send.options import raise_nofile_limit
-from vk.send.workers import worker_main
+from vk.send.workers import exit_description, worker_main
 
 _mono = time.monotonic
 
@@ -78,19 +78,6 @@ def _short(e: BaseException) -> str:
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
     text = (lines[0] if lines else "").split(". ")[0][:300]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _how(code: int | None) -> str:
-    if code is None:
-        return "its pipe closed"
-    if code < 0:
-        import signal
-
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -176,7 +163,7 @@ class SenderRelay:
         """Up to BATCH messages from the worker; and, once it has ended, how it ended (else None)."""
         out: list = []
         if self.ended:
-            return out, _how(self.proc.exitcode)
+            return out, exit_description(self.proc.exitcode)
         try:
             m = self.out.get(timeout=PULL_WAIT)
         except queue.Empty:
@@ -185,7 +172,7 @@ class SenderRelay:
         while True:
             if m is None:
                 self.ended = True
-                return out, _how(self.proc.exitcode)
+                return out, exit_description(self.proc.exitcode)
             out.append(m)
             size += len(m)
             if len(out) >= BATCH or size >= BATCH_BYTES:

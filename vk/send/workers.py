@@ -188,7 +188,11 @@ def _how_it_ended(p) -> str:
     p.join(1.0)
     if getattr(p, "how_it_ended", None):  # a Ray worker says itself (vk.send.ray_pool.RayWorker)
         return p.how_it_ended
-    code = p.exitcode
+    return exit_description(p.exitcode)
+
+
+def exit_description(code: int | None) -> str:
+    """How a worker process ended, in words, from its exit code (negative: the signal that killed it)."""
     if code is None:
         return "its pipe closed"
     if code < 0:
