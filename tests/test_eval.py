@@ -444,7 +444,7 @@ def test_plots_and_report(tmp_path):
     assert any(f.endswith("/after-cdf.png") for f in figs)
     with pytest.raises(VkError, match="one per file"):
         plot([p, p2], str(tmp_path / "labelled"), labels=["before"])
-    html = report([p, p2], str(tmp_path / "rep"), slo="ttft:p99<1s")
+    html = report([p, p2], str(tmp_path / "rep"), slo="ttft:p99<1s", static=True)
     text = open(html, encoding="utf-8").read()
     assert text.startswith("<!DOCTYPE html>")
     assert text.count("data:image/png;base64,") == 4
@@ -713,7 +713,7 @@ def test_html_report_tables_are_tables_and_tokens_include_reasoning(tmp_path):
     """The HTML report renders every table as an HTML table, not a sideways-scrolling <pre> (issue 14.5), opens with
     the headline and shows each SLO threshold as read; the token table has a reasoning_tokens row."""
     p = write(tmp_path / "run.jsonl", RECORDS)
-    page = open(report(p, str(tmp_path / "rep"), slo="ttft:p99<1s")).read()
+    page = open(report(p, str(tmp_path / "rep"), slo="ttft:p99<1s", static=True)).read()
     assert "<pre>" not in page
     assert page.count("<table>") >= 5
     assert "<td>reasoning_tokens</td>" in page and "&lt; 1000 ms" in page

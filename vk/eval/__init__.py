@@ -66,10 +66,13 @@ def compare(a: Any, b: Any, **kwargs) -> dict:
     return compare_runs(a, b, **kwargs)
 
 
-def report(inputs: Any, outdir: str, **kwargs) -> str:
-    """Write a self-contained HTML report (figures embedded) to ``outdir/report.html``; returns its path."""
-    from vk.eval.report import write_report
-
+def report(inputs: Any, outdir: str, *, static: bool = False, **kwargs) -> str:
+    """Write a self-contained HTML report to ``outdir/report.html`` and return its path: interactive charts (plotly,
+    embedded) as ``vk-eval report`` writes by default, or with ``static=True`` the page of matplotlib figures."""
+    if static:
+        from vk.eval.report import write_report
+    else:
+        from vk.eval.html_report import write_interactive_report as write_report
     return write_report(inputs, outdir, **kwargs)
 
 
