@@ -65,7 +65,7 @@ def _media_type(ctype: str) -> str:
     return ctype.split(";", 1)[0].strip().lower()
 
 
-def interpret(ex, stream: bool, completions: bool, clock) -> dict:
+def interpret(ex, stream: bool, completions: bool, clock, adapter=None) -> dict:
     """The record's verdict on a finished exchange: status, error, warning, and the parsed stream/body."""
     status = STATUS_OK
     error = None
@@ -95,16 +95,17 @@ def interpret(ex, stream: bool, completions: bool, clock) -> dict:
     if derr:
         return fail(derr)
     ctype = _media_type(h.get("content-type", ""))
+    media = adapter.media_type if adapter is not None else "text/event-stream"
     if stream:
-        if ctype != "text/event-stream":
+        if ctype != media:
             body = _join(chunks)
-            msg = f"streamed request answered with Content-Type {ctype or 'none'!r}, not text/event-stream"
+            msg = f"streamed request answered with Content-Type {ctype or 'none'!r}, not {media}"
             if ctype.endswith("json") or body[:1] == b"{":
                 msg += f" ({error_body_text(body)[:200]}; the server may ignore stream: true: try --no-stream)"
             elif body:
                 msg += f": {body[:80].decode('utf-8', 'replace')!r}"
             return fail(msg)
-        parsed = parse_stream(chunks, clock, completions)
+        parsed = parse_stream(chunks, clock, completions, adapter)
     else:
         body = _join(chunks)
         if not body and out["status"] != STATUS_OK:

@@ -43,6 +43,9 @@ def _is_file(p: str) -> bool:
 @click.option("--api", required=True, metavar="URL", help="Base URL of the API, e.g. http://127.0.0.1:8000/v1.")
 @click.option("-o", "--output", default="-", metavar="FILE", show_default=True, help="Write records here.")
 @click.option("--model", default=None, help="Model name [default: first id from GET {api}/models].")
+@click.option("--api-style", type=click.Choice(["openai", "azure", "anthropic", "bedrock", "vertex", "oci", "cohere"]),
+              default="openai", show_default=True,
+              help="The API's protocol (request, authentication, stream format); see man vk-send, API STYLES.")
 @click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat", show_default=True,
               help="chat: /chat/completions with messages; completions: /completions with a prompt.")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Stream the responses (SSE).")
@@ -107,7 +110,7 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
                 extra_body, timeout, first_byte_timeout, max_errors, save_text, continuous_usage,
                 max_tokens_param, min_tokens_param, ignore_eos_param, client, http2, no_kernel_timestamps,
                 lag_threshold, progress, reassign_lost, idle_timeout, cacert, insecure, scrape, scrape_interval,
-                scrape_buckets, ray_address, workers_per_node):
+                scrape_buckets, ray_address, workers_per_node, api_style):
     """Run a schedule of sessions against an OpenAI-compatible API.
 
     Reads a schedule (a schedule header and scheduled sessions, from vk-schedule) or plain sessions (from
@@ -170,7 +173,7 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
         lag_threshold=lag_threshold, concurrency=concurrency, validate=validate,
         source=source_name(paths[0]), reassign_lost=reassign_lost, total_sessions=total, peak_sessions=peak,
         scrape=scrape, scrape_interval=scrape_interval, scrape_buckets=scrape_buckets,
-        ray=ray_address, workers_per_node=workers_per_node,
+        ray=ray_address, workers_per_node=workers_per_node, api_style=api_style,
     )
     code = EXIT_STATUS.get(end["ended"], 0)
     if end["ended"] in ("max_errors", "unreachable"):

@@ -105,9 +105,13 @@ def redact_argv(argv: list[str], secrets: Iterable[str | None] = ()) -> list[str
     return out
 
 
-def api_key_from_env() -> str | None:
-    """The API key from the environment: $VK_API_KEY, else $OPENAI_API_KEY."""
-    return os.environ.get("VK_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+def api_key_from_env(names: tuple[str, ...] = ("OPENAI_API_KEY",)) -> str | None:
+    """The API key from the environment: $VK_API_KEY, else the API style's own variables (``names``; the
+    OpenAI style's: $OPENAI_API_KEY)."""
+    for name in ("VK_API_KEY", *names):
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
 
 
 def read_api_key_file(path: str) -> str:
