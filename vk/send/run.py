@@ -191,6 +191,7 @@ def send(
     probe_tls = make_context(cacert, insecure, alpn=None) if scheme == "https" else None
     if model is None and not style.model_lookup:
         raise VkError(f"--model: required with --api-style {api_style}")
+    style.preflight(api_key)
     if not style.model_lookup:
         pass  # no GET {api}/models on this API: its requests' records say what fails
     elif model is None:

@@ -32,6 +32,8 @@ def counts(prompt=None, completion=None, cached=None, reasoning=None) -> dict:
     out = {"prompt_tokens": prompt, "completion_tokens": completion, "cached_tokens": cached,
            "reasoning_tokens": reasoning}
     for k, v in out.items():
+        if isinstance(v, float) and v.is_integer():  # some APIs count in JSON floats (Cohere: 12.0)
+            v = out[k] = int(v)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             out[k] = None
     return out
@@ -85,6 +87,11 @@ class Adapter:
     @classmethod
     def request_path(cls, base: str, query: str, model: str | None, endpoint: str) -> str:
         raise NotImplementedError
+
+    @classmethod
+    def preflight(cls, api_key: str | None) -> None:
+        """Before the run, in the parent: a one-line error when the credentials or the SDK this style signs
+        with are missing."""
 
     def headers(self) -> dict[str, str]:
         """Headers of every request (authentication, API version), before the user's ``-H``."""

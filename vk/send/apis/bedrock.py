@@ -1,0 +1,135 @@
+"""AWS Bedrock ConverseStream: ``POST {api}/model/{model}/converse-stream``, signed with SigV4 (service
+``bedrock``) by botocore from the standard credential chain (environment, ~/.aws/credentials and config,
+SSO, container and instance metadata; ``pip install 'vk[aws]'``); the answer is the AWS event-stream binary
+framing (vk.send.apis.eventstream), one frame per event: messageStart, contentBlockDelta (text, reasoning,
+tool input), messageStop (the stop reason), metadata (usage)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import orjson
+
+from vk.errors import VkError
+from vk.send.apis.base import Acc, counts, join_query, output_target, quote_model, split_system, text_of
+from vk.send.apis.base import Adapter as _Base
+
+SERVICE = "bedrock"
+_REGION_IN_HOST = re.compile(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com")
+
+
+def _botocore():
+    try:
+        import botocore.session  # noqa: F401
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+    except ImportError:
+        raise VkError("--api-style bedrock: needs botocore (pip install 'vk[aws]')") from None
+    import botocore.session
+
+    return botocore.session, SigV4Auth, AWSRequest
+
+
+def region_for(host: str) -> str | None:
+    """The region: from a bedrock-runtime host name, else $AWS_REGION / $AWS_DEFAULT_REGION / the profile's."""
+    m = _REGION_IN_HOST.search(host)
+    if m:
+        return m.group(1)
+    session, _, _ = _botocore()
+    return os.environ.get("AWS_REGION") or session.get_session().get_config_variable("region")
+
+
+class Adapter(_Base):
+    name = "bedrock"
+    framing = "eventstream"
+    media_type = "application/vnd.amazon.eventstream"
+    exact_length = False  # inferenceConfig.maxTokens only
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        session, self._SigV4Auth, self._AWSRequest = _botocore()
+        self.credentials = session.get_session().get_credentials()
+        self.region = region_for(cfg.host)
+        default = 443 if cfg.scheme == "https" else 80
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        self.host = host if cfg.port == default else f"{host}:{cfg.port}"  # the Host header the clients send
+        self.url = f"{cfg.scheme}://{self.host}{cfg.path}"
+
+    @classmethod
+    def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
+        return join_query(f"{base}/model/{quote_model(model)}/converse-stream", query)
+
+    @classmethod
+    def preflight(cls, api_key: str | None) -> None:
+        session, _, _ = _botocore()
+        if session.get_session().get_credentials() is None:
+            raise VkError("--api-style bedrock: no AWS credentials found (environment, ~/.aws/credentials, "
+                          "AWS_PROFILE, SSO, container or instance metadata)")
+
+    def sign(self, body: bytes) -> dict[str, str]:
+        """SigV4 over the method, path, query, Host, Content-Type, X-Amz-Date and the body's hash; the other
+        headers vk sends are left unsigned, as AWS allows."""
+        req = self._AWSRequest(method="POST", url=self.url, data=body,
+                               headers={"Content-Type": "application/json", "Host": self.host})
+        self._SigV4Auth(self.credentials, SERVICE, self.region).add_auth(req)
+        h = req.headers
+        out = {"X-Amz-Date": h["X-Amz-Date"], "Authorization": h["Authorization"]}
+        if "X-Amz-Security-Token" in h:
+            out["X-Amz-Security-Token"] = h["X-Amz-Security-Token"]
+        return out
+
+    def body(self, r: dict, content) -> bytes:
+        system, rest = split_system(content)
+        body: dict = {"messages": [{"role": m.get("role"), "content": [{"text": text_of(m.get("content"))}]}
+                                   for m in rest]}
+        if system is not None:
+            body["system"] = [{"text": system}]
+        target = output_target(r)
+        if target is not None:
+            body["inferenceConfig"] = {"maxTokens": target}
+        return self.merge_extras(body, r)
+
+    def decode(self, data):
+        headers, payload = data
+        mtype = headers.get(":message-type", "event")
+        if mtype == "event":
+            return {headers.get(":event-type", ""): orjson.loads(payload)}
+        if mtype == "exception":
+            msg = payload.decode("utf-8", "replace")
+            try:
+                msg = orjson.loads(payload).get("message", msg)
+            except (ValueError, AttributeError):
+                pass
+            return {"__error__": f"{headers.get(':exception-type', 'exception')}: {msg}"}
+        return {"__error__": f"{headers.get(':error-code', 'error')}: {headers.get(':error-message', '')}"}
+
+    def event(self, obj: dict, acc: Acc) -> str | None:
+        if "contentBlockDelta" in obj:
+            d = (obj["contentBlockDelta"] or {}).get("delta") or {}
+            txt = d.get("text")
+            if txt:
+                acc.text.append(txt)
+                return "c"
+            if d.get("reasoningContent"):
+                return "r"
+            if d.get("toolUse"):
+                return "t"
+            return "e"
+        if "metadata" in obj:
+            u = (obj["metadata"] or {}).get("usage") or {}
+            inp, read, write = u.get("inputTokens"), u.get("cacheReadInputTokens"), u.get("cacheWriteInputTokens")
+            prompt = inp + (read or 0) + (write or 0) if isinstance(inp, int) else None
+            acc.usage = counts(prompt, u.get("outputTokens"), read, None)
+            acc.done = True
+            return "u"
+        if "messageStop" in obj:
+            acc.finish = (obj["messageStop"] or {}).get("stopReason")
+            return "e"
+        if "contentBlockStart" in obj:
+            start = (obj["contentBlockStart"] or {}).get("start") or {}
+            return "t" if "toolUse" in start else "e"
+        if "__error__" in obj:
+            acc.error = f"server error in stream: {obj['__error__'][:300]}"
+            return None
+        return "e"
