@@ -1,0 +1,153 @@
+"""AWS Bedrock ConverseStream (``POST /model/{modelId}/converse-stream``): the answer is the AWS event-stream
+binary framing, one frame per event (messageStart, contentBlockDelta, contentBlockStop, messageStop, metadata).
+
+Signatures: when botocore is installed and vk-serve's environment holds AWS credentials
+($AWS_ACCESS_KEY_ID, $AWS_SECRET_ACCESS_KEY), every request's SigV4 signature is checked as AWS would (403
+InvalidSignatureException when it does not verify), recomputed by botocore from the bytes received."""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import urllib.parse
+import zlib
+
+import orjson
+
+from vk.serve.apis.base import LENGTH_EXTRAS, load_object, positive_int, text_of
+from vk.serve.apis.base import Protocol as _Base
+from vk.serve.connection import HTTPError
+
+_ROUTE = re.compile(r"^/model/([^/]+)/converse-stream$")
+_AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request,\s*"
+                   r"SignedHeaders=([^,]+),\s*Signature=([0-9a-f]+)")
+STOP = {"stop": "end_turn", "length": "max_tokens"}
+
+
+def _string_header(name: str, value: str) -> bytes:
+    n, v = name.encode(), value.encode()
+    return struct.pack(">B", len(n)) + n + b"\x07" + struct.pack(">H", len(v)) + v
+
+
+def encode_frame(headers: dict[str, str], payload: bytes) -> bytes:
+    """One AWS event-stream frame with string headers."""
+    hb = b"".join(_string_header(k, v) for k, v in headers.items())
+    total = 16 + len(hb) + len(payload)
+    prelude = struct.pack(">II", total, len(hb))
+    head = prelude + struct.pack(">I", zlib.crc32(prelude)) + hb + payload
+    return head + struct.pack(">I", zlib.crc32(head))
+
+
+def event_frame(event_type: str, obj: dict) -> bytes:
+    return encode_frame({":event-type": event_type, ":content-type": "application/json", ":message-type": "event"},
+                        orjson.dumps(obj))
+
+
+class SignatureError(HTTPError):
+    def __init__(self, message: str):
+        super().__init__(403, message, "InvalidSignatureException")
+
+
+def _verifier():
+    """(credentials, SigV4Auth, AWSRequest) when signatures are to be checked, else None."""
+    if not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
+        return None
+    try:
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+    except ImportError:
+        return None
+    creds = Credentials(os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"],
+                        os.environ.get("AWS_SESSION_TOKEN"))
+    return creds, SigV4Auth, AWSRequest
+
+
+def verify_sigv4(verifier, method: str, target: str, headers: dict, body: bytes) -> None:
+    """Recompute the request's SigV4 signature with botocore from what was received; raises SignatureError."""
+    creds, SigV4Auth, AWSRequest = verifier
+    m = _AUTH.fullmatch(headers.get("authorization", "").strip())
+    if m is None:
+        raise SignatureError("Missing or malformed SigV4 Authorization header")
+    akid, _date, region, service, signed, signature = m.groups()
+    if akid != creds.access_key:
+        raise SignatureError("The security token included in the request is invalid.")
+    names = signed.split(";")
+    if any(n not in headers for n in names):
+        raise SignatureError("A signed header is missing from the request")
+    req = AWSRequest(method=method, url=f"http://{headers.get('host', '')}{target}", data=body,
+                     headers={n: headers[n] for n in names})
+    req.context["timestamp"] = headers.get("x-amz-date", "")
+    auth = SigV4Auth(creds, service, region)
+    expected = auth.signature(auth.string_to_sign(req, auth.canonical_request(req)), req)
+    if expected != signature:
+        raise SignatureError("The request signature we calculated does not match the signature you provided.")
+
+
+class Protocol(_Base):
+    name = "bedrock"
+    media_type = b"application/vnd.amazon.eventstream"
+
+    def __init__(self, app):
+        super().__init__(app)
+        self.verifier = _verifier()
+
+    def match(self, method: str, path: str) -> bool:
+        return _ROUTE.match(path) is not None
+
+    def request(self, method: str, target: str, headers: dict, body: bytes) -> bytes:
+        if self.verifier is not None:
+            verify_sigv4(self.verifier, method, target, headers, body)
+        model = urllib.parse.unquote(_ROUTE.match(target.partition("?")[0]).group(1))
+        req = load_object(body)
+        msgs = req.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise HTTPError(400, "messages: expected a non-empty list", param="messages")
+        out = []
+        system = req.get("system")
+        if system is not None:
+            out.append({"role": "system", "content": text_of(system, "system")})
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+                raise HTTPError(400, f"messages.{i}.role: expected user or assistant", param="messages")
+            out.append({"role": m["role"], "content": text_of(m.get("content"), f"messages.{i}.content")})
+        ic = req.get("inferenceConfig") or {}
+        extra = req.get("additionalModelRequestFields") or {}
+        oa = {"model": model, "messages": out, "stream": True, "stream_options": {"include_usage": True},
+              **{k: extra[k] for k in LENGTH_EXTRAS if k in extra}}
+        mt = positive_int(ic.get("maxTokens"), "inferenceConfig.maxTokens")
+        if mt is not None:
+            oa["max_tokens"] = mt
+        return orjson.dumps(oa)
+
+    def head_extra(self, sink) -> bytes:
+        return b"x-amzn-requestid: %s\r\n" % sink.rid.split("-", 1)[-1].encode()
+
+    def frame(self, name: str, obj: dict) -> bytes:
+        return event_frame(name, obj)
+
+    def begin(self, sink, seq) -> list:
+        return [("messageStart", {"role": "assistant"})]
+
+    def token(self, sink, seq, n: int, text: str, reasoning: bool) -> list:
+        if reasoning:
+            return [("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": text}}})]
+        events = []
+        index = 1 if sink.n_reasoning else 0
+        if sink.n_reasoning and n == sink.n_reasoning + 1:
+            events.append(("contentBlockStop", {"contentBlockIndex": 0}))
+        events.append(("contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": text}}))
+        return events
+
+    def end(self, sink, seq) -> list:
+        p, c, cached, _ = sink.counts(seq)
+        last = 1 if sink.n_reasoning and seq.n_out > sink.n_reasoning else 0
+        usage = {"inputTokens": p - cached, "outputTokens": c, "totalTokens": p + c}
+        if cached:
+            usage["cacheReadInputTokens"] = cached
+        return [
+            ("contentBlockStop", {"contentBlockIndex": last}),
+            ("messageStop", {"stopReason": STOP.get(seq.finish_reason, seq.finish_reason)}),
+            ("metadata", {"usage": usage, "metrics": {"latencyMs": 0}}),
+        ]
