@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 
 from vk import __version__
-from vk.serve.apis import protocol_for
+from vk.serve.apis import STYLE_MARK, protocol_for
 from vk.serve.chat import chat_renderer, no_template_note
 from vk.serve.connection import Conn, HTTPError, error_body
 from vk.serve.engine import FixedLatency, Seq, Stats
@@ -190,7 +190,7 @@ class App:
             if self.protocol is not None and self.protocol.match(method, path):  # --api-style: its own route
                 if method != "POST":
                     raise HTTPError(405, "Method Not Allowed")
-                self.completion(conn, True, headers, self.protocol.request(method, target, headers, body))
+                self.completion(conn, True, headers, self.protocol.translate(method, target, headers, body))
                 return
             if path in ("/v1/chat/completions", "/v1/completions"):
                 if method != "POST":
@@ -368,7 +368,7 @@ class App:
             self.stats.count_response(code)
             conn.respond(code, error_body(code, msg, typ), extra=b"x-request-id: %s\r\n" % xrid.encode())
             return None
-        sink_cls = (StreamSink if stream else FullSink) if self.protocol is None else self.protocol.sink_class(stream)
+        sink_cls = self.protocol.sink_class(stream) if req.get(STYLE_MARK) else StreamSink if stream else FullSink
         sink = sink_cls(self, conn, chat, rid, xrid, so, req)
         seq = Seq(rid, prompt_ids, out_ids, reason, sink, plen)
         seq.t_arrival = t_recv

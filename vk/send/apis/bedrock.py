@@ -94,7 +94,11 @@ class Adapter(_Base):
         headers, payload = data
         mtype = headers.get(":message-type", "event")
         if mtype == "event":
-            return {headers.get(":event-type", ""): orjson.loads(payload)}
+            obj = orjson.loads(payload)
+            out = {headers.get(":event-type", ""): obj}
+            if type(obj) is dict and "vk_server_time" in obj:  # vk-serve --server-timestamps, in the payload
+                out["vk_server_time"] = obj["vk_server_time"]
+            return out
         if mtype == "exception":
             msg = payload.decode("utf-8", "replace")
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 
+STYLE_MARK = "vk_api_style"  # set in the OpenAI-shaped request of a style's route: its answer is in that style
 STYLES = ("openai", "azure", "anthropic", "bedrock", "vertex", "oci", "cohere")
 
 

@@ -3,8 +3,6 @@ message_delta with the stop reason and usage, message_stop); thinking blocks for
 
 from __future__ import annotations
 
-import orjson
-
 from vk.serve.apis.base import LENGTH_EXTRAS, load_object, positive_int, text_of
 from vk.serve.apis.base import Protocol as _Base
 from vk.serve.connection import HTTPError
@@ -18,7 +16,7 @@ class Protocol(_Base):
     def match(self, method: str, path: str) -> bool:
         return path == "/v1/messages"
 
-    def request(self, method: str, target: str, headers: dict, body: bytes) -> bytes:
+    def request(self, method: str, target: str, headers: dict, body: bytes) -> dict:
         req = load_object(body)
         max_tokens = positive_int(req.get("max_tokens"), "max_tokens")
         if max_tokens is None:
@@ -38,7 +36,7 @@ class Protocol(_Base):
               **{k: req[k] for k in LENGTH_EXTRAS if k in req}}
         if oa["stream"]:
             oa["stream_options"] = {"include_usage": True}
-        return orjson.dumps(oa)
+        return oa
 
     def _usage(self, sink, seq, final: bool) -> dict:
         p, c, cached, _ = sink.counts(seq)

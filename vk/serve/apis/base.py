@@ -7,6 +7,7 @@ import time
 
 import orjson
 
+from vk.serve.apis import STYLE_MARK
 from vk.serve.connection import HTTPError, chunk
 from vk.serve.engine import Seq
 from vk.serve.sinks import Sink
@@ -63,8 +64,14 @@ class Protocol:
     def match(self, method: str, path: str) -> bool:
         raise NotImplementedError
 
-    def request(self, method: str, target: str, headers: dict, body: bytes) -> bytes:
+    def request(self, method: str, target: str, headers: dict, body: bytes) -> dict:
         raise NotImplementedError
+
+    def translate(self, method: str, target: str, headers: dict, body: bytes) -> bytes:
+        """The OpenAI chat request body the app serves, marked as this style's (its answer is rendered so)."""
+        req = self.request(method, target, headers, body)
+        req[STYLE_MARK] = True
+        return orjson.dumps(req)
 
     def sink_class(self, stream: bool):
         if not stream:

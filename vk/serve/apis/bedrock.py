@@ -96,7 +96,7 @@ class Protocol(_Base):
     def match(self, method: str, path: str) -> bool:
         return _ROUTE.match(path) is not None
 
-    def request(self, method: str, target: str, headers: dict, body: bytes) -> bytes:
+    def request(self, method: str, target: str, headers: dict, body: bytes) -> dict:
         if self.verifier is not None:
             verify_sigv4(self.verifier, method, target, headers, body)
         model = urllib.parse.unquote(_ROUTE.match(target.partition("?")[0]).group(1))
@@ -119,7 +119,7 @@ class Protocol(_Base):
         mt = positive_int(ic.get("maxTokens"), "inferenceConfig.maxTokens")
         if mt is not None:
             oa["max_tokens"] = mt
-        return orjson.dumps(oa)
+        return oa
 
     def head_extra(self, sink) -> bytes:
         return b"x-amzn-requestid: %s\r\n" % sink.rid.split("-", 1)[-1].encode()

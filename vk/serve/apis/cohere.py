@@ -3,8 +3,6 @@ content-delta, content-end, message-end with the finish reason and usage)."""
 
 from __future__ import annotations
 
-import orjson
-
 from vk.serve.apis.base import LENGTH_EXTRAS, load_object, positive_int, text_of
 from vk.serve.apis.base import Protocol as _Base
 from vk.serve.connection import HTTPError
@@ -18,7 +16,7 @@ class Protocol(_Base):
     def match(self, method: str, path: str) -> bool:
         return path == "/v2/chat"
 
-    def request(self, method: str, target: str, headers: dict, body: bytes) -> bytes:
+    def request(self, method: str, target: str, headers: dict, body: bytes) -> dict:
         req = load_object(body)
         msgs = req.get("messages")
         if not isinstance(msgs, list) or not msgs:
@@ -35,7 +33,7 @@ class Protocol(_Base):
             del oa["max_tokens"]
         if oa["stream"]:
             oa["stream_options"] = {"include_usage": True}
-        return orjson.dumps(oa)
+        return oa
 
     def begin(self, sink, seq) -> list:
         return [("message-start", {"id": sink.rid.split("-", 1)[-1], "type": "message-start", "delta": {

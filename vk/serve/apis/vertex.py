@@ -23,7 +23,7 @@ class Protocol(_Base):
     def match(self, method: str, path: str) -> bool:
         return _ROUTE.search(path) is not None
 
-    def request(self, method: str, target: str, headers: dict, body: bytes) -> bytes:
+    def request(self, method: str, target: str, headers: dict, body: bytes) -> dict:
         path, _, query = target.partition("?")
         if "alt=sse" not in query.split("&"):
             raise HTTPError(400, "vk-serve --api-style vertex streams with ?alt=sse only")
@@ -47,7 +47,7 @@ class Protocol(_Base):
         mt = positive_int(gc.get("maxOutputTokens", gc.get("max_output_tokens")), "maxOutputTokens")
         if mt is not None:
             oa["max_tokens"] = mt
-        return orjson.dumps(oa)
+        return oa
 
     def frame(self, name: str, obj: dict) -> bytes:
         return b"data: %s\r\n\r\n" % orjson.dumps(obj)
