@@ -11,6 +11,7 @@ import orjson
 from vk.cli import command, examples, main_wrapper
 from vk.errors import VkError
 from vk.jsonl import open_input, read_records, source_name
+from vk.records import API_STYLES
 from vk.send.inputs import first_due, peak_starts, read_input
 from vk.send.options import read_api_key_file, redact_argv
 from vk.send.run import (
@@ -43,7 +44,7 @@ def _is_file(p: str) -> bool:
 @click.option("--api", required=True, metavar="URL", help="Base URL of the API, e.g. http://127.0.0.1:8000/v1.")
 @click.option("-o", "--output", default="-", metavar="FILE", show_default=True, help="Write records here.")
 @click.option("--model", default=None, help="Model name [default: first id from GET {api}/models].")
-@click.option("--api-style", type=click.Choice(["openai", "azure", "anthropic", "bedrock", "vertex", "oci", "cohere"]),
+@click.option("--api-style", type=click.Choice(API_STYLES),
               default="openai", show_default=True,
               help="The API's protocol (request, authentication, stream format); see man vk-send, API STYLES.")
 @click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat", show_default=True,

@@ -8,6 +8,7 @@ import click
 
 from vk.cli import command, examples, main_wrapper
 from vk.errors import VkError
+from vk.records import API_STYLES
 
 
 def _prob(ctx, param, value):
@@ -84,7 +85,7 @@ def _profiles_help() -> str:
 @click.option("--idle-timeout", type=float, default=5.0, show_default=True,
               help="Close a connection that sent nothing for this many seconds while no response is in progress "
               "(uvicorn's keep-alive timeout, as vLLM runs it; 0: never).")
-@click.option("--api-style", type=click.Choice(["openai", "azure", "anthropic", "bedrock", "vertex", "oci", "cohere"]),
+@click.option("--api-style", type=click.Choice(API_STYLES),
               default="openai", show_default=True,
               help="Also speak this provider's API on its own route (see man vk-serve, API STYLES).")
 def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles, max_num_seqs,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import importlib
 
 from vk.errors import VkError
+from vk.records import API_STYLES
 
-STYLES = ("openai", "azure", "anthropic", "bedrock", "vertex", "oci", "cohere")
+STYLES = API_STYLES
 
 
 def adapter_class(style: str):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib
 
+from vk.records import API_STYLES
+
 STYLE_MARK = "vk_api_style"  # set in the OpenAI-shaped request of a style's route: its answer is in that style
-STYLES = ("openai", "azure", "anthropic", "bedrock", "vertex", "oci", "cohere")
+STYLES = API_STYLES
 
 
 def protocol_for(style: str, app):
