@@ -8,7 +8,9 @@ vk-serve the same TTFT and TPOT, within the bounds of the OpenAI style's own tes
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import statistics
 
 import orjson
@@ -17,16 +19,32 @@ import pytest
 from vk import records
 from vk.send.run import send
 
-STYLES = ["anthropic", "azure", "bedrock", "vertex", "cohere"]
+STYLES = ["anthropic", "azure", "bedrock", "vertex", "cohere", "oci"]
 MODEL = "vk-sim"
 AWS = {"AWS_ACCESS_KEY_ID": "AKIDVKTEST", "AWS_SECRET_ACCESS_KEY": "vk-test-secret", "AWS_REGION": "us-east-1"}
+OCI_USER = "ocid1.user.oc1..aaaavktest"
+OCI_TENANCY = "ocid1.tenancy.oc1..aaaavktest"
 PROMPTS = ["Say something about whales.", "Tell me about the sea, at length and with feeling.",
            "Why is the sky blue?", "A haiku about autumn, please."]
 
 
 @pytest.fixture
-def aws_env(monkeypatch):
-    """Dummy AWS credentials for both sides: vk-serve (which then checks every SigV4 signature) and vk-send."""
+def aws_env(monkeypatch, tmp_path):
+    """Dummy credentials: AWS for both sides (vk-serve then checks every SigV4 signature), and an OCI config
+    with a fresh RSA key for vk-send and the oci SDK."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp_path / "oci_key.pem"
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                      serialization.NoEncryption()))
+    conf = tmp_path / "oci_config"
+    conf.write_text(f"[DEFAULT]\nuser={OCI_USER}\nfingerprint={':'.join(['ab'] * 16)}\ntenancy={OCI_TENANCY}\n"
+                    f"region=us-chicago-1\nkey_file={pem}\n")
+    monkeypatch.setenv("OCI_CONFIG_FILE", str(conf))
+    monkeypatch.delenv("OCI_CLI_PROFILE", raising=False)
+    monkeypatch.delenv("OCI_COMPARTMENT_ID", raising=False)
     for k, v in AWS.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
@@ -119,10 +137,30 @@ def sdk_stream(style: str, base: str, prompt: str, max_tokens: int):
                 usage, finish = ev.delta.usage.tokens, ev.delta.finish_reason
         assert types_seen[0] == "message-start" and types_seen[-1] == "message-end"
         return "".join(text), int(usage.input_tokens), int(usage.output_tokens), finish
+    if style == "oci":
+        import oci
+
+        config = oci.config.from_file(os.environ["OCI_CONFIG_FILE"])
+        client = oci.generative_ai_inference.GenerativeAiInferenceClient(
+            config, service_endpoint=base, retry_strategy=oci.retry.NoneRetryStrategy())
+        m = oci.generative_ai_inference.models
+        details = m.ChatDetails(
+            compartment_id=OCI_TENANCY, serving_mode=m.OnDemandServingMode(model_id=MODEL),
+            chat_request=m.GenericChatRequest(messages=[m.UserMessage(content=[m.TextContent(text=prompt)])],
+                                              max_tokens=max_tokens, is_stream=True,
+                                              stream_options=m.StreamOptions(is_include_usage=True)))
+        text, usage, finish = [], None, None
+        for ev in client.chat(details).data.events():
+            obj = json.loads(ev.data)
+            for part in (obj.get("message") or {}).get("content") or []:
+                text.append(part["text"])
+            finish = obj.get("finishReason") or finish
+            usage = obj.get("usage") or usage
+        return "".join(text), usage["promptTokens"], usage["completionTokens"], finish
     raise AssertionError(style)
 
 
-FINISH_AT_LENGTH = {"anthropic": "max_tokens", "azure": "length", "bedrock": "max_tokens", "vertex": "MAX_TOKENS",
+FINISH_AT_LENGTH = {"anthropic": "max_tokens", "azure": "length", "oci": "length", "bedrock": "max_tokens", "vertex": "MAX_TOKENS",
                     "cohere": "MAX_TOKENS", "openai": "length"}
 
 
