@@ -294,3 +294,21 @@ def test_missing_credentials_and_sdks_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(VkError, match="no AWS credentials"):
         send(schedule(1, 3), api="http://127.0.0.1:9", api_style="bedrock", model=MODEL,
              output=str(tmp_path / "x"), quiet=True, handle_signals=False)
+
+
+@pytest.mark.parametrize("style,extra", [("anthropic", {"ignore_eos": True}), ("cohere", {"ignore_eos": True}),
+                                         ("bedrock", {"additionalModelRequestFields": {"ignore_eos": True}})])
+def test_a_style_max_is_a_maximum_and_extra_body_can_force_the_length(style, extra, serve, tmp_path, aws_env):
+    """Natural stops after 2 tokens: the style's own limit is only a maximum (2 of 12 come out), and the server's
+    extension sent through --extra-body gives the exact length."""
+    srv = serve("--api-style", style, "--stop-mean", "2", "--stop-sigma", "0", "--ttft", "0.005", "--tpot", "0.001")
+    assert {r["usage"]["completion_tokens"] for r in run_send(srv, style, 2, 12, tmp_path)} == {2}
+    assert {r["usage"]["completion_tokens"] for r in run_send(srv, style, 2, 12, tmp_path, extra_body=extra)} == {12}
+
+
+def test_the_run_header_style_is_validated():
+    run = records.new_run("r", 1.0, api="http://x", model="m", endpoint="chat", vk_version="0", host="h", argv=[],
+                          api_style="anthropic")
+    records.validate_run(run)
+    with pytest.raises(records.RecordError, match="api_style"):
+        records.validate_run({**run, "api_style": "smoke-signals"})
