@@ -173,9 +173,9 @@ def schedule(n: int, out: int, gap: float = 0.02):
     return out_recs
 
 
-def run_send(srv, style: str, n: int, out: int, tmp_path, **kw) -> list[dict]:
+def run_send(srv, style: str, n: int, out: int, tmp_path, gap: float = 0.02, **kw) -> list[dict]:
     path = tmp_path / f"run-{style}.jsonl"
-    send(schedule(n, out), api=api_of(srv, style), api_style=style, model=MODEL, output=str(path), workers=1,
+    send(schedule(n, out, gap), api=api_of(srv, style), api_style=style, model=MODEL, output=str(path), workers=1,
          handle_signals=False, quiet=True, api_key=kw.pop("api_key", "vk-test-key"), **kw)
     recs = [orjson.loads(line) for line in path.read_bytes().splitlines()]
     assert recs[0]["kind"] == "run" and recs[0]["api_style"] == style
@@ -312,3 +312,50 @@ def test_the_run_header_style_is_validated():
     records.validate_run(run)
     with pytest.raises(records.RecordError, match="api_style"):
         records.validate_run({**run, "api_style": "smoke-signals"})
+
+
+def test_vertex_token_from_adc_is_refreshed_during_a_long_run(serve, tmp_path, monkeypatch):
+    """Application-default credentials (a service-account file whose token endpoint is local): the first token
+    is fetched before the run, and one near expiry is refreshed off the event loop while requests go on."""
+    import http.server
+    import threading
+
+    issued = []
+
+    class TokenEndpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            issued.append(f"tok-{len(issued)}")
+            body = json.dumps({"access_token": issued[-1], "expires_in": 301.5, "token_type": "Bearer"}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        adc = tmp_path / "adc.json"
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        adc.write_text(json.dumps({  # a service account whose token endpoint is local
+            "type": "service_account", "project_id": "vk-project", "private_key_id": "vk", "client_id": "1",
+            "private_key": key.decode(), "client_email": "vk@vk-project.iam.gserviceaccount.com",
+            "token_uri": f"http://127.0.0.1:{httpd.server_address[1]}/token"}))
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
+        monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "vk-project")
+        for k in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "VK_API_KEY"):
+            monkeypatch.delenv(k, raising=False)
+        srv = serve("--api-style", "vertex", "--stop-mean", "100000", "--ttft", "0.005", "--tpot", "0.001")
+        rs = run_send(srv, "vertex", 8, 4, tmp_path, api_key=None, gap=0.4)
+        assert all(r["status"] == "ok" for r in rs)
+        assert len(issued) >= 2  # the first token, before the run, and at least one refresh during it
+    finally:
+        httpd.shutdown()

@@ -8,14 +8,17 @@ GenerateContentResponse whose cumulative usageMetadata gives the tokens of every
 
 from __future__ import annotations
 
+import threading
 import time
+from datetime import timezone
 
 from vk.errors import VkError
 from vk.send.apis.base import Acc, counts, join_query, output_target, quote_model, split_system, text_of
 from vk.send.apis.base import Adapter as _Base
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
-REFRESH_AHEAD = 300  # seconds before expiry at which the token is refreshed
+REFRESH_AHEAD = 300  # seconds before expiry at which the token is refreshed (in a thread, between requests)
+MUST_REFRESH = 30  # seconds before expiry from which a request waits for the new token
 
 
 def _google_auth():
@@ -38,6 +41,9 @@ class Adapter(_Base):
         self._creds = None
         self._bearer: dict[str, str] = {}
         self._expires = 0.0
+        self._refreshing: threading.Thread | None = None
+        if not cfg.api_key and getattr(cfg, "run_id", ""):
+            self.sign(b"")  # the first token now, in the worker's set-up, not on the first request
 
     @classmethod
     def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
@@ -60,15 +66,26 @@ class Adapter(_Base):
         if self.cfg.api_key:
             return {}
         now = time.time()
-        if now > self._expires - REFRESH_AHEAD:  # refreshed during long runs, between requests
+        if now > self._expires - REFRESH_AHEAD and self._refreshing is None:
+            if now < self._expires - MUST_REFRESH:  # still valid: refreshed off the event loop, meanwhile it serves
+                self._refreshing = threading.Thread(target=self._refresh, daemon=True, name="vk-send-token")
+                self._refreshing.start()
+            else:  # the first token (before the run starts), or one about to expire: wait for it
+                self._refresh()
+        return self._bearer
+
+    def _refresh(self) -> None:
+        try:
             ga = _google_auth()
             if self._creds is None:
                 self._creds, _ = ga.default(scopes=[SCOPE])
             self._creds.refresh(ga.transport.requests.Request())
-            expiry = getattr(self._creds, "expiry", None)
-            self._expires = expiry.timestamp() if expiry is not None else now + 3000
+            expiry = getattr(self._creds, "expiry", None)  # naive UTC (google-auth's convention)
             self._bearer = {"Authorization": f"Bearer {self._creds.token}"}
-        return self._bearer
+            self._expires = expiry.replace(tzinfo=timezone.utc).timestamp() if expiry is not None \
+                else time.time() + 3000
+        finally:
+            self._refreshing = None
 
     def body(self, r: dict, content) -> bytes:
         system, rest = split_system(content)
