@@ -180,7 +180,7 @@ def run_send(srv, style: str, n: int, out: int, tmp_path, gap: float = 0.02, **k
     recs = [orjson.loads(line) for line in path.read_bytes().splitlines()]
     assert recs[0]["kind"] == "run" and recs[0]["api_style"] == style
     records.validate_run(recs[0])
-    return [r for r in recs if r["kind"] == "response"]
+    return sorted((r for r in recs if r["kind"] == "response"), key=lambda r: r["session_index"])
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -6,10 +6,9 @@ else azure-identity's DefaultAzureCredential when installed, refreshed before it
 from __future__ import annotations
 
 import os
-import time
 
 from vk.errors import VkError
-from vk.send.apis.base import Acc, join_query, quote_model
+from vk.send.apis.base import Acc, BearerToken, join_query, quote_model
 from vk.send.apis.openai import Adapter as OpenAI
 
 API_VERSION = "2024-10-21"  # the GA data-plane version when --api carries no ?api-version=
@@ -26,7 +25,10 @@ class Adapter(OpenAI):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._credential = None
-        self._token = None
+        self.token = None  # an Entra ID token from azure-identity, when neither a key nor $AZURE_OPENAI_AD_TOKEN
+        if not cfg.api_key and not os.environ.get("AZURE_OPENAI_AD_TOKEN") and getattr(cfg, "run_id", ""):
+            self.token = BearerToken(self._fetch)
+            self.token.refresh()
 
     @classmethod
     def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
@@ -51,15 +53,15 @@ class Adapter(OpenAI):
         return {"Authorization": f"Bearer {tok}"} if tok else {}
 
     def sign(self, body: bytes) -> dict[str, str]:
-        if self.cfg.api_key or os.environ.get("AZURE_OPENAI_AD_TOKEN"):
-            return {}
-        if self._token is None or self._token.expires_on - time.time() < 300:  # refreshed 5 min ahead
-            if self._credential is None:
-                from azure.identity import DefaultAzureCredential
+        return {} if self.token is None else self.token.headers()
 
-                self._credential = DefaultAzureCredential()
-            self._token = self._credential.get_token(SCOPE)
-        return {"Authorization": f"Bearer {self._token.token}"}
+    def _fetch(self) -> tuple[str, float]:
+        if self._credential is None:
+            from azure.identity import DefaultAzureCredential
+
+            self._credential = DefaultAzureCredential()
+        tok = self._credential.get_token(SCOPE)
+        return tok.token, float(tok.expires_on)
 
     def event(self, obj: dict, acc: Acc) -> str | None:
         if "prompt_filter_results" in obj and not obj.get("choices") and obj.get("usage") is None:

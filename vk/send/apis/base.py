@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import urllib.parse
 
 import orjson
@@ -140,3 +142,35 @@ def quote_model(model: str | None, option: str = "--model") -> str:
 def join_query(path: str, query: str, extra: str = "") -> str:
     q = "&".join(x for x in (query, extra) if x)
     return path + ("?" + q if q else "")
+
+
+class BearerToken:
+    """A bearer token that expires (Entra ID, Google ADC): ``fetch() -> (token, expiry epoch)`` is called for the
+    first one (at set-up, before the run), then again ``ahead`` seconds before expiry in a thread, off the event
+    loop, while the old token still serves; a request waits only for a token about to expire (``must``)."""
+
+    def __init__(self, fetch, ahead: float = 300.0, must: float = 30.0):
+        self.fetch = fetch
+        self.ahead = ahead
+        self.must = must
+        self.header: dict[str, str] = {}
+        self.expires = 0.0
+        self.refreshing: threading.Thread | None = None
+
+    def headers(self) -> dict[str, str]:
+        now = time.time()
+        if now > self.expires - self.ahead and self.refreshing is None:
+            if now < self.expires - self.must:
+                self.refreshing = threading.Thread(target=self.refresh, daemon=True, name="vk-send-token")
+                self.refreshing.start()
+            else:
+                self.refresh()
+        return self.header
+
+    def refresh(self) -> None:
+        try:
+            token, expires = self.fetch()
+            self.header = {"Authorization": f"Bearer {token}"}
+            self.expires = expires
+        finally:
+            self.refreshing = None

@@ -8,12 +8,20 @@ GenerateContentResponse whose cumulative usageMetadata gives the tokens of every
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import timezone
 
 from vk.errors import VkError
-from vk.send.apis.base import Acc, counts, join_query, output_target, quote_model, split_system, text_of
+from vk.send.apis.base import (
+    Acc,
+    BearerToken,
+    counts,
+    join_query,
+    output_target,
+    quote_model,
+    split_system,
+    text_of,
+)
 from vk.send.apis.base import Adapter as _Base
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
@@ -39,11 +47,9 @@ class Adapter(_Base):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._creds = None
-        self._bearer: dict[str, str] = {}
-        self._expires = 0.0
-        self._refreshing: threading.Thread | None = None
+        self.token = BearerToken(self._fetch, REFRESH_AHEAD, MUST_REFRESH)
         if not cfg.api_key and getattr(cfg, "run_id", ""):
-            self.sign(b"")  # the first token now, in the worker's set-up, not on the first request
+            self.token.refresh()  # the first token now, in the worker's set-up, not on the first request
 
     @classmethod
     def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
@@ -63,29 +69,16 @@ class Adapter(_Base):
         return {"x-goog-api-key": self.cfg.api_key} if self.cfg.api_key else {}
 
     def sign(self, body: bytes) -> dict[str, str]:
-        if self.cfg.api_key:
-            return {}
-        now = time.time()
-        if now > self._expires - REFRESH_AHEAD and self._refreshing is None:
-            if now < self._expires - MUST_REFRESH:  # still valid: refreshed off the event loop, meanwhile it serves
-                self._refreshing = threading.Thread(target=self._refresh, daemon=True, name="vk-send-token")
-                self._refreshing.start()
-            else:  # the first token (before the run starts), or one about to expire: wait for it
-                self._refresh()
-        return self._bearer
+        return {} if self.cfg.api_key else self.token.headers()
 
-    def _refresh(self) -> None:
-        try:
-            ga = _google_auth()
-            if self._creds is None:
-                self._creds, _ = ga.default(scopes=[SCOPE])
-            self._creds.refresh(ga.transport.requests.Request())
-            expiry = getattr(self._creds, "expiry", None)  # naive UTC (google-auth's convention)
-            self._bearer = {"Authorization": f"Bearer {self._creds.token}"}
-            self._expires = expiry.replace(tzinfo=timezone.utc).timestamp() if expiry is not None \
-                else time.time() + 3000
-        finally:
-            self._refreshing = None
+    def _fetch(self) -> tuple[str, float]:
+        ga = _google_auth()
+        if self._creds is None:
+            self._creds, _ = ga.default(scopes=[SCOPE])
+        self._creds.refresh(ga.transport.requests.Request())
+        expiry = getattr(self._creds, "expiry", None)  # naive UTC (google-auth's convention)
+        return self._creds.token, (expiry.replace(tzinfo=timezone.utc).timestamp() if expiry is not None
+                                   else time.time() + 3000)
 
     def body(self, r: dict, content) -> bytes:
         system, rest = split_system(content)
