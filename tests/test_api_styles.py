@@ -359,3 +359,16 @@ def test_vertex_token_from_adc_is_refreshed_during_a_long_run(serve, tmp_path, m
         assert len(issued) >= 2  # the first token, before the run, and at least one refresh during it
     finally:
         httpd.shutdown()
+
+
+@pytest.mark.parametrize("style", ["anthropic", "bedrock"])
+def test_a_broken_event_is_judged_by_the_one_answer_policy(style, serve, tmp_path, aws_env):
+    """--fault-malformed: a bad SSE event is skipped with a warning (the stream still finished, as for OpenAI); a
+    corrupt event-stream frame ends the stream: an error naming the checksum, never ok."""
+    srv = serve("--api-style", style, "--stop-mean", "100000", "--ttft", "0.005", "--tpot", "0.001",
+                "--fault-malformed", "1")
+    (r,) = run_send(srv, style, 1, 6, tmp_path)
+    if style == "bedrock":
+        assert r["status"] == "error" and "checksum" in r["error"]
+    else:
+        assert r["status"] == "ok" and "malformed" in r["warning"] and r["usage"]["completion_tokens"] == 6

@@ -94,6 +94,10 @@ class Protocol:
         """An SSE event with an ``event:`` line (Anthropic, Cohere); Gemini's have ``data:`` only."""
         return b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps(obj))
 
+    def malformed(self) -> bytes:
+        """A broken event (--fault-malformed): an SSE ``data:`` line that is not JSON."""
+        return b'data: {"broken\n\n'
+
 
 class StyleStreamSink(Sink):
     """A streamed response in an API style: the protocol's events, each stamped with the server's send time
@@ -136,6 +140,8 @@ class StyleStreamSink(Sink):
         if n == self.disconnect_at and n == seq.out_target:
             self.conn.abort_connection()
             return
+        if n == self.malformed_at:
+            self.conn.write(chunk(self.proto.malformed()))
         self._write(self.proto.token(self, seq, n, self.app.words.text[seq.out_ids[n - 1]], n <= self.n_reasoning))
         if n == self.disconnect_at and n < seq.out_target:
             self.conn.abort_connection()

@@ -127,6 +127,12 @@ class Protocol(_Base):
     def frame(self, name: str, obj: dict) -> bytes:
         return event_frame(name, obj)
 
+    def malformed(self) -> bytes:
+        """A frame whose checksum does not hold: after it, nothing of the stream can be framed."""
+        f = bytearray(event_frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "broken"}}))
+        f[-1] ^= 0xFF
+        return bytes(f)
+
     def begin(self, sink, seq) -> list:
         return [("messageStart", {"role": "assistant"})]
 
