@@ -372,3 +372,37 @@ def test_a_broken_event_is_judged_by_the_one_answer_policy(style, serve, tmp_pat
         assert r["status"] == "error" and "checksum" in r["error"]
     else:
         assert r["status"] == "ok" and "malformed" in r["warning"] and r["usage"]["completion_tokens"] == 6
+
+
+def test_bedrock_invoke_model_with_response_stream(serve, tmp_path, aws_env):
+    """--endpoint invoke: InvokeModelWithResponseStream with Anthropic's native body; boto3 reads vk-serve's chunk
+    frames, and vk-send's records carry the same counts, with times as exact as ConverseStream's."""
+    import boto3
+
+    srv = serve("--api-style", "bedrock", "--stop-mean", "100000", "--ttft", "0.05", "--tpot", "0.01",
+                "--server-timestamps")
+    client = boto3.session.Session().client("bedrock-runtime", endpoint_url=srv.base, region_name="us-east-1")
+    sdk = []
+    for prompt in PROMPTS[:2]:
+        r = client.invoke_model_with_response_stream(modelId=MODEL, body=json.dumps({
+            "anthropic_version": "bedrock-2023-05-31", "max_tokens": 6,
+            "messages": [{"role": "user", "content": prompt}]}))
+        events = [json.loads(ev["chunk"]["bytes"]) for ev in r["body"]]  # boto3 decodes the base64 blob
+        assert [e["type"] for e in events][:2] == ["message_start", "content_block_start"]
+        metrics = events[-1]["amazon-bedrock-invocationMetrics"]
+        assert sum(e["type"] == "content_block_delta" for e in events) == metrics["outputTokenCount"] == 6
+        sdk.append(metrics["inputTokenCount"])
+    path = tmp_path / "invoke.jsonl"
+    send(schedule(12, 6), api=srv.base, api_style="bedrock", endpoint="invoke", model=MODEL, output=str(path),
+         workers=1, handle_signals=False, quiet=True)
+    rs = sorted((r for r in map(orjson.loads, path.read_bytes().splitlines()) if r["kind"] == "response"),
+                key=lambda r: r["session_index"])
+    assert all(r["status"] == "ok" and r["usage"]["completion_tokens"] == 6 for r in rs)
+    assert [r["usage"]["prompt_tokens"] for r in rs[:2]] == sdk
+    rs = rs[2:]
+    ttft = [r["t_first_token"] - r["t_sent"] for r in rs]
+    server_ttft = [server_token_times(r)[0] - r["t_sent"] for r in rs]
+    tpot = [(r["t_last_token"] - r["t_first_token"]) / 5 for r in rs]
+    server_tpot = [(server_token_times(r)[-1] - server_token_times(r)[0]) / 5 for r in rs]
+    assert statistics.median(ttft) == pytest.approx(statistics.median(server_ttft), abs=2e-4)
+    assert statistics.median(tpot) == pytest.approx(statistics.median(server_tpot), abs=2e-4)

@@ -47,8 +47,9 @@ def _is_file(p: str) -> bool:
 @click.option("--api-style", type=click.Choice(API_STYLES),
               default="openai", show_default=True,
               help="The API's protocol (request, authentication, stream format); see man vk-send, API STYLES.")
-@click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat", show_default=True,
-              help="chat: /chat/completions with messages; completions: /completions with a prompt.")
+@click.option("--endpoint", type=click.Choice(["chat", "completions", "invoke"]), default="chat", show_default=True,
+              help="chat: /chat/completions with messages; completions: /completions with a prompt; invoke: "
+                   "Bedrock's InvokeModelWithResponseStream (--api-style bedrock).")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Stream the responses (SSE).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes, each with its own event loop [default: one per core].")

@@ -139,7 +139,7 @@ class Engine:
         self.sessions_not_started = 0
         self.inflight = 0
         self.duration_reached = False
-        self.completions = cfg.endpoint == "completions"
+        self.completions = cfg.endpoint == "completions"  # (invoke: Bedrock's other operation, chat messages)
         self.adapter = adapter_for(cfg)
         self.client = self._make_client()
         self.run_short = cfg.run_id.replace("-", "")[:8]

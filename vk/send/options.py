@@ -193,9 +193,9 @@ def api_parts(api: str, endpoint: str) -> tuple[str, str, int, str, str]:
         raise VkError(f"--api: bad port in {redact_url(api)!r} (expected 1 to 65535)")
     port = port or (443 if u.scheme == "https" else 80)
     base = u.path.rstrip("/")
-    if endpoint not in ("chat", "completions"):
+    if endpoint not in ("chat", "completions", "invoke"):  # invoke: --api-style bedrock only (vk.send.apis)
         raise VkError(f"--endpoint: expected chat or completions, got {endpoint!r}")
-    path = base + ("/chat/completions" if endpoint == "chat" else "/completions")
+    path = base + ("/completions" if endpoint == "completions" else "/chat/completions")
     if u.query:  # e.g. Azure OpenAI's ?api-version=...
         path += "?" + u.query
     return u.scheme, u.hostname, port, path, base

@@ -127,7 +127,7 @@ def send(
     ``workers_per_node`` on each node [default: its CPUs] (vk.send.ray_pool). ``api_style`` (vk.send.apis):
     the API's protocol, openai by default.
     """
-    style = adapter_class(api_style)
+    style = adapter_class(api_style, endpoint)
     if api_key is None:
         api_key = api_key_from_env(style.env_keys)
     hdrs = parse_headers(headers)
@@ -136,12 +136,14 @@ def send(
     check_seconds("--first-byte-timeout", first_byte_timeout)
     check_seconds("--idle-timeout", idle_timeout)
     check_seconds("--lag-threshold", lag_threshold)
+    if endpoint == "invoke" and api_style != "bedrock":
+        raise VkError("--endpoint invoke: only with --api-style bedrock (InvokeModelWithResponseStream)")
     scheme, host, port, path, _base = api_parts(api, endpoint)
     if api_style != "openai":
         if not stream and style.streams_only:
             raise VkError(f"--no-stream: not with --api-style {api_style} (streamed answers only)")
-        if endpoint != "chat":
-            raise VkError(f"--endpoint {endpoint}: only chat with --api-style {api_style}")
+        if endpoint != "chat" and endpoint not in style.endpoints:
+            raise VkError(f"--endpoint {endpoint}: not with --api-style {api_style}")
         path = style.request_path(_base, urllib.parse.urlsplit(api).query, model, endpoint)
         if not style.exact_length and not quiet:
             print(f"vk-send: --api-style {api_style}: the API has no minimum output length, so a request's "

@@ -17,13 +17,15 @@ from vk.records import API_STYLES
 STYLES = API_STYLES
 
 
-def adapter_class(style: str):
-    """The adapter class of ``style`` (a one-line error for an unknown one)."""
+def adapter_class(style: str, endpoint: str = "chat"):
+    """The adapter class of ``style`` (a one-line error for an unknown one); a style with more than one
+    operation names the others in ``ENDPOINTS`` (Bedrock's ``invoke``)."""
     if style not in STYLES:
         raise VkError(f"--api-style: expected one of {', '.join(STYLES)}, got {style!r}")
-    return importlib.import_module(f"vk.send.apis.{style}").Adapter
+    module = importlib.import_module(f"vk.send.apis.{style}")
+    return getattr(module, "ENDPOINTS", {}).get(endpoint, module.Adapter)
 
 
 def adapter_for(cfg):
     """The adapter for a worker's ``Config`` (credentials are loaded here, in the process that signs)."""
-    return adapter_class(getattr(cfg, "api_style", "openai"))(cfg)
+    return adapter_class(getattr(cfg, "api_style", "openai"), getattr(cfg, "endpoint", "chat"))(cfg)

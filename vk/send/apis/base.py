@@ -81,6 +81,7 @@ class Adapter:
     model_lookup = False
     streams_only = True  # --no-stream is refused (the non-streamed answer is parsed only for OpenAI-shaped APIs)
     env_keys: tuple[str, ...] = ()  # environment variables holding the API key, in order
+    endpoints: tuple[str, ...] = ()  # --endpoint values besides chat (Bedrock: invoke)
 
     def __init__(self, cfg):
         self.cfg = cfg

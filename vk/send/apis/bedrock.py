@@ -6,6 +6,7 @@ tool input), messageStop (the stop reason), metadata (usage)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 
@@ -137,3 +138,54 @@ class Adapter(_Base):
             acc.error = f"server error in stream: {obj['__error__'][:300]}"
             return None
         return "e"
+
+
+class InvokeAdapter(Adapter):
+    """Bedrock InvokeModelWithResponseStream (``--endpoint invoke``): ``POST {api}/model/{model}/invoke-with-response-
+    stream`` with the model's native body, here Anthropic's Messages (``anthropic_version: bedrock-2023-05-31``);
+    each event-stream ``chunk`` frame carries one native event, base64-encoded in ``bytes``, read by the
+    anthropic adapter; the last one's ``amazon-bedrock-invocationMetrics`` has the token counts."""
+
+    endpoints = ("invoke",)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        from vk.send.apis.anthropic import Adapter as Anthropic
+
+        self.native = Anthropic(cfg)
+
+    @classmethod
+    def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
+        return join_query(f"{base}/model/{quote_model(model)}/invoke-with-response-stream", query)
+
+    def body(self, r: dict, content) -> bytes:
+        body = orjson.loads(self.native.body(r, content))
+        body.pop("model", None)
+        body.pop("stream", None)
+        body["anthropic_version"] = "bedrock-2023-05-31"
+        return orjson.dumps(body)
+
+    def decode(self, data):
+        headers, payload = data
+        if headers.get(":message-type", "event") != "event":
+            return super().decode(data)
+        obj = orjson.loads(payload)
+        event = orjson.loads(base64.b64decode(obj["bytes"]))
+        if "vk_server_time" in obj:
+            event["vk_server_time"] = obj["vk_server_time"]
+        return event
+
+    def event(self, obj: dict, acc: Acc) -> str | None:
+        if "__error__" in obj:
+            return super().event(obj, acc)
+        kind = self.native.event(obj, acc)
+        metrics = obj.get("amazon-bedrock-invocationMetrics")
+        if isinstance(metrics, dict):
+            u = acc.usage or {}
+            acc.usage = counts(metrics.get("inputTokenCount", u.get("prompt_tokens")),
+                               metrics.get("outputTokenCount", u.get("completion_tokens")),
+                               u.get("cached_tokens"), None)
+        return kind
+
+
+ENDPOINTS = {"invoke": InvokeAdapter}

@@ -7,6 +7,7 @@ InvalidSignatureException when it does not verify), recomputed by botocore from 
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import struct
@@ -19,7 +20,8 @@ from vk.serve.apis.base import LENGTH_EXTRAS, load_object, positive_int, text_of
 from vk.serve.apis.base import Protocol as _Base
 from vk.serve.connection import HTTPError
 
-_ROUTE = re.compile(r"^/model/([^/]+)/converse-stream$")
+_ROUTE = re.compile(r"^/model/([^/]+)/(converse-stream|invoke-with-response-stream)$")
+INVOKE = "vk_bedrock_invoke"  # marks an InvokeModelWithResponseStream request: Anthropic events in chunk frames
 _AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request,\s*"
                    r"SignedHeaders=([^,]+),\s*Signature=([0-9a-f]+)")
 STOP = {"stop": "end_turn", "length": "max_tokens"}
@@ -92,6 +94,9 @@ class Protocol(_Base):
     def __init__(self, app):
         super().__init__(app)
         self.verifier = _verifier()
+        from vk.serve.apis.anthropic import Protocol as Anthropic
+
+        self.native = Anthropic(app)
 
     def match(self, method: str, path: str) -> bool:
         return _ROUTE.match(path) is not None
@@ -99,8 +104,16 @@ class Protocol(_Base):
     def request(self, method: str, target: str, headers: dict, body: bytes) -> dict:
         if self.verifier is not None:
             verify_sigv4(self.verifier, method, target, headers, body)
-        model = urllib.parse.unquote(_ROUTE.match(target.partition("?")[0]).group(1))
+        m = _ROUTE.match(target.partition("?")[0])
+        model = urllib.parse.unquote(m.group(1))
         req = load_object(body)
+        if m.group(2) == "invoke-with-response-stream":
+            if req.get("anthropic_version") != "bedrock-2023-05-31":
+                raise HTTPError(400, "anthropic_version: expected bedrock-2023-05-31 (vk-serve serves Anthropic's "
+                                     "native body)", "ValidationException")
+            oa = self.native.request(method, target, headers, orjson.dumps({**req, "model": model, "stream": True}))
+            oa[INVOKE] = True
+            return oa
         msgs = req.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise HTTPError(400, "messages: expected a non-empty list", param="messages")
@@ -125,7 +138,16 @@ class Protocol(_Base):
         return b"x-amzn-requestid: %s\r\n" % sink.rid.split("-", 1)[-1].encode()
 
     def frame(self, name: str, obj: dict) -> bytes:
+        if name.startswith("invoke:"):  # a native event: base64 in the bytes of a chunk frame
+            ts = obj.pop("vk_server_time", None)
+            chunk = {"bytes": base64.b64encode(orjson.dumps(obj)).decode()}
+            if ts is not None:
+                chunk["vk_server_time"] = ts
+            return event_frame("chunk", chunk)
         return event_frame(name, obj)
+
+    def _native(self, events: list) -> list:
+        return [("invoke:" + name, obj) for name, obj in events]
 
     def malformed(self) -> bytes:
         """A frame whose checksum does not hold: after it, nothing of the stream can be framed."""
@@ -134,9 +156,13 @@ class Protocol(_Base):
         return bytes(f)
 
     def begin(self, sink, seq) -> list:
+        if sink.req.get(INVOKE):
+            return self._native(self.native.begin(sink, seq))
         return [("messageStart", {"role": "assistant"})]
 
     def token(self, sink, seq, n: int, text: str, reasoning: bool) -> list:
+        if sink.req.get(INVOKE):
+            return self._native(self.native.token(sink, seq, n, text, reasoning))
         if reasoning:
             return [("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": text}}})]
         events = []
@@ -148,6 +174,11 @@ class Protocol(_Base):
 
     def end(self, sink, seq) -> list:
         p, c, cached, _ = sink.counts(seq)
+        if sink.req.get(INVOKE):
+            events = self.native.end(sink, seq)
+            events[-1][1]["amazon-bedrock-invocationMetrics"] = {
+                "inputTokenCount": p, "outputTokenCount": c, "invocationLatency": 0, "firstByteLatency": 0}
+            return self._native(events)
         last = 1 if sink.n_reasoning and seq.n_out > sink.n_reasoning else 0
         usage = {"inputTokens": p - cached, "outputTokens": c, "totalTokens": p + c}
         if cached:
