@@ -32,17 +32,7 @@ PROMPTS = ["Say something about whales.", "Tell me about the sea, at length and 
 def aws_env(monkeypatch, tmp_path):
     """Dummy credentials: AWS for both sides (vk-serve then checks every SigV4 signature), and an OCI config
     with a fresh RSA key for vk-send and the oci SDK."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = tmp_path / "oci_key.pem"
-    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                      serialization.NoEncryption()))
-    conf = tmp_path / "oci_config"
-    conf.write_text(f"[DEFAULT]\nuser={OCI_USER}\nfingerprint={':'.join(['ab'] * 16)}\ntenancy={OCI_TENANCY}\n"
-                    f"region=us-chicago-1\nkey_file={pem}\n")
-    monkeypatch.setenv("OCI_CONFIG_FILE", str(conf))
+    monkeypatch.setenv("OCI_CONFIG_FILE", oci_config(tmp_path, "oci"))
     monkeypatch.delenv("OCI_CLI_PROFILE", raising=False)
     monkeypatch.delenv("OCI_COMPARTMENT_ID", raising=False)
     for k, v in AWS.items():
@@ -52,6 +42,21 @@ def aws_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def oci_config(tmp_path, name: str) -> str:
+    """An OCI config file with a fresh RSA API key; its path."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp_path / f"{name}_key.pem"
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                      serialization.NoEncryption()))
+    conf = tmp_path / f"{name}_config"
+    conf.write_text(f"[DEFAULT]\nuser={OCI_USER}\nfingerprint={':'.join(['ab'] * 16)}\ntenancy={OCI_TENANCY}\n"
+                    f"region=us-chicago-1\nkey_file={pem}\n")
+    return str(conf)
 
 
 def base_of(srv) -> str:
@@ -406,3 +411,17 @@ def test_bedrock_invoke_model_with_response_stream(serve, tmp_path, aws_env):
     server_tpot = [(server_token_times(r)[-1] - server_token_times(r)[0]) / 5 for r in rs]
     assert statistics.median(ttft) == pytest.approx(statistics.median(server_ttft), abs=2e-4)
     assert statistics.median(tpot) == pytest.approx(statistics.median(server_tpot), abs=2e-4)
+
+
+def test_oci_signatures_verify_and_another_key_is_refused(serve, tmp_path, aws_env, monkeypatch):
+    """vk-serve checks every OCI signature against the public half of the configured API key: vk-send's (made
+    by the oci SDK's signer over the bytes it sends) and the oci SDK's verify; signed with another key, 401."""
+    srv = serve("--api-style", "oci", "--stop-mean", "100000", "--ttft", "0.005", "--tpot", "0.001")
+    assert all(r["status"] == "ok" for r in run_send(srv, "oci", 2, 4, tmp_path))
+    monkeypatch.setenv("OCI_CONFIG_FILE", oci_config(tmp_path, "other"))
+    rs = run_send(srv, "oci", 2, 4, tmp_path)
+    assert all(r["status"] == "error" and r["http_status"] == 401 for r in rs)
+    import oci
+
+    with pytest.raises(oci.exceptions.ServiceError):
+        sdk_stream("oci", srv.base, "hi", 4)
