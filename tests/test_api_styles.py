@@ -8,6 +8,8 @@ vk-serve the same TTFT and TPOT, within the bounds of the OpenAI style's own tes
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 import os
@@ -425,3 +427,44 @@ def test_oci_signatures_verify_and_another_key_is_refused(serve, tmp_path, aws_e
 
     with pytest.raises(oci.exceptions.ServiceError):
         sdk_stream("oci", srv.base, "hi", 4)
+
+
+def test_gemini_json_array_stream(serve, tmp_path, aws_env):
+    """Without alt=sse (``--api '...?alt=json'``) Gemini streams one JSON array: vk frames its objects as they
+    arrive, each timed by its closing brace's read, as exactly as the SSE form."""
+    srv = serve("--api-style", "vertex", "--stop-mean", "100000", "--ttft", "0.05", "--tpot", "0.01",
+                "--server-timestamps")
+    path = tmp_path / "json.jsonl"
+    send(schedule(12, 6), api=srv.base + "?alt=json", api_style="vertex", model=MODEL, output=str(path),
+         workers=1, handle_signals=False, quiet=True, api_key="vk-test-key")
+    rs = sorted((r for r in map(orjson.loads, path.read_bytes().splitlines()) if r["kind"] == "response"),
+                key=lambda r: r["session_index"])[2:]
+    assert all(r["status"] == "ok" and r["usage"]["completion_tokens"] == 6 for r in rs)
+    assert all(r["events"]["kind"] == "cccccc" and r["events"]["tokens"] == [1] * 6 for r in rs)
+    ttft = [r["t_first_token"] - r["t_sent"] for r in rs]
+    server_ttft = [server_token_times(r)[0] - r["t_sent"] for r in rs]
+    tpot = [(r["t_last_token"] - r["t_first_token"]) / 5 for r in rs]
+    server_tpot = [(server_token_times(r)[-1] - server_token_times(r)[0]) / 5 for r in rs]
+    assert statistics.median(ttft) == pytest.approx(statistics.median(server_ttft), abs=2e-4)
+    assert statistics.median(tpot) == pytest.approx(statistics.median(server_tpot), abs=2e-4)
+
+
+def test_json_array_framing_at_any_read_boundaries():
+    import random
+
+    from vk.send.apis.jsonarray import frames
+
+    objs = [{"candidates": [{"content": {"parts": [{"text": f' w{i} "q" \\ {{}} [' * (i % 3)}]}}], "i": i}
+            for i in range(50)]
+    data = ("[" + ",\r\n".join(json.dumps(o) for o in objs) + "]").encode()
+    rng = random.Random(1)
+    for _ in range(100):
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 300)))
+        pieces = [(float(i), data[a:b]) for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(data)], strict=True))]
+        got = list(frames(pieces))
+        assert [json.loads(b) for _, b in got] == objs
+        ends = list(itertools.accumulate(len(p) for _, p in pieces))
+        for (t, b), o in zip(got, objs, strict=True):
+            end = data.index(json.dumps(o).encode()) + len(b)
+            assert t == pieces[bisect.bisect_left(ends, end)][0]
+    assert len(list(frames([(0.0, data[:-3])]))) == len(objs) - 1  # an unfinished object is not an event

@@ -96,8 +96,9 @@ def interpret(ex, stream: bool, completions: bool, clock, adapter=None) -> dict:
         return fail(derr)
     ctype = _media_type(h.get("content-type", ""))
     media = adapter.media_type if adapter is not None else "text/event-stream"
+    framing = adapter.framing_for(ctype) if adapter is not None else ("sse" if ctype == media else None)
     if stream:
-        if ctype != media:
+        if framing is None:
             body = _join(chunks)
             msg = f"streamed request answered with Content-Type {ctype or 'none'!r}, not {media}"
             if ctype.endswith("json") or body[:1] == b"{":
@@ -105,7 +106,7 @@ def interpret(ex, stream: bool, completions: bool, clock, adapter=None) -> dict:
             elif body:
                 msg += f": {body[:80].decode('utf-8', 'replace')!r}"
             return fail(msg)
-        parsed = parse_stream(chunks, clock, completions, adapter)
+        parsed = parse_stream(chunks, clock, completions, adapter, framing)
     else:
         body = _join(chunks)
         if not body and out["status"] != STATUS_OK:

@@ -96,16 +96,21 @@ def _split(chunks):
 
 
 def frames_of(chunks, framing: str):
-    """``[(t, payload)]`` of a body in ``framing`` (``sse``, or ``eventstream``: AWS's binary frames), each with
-    the receive time of the read that completed it: the one framing layer every API style shares."""
+    """``[(t, payload)]`` of a body in ``framing`` (``sse``; ``eventstream``: AWS's binary frames; ``jsonarray``:
+    Gemini's streamed JSON array), each with the receive time of the read that completed it: the one framing
+    layer every API style shares."""
     if framing == "eventstream":
         from vk.send.apis.eventstream import frames
+
+        return frames(chunks)
+    if framing == "jsonarray":
+        from vk.send.apis.jsonarray import frames
 
         return frames(chunks)
     return _split(chunks)
 
 
-def parse_stream(chunks, clock, completions: bool, adapter=None) -> dict:
+def parse_stream(chunks, clock, completions: bool, adapter=None, framing: str | None = None) -> dict:
     """Parse a streamed body. Returns a dict with events, usage, finish_reason, text, server id, times (raw
     monotonic), ``error`` when the stream itself reported one, and ``malformed`` naming the first of its malformed
     events (skipped; ``vk.send.answer`` decides what that means for the record). ``adapter`` (vk.send.apis, the
@@ -126,7 +131,7 @@ def parse_stream(chunks, clock, completions: bool, adapter=None) -> dict:
     malformed = 0
     t_first_token = t_first_content = t_last_token = None
     wall_off = clock.wall_off + clock.mono0
-    for t, data in frames_of(chunks, adapter.framing):
+    for t, data in frames_of(chunks, framing or adapter.framing):
         if isinstance(data, Exception):  # the framing itself broke (a checksum): nothing after it can be read
             acc.error = str(data)
             break

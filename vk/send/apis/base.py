@@ -116,6 +116,10 @@ class Adapter:
         return orjson.dumps(body)
 
     # -- the answer -------------------------------------------------------------------------------------------
+    def framing_for(self, media_type: str) -> str | None:
+        """The framing of a streamed answer labelled ``media_type`` (None: not a stream this API sends)."""
+        return self.framing if media_type == self.media_type else None
+
     def decode(self, data):
         """A frame's payload as an object (raises on bad JSON)."""
         return orjson.loads(data)

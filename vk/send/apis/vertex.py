@@ -53,7 +53,8 @@ class Adapter(_Base):
 
     @classmethod
     def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
-        return join_query(f"{base}/models/{quote_model(model)}:streamGenerateContent", query, "alt=sse")
+        alt = "" if any(q.startswith("alt=") for q in query.split("&")) else "alt=sse"  # --api's alt= wins
+        return join_query(f"{base}/models/{quote_model(model)}:streamGenerateContent", query, alt)
 
     @classmethod
     def preflight(cls, api_key: str | None) -> None:
@@ -64,6 +65,10 @@ class Adapter(_Base):
             ga.default(scopes=[SCOPE])
         except ga.exceptions.DefaultCredentialsError as e:
             raise VkError(f"--api-style vertex: no application-default credentials ({str(e)[:200]})") from None
+
+    def framing_for(self, media_type: str) -> str | None:
+        """SSE with ``alt=sse`` (the default), else the streamed JSON array (``--api '...?alt=json'``)."""
+        return {"text/event-stream": "sse", "application/json": "jsonarray"}.get(media_type)
 
     def headers(self) -> dict[str, str]:
         return {"x-goog-api-key": self.cfg.api_key} if self.cfg.api_key else {}

@@ -94,6 +94,17 @@ class Protocol:
         """An SSE event with an ``event:`` line (Anthropic, Cohere); Gemini's have ``data:`` only."""
         return b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps(obj))
 
+    def frame_for(self, sink, name: str, obj: dict) -> bytes:
+        """One event of this response (a style whose framing depends on the request overrides this)."""
+        return self.frame(name, obj)
+
+    def tail(self, sink) -> bytes:
+        """Bytes after the last event (Gemini's JSON array: its closing bracket)."""
+        return b""
+
+    def content_type(self, sink) -> bytes:
+        return self.media_type
+
     def malformed(self) -> bytes:
         """A broken event (--fault-malformed): an SSE ``data:`` line that is not JSON."""
         return b'data: {"broken\n\n'
@@ -117,8 +128,11 @@ class StyleStreamSink(Sink):
         for name, obj in events:
             if self.ts:
                 obj["vk_server_time"] = round(time.time(), 6)
-            parts.append(chunk(self.proto.frame(name, obj)))
+            parts.append(chunk(self.proto.frame_for(self, name, obj)))
         if last:
+            tail = self.proto.tail(self)
+            if tail:
+                parts.append(chunk(tail))
             parts.append(b"0\r\n\r\n")
         if parts:
             self.conn.write(b"".join(parts))
@@ -131,7 +145,7 @@ class StyleStreamSink(Sink):
         self.conn.write(
             b"HTTP/1.1 200 OK\r\nserver: vk-serve\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n"
             b"x-request-id: %s\r\n%s%s%s\r\n"
-            % (self.proto.media_type, self.xrid.encode(), self.proto.head_extra(self), arrival,
+            % (self.proto.content_type(self), self.xrid.encode(), self.proto.head_extra(self), arrival,
                b"connection: close\r\n" if self.conn.close_after else b""))
         self._write(self.proto.begin(self, seq))
 

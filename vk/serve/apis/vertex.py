@@ -15,6 +15,7 @@ from vk.serve.connection import HTTPError
 
 _ROUTE = re.compile(r"/models/([^/:]+):streamGenerateContent$")
 FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
+JSON_ARRAY = "vk_json_array"  # marks a request without alt=sse: its answer is a streamed JSON array
 
 
 class Protocol(_Base):
@@ -25,8 +26,7 @@ class Protocol(_Base):
 
     def request(self, method: str, target: str, headers: dict, body: bytes) -> dict:
         path, _, query = target.partition("?")
-        if "alt=sse" not in query.split("&"):
-            raise HTTPError(400, "vk-serve --api-style vertex streams with ?alt=sse only")
+        sse = "alt=sse" in query.split("&")  # else the streamed JSON array, as Google answers without alt=sse
         model = urllib.parse.unquote(_ROUTE.search(path).group(1))
         req = load_object(body)
         contents = req.get("contents")
@@ -43,6 +43,7 @@ class Protocol(_Base):
             out.append({"role": role, "content": text_of(c.get("parts"), f"contents[{i}].parts")})
         gc = req.get("generationConfig") or req.get("generation_config") or {}
         oa = {"model": model, "messages": out, "stream": True, "stream_options": {"include_usage": True},
+              JSON_ARRAY: not sse,
               **{k: gc[k] for k in LENGTH_EXTRAS if k in gc}}
         mt = positive_int(gc.get("maxOutputTokens", gc.get("max_output_tokens")), "maxOutputTokens")
         if mt is not None:
@@ -51,6 +52,19 @@ class Protocol(_Base):
 
     def frame(self, name: str, obj: dict) -> bytes:
         return b"data: %s\r\n\r\n" % orjson.dumps(obj)
+
+    def frame_for(self, sink, name: str, obj: dict) -> bytes:
+        if not sink.req.get(JSON_ARRAY):
+            return self.frame(name, obj)
+        first = not sink.state.get("opened")
+        sink.state["opened"] = True
+        return (b"[" if first else b",\r\n") + orjson.dumps(obj)
+
+    def tail(self, sink) -> bytes:
+        return b"]" if sink.req.get(JSON_ARRAY) else b""
+
+    def content_type(self, sink) -> bytes:
+        return b"application/json; charset=UTF-8" if sink.req.get(JSON_ARRAY) else self.media_type
 
     def _response(self, sink, seq, parts: list, finish: str | None) -> dict:
         p, c, cached, r = sink.counts(seq)
