@@ -304,6 +304,7 @@ def test_missing_credentials_and_sdks_are_one_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("style,extra", [("anthropic", {"ignore_eos": True}), ("cohere", {"ignore_eos": True}),
+                                         ("azure", {"ignore_eos": True}),
                                          ("bedrock", {"additionalModelRequestFields": {"ignore_eos": True}})])
 def test_a_style_max_is_a_maximum_and_extra_body_can_force_the_length(style, extra, serve, tmp_path, aws_env):
     """Natural stops after 2 tokens: the style's own limit is only a maximum (2 of 12 come out), and the server's

@@ -57,7 +57,9 @@ class Adapter(_Base):
         if target is not None and oc != "none":
             if cfg.max_tokens_param:
                 body[cfg.max_tokens_param] = target
-            if oc == "exact" and cfg.min_tokens_param:
+            if not self.exact_length:  # Azure: no vLLM extensions (they would be refused)
+                pass
+            elif oc == "exact" and cfg.min_tokens_param:
                 body[cfg.min_tokens_param] = target
             elif oc == "ignore_eos" and cfg.ignore_eos_param:
                 body[cfg.ignore_eos_param] = True
