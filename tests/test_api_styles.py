@@ -469,3 +469,12 @@ def test_json_array_framing_at_any_read_boundaries():
             end = data.index(json.dumps(o).encode()) + len(b)
             assert t == pieces[bisect.bisect_left(ends, end)][0]
     assert len(list(frames([(0.0, data[:-3])]))) == len(objs) - 1  # an unfinished object is not an event
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("style", ["bedrock", "oci", "anthropic"])
+def test_every_client_sends_the_same_signed_request(style, client, serve, tmp_path, aws_env):
+    """The signature and the per-request headers reach the server alike through every HTTP client."""
+    srv = serve("--api-style", style, "--stop-mean", "100000", "--ttft", "0.005", "--tpot", "0.001")
+    rs = run_send(srv, style, 2, 4, tmp_path, client=client)
+    assert all(r["status"] == "ok" and r["usage"]["completion_tokens"] == 4 for r in rs), rs[0]["error"]

@@ -138,6 +138,17 @@ class Adapter:
         return False
 
 
+def host_header(cfg) -> str:
+    """The Host header every client sends (a signature covers it): the user's ``-H Host``, else the URL's host,
+    with the port unless it is the scheme's default."""
+    for k, v in getattr(cfg, "headers", None) or ():
+        if k.lower() == "host":
+            return v
+    default = 443 if cfg.scheme == "https" else 80
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    return host if cfg.port == default else f"{host}:{cfg.port}"
+
+
 def quote_model(model: str | None, option: str = "--model") -> str:
     if not model:
         raise VkError(f"{option}: required with this --api-style (the model or deployment is part of the URL)")

@@ -13,7 +13,16 @@ import re
 import orjson
 
 from vk.errors import VkError
-from vk.send.apis.base import Acc, counts, join_query, output_target, quote_model, split_system, text_of
+from vk.send.apis.base import (
+    Acc,
+    counts,
+    host_header,
+    join_query,
+    output_target,
+    quote_model,
+    split_system,
+    text_of,
+)
 from vk.send.apis.base import Adapter as _Base
 
 SERVICE = "bedrock"
@@ -52,9 +61,7 @@ class Adapter(_Base):
         session, self._SigV4Auth, self._AWSRequest = _botocore()
         self.credentials = session.get_session().get_credentials()
         self.region = region_for(cfg.host)
-        default = 443 if cfg.scheme == "https" else 80
-        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        self.host = host if cfg.port == default else f"{host}:{cfg.port}"  # the Host header the clients send
+        self.host = host_header(cfg)
         self.url = f"{cfg.scheme}://{self.host}{cfg.path}"
 
     @classmethod

@@ -12,7 +12,7 @@ import os
 import orjson
 
 from vk.errors import VkError
-from vk.send.apis.base import Acc, counts, join_query, output_target, text_of
+from vk.send.apis.base import Acc, counts, host_header, join_query, output_target, text_of
 from vk.send.apis.base import Adapter as _Base
 
 ROLES = {"system": "SYSTEM", "developer": "SYSTEM", "user": "USER", "assistant": "ASSISTANT"}
@@ -49,9 +49,7 @@ class Adapter(_Base):
         self.signer = oci.signer.Signer(conf["tenancy"], conf["user"], conf["fingerprint"], conf.get("key_file"),
                                         conf.get("pass_phrase"), conf.get("key_content"))
         self.compartment = os.environ.get("OCI_COMPARTMENT_ID") or conf["tenancy"]
-        default = 443 if cfg.scheme == "https" else 80
-        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        self.host = host if cfg.port == default else f"{host}:{cfg.port}"
+        self.host = host_header(cfg)
         self.url = f"{cfg.scheme}://{self.host}{cfg.path}"
         from oci._vendor import requests
 
