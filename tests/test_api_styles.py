@@ -478,3 +478,64 @@ def test_every_client_sends_the_same_signed_request(style, client, serve, tmp_pa
     srv = serve("--api-style", style, "--stop-mean", "100000", "--ttft", "0.005", "--tpot", "0.001")
     rs = run_send(srv, style, 2, 4, tmp_path, client=client)
     assert all(r["status"] == "ok" and r["usage"]["completion_tokens"] == 4 for r in rs), rs[0]["error"]
+
+
+def sdk_whole(style: str, base: str, prompt: str, max_tokens: int):
+    """The SDK's non-streamed call: (text, prompt tokens, output tokens)."""
+    if style == "anthropic":
+        import anthropic
+
+        m = anthropic.Anthropic(base_url=base, api_key="k").messages.create(
+            model=MODEL, max_tokens=max_tokens, messages=[{"role": "user", "content": prompt}])
+        return m.content[-1].text, m.usage.input_tokens, m.usage.output_tokens
+    if style == "bedrock":
+        import boto3
+
+        r = boto3.session.Session().client("bedrock-runtime", endpoint_url=base, region_name="us-east-1").converse(
+            modelId=MODEL, messages=[{"role": "user", "content": [{"text": prompt}]}],
+            inferenceConfig={"maxTokens": max_tokens})
+        return r["output"]["message"]["content"][-1]["text"], r["usage"]["inputTokens"], r["usage"]["outputTokens"]
+    if style == "cohere":
+        import cohere
+
+        r = cohere.ClientV2(api_key="k", base_url=base).chat(model=MODEL, max_tokens=max_tokens,
+                                                             messages=[{"role": "user", "content": prompt}])
+        return r.message.content[-1].text, int(r.usage.tokens.input_tokens), int(r.usage.tokens.output_tokens)
+    if style == "vertex":
+        from google import genai
+        from google.genai import types
+        from google.oauth2.credentials import Credentials
+
+        client = genai.Client(vertexai=True, project="p", location="us-central1", credentials=Credentials(token="t"),
+                              http_options=types.HttpOptions(base_url=base))
+        r = client.models.generate_content(model=MODEL, contents=prompt,
+                                           config=types.GenerateContentConfig(max_output_tokens=max_tokens))
+        return r.text, r.usage_metadata.prompt_token_count, r.usage_metadata.candidates_token_count
+    if style == "oci":
+        import oci
+
+        client = oci.generative_ai_inference.GenerativeAiInferenceClient(
+            oci.config.from_file(os.environ["OCI_CONFIG_FILE"]), service_endpoint=base,
+            retry_strategy=oci.retry.NoneRetryStrategy())
+        m = oci.generative_ai_inference.models
+        r = client.chat(m.ChatDetails(
+            compartment_id=OCI_TENANCY, serving_mode=m.OnDemandServingMode(model_id=MODEL),
+            chat_request=m.GenericChatRequest(messages=[m.UserMessage(content=[m.TextContent(text=prompt)])],
+                                              max_tokens=max_tokens))).data.chat_response
+        return r.choices[0].message.content[0].text, r.usage.prompt_tokens, r.usage.completion_tokens
+    raise AssertionError(style)
+
+
+@pytest.mark.parametrize("style", ["anthropic", "bedrock", "cohere", "vertex", "oci"])
+def test_non_streamed_answers(style, serve, tmp_path, aws_env):
+    """--no-stream: each style's whole answer (Messages, Converse, chat, generateContent, OCI chat) is read by
+    the SDK and by vk-send alike, with the same counts."""
+    srv = serve("--api-style", style, "--stop-mean", "100000", "--ttft", "0.005", "--tpot", "0.001")
+    sdk = [sdk_whole(style, srv.base, p, 9) for p in PROMPTS[:2]]
+    assert all(len(text.split()) == 9 and out == 9 for text, _, out in sdk)
+    rs = run_send(srv, style, 2, 9, tmp_path, stream=False, save_text=True)
+    for r, (_, prompt, out) in zip(rs, sdk, strict=True):
+        assert r["status"] == "ok", r["error"]
+        assert r["usage"]["prompt_tokens"] == prompt and r["usage"]["completion_tokens"] == out == 9
+        assert r["events"]["kind"] == "c" and len(r["text"].split()) == 9
+        assert r["t_first_token"] == r["t_last_token"] == r["events"]["t"][0]

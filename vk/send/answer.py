@@ -111,7 +111,7 @@ def interpret(ex, stream: bool, completions: bool, clock, adapter=None) -> dict:
         body = _join(chunks)
         if not body and out["status"] != STATUS_OK:
             return out
-        pj = parse_json_body(body, completions)
+        pj = adapter.parse_body(body) if adapter is not None else parse_json_body(body, completions)
         t_last = chunks[-1][0] if chunks else ex.t_done
         tok = pj["kind"] in ("c", "r", "t")
         parsed = {

@@ -144,7 +144,7 @@ def send(
             raise VkError(f"--no-stream: not with --api-style {api_style} (streamed answers only)")
         if endpoint != "chat" and endpoint not in style.endpoints:
             raise VkError(f"--endpoint {endpoint}: not with --api-style {api_style}")
-        path = style.request_path(_base, urllib.parse.urlsplit(api).query, model, endpoint)
+        path = style.request_path(_base, urllib.parse.urlsplit(api).query, model, endpoint, stream)
         if not style.exact_length and not quiet:
             print(f"vk-send: --api-style {api_style}: the API has no minimum output length, so a request's "
                   "output_tokens is sent as the maximum only (outputs may be shorter; ignore_eos is not available)",

@@ -14,10 +14,11 @@ DEFAULT_MAX_TOKENS = 4096  # max_tokens is required; a request without an output
 class Adapter(_Base):
     name = "anthropic"
     exact_length = False  # max_tokens only
+    streams_only = False
     env_keys = ("ANTHROPIC_API_KEY",)
 
     @classmethod
-    def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
+    def request_path(cls, base: str, query: str, model, endpoint: str, stream: bool = True) -> str:
         return join_query((base if base.endswith("/v1") else base + "/v1") + "/messages", query)
 
     def headers(self) -> dict[str, str]:
@@ -30,7 +31,7 @@ class Adapter(_Base):
         system, rest = split_system(content)
         body = {"model": self.cfg.model, "max_tokens": output_target(r) or DEFAULT_MAX_TOKENS,
                 "messages": [{"role": m.get("role"), "content": text_of(m.get("content"))} for m in rest],
-                "stream": True}
+                "stream": bool(self.cfg.stream)}
         if system is not None:
             body["system"] = system
         return self.merge_extras(body, r)
@@ -75,6 +76,25 @@ class Adapter(_Base):
         if typ == "ping":
             return None
         return "e"
+
+    def whole(self, obj: dict, acc: Acc) -> str | None:
+        if obj.get("type") == "error":
+            return self.event(obj, acc)
+        acc.server_id = obj.get("id")
+        acc.finish = obj.get("stop_reason")
+        self._usage(obj.get("usage"), acc)
+        kinds = set()
+        for block in obj.get("content") or []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text" and block.get("text"):
+                acc.text.append(block["text"])
+                kinds.add("c")
+            elif block.get("type") == "thinking":
+                kinds.add("r")
+            elif block.get("type") == "tool_use":
+                kinds.add("t")
+        return next((k for k in "crt" if k in kinds), "e")
 
     @staticmethod
     def _usage(u, acc: Acc) -> None:

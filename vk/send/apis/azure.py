@@ -31,7 +31,7 @@ class Adapter(OpenAI):
             self.token.refresh()
 
     @classmethod
-    def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
+    def request_path(cls, base: str, query: str, model, endpoint: str, stream: bool = True) -> str:
         if "api-version=" not in query:
             query = "&".join(x for x in (query, f"api-version={API_VERSION}") if x)
         return join_query(f"{base}/openai/deployments/{quote_model(model)}/chat/completions", query)

@@ -88,7 +88,7 @@ class Adapter:
 
     # -- the request ------------------------------------------------------------------------------------------
     @classmethod
-    def request_path(cls, base: str, query: str, model: str | None, endpoint: str) -> str:
+    def request_path(cls, base: str, query: str, model: str | None, endpoint: str, stream: bool = True) -> str:
         raise NotImplementedError
 
     @classmethod
@@ -132,6 +132,29 @@ class Adapter:
     def usage(self, acc: Acc) -> dict | None:
         """vk's usage at the end of the stream."""
         return acc.usage
+
+    def whole(self, obj: dict, acc: Acc) -> str | None:
+        """A non-streamed answer (``--no-stream``): its kind (content first), filling ``acc``."""
+        raise NotImplementedError
+
+    def parse_body(self, body: bytes) -> dict:
+        """A non-streamed answer body, as ``vk.send.sse.parse_json_body`` reads an OpenAI one."""
+        out = {"usage": None, "finish_reason": None, "text": "", "server_id": None, "error": None, "kind": "e"}
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            out["error"] = f"response body is not JSON: {body[:120].decode('utf-8', 'replace')!r}"
+            return out
+        if not isinstance(obj, dict):
+            out["error"] = "response body is not a JSON object"
+            return out
+        acc = Acc()
+        kind = self.whole(obj, acc) or "e"
+        out.update(usage=self.usage(acc), finish_reason=acc.finish, text="".join(acc.text),
+                   server_id=acc.server_id, error=acc.error, kind=kind)
+        if out["error"] is None and kind == "e" and acc.finish is None and acc.usage is None:
+            out["error"] = "response body has no answer (no content, finish reason or usage)"
+        return out
 
     def done_marker(self, data: bytes) -> bool:
         """Whether a frame is the stream's end marker (OpenAI's ``[DONE]``) rather than an event."""

@@ -55,6 +55,7 @@ class Adapter(_Base):
     framing = "eventstream"
     media_type = "application/vnd.amazon.eventstream"
     exact_length = False  # inferenceConfig.maxTokens only
+    streams_only = False
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -65,8 +66,8 @@ class Adapter(_Base):
         self.url = f"{cfg.scheme}://{self.host}{cfg.path}"
 
     @classmethod
-    def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
-        return join_query(f"{base}/model/{quote_model(model)}/converse-stream", query)
+    def request_path(cls, base: str, query: str, model, endpoint: str, stream: bool = True) -> str:
+        return join_query(f"{base}/model/{quote_model(model)}/{'converse-stream' if stream else 'converse'}", query)
 
     @classmethod
     def preflight(cls, api_key: str | None) -> None:
@@ -116,6 +117,25 @@ class Adapter(_Base):
             return {"__error__": f"{headers.get(':exception-type', 'exception')}: {msg}"}
         return {"__error__": f"{headers.get(':error-code', 'error')}: {headers.get(':error-message', '')}"}
 
+    def whole(self, obj: dict, acc: Acc) -> str | None:
+        """Converse's answer: output.message.content, stopReason, usage."""
+        kinds = set()
+        for block in ((obj.get("output") or {}).get("message") or {}).get("content") or []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("text"):
+                acc.text.append(block["text"])
+                kinds.add("c")
+            elif block.get("reasoningContent"):
+                kinds.add("r")
+            elif block.get("toolUse"):
+                kinds.add("t")
+        if obj.get("stopReason"):
+            acc.finish = obj["stopReason"]
+        if isinstance(obj.get("usage"), dict):
+            self.event({"metadata": {"usage": obj["usage"]}}, acc)
+        return next((k for k in "crt" if k in kinds), "e")
+
     def event(self, obj: dict, acc: Acc) -> str | None:
         if "contentBlockDelta" in obj:
             d = (obj["contentBlockDelta"] or {}).get("delta") or {}
@@ -162,7 +182,7 @@ class InvokeAdapter(Adapter):
         self.native = Anthropic(cfg)
 
     @classmethod
-    def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
+    def request_path(cls, base: str, query: str, model, endpoint: str, stream: bool = True) -> str:
         return join_query(f"{base}/model/{quote_model(model)}/invoke-with-response-stream", query)
 
     def body(self, r: dict, content) -> bytes:

@@ -41,6 +41,7 @@ def load_config() -> dict:
 class Adapter(_Base):
     name = "oci"
     exact_length = False  # maxTokens only
+    streams_only = False
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -56,7 +57,7 @@ class Adapter(_Base):
         self._Request = requests.Request
 
     @classmethod
-    def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
+    def request_path(cls, base: str, query: str, model, endpoint: str, stream: bool = True) -> str:
         return join_query((base if base.endswith("/20231130") else base + "/20231130") + "/actions/chat", query)
 
     @classmethod
@@ -72,9 +73,11 @@ class Adapter(_Base):
         return {k: req.headers[k] for k in ("date", "x-content-sha256", "authorization")}
 
     def body(self, r: dict, content) -> bytes:
-        chat = {"apiFormat": "GENERIC", "isStream": True, "streamOptions": {"isIncludeUsage": True},
+        chat = {"apiFormat": "GENERIC", "isStream": bool(self.cfg.stream),
                 "messages": [{"role": ROLES.get(m.get("role"), "USER"),
                               "content": [{"type": "TEXT", "text": text_of(m.get("content"))}]} for m in content]}
+        if self.cfg.stream:
+            chat["streamOptions"] = {"isIncludeUsage": True}
         target = output_target(r)
         if target is not None:
             chat["maxTokens"] = target
@@ -85,6 +88,13 @@ class Adapter(_Base):
         return orjson.dumps({"compartmentId": self.compartment,
                              "servingMode": {"servingType": "ON_DEMAND", "modelId": self.cfg.model},
                              "chatRequest": chat})
+
+    def whole(self, obj: dict, acc: Acc) -> str | None:
+        resp = obj.get("chatResponse") or {}
+        choices = resp.get("choices") or [{}]
+        kind = self.event({**choices[0], "usage": resp.get("usage")}, acc) if isinstance(choices[0], dict) else "e"
+        acc.done = False
+        return "e" if kind == "u" else kind
 
     def event(self, obj: dict, acc: Acc) -> str | None:
         kind = "e"

@@ -38,7 +38,7 @@ class Adapter(_Base):
         self.base_body = base
 
     @classmethod
-    def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
+    def request_path(cls, base: str, query: str, model, endpoint: str, stream: bool = True) -> str:
         path = base + ("/chat/completions" if endpoint == "chat" else "/completions")
         return path + ("?" + query if query else "")  # e.g. a gateway's ?api-version=...
 
@@ -107,6 +107,11 @@ class Adapter(_Base):
                 acc.ntok = ct - acc.prev  # per-event tokens (continuous_usage_stats)
                 acc.prev = ct
         return kind
+
+    def parse_body(self, body: bytes) -> dict:
+        from vk.send.sse import parse_json_body
+
+        return parse_json_body(body, self.completions)
 
     def usage(self, acc: Acc) -> dict | None:
         return openai_usage(acc.usage) if isinstance(acc.usage, dict) else None

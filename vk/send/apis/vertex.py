@@ -42,6 +42,7 @@ def _google_auth():
 class Adapter(_Base):
     name = "vertex"
     exact_length = False  # generationConfig.maxOutputTokens only
+    streams_only = False
     env_keys = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 
     def __init__(self, cfg):
@@ -52,7 +53,9 @@ class Adapter(_Base):
             self.token.refresh()  # the first token now, in the worker's set-up, not on the first request
 
     @classmethod
-    def request_path(cls, base: str, query: str, model, endpoint: str) -> str:
+    def request_path(cls, base: str, query: str, model, endpoint: str, stream: bool = True) -> str:
+        if not stream:
+            return join_query(f"{base}/models/{quote_model(model)}:generateContent", query)
         alt = "" if any(q.startswith("alt=") for q in query.split("&")) else "alt=sse"  # --api's alt= wins
         return join_query(f"{base}/models/{quote_model(model)}:streamGenerateContent", query, alt)
 
@@ -95,6 +98,9 @@ class Adapter(_Base):
         if target is not None:
             body["generationConfig"] = {"maxOutputTokens": target}
         return self.merge_extras(body, r)
+
+    def whole(self, obj: dict, acc: Acc) -> str | None:
+        return self.event(obj, acc)  # a GenerateContentResponse, like each streamed one
 
     def event(self, obj: dict, acc: Acc) -> str | None:
         if "error" in obj and "candidates" not in obj:

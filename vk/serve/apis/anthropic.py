@@ -38,6 +38,14 @@ class Protocol(_Base):
             oa["stream_options"] = {"include_usage": True}
         return oa
 
+    def whole(self, sink, seq, text: str, thinking: str) -> dict:
+        content = [{"type": "thinking", "thinking": thinking, "signature": "vk-sim"}] if thinking else []
+        content.append({"type": "text", "text": text})
+        return {"id": "msg_" + sink.rid.split("-", 1)[-1], "type": "message", "role": "assistant",
+                "model": sink.req.get("model") or self.app.opts.model, "content": content,
+                "stop_reason": STOP.get(seq.finish_reason, seq.finish_reason), "stop_sequence": None,
+                "usage": self._usage(sink, seq, True)}
+
     def _usage(self, sink, seq, final: bool) -> dict:
         p, c, cached, _ = sink.counts(seq)
         return {"input_tokens": p - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,

@@ -74,9 +74,11 @@ class Protocol:
         return orjson.dumps(req)
 
     def sink_class(self, stream: bool):
-        if not stream:
-            raise HTTPError(400, f"vk-serve --api-style {self.name} answers streamed requests only")
-        return StyleStreamSink
+        return StyleStreamSink if stream else StyleFullSink
+
+    def whole(self, sink, seq: Seq, text: str, thinking: str) -> dict:
+        """The non-streamed answer."""
+        raise NotImplementedError
 
     def head_extra(self, sink) -> bytes:
         return b""
@@ -171,3 +173,38 @@ class StyleStreamSink(Sink):
         """(prompt, output, cached prompt, reasoning) tokens so far."""
         p = max(seq.prompt_len, 0)
         return p, seq.n_out, seq.cached_tokens, min(self.n_reasoning, seq.n_out)
+
+
+class StyleFullSink(Sink):
+    """A non-streamed response in an API style: one JSON body when the request finishes."""
+
+    __slots__ = ("proto", "req")
+
+    def __init__(self, app, conn, chat: bool, rid: str, xrid: str, so: dict, req: dict):
+        super().__init__(app, conn, chat, rid, xrid)
+        self.proto = app.protocol
+        self.req = req
+
+    def start(self, seq: Seq) -> None:
+        self.started = True
+
+    def on_token(self, seq: Seq, now: float) -> None:
+        if seq.n_out == self.disconnect_at:
+            self.conn.abort_connection()
+
+    def on_finish(self, seq: Seq, now: float) -> None:
+        if seq.prompt_len < 0:
+            self.finish_pending = True
+            return
+        words = self.app.words
+        r = min(self.n_reasoning, seq.n_out)
+        body = orjson.dumps(self.proto.whole(self, seq, words.decode(seq.out_ids[r:seq.n_out]),
+                                             words.decode(seq.out_ids[:r])))
+        if self.malformed_at:
+            body = body[: len(body) // 2]
+        if not self.conn.closed:
+            self.app.stats.count_response(200)
+        self.conn.respond(200, body, extra=b"x-request-id: %s\r\n" % self.xrid.encode())
+
+    def counts(self, seq: Seq) -> tuple[int, int, int, int]:
+        return StyleStreamSink.counts(self, seq)

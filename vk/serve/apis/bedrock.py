@@ -20,7 +20,7 @@ from vk.serve.apis.base import LENGTH_EXTRAS, load_object, positive_int, text_of
 from vk.serve.apis.base import Protocol as _Base
 from vk.serve.connection import HTTPError
 
-_ROUTE = re.compile(r"^/model/([^/]+)/(converse-stream|invoke-with-response-stream)$")
+_ROUTE = re.compile(r"^/model/([^/]+)/(converse-stream|converse|invoke-with-response-stream)$")
 INVOKE = "vk_bedrock_invoke"  # marks an InvokeModelWithResponseStream request: Anthropic events in chunk frames
 _AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request,\s*"
                    r"SignedHeaders=([^,]+),\s*Signature=([0-9a-f]+)")
@@ -104,10 +104,10 @@ class Protocol(_Base):
     def request(self, method: str, target: str, headers: dict, body: bytes) -> dict:
         if self.verifier is not None:
             verify_sigv4(self.verifier, method, target, headers, body)
-        m = _ROUTE.match(target.partition("?")[0])
-        model = urllib.parse.unquote(m.group(1))
+        route = _ROUTE.match(target.partition("?")[0])
+        model = urllib.parse.unquote(route.group(1))
         req = load_object(body)
-        if m.group(2) == "invoke-with-response-stream":
+        if route.group(2) == "invoke-with-response-stream":
             if req.get("anthropic_version") != "bedrock-2023-05-31":
                 raise HTTPError(400, "anthropic_version: expected bedrock-2023-05-31 (vk-serve serves Anthropic's "
                                      "native body)", "ValidationException")
@@ -127,8 +127,10 @@ class Protocol(_Base):
             out.append({"role": m["role"], "content": text_of(m.get("content"), f"messages.{i}.content")})
         ic = req.get("inferenceConfig") or {}
         extra = req.get("additionalModelRequestFields") or {}
-        oa = {"model": model, "messages": out, "stream": True, "stream_options": {"include_usage": True},
+        oa = {"model": model, "messages": out, "stream": route.group(2) == "converse-stream",
               **{k: extra[k] for k in LENGTH_EXTRAS if k in extra}}
+        if oa["stream"]:
+            oa["stream_options"] = {"include_usage": True}
         mt = positive_int(ic.get("maxTokens"), "inferenceConfig.maxTokens")
         if mt is not None:
             oa["max_tokens"] = mt
@@ -172,6 +174,20 @@ class Protocol(_Base):
         events.append(("contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": text}}))
         return events
 
+    def _usage(self, sink, seq) -> dict:
+        p, c, cached, _ = sink.counts(seq)
+        usage = {"inputTokens": p - cached, "outputTokens": c, "totalTokens": p + c}
+        if cached:
+            usage["cacheReadInputTokens"] = cached
+        return usage
+
+    def whole(self, sink, seq, text: str, thinking: str) -> dict:
+        content = [{"reasoningContent": {"reasoningText": {"text": thinking}}}] if thinking else []
+        content.append({"text": text})
+        return {"output": {"message": {"role": "assistant", "content": content}},
+                "stopReason": STOP.get(seq.finish_reason, seq.finish_reason), "usage": self._usage(sink, seq),
+                "metrics": {"latencyMs": 0}}
+
     def end(self, sink, seq) -> list:
         p, c, cached, _ = sink.counts(seq)
         if sink.req.get(INVOKE):
@@ -180,11 +196,8 @@ class Protocol(_Base):
                 "inputTokenCount": p, "outputTokenCount": c, "invocationLatency": 0, "firstByteLatency": 0}
             return self._native(events)
         last = 1 if sink.n_reasoning and seq.n_out > sink.n_reasoning else 0
-        usage = {"inputTokens": p - cached, "outputTokens": c, "totalTokens": p + c}
-        if cached:
-            usage["cacheReadInputTokens"] = cached
         return [
             ("contentBlockStop", {"contentBlockIndex": last}),
             ("messageStop", {"stopReason": STOP.get(seq.finish_reason, seq.finish_reason)}),
-            ("metadata", {"usage": usage, "metrics": {"latencyMs": 0}}),
+            ("metadata", {"usage": self._usage(sink, seq), "metrics": {"latencyMs": 0}}),
         ]

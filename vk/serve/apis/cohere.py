@@ -35,6 +35,17 @@ class Protocol(_Base):
             oa["stream_options"] = {"include_usage": True}
         return oa
 
+    def _usage(self, sink, seq) -> dict:
+        p, c, cached, _ = sink.counts(seq)
+        return {"billed_units": {"input_tokens": p, "output_tokens": c}, "tokens": {"input_tokens": p,
+                "output_tokens": c}, "cached_tokens": cached}
+
+    def whole(self, sink, seq, text: str, thinking: str) -> dict:
+        content = [{"type": "thinking", "thinking": thinking}] if thinking else []
+        content.append({"type": "text", "text": text})
+        return {"id": sink.rid.split("-", 1)[-1], "finish_reason": FINISH.get(seq.finish_reason, seq.finish_reason),
+                "message": {"role": "assistant", "content": content}, "usage": self._usage(sink, seq)}
+
     def begin(self, sink, seq) -> list:
         return [("message-start", {"id": sink.rid.split("-", 1)[-1], "type": "message-start", "delta": {
             "message": {"role": "assistant", "content": [], "tool_plan": "", "tool_calls": [], "citations": []}}})]
@@ -55,12 +66,10 @@ class Protocol(_Base):
         return events
 
     def end(self, sink, seq) -> list:
-        p, c, cached, _ = sink.counts(seq)
         index = 1 if sink.n_reasoning and seq.n_out > sink.n_reasoning else 0
         return [
             ("content-end", {"type": "content-end", "index": index}),
             ("message-end", {"type": "message-end", "delta": {
                 "finish_reason": FINISH.get(seq.finish_reason, seq.finish_reason),
-                "usage": {"billed_units": {"input_tokens": p, "output_tokens": c},
-                          "tokens": {"input_tokens": p, "output_tokens": c}, "cached_tokens": cached}}}),
+                "usage": self._usage(sink, seq)}}),
         ]

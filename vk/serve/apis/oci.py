@@ -96,8 +96,6 @@ class Protocol(_Base):
             raise HTTPError(400, "compartmentId: required", param="compartmentId")
         if chat.get("apiFormat") != "GENERIC":
             raise HTTPError(400, "vk-serve --api-style oci: chatRequest.apiFormat GENERIC only", param="apiFormat")
-        if not chat.get("isStream"):
-            raise HTTPError(400, "vk-serve --api-style oci answers streamed requests only (isStream)")
         msgs = chat.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise HTTPError(400, "chatRequest.messages: expected a non-empty list", param="messages")
@@ -106,9 +104,10 @@ class Protocol(_Base):
             if not isinstance(m, dict) or m.get("role") not in ROLES:
                 raise HTTPError(400, f"messages[{i}].role: expected SYSTEM, USER or ASSISTANT", param="messages")
             out.append({"role": ROLES[m["role"]], "content": text_of(m.get("content"), f"messages[{i}].content")})
-        oa = {"model": mode.get("modelId"), "messages": out, "stream": True,
-              "stream_options": {"include_usage": bool((chat.get("streamOptions") or {}).get("isIncludeUsage"))},
+        oa = {"model": mode.get("modelId"), "messages": out, "stream": bool(chat.get("isStream")),
               **{k: chat[k] for k in LENGTH_EXTRAS if k in chat}}
+        if oa["stream"]:
+            oa["stream_options"] = {"include_usage": bool((chat.get("streamOptions") or {}).get("isIncludeUsage"))}
         mt = positive_int(chat.get("maxTokens"), "maxTokens")
         if mt is not None:
             oa["max_tokens"] = mt
@@ -128,12 +127,24 @@ class Protocol(_Base):
             ev["finishReason"] = seq.finish_reason
         return [("", ev)]
 
-    def end(self, sink, seq) -> list:
-        if not sink.req.get("stream_options", {}).get("include_usage"):
-            return []
+    def _usage(self, sink, seq) -> dict:
         p, c, cached, r = sink.counts(seq)
         usage = {"promptTokens": p, "completionTokens": c, "totalTokens": p + c,
                  "promptTokensDetails": {"cachedTokens": cached}}
         if r:
             usage["completionTokensDetails"] = {"reasoningTokens": r}
-        return [("", {"usage": usage})]
+        return usage
+
+    def whole(self, sink, seq, text: str, thinking: str) -> dict:
+        msg = {"role": "ASSISTANT", "content": [{"type": "TEXT", "text": text}]}
+        if thinking:
+            msg["reasoningContent"] = thinking
+        return {"modelId": sink.req.get("model"), "modelVersion": "1",
+                "chatResponse": {"apiFormat": "GENERIC", "timeCreated": "2026-01-01T00:00:00.000Z",
+                                 "choices": [{"index": 0, "message": msg, "finishReason": seq.finish_reason}],
+                                 "usage": self._usage(sink, seq)}}
+
+    def end(self, sink, seq) -> list:
+        if not (sink.req.get("stream_options") or {}).get("include_usage"):
+            return []
+        return [("", {"usage": self._usage(sink, seq)})]

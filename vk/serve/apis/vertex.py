@@ -13,7 +13,7 @@ from vk.serve.apis.base import LENGTH_EXTRAS, load_object, positive_int, text_of
 from vk.serve.apis.base import Protocol as _Base
 from vk.serve.connection import HTTPError
 
-_ROUTE = re.compile(r"/models/([^/:]+):streamGenerateContent$")
+_ROUTE = re.compile(r"/models/([^/:]+):(streamGenerateContent|generateContent)$")
 FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
 JSON_ARRAY = "vk_json_array"  # marks a request without alt=sse: its answer is a streamed JSON array
 
@@ -27,7 +27,9 @@ class Protocol(_Base):
     def request(self, method: str, target: str, headers: dict, body: bytes) -> dict:
         path, _, query = target.partition("?")
         sse = "alt=sse" in query.split("&")  # else the streamed JSON array, as Google answers without alt=sse
-        model = urllib.parse.unquote(_ROUTE.search(path).group(1))
+        m = _ROUTE.search(path)
+        model = urllib.parse.unquote(m.group(1))
+        stream = m.group(2) == "streamGenerateContent"
         req = load_object(body)
         contents = req.get("contents")
         if not isinstance(contents, list) or not contents:
@@ -42,12 +44,13 @@ class Protocol(_Base):
             role = "assistant" if c.get("role") == "model" else "user"
             out.append({"role": role, "content": text_of(c.get("parts"), f"contents[{i}].parts")})
         gc = req.get("generationConfig") or req.get("generation_config") or {}
-        oa = {"model": model, "messages": out, "stream": True, "stream_options": {"include_usage": True},
-              JSON_ARRAY: not sse,
+        oa = {"model": model, "messages": out, "stream": stream, JSON_ARRAY: not sse,
               **{k: gc[k] for k in LENGTH_EXTRAS if k in gc}}
         mt = positive_int(gc.get("maxOutputTokens", gc.get("max_output_tokens")), "maxOutputTokens")
         if mt is not None:
             oa["max_tokens"] = mt
+        if stream:
+            oa["stream_options"] = {"include_usage": True}
         return oa
 
     def frame(self, name: str, obj: dict) -> bytes:
@@ -78,6 +81,11 @@ class Protocol(_Base):
             usage["thoughtsTokenCount"] = r
         return {"candidates": [cand], "usageMetadata": usage, "modelVersion": self.app.opts.model,
                 "responseId": sink.rid.split("-", 1)[-1]}
+
+    def whole(self, sink, seq, text: str, thinking: str) -> dict:
+        parts = [{"text": thinking, "thought": True}] if thinking else []
+        parts.append({"text": text})
+        return self._response(sink, seq, parts, FINISH.get(seq.finish_reason, seq.finish_reason))
 
     def token(self, sink, seq, n: int, text: str, reasoning: bool) -> list:
         part = {"text": text, "thought": True} if reasoning else {"text": text}
