@@ -174,6 +174,7 @@ class InvokeAdapter(Adapter):
     anthropic adapter; the last one's ``amazon-bedrock-invocationMetrics`` has the token counts."""
 
     endpoints = ("invoke",)
+    streams_only = True  # (InvokeModel without a stream is not read)
 
     def __init__(self, cfg):
         super().__init__(cfg)
