@@ -32,6 +32,8 @@ EPILOG = examples(
     "vk-gen chat.yaml | vk-send --api http://127.0.0.1:8000/v1 --concurrency 8 -o run.jsonl",
     "vk-send sched.jsonl --api https://api.example.com/v1 --model my-model -H 'X-Team: bench' \\",
     "        --extra-body '{\"temperature\": 0}' --max-errors 0.2 -o run.jsonl",
+    "vk-send sched.jsonl --api https://api.anthropic.com --api-style anthropic --model claude-sonnet-4-5 \\",
+    "        -o anthropic.jsonl   # key from $ANTHROPIC_API_KEY",
 )
 
 
@@ -113,7 +115,7 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
                 max_tokens_param, min_tokens_param, ignore_eos_param, client, http2, no_kernel_timestamps,
                 lag_threshold, progress, reassign_lost, idle_timeout, cacert, insecure, scrape, scrape_interval,
                 scrape_buckets, ray_address, workers_per_node, api_style):
-    """Run a schedule of sessions against an OpenAI-compatible API.
+    """Run a schedule of sessions against an OpenAI-compatible API (or another: --api-style).
 
     Reads a schedule (a schedule header and scheduled sessions, from vk-schedule) or plain sessions (from
     vk-gen) from SCHEDULE files or stdin, and writes a run header, one response record per request and a run_end
