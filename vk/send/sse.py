@@ -131,7 +131,9 @@ def parse_stream(chunks, clock, completions: bool, adapter=None, framing: str | 
     malformed = 0
     t_first_token = t_first_content = t_last_token = None
     wall_off = clock.wall_off + clock.mono0
-    for t, data in frames_of(chunks, framing or adapter.framing):
+    framing = framing or adapter.framing
+    what = "SSE event" if framing == "sse" else {"eventstream": "event-stream frame"}.get(framing, "JSON array object")
+    for t, data in frames_of(chunks, framing):
         if isinstance(data, Exception):  # the framing itself broke (a checksum): nothing after it can be read
             acc.error = str(data)
             break
@@ -144,12 +146,12 @@ def parse_stream(chunks, clock, completions: bool, adapter=None, framing: str | 
             malformed += 1
             if bad is None:
                 shown = data[:80] if isinstance(data, bytes) else repr(data)[:80].encode()
-                bad = f"malformed SSE event #{len(ts) + malformed}: {shown.decode('utf-8', 'replace')!r}"
+                bad = f"malformed {what} #{len(ts) + malformed}: {shown.decode('utf-8', 'replace')!r}"
             continue
         if type(obj) is not dict:
             malformed += 1
             if bad is None:
-                bad = f"malformed SSE event #{len(ts) + malformed}: not a JSON object"
+                bad = f"malformed {what} #{len(ts) + malformed}: not a JSON object"
             continue
         kind = on_event(obj, acc)
         if kind is None:
