@@ -447,6 +447,10 @@ def validate_scheduled_session(rec: Any, source: str = "<schedule>", line: int |
 # run header, responses and run footer (vk-send)
 
 
+# the APIs vk-send speaks (vk-send --api-style; vk.send.apis): the run header's api_style
+API_STYLES = ("openai", "azure", "anthropic", "bedrock", "vertex", "oci", "cohere")
+
+
 def new_run(
     run_id: str,
     start_epoch: float,
@@ -491,6 +495,9 @@ def validate_run(rec: Any, source: str = "<run>", line: int | None = None) -> di
     _str(ctx, rec, "api")
     _str(ctx, rec, "model", nullable=True)
     _str(ctx, rec, "endpoint")
+    style = _str(ctx, rec, "api_style", required=False)  # absent in runs before vk-send --api-style: openai
+    if style is not None and style not in API_STYLES:
+        ctx.fail("api_style", f"expected one of {', '.join(API_STYLES)}, got {style!r}")
     _bool(ctx, rec, "lagged")
     _obj(ctx, rec, "schedule")
     server = _obj(ctx, rec, "server")

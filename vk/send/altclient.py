@@ -42,11 +42,12 @@ class _Base:
     def release_pool(self, pool) -> None:
         pass
 
-    async def request(self, pool, ex: Exchange, xrid: str, body: bytes, first_byte_timeout, total_timeout):
+    async def request(self, pool, ex: Exchange, xrid: str, body: bytes, first_byte_timeout, total_timeout,
+                      extra_headers: dict | None = None):
         ex.attempts = 1
         loop = asyncio.get_running_loop()
         t0 = _mono()
-        task = loop.create_task(self._do(ex, xrid, body, first_byte_timeout))
+        task = loop.create_task(self._do(ex, xrid, body, first_byte_timeout, extra_headers))
         fired: list[str] = []
         handles = []
 
@@ -131,7 +132,7 @@ class AiohttpClient(_Base):
 
         self.session = None  # created inside the running loop
 
-    async def _do(self, ex: Exchange, xrid: str, body: bytes, fbt) -> None:
+    async def _do(self, ex: Exchange, xrid: str, body: bytes, fbt, extra_headers=None) -> None:
         if self.session is None:
             import aiohttp
 
@@ -142,6 +143,8 @@ class AiohttpClient(_Base):
             )
         h = dict(self.headers)
         h["X-Request-Id"] = xrid
+        if extra_headers:
+            h.update(extra_headers)
         kw = {}
         if self.ssl_context is not None:
             kw["ssl"] = self.ssl_context
@@ -180,9 +183,11 @@ class HttpxClient(_Base):
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
         )
 
-    async def _do(self, ex: Exchange, xrid: str, body: bytes, fbt) -> None:
+    async def _do(self, ex: Exchange, xrid: str, body: bytes, fbt, extra_headers=None) -> None:
         h = dict(self.headers)
         h["X-Request-Id"] = xrid
+        if extra_headers:
+            h.update(extra_headers)
         ext = {"sni_hostname": self.sni} if self.sni else None
         req = self.client.build_request("POST", self.url, content=body, headers=h, extensions=ext)
         ex.t_sent = _mono()

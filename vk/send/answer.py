@@ -65,7 +65,7 @@ def _media_type(ctype: str) -> str:
     return ctype.split(";", 1)[0].strip().lower()
 
 
-def interpret(ex, stream: bool, completions: bool, clock) -> dict:
+def interpret(ex, stream: bool, completions: bool, clock, adapter=None) -> dict:
     """The record's verdict on a finished exchange: status, error, warning, and the parsed stream/body."""
     status = STATUS_OK
     error = None
@@ -95,21 +95,23 @@ def interpret(ex, stream: bool, completions: bool, clock) -> dict:
     if derr:
         return fail(derr)
     ctype = _media_type(h.get("content-type", ""))
+    media = adapter.media_type if adapter is not None else "text/event-stream"
+    framing = adapter.framing_for(ctype) if adapter is not None else ("sse" if ctype == media else None)
     if stream:
-        if ctype != "text/event-stream":
+        if framing is None:
             body = _join(chunks)
-            msg = f"streamed request answered with Content-Type {ctype or 'none'!r}, not text/event-stream"
+            msg = f"streamed request answered with Content-Type {ctype or 'none'!r}, not {media}"
             if ctype.endswith("json") or body[:1] == b"{":
                 msg += f" ({error_body_text(body)[:200]}; the server may ignore stream: true: try --no-stream)"
             elif body:
                 msg += f": {body[:80].decode('utf-8', 'replace')!r}"
             return fail(msg)
-        parsed = parse_stream(chunks, clock, completions)
+        parsed = parse_stream(chunks, clock, completions, adapter, framing)
     else:
         body = _join(chunks)
         if not body and out["status"] != STATUS_OK:
             return out
-        pj = parse_json_body(body, completions)
+        pj = adapter.parse_body(body) if adapter is not None else parse_json_body(body, completions)
         t_last = chunks[-1][0] if chunks else ex.t_done
         tok = pj["kind"] in ("c", "r", "t")
         parsed = {

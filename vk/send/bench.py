@@ -310,6 +310,46 @@ def bench_scrape(tmp: str, quick: bool) -> list[dict]:
              "ok": None if quick else bool(b - a <= max(spread, 0.1))}]
 
 
+def bench_parse_styles(quick: bool) -> list[dict]:
+    """The one stream loop's cost per event for each framing (vk.send.apis): a 1,000-token answer parsed as the
+    OpenAI SSE stream, Anthropic's typed SSE events and Bedrock's binary event-stream frames (in-process)."""
+    from types import SimpleNamespace
+
+    from vk.send.apis import adapter_class
+    from vk.send.clock import RunClock
+    from vk.send.sse import parse_stream
+    from vk.serve.apis.bedrock import event_frame
+
+    n = 100 if quick else 1000
+    word = "whale"
+    streams = {
+        "openai": [b'data: {"id":"x","choices":[{"index":0,"delta":{"content":" %s"},"finish_reason":null}]}\n\n'
+                   % word.encode()] * n,
+        "anthropic": [b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                      b'"delta":{"type":"text_delta","text":" %s"}}\n\n' % word.encode()] * n,
+        "bedrock": [event_frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": " " + word}})] * n,
+    }
+    clock = RunClock()
+    clock.set_start(time.monotonic())
+    parts = []
+    for style, pieces in streams.items():
+        cls = adapter_class(style)
+        adapter = cls.__new__(cls)  # parsing needs no credentials or connection settings
+        adapter.cfg = SimpleNamespace(endpoint="chat", model="m", stream=True, continuous_usage=False)
+        if style == "openai":
+            adapter.completions = False
+        chunks = [(time.monotonic(), p) for p in pieces]
+        reps = 3 if quick else 20
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = parse_stream(chunks, clock, False, adapter)
+        per = (time.perf_counter() - t0) / reps / n
+        assert out["events"]["kind"].count("c") == n
+        parts.append(f"{style} {per * 1e6:.2f}")
+    return [{"figure": f"stream parsing per event, by framing ({n}-event answer, in-process)",
+             "value": ", ".join(parts) + " us", "target": "same order as openai", "ok": None}]
+
+
 def run(quick: bool = False) -> list[dict]:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vk-send-bench-") as tmp:
@@ -322,6 +362,7 @@ def run(quick: bool = False) -> list[dict]:
         rows += bench_scrape(tmp, quick)
         rows += bench_timestamps(tmp, quick)
         rows += bench_streams(tmp, quick)
+        rows += bench_parse_styles(quick)
     rows.append({"figure": "vk-send bench wall time", "value": f"{time.monotonic() - t0:.0f} s", "target": "",
                  "ok": None})
     return rows

@@ -11,6 +11,7 @@ import orjson
 from vk.cli import command, examples, main_wrapper
 from vk.errors import VkError
 from vk.jsonl import open_input, read_records, source_name
+from vk.records import API_STYLES
 from vk.send.inputs import first_due, peak_starts, read_input
 from vk.send.options import read_api_key_file, redact_argv
 from vk.send.run import (
@@ -31,6 +32,8 @@ EPILOG = examples(
     "vk-gen chat.yaml | vk-send --api http://127.0.0.1:8000/v1 --concurrency 8 -o run.jsonl",
     "vk-send sched.jsonl --api https://api.example.com/v1 --model my-model -H 'X-Team: bench' \\",
     "        --extra-body '{\"temperature\": 0}' --max-errors 0.2 -o run.jsonl",
+    "vk-send sched.jsonl --api https://api.anthropic.com --api-style anthropic --model claude-sonnet-4-5 \\",
+    "        -o anthropic.jsonl   # key from $ANTHROPIC_API_KEY",
 )
 
 
@@ -43,8 +46,12 @@ def _is_file(p: str) -> bool:
 @click.option("--api", required=True, metavar="URL", help="Base URL of the API, e.g. http://127.0.0.1:8000/v1.")
 @click.option("-o", "--output", default="-", metavar="FILE", show_default=True, help="Write records here.")
 @click.option("--model", default=None, help="Model name [default: first id from GET {api}/models].")
-@click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat", show_default=True,
-              help="chat: /chat/completions with messages; completions: /completions with a prompt.")
+@click.option("--api-style", type=click.Choice(API_STYLES),
+              default="openai", show_default=True,
+              help="The API's protocol (request, authentication, stream format); see man vk-send, API STYLES.")
+@click.option("--endpoint", type=click.Choice(["chat", "completions", "invoke"]), default="chat", show_default=True,
+              help="chat: /chat/completions with messages; completions: /completions with a prompt; invoke: "
+                   "Bedrock's InvokeModelWithResponseStream (--api-style bedrock).")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Stream the responses (SSE).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes, each with its own event loop [default: one per core].")
@@ -107,8 +114,8 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
                 extra_body, timeout, first_byte_timeout, max_errors, save_text, continuous_usage,
                 max_tokens_param, min_tokens_param, ignore_eos_param, client, http2, no_kernel_timestamps,
                 lag_threshold, progress, reassign_lost, idle_timeout, cacert, insecure, scrape, scrape_interval,
-                scrape_buckets, ray_address, workers_per_node):
-    """Run a schedule of sessions against an OpenAI-compatible API.
+                scrape_buckets, ray_address, workers_per_node, api_style):
+    """Run a schedule of sessions against an OpenAI-compatible API (or another: --api-style).
 
     Reads a schedule (a schedule header and scheduled sessions, from vk-schedule) or plain sessions (from
     vk-gen) from SCHEDULE files or stdin, and writes a run header, one response record per request and a run_end
@@ -170,7 +177,7 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
         lag_threshold=lag_threshold, concurrency=concurrency, validate=validate,
         source=source_name(paths[0]), reassign_lost=reassign_lost, total_sessions=total, peak_sessions=peak,
         scrape=scrape, scrape_interval=scrape_interval, scrape_buckets=scrape_buckets,
-        ray=ray_address, workers_per_node=workers_per_node,
+        ray=ray_address, workers_per_node=workers_per_node, api_style=api_style,
     )
     code = EXIT_STATUS.get(end["ended"], 0)
     if end["ended"] in ("max_errors", "unreachable"):

@@ -22,11 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from vk import __version__
 from vk.records import STATUS_CANCELLED, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, new_response
 from vk.send.answer import interpret
+from vk.send.apis import adapter_for
 from vk.send.clock import Deadlines, RunClock
 from vk.send.rawhttp import Exchange, RawClient
 from vk.send.tls import make_context, sni_host
@@ -80,6 +79,7 @@ class Config:
     duration: float | None = None
     worker: int = 0
     workers: int = 1
+    api_style: str = "openai"  # vk.send.apis: how requests are built and answers read
 
 
 class _Sess:
@@ -139,25 +139,16 @@ class Engine:
         self.sessions_not_started = 0
         self.inflight = 0
         self.duration_reached = False
-        self.completions = cfg.endpoint == "completions"
+        self.completions = cfg.endpoint == "completions"  # (invoke: Bedrock's other operation, chat messages)
+        self.adapter = adapter_for(cfg)
         self.client = self._make_client()
         self.run_short = cfg.run_id.replace("-", "")[:8]
         self._wake_stop = loop.create_future()
         self._idle: asyncio.Future | None = None  # set once the input ended and no session is active
-        base = {"model": cfg.model} if cfg.model else {}
-        if cfg.stream:
-            base["stream"] = True
-            so = {"include_usage": True}
-            if cfg.continuous_usage:
-                so["continuous_usage_stats"] = True
-            base["stream_options"] = so
-        else:
-            base["stream"] = False
-        self.base_body = base
 
     # ---------------------------------------------------------------------------------------------------------
     def _http_headers(self) -> dict[str, str]:
-        return http_headers(self.cfg)
+        return http_headers(self.cfg, self.adapter)
 
     def _make_client(self):
         cfg = self.cfg
@@ -389,27 +380,7 @@ class Engine:
         return (s.conv.get(h, []) + new) if h else new
 
     def _body(self, r: dict, content) -> bytes:
-        cfg = self.cfg
-        body = dict(self.base_body)
-        if self.completions:
-            body["prompt"] = content
-        else:
-            body["messages"] = content
-        target = r.get("output_tokens")
-        oc = r.get("output_control", "exact")
-        if target is not None and oc != "none":
-            if cfg.max_tokens_param:
-                body[cfg.max_tokens_param] = target
-            if oc == "exact" and cfg.min_tokens_param:
-                body[cfg.min_tokens_param] = target
-            elif oc == "ignore_eos" and cfg.ignore_eos_param:
-                body[cfg.ignore_eos_param] = True
-        if cfg.extra_body:
-            body.update(cfg.extra_body)
-        params = r.get("params")
-        if params:
-            body.update(params)
-        return orjson.dumps(body)
+        return self.adapter.body(r, content)
 
     async def _request(self, s: _Sess, r: dict, t_intended: float) -> None:
         try:
@@ -434,15 +405,19 @@ class Engine:
         content = self._conversation(s, r)
         body = self._body(r, content)
         xrid = f"vk-{self.run_short}-{s.index}-{s.pos[rid]}"
+        signed = self.adapter.sign(body)  # a signature or fresh token for this body (most styles: none)
         ex = Exchange()
         self.inflight += 1
         cfg = self.cfg
         try:
             if isinstance(self.client, RawClient):
-                head = self._head_prefix + f"X-Request-Id: {xrid}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                await self.client.request(s.pool, ex, head, body, cfg.first_byte_timeout, cfg.timeout)
+                head = self._head_prefix + f"X-Request-Id: {xrid}\r\nContent-Length: {len(body)}\r\n".encode()
+                if signed:
+                    head += "".join(f"{k}: {v}\r\n" for k, v in signed.items()).encode("latin-1")
+                await self.client.request(s.pool, ex, head + b"\r\n", body, cfg.first_byte_timeout, cfg.timeout)
             else:
-                await self.client.request(s.pool, ex, xrid, body, cfg.first_byte_timeout, cfg.timeout)
+                await self.client.request(s.pool, ex, xrid, body, cfg.first_byte_timeout, cfg.timeout,
+                                          extra_headers=signed)
         except asyncio.CancelledError:
             ex.fail(STATUS_CANCELLED, "cancelled: the run was stopped while the request was in flight")
             if ex.t_done is None:
@@ -476,7 +451,7 @@ class Engine:
 
     def _finish_record(self, s: _Sess, r: dict, ex: Exchange, t_intended, t_dispatched, xrid) -> tuple[str, str]:
         mono0 = self.clock.mono0
-        verdict = interpret(ex, self.cfg.stream, self.completions, self.clock)
+        verdict = interpret(ex, self.cfg.stream, self.completions, self.clock, self.adapter)
         status = verdict["status"]
         error = verdict["error"]
         parsed = verdict["parsed"]
@@ -538,15 +513,16 @@ def client_label(cfg: Config) -> str:
     return cfg.client
 
 
-def http_headers(cfg: Config) -> dict[str, str]:
-    """The request headers: defaults, then the user's (-H) replacing any default of the same name, whatever its
-    case (a user ``Host`` replaces the URL's host; ``Accept-Encoding: gzip`` replaces ``identity``)."""
+def http_headers(cfg: Config, adapter=None) -> dict[str, str]:
+    """The request headers: defaults, the API style's (authentication, version), then the user's (-H) replacing
+    any of the same name, whatever its case (a user ``Host`` replaces the URL's host; ``Accept-Encoding: gzip``
+    replaces ``identity``)."""
+    adapter = adapter or adapter_for(cfg)
     h = {"Content-Type": "application/json", "User-Agent": f"vk-send/{__version__}",
          "Accept-Encoding": "identity"}
     if cfg.stream:
-        h["Accept"] = "text/event-stream"
-    if cfg.api_key:
-        h["Authorization"] = f"Bearer {cfg.api_key}"
+        h["Accept"] = adapter.media_type
+    h.update(adapter.headers())
     canon = {k.lower(): k for k in h}
     for k, v in cfg.headers:
         old = canon.get(k.lower())

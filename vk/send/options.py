@@ -105,9 +105,13 @@ def redact_argv(argv: list[str], secrets: Iterable[str | None] = ()) -> list[str
     return out
 
 
-def api_key_from_env() -> str | None:
-    """The API key from the environment: $VK_API_KEY, else $OPENAI_API_KEY."""
-    return os.environ.get("VK_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+def api_key_from_env(names: tuple[str, ...] = ("OPENAI_API_KEY",)) -> str | None:
+    """The API key from the environment: $VK_API_KEY, else the API style's own variables (``names``; the
+    OpenAI style's: $OPENAI_API_KEY)."""
+    for name in ("VK_API_KEY", *names):
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
 
 
 def read_api_key_file(path: str) -> str:
@@ -189,9 +193,9 @@ def api_parts(api: str, endpoint: str) -> tuple[str, str, int, str, str]:
         raise VkError(f"--api: bad port in {redact_url(api)!r} (expected 1 to 65535)")
     port = port or (443 if u.scheme == "https" else 80)
     base = u.path.rstrip("/")
-    if endpoint not in ("chat", "completions"):
+    if endpoint not in ("chat", "completions", "invoke"):  # invoke: --api-style bedrock only (vk.send.apis)
         raise VkError(f"--endpoint: expected chat or completions, got {endpoint!r}")
-    path = base + ("/chat/completions" if endpoint == "chat" else "/completions")
+    path = base + ("/completions" if endpoint == "completions" else "/chat/completions")
     if u.query:  # e.g. Azure OpenAI's ?api-version=...
         path += "?" + u.query
     return u.scheme, u.hostname, port, path, base

@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -24,6 +25,7 @@ from vk import __version__
 from vk import records as vkrecords
 from vk.errors import VkError
 from vk.jsonl import Writer, dumps
+from vk.send.apis import adapter_class
 from vk.send.clock import RunClock
 from vk.send.collector import Collector, rewrite_lagged, round_lag, set_reason, tell
 from vk.send.engine import Config, client_label
@@ -104,6 +106,7 @@ def send(
     stop: threading.Event | None = None,
     ray: str | None = None,
     workers_per_node: int | None = None,
+    api_style: str = "openai",
 ) -> dict:
     """Run the sessions of ``records`` against ``api``; write run, response... and run_end records.
 
@@ -122,17 +125,30 @@ def send(
     another thread ends the run as a signal would (requests in flight cancelled), with ``ended: "stopped"``.
     ``ray`` (``auto``, ``HOST:PORT`` or ``ray://HOST:10001``) runs the workers on that Ray cluster,
     ``workers_per_node`` on each node [default: its CPUs] (vk.send.ray_pool); a process already connected to Ray
-    runs on that connection's cluster.
+    runs on that connection's cluster. ``api_style`` (vk.send.apis): the API's protocol, openai by default.
     """
+    style = adapter_class(api_style, endpoint)
     if api_key is None:
-        api_key = api_key_from_env()
+        api_key = api_key_from_env(style.env_keys)
     hdrs = parse_headers(headers)
     me = parse_max_errors(max_errors)
     check_seconds("--timeout", timeout)
     check_seconds("--first-byte-timeout", first_byte_timeout)
     check_seconds("--idle-timeout", idle_timeout)
     check_seconds("--lag-threshold", lag_threshold)
+    if endpoint == "invoke" and api_style != "bedrock":
+        raise VkError("--endpoint invoke: only with --api-style bedrock (InvokeModelWithResponseStream)")
     scheme, host, port, path, _base = api_parts(api, endpoint)
+    if api_style != "openai":
+        if not stream and style.streams_only:
+            raise VkError(f"--no-stream: not with --api-style {api_style} (streamed answers only)")
+        if endpoint != "chat" and endpoint not in style.endpoints:
+            raise VkError(f"--endpoint {endpoint}: not with --api-style {api_style}")
+        path = style.request_path(_base, urllib.parse.urlsplit(api).query, model, endpoint, stream)
+        if not style.exact_length and not quiet:
+            print(f"vk-send: --api-style {api_style}: the API has no minimum output length, so a request's "
+                  "output_tokens is sent as the maximum only (outputs may be shorter; ignore_eos is not available)",
+                  file=sys.stderr)
     if client not in ("raw", "aiohttp", "httpx"):
         raise VkError(f"--client: expected raw, aiohttp or httpx, got {client!r}")
     if ray is not None:
@@ -178,7 +194,12 @@ def send(
     from vk.send.tls import make_context
 
     probe_tls = make_context(cacert, insecure, alpn=None) if scheme == "https" else None
-    if model is None:
+    if model is None and not style.model_lookup:
+        raise VkError(f"--model: required with --api-style {api_style}")
+    style.preflight(api_key)
+    if not style.model_lookup:
+        pass  # no GET {api}/models on this API: its requests' records say what fails
+    elif model is None:
         model = resolve_model(api, api_key, hdrs, ssl_context=probe_tls)
     else:
         probe.probe(api, api_key, hdrs, ssl_context=probe_tls, quiet=quiet)
@@ -193,7 +214,7 @@ def send(
         client=client, http2=http2, kernel_timestamps=kernel_timestamps, mode=mode, concurrency=conc,
         ramp_up=float((header or {}).get("ramp_up") or 0.0),
         rate_limit=(header or {}).get("rate_limit"), duration=(header or {}).get("duration"),
-        workers=workers,
+        workers=workers, api_style=api_style,
     )
 
     own_writer = not isinstance(output, Writer)
@@ -254,7 +275,7 @@ def _run(cfg: Config, header, stream_in, writer: Writer, workers: int, argv, max
     run_rec = vkrecords.new_run(
         cfg.run_id, round(clock.epoch0, 6), api=redact_url(cfg.api), model=cfg.model, endpoint=cfg.endpoint,
         vk_version=__version__, host=socket.gethostname(), argv=redact_argv(list(argv or []), [cfg.api_key]), schedule=header,
-        workers=workers, client=client_label(cfg), http2=cfg.http2, tls=cfg.scheme == "https", stream=cfg.stream,
+        workers=workers, api_style=cfg.api_style, client=client_label(cfg), http2=cfg.http2, tls=cfg.scheme == "https", stream=cfg.stream,
         lag_threshold=lag_threshold, open_files_limit=nofile,
         **({"server": server} if server else {}), **(run_fields or {}),
         **(pool.header_fields() if pool is not None else {}),

@@ -7,10 +7,15 @@ its terminating blank line.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import orjson
 
 from vk.records import EVENT_CONTENT, EVENT_EMPTY, EVENT_REASONING, EVENT_TOOL
+from vk.send.apis.base import Acc
+from vk.send.apis.openai import Adapter as OpenAIAdapter
+from vk.send.apis.openai import openai_usage
 
 BOM = b"\xef\xbb\xbf"
 
@@ -61,16 +66,14 @@ def _data_of(block: bytes):
     return b"\n".join(out)
 
 
-def _usage(u: dict) -> dict:
-    out = {"prompt_tokens": u.get("prompt_tokens"), "completion_tokens": u.get("completion_tokens")}
-    ptd = u.get("prompt_tokens_details") or {}
-    ctd = u.get("completion_tokens_details") or {}
-    out["cached_tokens"] = ptd.get("cached_tokens") if isinstance(ptd, dict) else None
-    out["reasoning_tokens"] = ctd.get("reasoning_tokens") if isinstance(ctd, dict) else None
-    for k, v in list(out.items()):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            out[k] = None
-    return out
+_usage = openai_usage
+
+
+def _plain_openai(completions: bool):
+    """The OpenAI adapter with default settings (for parsing only)."""
+    cfg = SimpleNamespace(endpoint="completions" if completions else "chat", model=None, stream=True,
+                          continuous_usage=False)
+    return OpenAIAdapter(cfg)
 
 
 def _split(chunks):
@@ -92,90 +95,73 @@ def _split(chunks):
     return out
 
 
-def parse_stream(chunks, clock, completions: bool) -> dict:
-    """Parse an SSE body. Returns a dict with events, usage, finish_reason, text, server id, times (raw
+def frames_of(chunks, framing: str):
+    """``[(t, payload)]`` of a body in ``framing`` (``sse``; ``eventstream``: AWS's binary frames; ``jsonarray``:
+    Gemini's streamed JSON array), each with the receive time of the read that completed it: the one framing
+    layer every API style shares."""
+    if framing == "eventstream":
+        from vk.send.apis.eventstream import frames
+
+        return frames(chunks)
+    if framing == "jsonarray":
+        from vk.send.apis.jsonarray import frames
+
+        return frames(chunks)
+    return _split(chunks)
+
+
+def parse_stream(chunks, clock, completions: bool, adapter=None, framing: str | None = None) -> dict:
+    """Parse a streamed body. Returns a dict with events, usage, finish_reason, text, server id, times (raw
     monotonic), ``error`` when the stream itself reported one, and ``malformed`` naming the first of its malformed
-    events (skipped; ``vk.send.answer`` decides what that means for the record)."""
-    loads = orjson.loads
-    JSONDecodeError = orjson.JSONDecodeError
+    events (skipped; ``vk.send.answer`` decides what that means for the record). ``adapter`` (vk.send.apis, the
+    OpenAI one by default) maps each decoded event to vk's event kinds."""
+    if adapter is None:
+        adapter = _plain_openai(completions)
+    decode = adapter.decode
+    on_event = adapter.event
+    is_done = adapter.done_marker
+    acc = Acc()
     ts: list[float] = []
     kinds: list[str] = []
     tokens: list = []
     server_t: list = []
     has_tokens = False
     has_server_t = False
-    text_parts: list[str] = []
-    reasoning_parts: list[str] = []  # kept for --save-text
-    usage = None
-    finish = None
-    server_id = None
-    error = None
     bad = None
-    done = False
     malformed = 0
-    prev_ct = 0
     t_first_token = t_first_content = t_last_token = None
     wall_off = clock.wall_off + clock.mono0
-    for t, data in _split(chunks):
-        if data == b"[DONE]":
-            done = True
+    framing = framing or adapter.framing
+    what = "SSE event" if framing == "sse" else {"eventstream": "event-stream frame"}.get(framing, "JSON array object")
+    for t, data in frames_of(chunks, framing):
+        if isinstance(data, Exception):  # the framing itself broke (a checksum): nothing after it can be read
+            acc.error = str(data)
+            break
+        if is_done(data):
+            acc.done = True
             continue
         try:
-            obj = loads(data)
-        except JSONDecodeError:
+            obj = decode(data)
+        except ValueError:
             malformed += 1
             if bad is None:
-                bad = f"malformed SSE event #{len(ts) + malformed}: {data[:80].decode('utf-8', 'replace')!r}"
+                shown = data[:80] if isinstance(data, bytes) else repr(data)[:80].encode()
+                bad = f"malformed {what} #{len(ts) + malformed}: {shown.decode('utf-8', 'replace')!r}"
             continue
         if type(obj) is not dict:
             malformed += 1
             if bad is None:
-                bad = f"malformed SSE event #{len(ts) + malformed}: not a JSON object"
+                bad = f"malformed {what} #{len(ts) + malformed}: not a JSON object"
             continue
-        choices = obj.get("choices")
-        if choices is None and "error" in obj:
-            err = obj["error"]
-            msg = err.get("message") if isinstance(err, dict) else err
-            error = f"server error in stream: {str(msg)[:300]}"
+        kind = on_event(obj, acc)
+        if kind is None:
+            acc.ntok = None
             continue
-        if server_id is None:
-            server_id = obj.get("id")
-        kind = "e"
-        if choices:
-            ch = choices[0] if type(choices) is list else None
-            if type(ch) is dict:
-                if completions:
-                    txt = ch.get("text")
-                    if txt:
-                        kind = "c"
-                        text_parts.append(str(txt))
-                else:
-                    delta = ch.get("delta") or ch.get("message")
-                    if type(delta) is dict:
-                        txt = delta.get("content")
-                        if txt:
-                            kind = "c"
-                            text_parts.append(txt if type(txt) is str else str(txt))
-                        elif rsn := delta.get("reasoning_content") or delta.get("reasoning"):
-                            kind = "r"
-                            reasoning_parts.append(rsn if type(rsn) is str else str(rsn))
-                        elif delta.get("tool_calls"):
-                            kind = "t"
-                fr = ch.get("finish_reason")
-                if fr:
-                    finish = fr
-        else:
-            kind = "u"
-        u = obj.get("usage")
-        ntok = None
-        if type(u) is dict:
-            usage = u
-            ct = u.get("completion_tokens")
-            if type(ct) is int:
-                ntok = ct - prev_ct
-                prev_ct = ct
-                if kind != "u":
-                    has_tokens = True
+        ntok = acc.ntok
+        if ntok is not None:
+            acc.ntok = None
+            if kind != "u":
+                has_tokens = True
         st = obj.get("vk_server_time")
         if type(st) is float or type(st) is int:
             has_server_t = True
@@ -200,14 +186,14 @@ def parse_stream(chunks, clock, completions: bool) -> dict:
             else round_times(server_t, 0.0)
     return {
         "events": events,
-        "usage": _usage(usage) if isinstance(usage, dict) else None,
-        "finish_reason": finish,
-        "text": "".join(text_parts),
-        "reasoning_text": "".join(reasoning_parts),
-        "server_id": server_id,
-        "error": error,
+        "usage": adapter.usage(acc),
+        "finish_reason": acc.finish,
+        "text": "".join(acc.text),
+        "reasoning_text": "".join(acc.reasoning),
+        "server_id": acc.server_id,
+        "error": acc.error,
         "malformed": None if bad is None else (bad if malformed == 1 else f"{bad} (and {malformed - 1} more)"),
-        "done": done,
+        "done": acc.done,
         "t_first_token": t_first_token,
         "t_first_content": t_first_content,
         "t_last_token": t_last_token,
@@ -251,7 +237,7 @@ def parse_json_body(body: bytes, completions: bool) -> dict:
                 out["reasoning_text"] = str(msg.get("reasoning_content") or msg.get("reasoning") or "")
                 if out["text"]:
                     out["kind"] = EVENT_CONTENT
-                elif out["reasoning_text"]:
+                elif msg.get("reasoning_content") or msg.get("reasoning"):
                     out["kind"] = EVENT_REASONING
                 elif msg.get("tool_calls"):
                     out["kind"] = EVENT_TOOL

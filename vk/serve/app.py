@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 
 from vk import __version__
+from vk.serve.apis import STYLE_MARK, protocol_for
 from vk.serve.chat import chat_renderer, no_template_note
 from vk.serve.connection import Conn, HTTPError, error_body
 from vk.serve.engine import FixedLatency, Seq, Stats
@@ -78,6 +79,7 @@ class Options:
     reasoning_tokens: int = 0  # chat outputs start with this many reasoning tokens (delta.reasoning_content)
     max_body_bytes: int = 32 * 1024 * 1024  # larger request bodies get 413
     idle_timeout: float = 5.0  # seconds a connection may wait between requests or inside one (uvicorn's, for vLLM)
+    api_style: str = "openai"  # also speak this provider's API (vk.serve.apis)
     extra: dict = field(default_factory=dict)
 
 
@@ -125,6 +127,7 @@ class App:
             self.loop.call_later(min(1.0, opts.idle_timeout / 2), self._close_idle)
         self.drain_scheduled = False
         self.sched.on_step = self._after_step
+        self.protocol = protocol_for(opts.api_style, self)
 
     # -- intake: request handling yields to the engine's step timers ----------------------------------------
     def enqueue(self, conn: Conn) -> None:
@@ -182,10 +185,16 @@ class App:
 
     # -- routing ----------------------------------------------------------------------------------------------
     def handle(self, conn: Conn, method: str, path: str, headers: dict, body: bytes) -> None:
+        target = path
         path = path.split("?", 1)[0]
         if len(path) > 1:
             path = path.rstrip("/")
         try:
+            if self.protocol is not None and self.protocol.match(method, path):  # --api-style: its own route
+                if method != "POST":
+                    raise HTTPError(405, "Method Not Allowed")
+                self.completion(conn, True, headers, self.protocol.translate(method, target, headers, body))
+                return
             if path in ("/v1/chat/completions", "/v1/completions"):
                 if method != "POST":
                     raise HTTPError(405, "Method Not Allowed")
@@ -362,7 +371,7 @@ class App:
             self.stats.count_response(code)
             conn.respond(code, error_body(code, msg, typ), extra=b"x-request-id: %s\r\n" % xrid.encode())
             return None
-        sink_cls = StreamSink if stream else FullSink
+        sink_cls = self.protocol.sink_class(stream) if req.get(STYLE_MARK) else StreamSink if stream else FullSink
         sink = sink_cls(self, conn, chat, rid, xrid, so, req)
         seq = Seq(rid, prompt_ids, out_ids, reason, sink, plen)
         seq.t_arrival = t_recv

@@ -8,6 +8,7 @@ import click
 
 from vk.cli import command, examples, main_wrapper
 from vk.errors import VkError
+from vk.records import API_STYLES
 
 
 def _prob(ctx, param, value):
@@ -85,11 +86,14 @@ def _profiles_help() -> str:
 @click.option("--idle-timeout", type=float, default=5.0, show_default=True,
               help="Close a connection that sent nothing for this many seconds while no response is in progress "
               "(uvicorn's keep-alive timeout, as vLLM runs it; 0: never).")
+@click.option("--api-style", type=click.Choice(API_STYLES),
+              default="openai", show_default=True,
+              help="Also speak this provider's API on its own route (see man vk-serve, API STYLES).")
 def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles, max_num_seqs,
                 max_num_batched_tokens, num_blocks, block_size, max_model_len, no_prefix_caching, t_fixed,
                 t_weights, t_token, t_kv, speed, stop_mean, stop_sigma, seed, server_timestamps, fault_429,
                 fault_500, fault_503, fault_stall, stall_seconds, fault_disconnect, fault_malformed, fault_seed,
-                log_requests, tls_cert, tls_key, reasoning_tokens, max_body_bytes, idle_timeout):
+                log_requests, tls_cert, tls_key, reasoning_tokens, max_body_bytes, idle_timeout, api_style):
     """Serve a simulated LLM with vLLM's OpenAI-compatible API.
 
     Without --ttft/--tpot the engine model runs: continuous batching, chunked prefill, a paged KV cache with
@@ -137,7 +141,7 @@ def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles
               fault_500=fault_500, fault_503=fault_503, fault_stall=fault_stall, stall_seconds=stall_seconds,
               fault_disconnect=fault_disconnect, fault_malformed=fault_malformed, fault_seed=fault_seed,
               log_requests=log_requests, tls_cert=tls_cert, tls_key=tls_key, reasoning_tokens=reasoning_tokens,
-              max_body_bytes=max_body_bytes, idle_timeout=idle_timeout)
+              max_body_bytes=max_body_bytes, idle_timeout=idle_timeout, api_style=api_style)
     except OSError as e:
         raise VkError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
