@@ -93,6 +93,8 @@ def steady_pace(times: list[float], step: float) -> float:
 # machine at load average 10, 2026-12-01: about twice a quiet machine's).
 SLOW_FIRST = (
     "tests/test_sweep.py::test_search_agrees_with_a_dense_grid_on_the_engine_model",  # 106 s
+    "tests/test_tokenizer_families.py::test_templated_lengths_are_exact_under_real_chat_templates",  # up to 47 s
+    "tests/test_tokenizer_families.py::test_every_trace_flavor_is_exact",  # 7 cases, 9-21 s each
     "tests/test_send_faults.py::test_kill_one_worker_is_noticed_recorded_and_counted",  # 47 + 9 s
     "tests/test_sweep.py::test_grid_resume_rescore_and_overlay",  # 42 s
     "tests/test_eval.py::test_plots_and_report",  # 34 s
