@@ -21,7 +21,7 @@ from vk.gen.distributions import ConfigError
 # so that such a config can be given to vk-gen unchanged (vk-gen reports them in `ignored`).
 FOREIGN_SECTIONS = ("client", "traffic_scheduler", "runtime", "output_dir", "server", "evaluators", "evaluator",
                     "trace_recorder", "metrics", "slos", "wandb", "name", "description")
-TOP_KEYS = ("seed", "count", "tokenizer", "session_generator")
+TOP_KEYS = ("seed", "count", "tokenizer", "session_generator", "scenarios")
 
 # --set shorthands (first path segments) and what they stand for
 ALIASES = {
@@ -32,6 +32,7 @@ ALIASES = {
     "graph": "session_generator.session_graph",
     "channel": "session_generator.channels.0",
     "prefix_groups": "session_generator.channels.0.prefix_groups",
+    "task": "session_generator.task",
 }
 
 DEFAULT_BODY = {"type": "fixed", "value": 512}
@@ -50,7 +51,7 @@ DEFAULTS = {
 }
 
 SESSION_GENERATOR_KEYS = ("type", "session_graph", "channels", "output_spec", "inherit_history",
-                          "think_time_generator", "request_params", "trace_file", "flavor", "wrap_mode")
+                          "think_time_generator", "request_params", "trace_file", "flavor", "wrap_mode", "task")
 
 
 class Config:

@@ -1,0 +1,107 @@
+"""vk-gen's ``session_generator.task`` section: requests for tasks other than chat.
+
+    task:
+      type: embeddings        # chat (default) | embeddings | rerank | vision
+      documents: 8            # embeddings, rerank: documents per request (a length generator; default 1)
+      document_length: 512    # embeddings, rerank: tokens per document (a length generator; default 512)
+      query_length: 64        # rerank: tokens of the query (a length generator; default 64)
+      endpoint: rerank        # embeddings, rerank: the path the request goes to (default: embeddings, rerank;
+                              # relative to vk-send --api's base, or absolute from the server root: /v2/rerank)
+      image_width: 512        # vision: image size in pixels (length generators; default 512 x 512)
+      image_height: 512
+      images: 1               # vision: images per request (a length generator; default 1)
+
+Embeddings and rerank requests carry their texts (``documents``, ``query``) with exact token counts under the
+tokenizer; vision requests are chat requests whose user message has the text first and then ``images``
+``image_url`` parts (PNG data URLs of synthetic images, the same for the same seed).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+
+TASK_TYPES = ("chat", "embeddings", "rerank", "vision")
+TASK_KEYS = ("type", "documents", "document_length", "query_length", "endpoint", "image_width", "image_height",
+             "images")
+DEFAULT_ENDPOINT = {"embeddings": "embeddings", "rerank": "rerank"}
+
+
+class TaskSpec:
+    """The validated task section of a workload."""
+
+    def __init__(self, sec):
+        self.type = sec.choice("type", TASK_TYPES, "chat")
+        allowed = {"chat": ("type",), "embeddings": ("type", "documents", "document_length", "endpoint"),
+                   "rerank": ("type", "documents", "document_length", "query_length", "endpoint"),
+                   "vision": ("type", "image_width", "image_height", "images")}[self.type]
+        for k in sec.data or {}:
+            if k not in allowed:
+                raise sec.cfg.error(sec.key(k), f"not a setting of task type '{self.type}' "
+                                                f"(expected: {', '.join(allowed)})")
+        if self.type in ("embeddings", "rerank"):
+            self.documents = sec.length("documents", 1)
+            self.document_length = sec.length("document_length", 512)
+            ep = sec.get("endpoint", DEFAULT_ENDPOINT[self.type])
+            if not isinstance(ep, str) or not ep.strip() or any(c in ep for c in " \r\n?#"):
+                raise sec.cfg.error(sec.key("endpoint"), f"expected a URL path like rerank or /v2/rerank, got {ep!r}")
+            self.endpoint = ep
+        if self.type == "rerank":
+            self.query_length = sec.length("query_length", 64)
+        if self.type == "vision":
+            self.width = sec.length("image_width", 512)
+            self.height = sec.length("image_height", 512)
+            self.images = sec.length("images", 1)
+
+    def text_request(self, text, rng, rng_content) -> dict:
+        """The fields of an embeddings or rerank request (documents, query, their targets)."""
+        n = self.documents.sample(rng)
+        d = self.document_length.sample(rng)
+        docs = [text.start(d, rng_content) for _ in range(n)]
+        fields = {"task": self.type, "documents": docs, "document_tokens": d}
+        total = n * d
+        if self.type == "rerank":
+            q = self.query_length.sample(rng)
+            fields["query"] = text.start(q, rng_content)
+            fields["query_tokens"] = q
+            total += q
+        if self.endpoint != DEFAULT_ENDPOINT[self.type]:
+            fields["endpoint"] = self.endpoint
+        fields["input_tokens"] = total
+        return fields
+
+    def image_parts(self, rng) -> tuple[list[dict], list[list[int]]]:
+        """``image_url`` content parts for one request, and their sizes [[w, h], ...]."""
+        n = self.images.sample(rng)
+        parts, sizes = [], []
+        for _ in range(n):
+            w, h = self.width.sample(rng), self.height.sample(rng)
+            parts.append({"type": "image_url", "image_url": {"url": png_data_url(w, h, rng)}})
+            sizes.append([w, h])
+        return parts, sizes
+
+
+MAX_PIXELS = 8192 * 8192
+
+
+def png_data_url(width: int, height: int, rng: np.random.Generator) -> str:
+    """A ``data:image/png;base64,...`` URL of a synthetic width x height picture: a colour gradient with a
+    random tint (cheap to make, compresses like a photo's smooth areas, never the same for two images)."""
+    from PIL import Image
+
+    if width * height > MAX_PIXELS:
+        from vk.errors import VkError
+
+        raise VkError(f"task: an image of {width} x {height} pixels is above the ceiling of {MAX_PIXELS:,} pixels")
+    tint = rng.integers(0, 256, size=3)
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    img[..., 0] = ((x + tint[0]) % 256).astype(np.uint8)
+    img[..., 1] = ((y + tint[1]) % 256).astype(np.uint8)
+    img[..., 2] = (((x + y) / 2 + tint[2]) % 256).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
