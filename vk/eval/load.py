@@ -52,6 +52,8 @@ RESPONSE_COLUMNS: dict[str, str] = {
     "target_output_tokens": "BIGINT",
     "prefix_tokens": "BIGINT",
     "target_prefix_tokens": "BIGINT",
+    "task": "VARCHAR",  # embeddings, rerank: vk.eval.tasks
+    "document_count": "BIGINT",
     # run header and run_end fields (few lines; JSON keeps them as they are)
     "start_epoch": "DOUBLE",
     "api": "VARCHAR",

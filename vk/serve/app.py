@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 
 from vk import __version__
+from vk.serve import tasks
 from vk.serve.chat import chat_renderer, no_template_note
 from vk.serve.connection import Conn, HTTPError, error_body
 from vk.serve.engine import FixedLatency, Seq, Stats
@@ -78,6 +79,8 @@ class Options:
     reasoning_tokens: int = 0  # chat outputs start with this many reasoning tokens (delta.reasoning_content)
     max_body_bytes: int = 32 * 1024 * 1024  # larger request bodies get 413
     idle_timeout: float = 5.0  # seconds a connection may wait between requests or inside one (uvicorn's, for vLLM)
+    encoder_fixed: float = 0.002  # embeddings/rerank: seconds per request, plus encoder_token per token (tasks.py)
+    encoder_token: float = 0.00002
     extra: dict = field(default_factory=dict)
 
 
@@ -125,6 +128,7 @@ class App:
             self.loop.call_later(min(1.0, opts.idle_timeout / 2), self._close_idle)
         self.drain_scheduled = False
         self.sched.on_step = self._after_step
+        self.encoder = tasks.Encoder(opts.encoder_fixed, opts.encoder_token)
 
     # -- intake: request handling yields to the engine's step timers ----------------------------------------
     def enqueue(self, conn: Conn) -> None:
@@ -190,6 +194,9 @@ class App:
                 if method != "POST":
                     raise HTTPError(405, "Method Not Allowed")
                 self.completion(conn, path == "/v1/chat/completions", headers, body)
+                return
+            if path in tasks.PATHS:  # embeddings and rerank: the encoder's cost model
+                tasks.handle(self, conn, method, path, body)
                 return
             if method not in ("GET", "HEAD"):
                 if path in ("/health", "/v1/models", "/metrics", "/version", "/ping"):
@@ -270,6 +277,8 @@ class App:
         """Fixed-latency mode starts a request before its prompt is counted when nothing it sends before the end
         depends on the count: an explicit max_tokens that fits beside any prompt of ``bound`` tokens, and no usage
         in every chunk. (Its usage waits for the count, if the count comes after the last token.)"""
+        if tasks.IMAGE_KEY in req:  # the images' tokens join the count: wait for it
+            return False
         max_tokens = req.get("max_completion_tokens") if chat else None
         if max_tokens is None:
             max_tokens = req.get("max_tokens", None if chat else 16)
@@ -302,6 +311,11 @@ class App:
                t_recv: float) -> Seq | None:
         """Validate the rest of a request whose prompt is known (``plen`` None: not counted yet, see
         :meth:`_starts_uncounted`) and start it; the Seq, or None when it was answered at once (fault)."""
+        images = req.pop(tasks.IMAGE_KEY, None)
+        if images:  # vision: the images' tokens follow the text's (counted from their sizes)
+            plen = None if plen is None else plen + sum(n for n, _ in images)
+            if prompt_ids is not None:
+                prompt_ids = list(prompt_ids) + tasks.image_ids(images, self.word_ids)
         stream = req.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
             raise HTTPError(400, "'stream' must be a boolean", param="stream")

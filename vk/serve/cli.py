@@ -85,11 +85,16 @@ def _profiles_help() -> str:
 @click.option("--idle-timeout", type=float, default=5.0, show_default=True,
               help="Close a connection that sent nothing for this many seconds while no response is in progress "
               "(uvicorn's keep-alive timeout, as vLLM runs it; 0: never).")
+@click.option("--encoder-fixed", type=float, default=0.002, show_default=True, metavar="S",
+              help="Embeddings and rerank: seconds per request on the one encoder, plus --encoder-token per token.")
+@click.option("--encoder-token", type=float, default=0.00002, show_default=True, metavar="S",
+              help="Embeddings and rerank: seconds per input token (rerank: per query+document pair token).")
 def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles, max_num_seqs,
                 max_num_batched_tokens, num_blocks, block_size, max_model_len, no_prefix_caching, t_fixed,
                 t_weights, t_token, t_kv, speed, stop_mean, stop_sigma, seed, server_timestamps, fault_429,
                 fault_500, fault_503, fault_stall, stall_seconds, fault_disconnect, fault_malformed, fault_seed,
-                log_requests, tls_cert, tls_key, reasoning_tokens, max_body_bytes, idle_timeout):
+                log_requests, tls_cert, tls_key, reasoning_tokens, max_body_bytes, idle_timeout, encoder_fixed,
+                encoder_token):
     """Serve a simulated LLM with vLLM's OpenAI-compatible API.
 
     Without --ttft/--tpot the engine model runs: continuous batching, chunked prefill, a paged KV cache with
@@ -109,7 +114,8 @@ def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles
         raise VkError(f"the --fault-* fractions add up to {total:g} > 1")
     for name, v in (("--ttft", ttft), ("--tpot", tpot), ("--stall-seconds", stall_seconds), ("--t-fixed", t_fixed),
                     ("--t-weights", t_weights), ("--t-token", t_token), ("--t-kv", t_kv), ("--speed", speed),
-                    ("--stop-mean", stop_mean), ("--stop-sigma", stop_sigma), ("--idle-timeout", idle_timeout)):
+                    ("--stop-mean", stop_mean), ("--stop-sigma", stop_sigma), ("--idle-timeout", idle_timeout),
+                    ("--encoder-fixed", encoder_fixed), ("--encoder-token", encoder_token)):
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise VkError(f"{name} must be a finite number >= 0, got {v:g}")
     if speed <= 0:
@@ -137,7 +143,8 @@ def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles
               fault_500=fault_500, fault_503=fault_503, fault_stall=fault_stall, stall_seconds=stall_seconds,
               fault_disconnect=fault_disconnect, fault_malformed=fault_malformed, fault_seed=fault_seed,
               log_requests=log_requests, tls_cert=tls_cert, tls_key=tls_key, reasoning_tokens=reasoning_tokens,
-              max_body_bytes=max_body_bytes, idle_timeout=idle_timeout)
+              max_body_bytes=max_body_bytes, idle_timeout=idle_timeout, encoder_fixed=encoder_fixed,
+              encoder_token=encoder_token)
     except OSError as e:
         raise VkError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
