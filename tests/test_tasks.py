@@ -130,8 +130,11 @@ def test_records_need_documents_and_a_query():
         return {"kind": "session", "v": 1, "id": "s", "requests": [{"id": "r0", "parents": [], **req}]}
 
     validate_session(sess(task="embeddings", documents=["x"]))
+    validate_session(sess(task="speech", prompt="x", voice="alloy"))
+    with pytest.raises(RecordError):
+        validate_session(sess(task="image_generation", messages=[{"role": "user", "content": "x"}]))
     for bad, field in ((dict(task="embeddings"), "documents"), (dict(task="rerank", documents=["x"]), "query"),
-                       (dict(task="speech", prompt="x"), "task"), (dict(task="embeddings", documents=[1]),
+                       (dict(task="video", prompt="x"), "task"), (dict(task="embeddings", documents=[1]),
                                                                   "documents")):
         with pytest.raises(RecordError) as e:
             validate_session(sess(**bad))
@@ -258,3 +261,68 @@ def test_vision_end_to_end(serve, tmp_path):
     assert v["latency"]["ttft"]["n"] == 3 and v["latency"]["tpot"]["n"] == 3
     over = v["tasks"]["vision"]["prompt_tokens_over_text"]
     assert over["min"] == over["max"] == 100 + groups["D(100,20)"]["tokens"]["input_tokens"]["mean"] - 100
+
+
+# -- image generation and speech ---------------------------------------------------------------------------------
+
+def test_openai_client_reads_images_and_speech(serve, tok):
+    import io
+
+    from PIL import Image
+
+    from vk.serve.tasks import PCM_RATE, SPEECH_SECONDS_PER_TOKEN
+
+    server = serve("--ttft", "0.001", "--tpot", "0.001", "--image-megapixel", "0.01", "--speech-speed", "50")
+    client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    r = client.images.generate(model="vk-sim", prompt="a white whale", size="320x200", n=2,
+                               response_format="b64_json")
+    assert len(r.data) == 2
+    assert all(Image.open(io.BytesIO(base64.b64decode(x.b64_json))).size == (320, 200) for x in r.data)
+    text = "Call me Ishmael. Some years ago, never mind how long precisely."
+    want = int(tok.count(text) * SPEECH_SECONDS_PER_TOKEN * PCM_RATE) * 2
+    with client.audio.speech.with_streaming_response.create(model="vk-sim", voice="alloy", input=text,
+                                                            response_format="wav") as resp:
+        audio = b"".join(resp.iter_bytes())
+    assert audio[:4] == b"RIFF" and audio[8:12] == b"WAVE" and len(audio) == 44 + want
+    with pytest.raises(openai.BadRequestError):
+        client.audio.speech.create(model="vk-sim", voice="alloy", input=text)  # mp3: vk-serve makes pcm and wav
+
+
+def test_image_generation_and_speech_end_to_end(serve, tmp_path):
+    """Speech: the first audio after --speech-ttfb and the last after the whole audio at --speech-speed; images:
+    n images of the size asked, one request after the other at --image-megapixel seconds per megapixel."""
+    from vk.serve.tasks import PCM_RATE, SPEECH_CHUNK, SPEECH_SECONDS_PER_TOKEN
+
+    server = serve("--ttft", "0.001", "--tpot", "0.001", "--image-megapixel", "1", "--speech-ttfb", "0.05",
+                   "--speech-speed", "20")
+    run = tmp_path / "run.jsonl"
+    sessions = b"".join(subprocess.run([*vk_cmd("vk-gen"), "--seed", str(i), "--count", "3", "--set",
+                                        "input.length.value=40", *args], capture_output=True, check=True).stdout
+                        for i, args in enumerate((("--set", "task.type=speech"),
+                                                  ("--set", "task.type=image_generation", "--set", "task.images=2",
+                                                   "--set", "task.image_width=500", "--set", "task.image_height=200"))))
+    sched = subprocess.run([*vk_cmd("vk-schedule"), "--concurrency", "1"], input=sessions, capture_output=True,
+                           check=True)
+    p = subprocess.run([*vk_cmd("vk-send"), "--api", server.url, "--workers", "1", "-o", str(run)],
+                       input=sched.stdout, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()
+    resp = [orjson.loads(x) for x in run.read_bytes().splitlines()]
+    resp = [r for r in resp if r["kind"] == "response"]
+    assert len(resp) == 6 and all(r["status"] == "ok" for r in resp), resp
+    seconds = 40 * SPEECH_SECONDS_PER_TOKEN
+    chunks = round(seconds / SPEECH_CHUNK)
+    for r in resp:
+        first, last = r["t_first_body"] - r["t_sent"], r["t_done"] - r["t_sent"]
+        if r["task"] == "speech":
+            assert r["body_bytes"] == int(seconds * PCM_RATE) * 2
+            # less 1 ms: the server's millisecond timers, t_sent stamped after the write returned
+            assert first >= 0.049 and last >= 0.049 + (chunks - 1) * SPEECH_CHUNK / 20
+            assert first < last - 0.3  # streamed: the first audio came long before the last (0.395 s of audio)
+        else:
+            assert first >= 2 * 0.5 * 0.2 - 0.001 and r["images"] == 2  # 2 images of 0.1 megapixel
+    d = orjson.loads(run_vk("vk-eval", str(run), "--json", check=True).stdout)
+    t = d["overall"]["tasks"]
+    sp = [r for r in resp if r["task"] == "speech"]
+    assert t["speech"]["time_to_first_byte"]["max"] == pytest.approx(max(r["t_first_body"] - r["t_sent"] for r in sp))
+    assert t["speech"]["bytes_per_request"] == sp[0]["body_bytes"]
+    assert t["image_generation"]["requests"] == 3

@@ -63,8 +63,11 @@ OUTPUT_CONTROLS = ("exact", "ignore_eos", "max", "prompt", "none")
 #   vision      chat whose messages hold image_url parts
 #   embeddings  documents -> one vector each (POST {base}/embeddings)
 #   rerank      query + documents -> a relevance score each (POST {base}/rerank, or /v2/rerank: endpoint)
-TASKS = ("chat", "vision", "embeddings", "rerank")
+#   image_generation  prompt -> images (POST {base}/images/generations)
+#   speech      prompt -> audio bytes, streamed (POST {base}/audio/speech)
+TASKS = ("chat", "vision", "embeddings", "rerank", "image_generation", "speech")
 DOCUMENT_TASKS = ("embeddings", "rerank")
+BYTE_TASKS = ("image_generation", "speech")  # answered with bytes (images, audio), not tokens
 
 # Event kinds in response.events.kind (one character per event).
 EVENT_CONTENT = "c"  # delta.content (or completions text)
@@ -305,6 +308,14 @@ def validate_session(rec: Any, source: str = "<session>", line: int | None = Non
             ctx.fail(p + "task", f"expected one of {', '.join(TASKS)}, got {task!r}")
         if task in DOCUMENT_TASKS:
             _validate_document_request(ctx, r, p, task)
+            continue
+        if task in BYTE_TASKS:
+            _str(ctx, r, "prompt", p)
+            if r.get("history") is not None:
+                ctx.fail(p + "history", f"a {task} request has no conversation to continue")
+            for f in ("image_width", "image_height", "images"):
+                _num(ctx, r, f, p, required=False, nullable=True, minimum=1, integer=True)
+            _obj(ctx, r, "params", p)
             continue
         has_m = "messages" in r and r["messages"] is not None
         has_p = "prompt" in r and r["prompt"] is not None

@@ -5,7 +5,10 @@ and ``input_tokens_per_s`` (documents and input tokens of the completed requests
 duration, as the throughput table counts it) and ``documents_per_request``. Input tokens are the server's usage
 when it reported one, else the targets (vk-eval's ``input_tokens``). Vision requests are chat requests (TTFT,
 TPOT in the usual tables); their ``prompt_tokens_over_text`` (``usage.prompt_tokens - target_input_tokens``) is
-the images' share of the prompt as the server counts it, plus the chat template's tokens.
+the images' share of the prompt as the server counts it, plus the chat template's tokens. Image generation and
+speech (answered with bytes): ``time_to_first_byte`` (``t_first_body - t_sent``: the first byte of the body, the
+first audio of a speech stream), ``time_to_last_byte`` (``t_done - t_sent``), ``bytes_per_s`` (the completed
+requests' body bytes over the whole-run duration) and ``bytes_per_request``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from vk.eval import metrics as M
-from vk.records import DOCUMENT_TASKS
-
-FIELDS = {"task": "VARCHAR", "document_count": "BIGINT"}  # response columns vk-eval loads for this module
+from vk.records import BYTE_TASKS, DOCUMENT_TASKS
 
 
 def _columns(d) -> tuple[np.ndarray, np.ndarray] | None:
@@ -24,12 +25,12 @@ def _columns(d) -> tuple[np.ndarray, np.ndarray] | None:
         return cached
     cols = {c[0] for c in d.con.execute("DESCRIBE responses").fetchall()}
     out = None
-    if "task" in cols and "document_count" in cols:
-        v = d.con.execute("SELECT task, CAST(document_count AS DOUBLE) AS n FROM responses ORDER BY row").fetchnumpy()
+    if {"task", "document_count", "body_bytes", "t_first_body"} <= cols:
+        v = d.con.execute("SELECT task, CAST(document_count AS DOUBLE) AS n, CAST(body_bytes AS DOUBLE) AS b, "
+                          "t_first_body FROM responses ORDER BY row").fetchnumpy()
         task = np.array([None if x is None else str(x) for x in v["task"]], dtype=object)
-        n = np.asarray(v["n"], dtype=float)
-        if any(t in DOCUMENT_TASKS or t == "vision" for t in task):
-            out = (task, n)
+        if any(t in DOCUMENT_TASKS + BYTE_TASKS or t == "vision" for t in task):
+            out = (task, *(np.asarray(v[k], dtype=float) for k in ("n", "b", "t_first_body")))
     d._task_columns = out
     return out
 
@@ -40,7 +41,7 @@ def task_summary(d, okg: np.ndarray, P, duration: float) -> dict | None:
     cols = _columns(d)
     if cols is None:
         return None
-    task, ndocs = cols
+    task, ndocs, nbytes, t_first_body = cols
     out = {}
     for name in DOCUMENT_TASKS:
         m = okg & (task == name)
@@ -55,11 +56,36 @@ def task_summary(d, okg: np.ndarray, P, duration: float) -> dict | None:
             "input_tokens_per_s": tin / duration if duration > 0 else None,
             "documents_per_request": docs / int(m.sum()),
         }
+    for name in BYTE_TASKS:
+        m = okg & (task == name)
+        if not m.any():
+            continue
+        b = float(np.nansum(nbytes[m]))
+        out[name] = {
+            "requests": int(m.sum()),
+            "time_to_first_byte": M.stats((t_first_body - d.a["t_sent"])[m], P),
+            "time_to_last_byte": M.stats(d.a["e2e"][m], P),
+            "bytes_per_s": b / duration if duration > 0 else None,
+            "bytes_per_request": b / int(m.sum()),
+        }
     m = okg & (task == "vision")
     if m.any():
         over = d.a["prompt_tokens"][m] - d.a["target_input_tokens"][m]
         out["vision"] = {"requests": int(m.sum()), "prompt_tokens_over_text": M.stats(over[np.isfinite(over)], P)}
     return out or None
+
+
+def _byte_text(t: dict, cols, num, table, heading, markdown) -> str:
+    byt = {k: x for k, x in t.items() if k in BYTE_TASKS}
+    if not byt:
+        return ""
+    rows = [[name, str(x["requests"]), num(x["bytes_per_request"]), num(x["bytes_per_s"])] for name, x in byt.items()]
+    lat = [[f"{name} {k}", str(x[k]["n"])] + [num(x[k].get(c), "ms") for c in cols]
+           for name, x in byt.items() for k in ("time_to_first_byte", "time_to_last_byte")]
+    return ("\n" + heading("Image generation and speech (ok requests; times from t_sent to the first and last "
+                           "byte of the answer's body)", markdown, 3)
+            + table(["task", "requests", "bytes/request", "bytes/s"], rows, markdown)
+            + "\n" + table(["metric", "n", *[f"{c} ms" for c in cols]], lat, markdown))
 
 
 def task_text(s: dict, cols: list[str], num, table, heading, markdown: bool) -> str:
@@ -77,6 +103,7 @@ def task_text(s: dict, cols: list[str], num, table, heading, markdown: bool) -> 
         out += ("\n" + heading("Encoder tasks (ok requests; request_latency = t_done - t_sent)", markdown, 3)
                 + table(["task", "requests", "documents/request", "documents/s", "input tok/s"], rows, markdown)
                 + "\n" + table(["metric", "n", *[f"{k} ms" for k in cols]], lat, markdown))
+    out += _byte_text(t, cols, num, table, heading, markdown)
     v = t.get("vision")
     if v and v["prompt_tokens_over_text"].get("n"):
         st = v["prompt_tokens_over_text"]

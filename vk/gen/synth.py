@@ -469,8 +469,13 @@ class Workload:
         task_rng = component_rng(seed, "task", i) if self.task.type != "chat" else None
         for j, (parents, hist) in enumerate(nodes):
             is_root = not parents
-            if self.task.type in ("embeddings", "rerank"):
-                fields = self.task.text_request(text, task_rng, component_rng(seed, "content", i * 4096 + j))
+            if self.task.type in ("embeddings", "rerank", "image_generation", "speech"):
+                c_rng = component_rng(seed, "content", i * 4096 + j)
+                if self.task.type in ("embeddings", "rerank"):
+                    fields = self.task.text_request(text, task_rng, c_rng)
+                else:
+                    n = self.body.sample(in_rng)
+                    fields = self.task.prompt_request(text.start(n, c_rng), n, task_rng)
                 no_think = is_root or (isinstance(self.think, FixedInterval) and self.think.mean == 0)
                 reqs.append(records.new_request(
                     f"r{j}", parents=[f"r{x}" for x in parents],

@@ -23,10 +23,12 @@ import io
 
 import numpy as np
 
-TASK_TYPES = ("chat", "embeddings", "rerank", "vision")
+TASK_TYPES = ("chat", "embeddings", "rerank", "vision", "image_generation", "speech")
 TASK_KEYS = ("type", "documents", "document_length", "query_length", "endpoint", "image_width", "image_height",
-             "images")
-DEFAULT_ENDPOINT = {"embeddings": "embeddings", "rerank": "rerank"}
+             "images", "voice", "audio_format")
+DEFAULT_ENDPOINT = {"embeddings": "embeddings", "rerank": "rerank", "image_generation": "images/generations",
+                    "speech": "audio/speech"}
+AUDIO_FORMATS = ("pcm", "wav", "mp3", "opus", "aac", "flac")
 
 
 class TaskSpec:
@@ -36,7 +38,9 @@ class TaskSpec:
         self.type = sec.choice("type", TASK_TYPES, "chat")
         allowed = {"chat": ("type",), "embeddings": ("type", "documents", "document_length", "endpoint"),
                    "rerank": ("type", "documents", "document_length", "query_length", "endpoint"),
-                   "vision": ("type", "image_width", "image_height", "images")}[self.type]
+                   "vision": ("type", "image_width", "image_height", "images"),
+                   "image_generation": ("type", "image_width", "image_height", "images", "endpoint"),
+                   "speech": ("type", "voice", "audio_format", "endpoint")}[self.type]
         for k in sec.data or {}:
             if k not in allowed:
                 raise sec.cfg.error(sec.key(k), f"not a setting of task type '{self.type}' "
@@ -44,13 +48,20 @@ class TaskSpec:
         if self.type in ("embeddings", "rerank"):
             self.documents = sec.length("documents", 1)
             self.document_length = sec.length("document_length", 512)
+        if self.type in DEFAULT_ENDPOINT:
             ep = sec.get("endpoint", DEFAULT_ENDPOINT[self.type])
             if not isinstance(ep, str) or not ep.strip() or any(c in ep for c in " \r\n?#"):
                 raise sec.cfg.error(sec.key("endpoint"), f"expected a URL path like rerank or /v2/rerank, got {ep!r}")
             self.endpoint = ep
         if self.type == "rerank":
             self.query_length = sec.length("query_length", 64)
-        if self.type == "vision":
+        if self.type == "speech":
+            voice = sec.get("voice", "alloy")
+            if not isinstance(voice, str) or not voice:
+                raise sec.cfg.error(sec.key("voice"), f"expected a voice name, got {voice!r}")
+            self.voice = voice
+            self.audio_format = sec.choice("audio_format", AUDIO_FORMATS, "pcm")
+        if self.type in ("vision", "image_generation"):
             self.width = sec.length("image_width", 512)
             self.height = sec.length("image_height", 512)
             self.images = sec.length("images", 1)
@@ -70,6 +81,18 @@ class TaskSpec:
         if self.endpoint != DEFAULT_ENDPOINT[self.type]:
             fields["endpoint"] = self.endpoint
         fields["input_tokens"] = total
+        return fields
+
+    def prompt_request(self, prompt: str, n_tokens: int, rng) -> dict:
+        """The fields of an image generation or speech request whose prompt (input) is ``prompt``."""
+        fields: dict = {"task": self.type, "prompt": prompt, "input_tokens": n_tokens}
+        if self.type == "image_generation":
+            fields.update(image_width=self.width.sample(rng), image_height=self.height.sample(rng),
+                          images=self.images.sample(rng))
+        else:
+            fields.update(voice=self.voice, audio_format=self.audio_format)
+        if self.endpoint != DEFAULT_ENDPOINT[self.type]:
+            fields["endpoint"] = self.endpoint
         return fields
 
     def image_parts(self, rng) -> tuple[list[dict], list[list[int]]]:

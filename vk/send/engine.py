@@ -373,7 +373,7 @@ class Engine:
         for k, v in r.items():
             if k not in _REQUEST_KNOWN and k not in rec:
                 rec[k] = v
-        if tasks.is_document_task(r):
+        if tasks.is_task_request(r):
             rec.update(tasks.record_fields(r))
         return rec
 
@@ -436,7 +436,7 @@ class Engine:
         rid = r["id"]
         cfg = self.cfg
         head_prefix = getattr(self, "_head_prefix", b"")
-        if tasks.is_document_task(r):  # embeddings, rerank: their own path and body (vk.send.tasks)
+        if tasks.is_task_request(r):  # embeddings, rerank, images, speech: own path and body (vk.send.tasks)
             if not isinstance(self.client, RawClient):
                 self._record_unsent(s, rid, STATUS_ERROR, f"not sent: {r['task']} requests go with the default "
                                                           "client (--client raw)")
@@ -489,7 +489,7 @@ class Engine:
 
     def _finish_record(self, s: _Sess, r: dict, ex: Exchange, t_intended, t_dispatched, xrid) -> tuple[str, str]:
         mono0 = self.clock.mono0
-        if tasks.is_document_task(r):
+        if tasks.is_task_request(r):
             verdict = tasks.interpret_answer(ex, r, self.clock)
         else:
             verdict = interpret(ex, self.cfg.stream, self.completions, self.clock)
@@ -524,6 +524,8 @@ class Engine:
             rec["usage"] = None
             rec["finish_reason"] = None
         rec["x_request_id"] = xrid
+        if parsed is not None and parsed.get("fields"):  # a task's own figures (vk.send.tasks)
+            rec.update(parsed["fields"])
         rec["attempts"] = ex.attempts or 1
         rec["protocol"] = ex.protocol
         if verdict["warning"]:

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import orjson
 
-from vk.records import DOCUMENT_TASKS, STATUS_ERROR, STATUS_OK
+from vk.records import BYTE_TASKS, STATUS_ERROR, STATUS_OK
 from vk.send.answer import decode_body, interpret
 
 # request fields that are the request's content, not annotations to copy into the response record
 CONTENT_FIELDS = ("documents", "query", "endpoint")
-DEFAULT_ENDPOINT = {"embeddings": "embeddings", "rerank": "rerank"}
+DEFAULT_ENDPOINT = {"embeddings": "embeddings", "rerank": "rerank", "image_generation": "images/generations",
+                    "speech": "audio/speech"}
 
 
-def is_document_task(r: dict) -> bool:
-    return r.get("task") in DOCUMENT_TASKS
+def is_task_request(r: dict) -> bool:
+    """A request this module builds and reads (not chat, completions or vision chat)."""
+    return r.get("task") in DEFAULT_ENDPOINT
 
 
 def api_base(path: str) -> str:
@@ -47,7 +49,13 @@ def request_path(chat_path: str, r: dict) -> str:
 
 def request_body(r: dict, model: str | None) -> bytes:
     body: dict = {"model": model} if model else {}
-    if r["task"] == "embeddings":
+    if r["task"] == "image_generation":
+        body.update(prompt=r["prompt"], n=r.get("images") or 1, response_format="b64_json")
+        if r.get("image_width") and r.get("image_height"):
+            body["size"] = f"{r['image_width']}x{r['image_height']}"
+    elif r["task"] == "speech":
+        body.update(input=r["prompt"], voice=r.get("voice") or "alloy", response_format=r.get("audio_format") or "pcm")
+    elif r["task"] == "embeddings":
         body["input"] = r["documents"]
         body["encoding_format"] = "float"
     else:
@@ -66,7 +74,9 @@ def head_prefix(chat_prefix: bytes, chat_path: str, path: str) -> bytes:
 
 
 def record_fields(r: dict) -> dict:
-    """What a document task adds to its response record (counts, not the texts)."""
+    """What a task adds to its response record (counts, not the texts)."""
+    if r["task"] in BYTE_TASKS:
+        return {"task": r["task"]}
     out = {"task": r["task"], "document_count": len(r.get("documents") or ())}
     for f in ("document_tokens", "query_tokens"):
         if r.get(f) is not None:
@@ -88,6 +98,8 @@ def interpret_answer(ex, r: dict, clock) -> dict:
     if derr:
         return fail(derr)
     body = b"".join(c for _, c in chunks)
+    if r["task"] in BYTE_TASKS:
+        return _bytes_answer(out, fail, r, ex, chunks, body, clock)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -119,11 +131,10 @@ def interpret_answer(ex, r: dict, clock) -> dict:
         if any(not isinstance(x.get("relevance_score"), (int, float)) for x in res):
             return fail("the rerank answer has a result without a numeric relevance_score")
     tokens = _usage_tokens(doc)
-    t_last = chunks[-1][0] if chunks else ex.t_done
     out["parsed"] = {"events": {"t": [], "kind": ""}, "text": "", "finish_reason": None, "error": None,
                      "usage": {"prompt_tokens": tokens} if tokens is not None else None,
                      "server_id": doc.get("id") if isinstance(doc.get("id"), str) else None,
-                     "t_first_token": None, "t_first_content": None, "t_last_token": None, "t_last_byte": t_last}
+                     "t_first_token": None, "t_first_content": None, "t_last_token": None}
     if tokens is not None:
         expected = _expected_tokens(r)
         if expected and tokens not in expected:
@@ -158,3 +169,29 @@ def _expected_tokens(r: dict) -> list[int]:
     if q is None:
         return []
     return sorted({n * d + q, n * (d + q)})
+
+
+def _bytes_answer(out: dict, fail, r: dict, ex, chunks, body: bytes, clock) -> dict:
+    """Image generation (JSON with ``data[]`` of ``b64_json`` or ``url``) and speech (audio bytes)."""
+    ctype = ex.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if not body:
+        return fail(f"the {r['task']} answer is empty")
+    if r["task"] == "image_generation":
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return fail(f"the image generation answer is not JSON: {body[:80].decode('utf-8', 'replace')!r}")
+        data = doc.get("data") if isinstance(doc, dict) else None
+        n = r.get("images") or 1
+        if not isinstance(data, list) or len(data) != n:
+            return fail(f"the image generation answer has {len(data) if isinstance(data, list) else 'no'} images "
+                        f"for {n} asked")
+        if not all(isinstance(x, dict) and (x.get("b64_json") or x.get("url")) for x in data):
+            return fail("the image generation answer has an image without b64_json or url")
+    elif ctype.endswith("json") or ctype.startswith("text/"):
+        return fail(f"the speech answer is {ctype}, not audio: {body[:80].decode('utf-8', 'replace')!r}")
+    out["parsed"] = {"events": {"t": [], "kind": ""}, "text": "", "finish_reason": None, "error": None,
+                     "usage": None, "server_id": None, "t_first_token": None, "t_first_content": None,
+                     "t_last_token": None,
+                     "fields": {"body_bytes": len(body), "t_first_body": round(chunks[0][0] - clock.mono0, 7)}}
+    return out

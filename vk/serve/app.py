@@ -81,6 +81,9 @@ class Options:
     idle_timeout: float = 5.0  # seconds a connection may wait between requests or inside one (uvicorn's, for vLLM)
     encoder_fixed: float = 0.002  # embeddings/rerank: seconds per request, plus encoder_token per token (tasks.py)
     encoder_token: float = 0.00002
+    image_megapixel: float = 0.5  # image generation: seconds per megapixel on the one diffusion queue
+    speech_ttfb: float = 0.05  # speech: seconds to the first audio bytes
+    speech_speed: float = 10.0  # speech: audio made this many times faster than real time
     extra: dict = field(default_factory=dict)
 
 
@@ -129,6 +132,7 @@ class App:
         self.drain_scheduled = False
         self.sched.on_step = self._after_step
         self.encoder = tasks.Encoder(opts.encoder_fixed, opts.encoder_token)
+        self.painter = tasks.Encoder(0.0, 0.0)  # image generation's queue (vk.serve.tasks.handle_bytes)
 
     # -- intake: request handling yields to the engine's step timers ----------------------------------------
     def enqueue(self, conn: Conn) -> None:
@@ -195,7 +199,7 @@ class App:
                     raise HTTPError(405, "Method Not Allowed")
                 self.completion(conn, path == "/v1/chat/completions", headers, body)
                 return
-            if path in tasks.PATHS:  # embeddings and rerank: the encoder's cost model
+            if path in tasks.PATHS:  # embeddings, rerank, images, speech: their cost models
                 tasks.handle(self, conn, method, path, body)
                 return
             if method not in ("GET", "HEAD"):

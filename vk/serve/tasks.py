@@ -27,12 +27,13 @@ import numpy as np
 import orjson
 
 from vk.serve.connection import HTTPError
+from vk.serve.connection import chunk as http_chunk
 from vk.serve.prompts import parse_body
 
 EMBED_DIM = 384
 EMBED_PATHS = ("/v1/embeddings",)
 RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
-PATHS = EMBED_PATHS + RERANK_PATHS
+PATHS = EMBED_PATHS + RERANK_PATHS + ("/v1/images/generations", "/v1/audio/speech")
 MAX_ITEMS = 2048  # texts per request (OpenAI's limit for embeddings inputs)
 
 
@@ -83,6 +84,9 @@ def _vector(text: str) -> np.ndarray:
 
 def handle(app, conn, method: str, path: str, body: bytes) -> None:
     """Answer an encoder request after its modelled time (errors at once)."""
+    if path in IMAGE_PATHS + SPEECH_PATHS:
+        handle_bytes(app, conn, method, path, body)
+        return
     if method != "POST":
         raise HTTPError(405, "Method Not Allowed")
     t_recv = conn.t_recv or time.monotonic()
@@ -200,3 +204,101 @@ def image_ids(images, word_ids: np.ndarray) -> list[int]:
     for n, seed in images:
         out += word_ids[np.random.default_rng(seed).integers(0, len(word_ids), n)].tolist()
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# image generation and speech: answered with bytes
+
+IMAGE_PATHS = ("/v1/images/generations",)
+SPEECH_PATHS = ("/v1/audio/speech",)
+MAX_IMAGE_PIXELS = 4096 * 4096
+SPEECH_SECONDS_PER_TOKEN = 0.2  # seconds of speech per input token (about 150 words a minute)
+PCM_RATE = 24_000  # OpenAI's pcm: 24 kHz, 16-bit signed little-endian, mono
+SPEECH_CHUNK = 0.1  # seconds of audio per chunk written
+
+
+def _solid_png(w: int, h: int, n: int) -> str:
+    """A base64 PNG of w x h pixels in one colour (fast to make at any size; generation time is the model's)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), ((n * 67) % 256, (n * 131) % 256, (n * 29) % 256)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def handle_bytes(app, conn, method: str, path: str, body: bytes) -> None:
+    """Image generation (one diffusion queue, ``--image-megapixel`` seconds per megapixel) and speech (a stream of
+    PCM or WAV audio after ``--speech-ttfb``, ``--speech-speed`` times faster than real time)."""
+    if method != "POST":
+        raise HTTPError(405, "Method Not Allowed")
+    t_recv = conn.t_recv or time.monotonic()
+    req = parse_body(body, app.opts.model)
+    prompt = req.get("prompt" if path in IMAGE_PATHS else "input")
+    if not isinstance(prompt, str) or not prompt:
+        raise HTTPError(400, f"'{'prompt' if path in IMAGE_PATHS else 'input'}' must be a non-empty string")
+    if path in IMAGE_PATHS:
+        n = req.get("n", 1) or 1
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
+            raise HTTPError(400, "'n' must be an integer from 1 to 10", param="n")
+        size = req.get("size") or "1024x1024"
+        try:
+            w, h = (int(x) for x in str(size).lower().split("x"))
+        except ValueError:
+            raise HTTPError(400, f"'size' must be WIDTHxHEIGHT, got {size!r}", param="size") from None
+        if not (1 <= w and 1 <= h and w * h <= MAX_IMAGE_PIXELS):
+            raise HTTPError(400, f"'size' {size} is outside 1x1 .. {MAX_IMAGE_PIXELS} pixels", param="size")
+        fmt = req.get("response_format") or "b64_json"
+        if fmt != "b64_json":
+            raise HTTPError(400, "vk-serve answers response_format b64_json only (no URLs to fetch)",
+                            param="response_format")
+        done = app.painter.finish_time(t_recv, 0)
+        app.painter.free_at = done = done + n * w * h / 1e6 * app.opts.image_megapixel
+
+        def respond() -> None:
+            if not conn.closed:
+                app.stats.count_response(200)
+                data = [{"b64_json": _solid_png(w, h, i)} for i in range(n)]
+                conn.respond(200, orjson.dumps({"created": int(time.time()), "data": data}))
+
+        wait = done - time.monotonic()
+        app.loop.call_later(max(0.0, wait), respond)
+        return
+    fmt = req.get("response_format") or "mp3"
+    if fmt not in ("pcm", "wav"):
+        raise HTTPError(400, f"vk-serve makes pcm and wav audio, not {fmt!r}", param="response_format")
+    seconds = app.tok.count(prompt) * SPEECH_SECONDS_PER_TOKEN
+    n_bytes = int(seconds * PCM_RATE) * 2
+    per_chunk = int(SPEECH_CHUNK * PCM_RATE) * 2
+    chunks = max(1, -(-n_bytes // per_chunk))
+    ttfb, gap = app.opts.speech_ttfb, SPEECH_CHUNK / app.opts.speech_speed
+    app.stats.count_response(200)
+    conn.write(b"HTTP/1.1 200 OK\r\nserver: vk-serve\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n%s\r\n"
+               % (b"audio/pcm" if fmt == "pcm" else b"audio/wav", b"connection: close\r\n" if conn.close_after
+                  else b""))
+    rng = np.random.default_rng(_seed(prompt))
+
+    def piece(k: int) -> None:
+        if conn.closed:
+            return
+        size = min(per_chunk, n_bytes - k * per_chunk) if n_bytes else 0
+        data = (rng.integers(-2000, 2000, max(0, size) // 2, dtype=np.int16)).astype("<i2").tobytes()
+        if k == 0 and fmt == "wav":
+            data = _wav_header(n_bytes) + data
+        out = (http_chunk(data) if data else b"")
+        if k == chunks - 1:
+            conn.write(out + b"0\r\n\r\n")
+            conn.response_done()
+            return
+        conn.write(out)
+        app.loop.call_at(t0 + ttfb + (k + 1) * gap, piece, k + 1)
+
+    t0 = app.loop.time() - (time.monotonic() - t_recv)
+    app.loop.call_at(t0 + ttfb, piece, 0)
+
+
+def _wav_header(n: int) -> bytes:
+    import struct
+
+    return b"RIFF" + struct.pack("<I", 36 + n) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, PCM_RATE,
+                                                                          PCM_RATE * 2, 2, 16) + \
+        b"data" + struct.pack("<I", n)
