@@ -326,3 +326,78 @@ def test_image_generation_and_speech_end_to_end(serve, tmp_path):
     assert t["speech"]["time_to_first_byte"]["max"] == pytest.approx(max(r["t_first_body"] - r["t_sent"] for r in sp))
     assert t["speech"]["bytes_per_request"] == sp[0]["body_bytes"]
     assert t["image_generation"]["requests"] == 3
+
+
+# -- datasets as input ---------------------------------------------------------------------------------------------
+
+def _gen(*args, env=None):
+    import os
+
+    p = subprocess.run([*vk_cmd("vk-gen"), *args], capture_output=True, env={**os.environ, **(env or {})})
+    return p.returncode, [orjson.loads(x) for x in p.stdout.splitlines()], p.stderr.decode()
+
+
+def test_dataset_files_with_a_column_mapping(tmp_path, tok):
+    import duckdb
+
+    rows = [{"q": "What is a whale?", "id": 1}, {"q": "Where is Nantucket, and who sails from it?", "id": 2}]
+    (tmp_path / "p.jsonl").write_text("\n".join(orjson.dumps(r).decode() for r in rows))
+    (tmp_path / "p.json").write_text(orjson.dumps(rows).decode())
+    (tmp_path / "p.txt").write_text("\n".join(r["q"] for r in rows) + "\n\n")
+    duckdb.connect().execute(f"COPY (SELECT * FROM read_json_auto('{tmp_path / 'p.jsonl'}')) TO "
+                             f"'{tmp_path / 'p.parquet'}' (FORMAT parquet)")
+    duckdb.connect().execute(f"COPY (SELECT * FROM read_json_auto('{tmp_path / 'p.jsonl'}')) TO "
+                             f"'{tmp_path / 'p.csv'}' (HEADER)")
+    for name in ("p.jsonl", "p.json", "p.parquet", "p.csv", "p.txt"):
+        col = () if name.endswith(".txt") else ("--set", "dataset.columns.prompt=q")
+        rc, out, err = _gen("--set", f"dataset.file={tmp_path / name}", *col, "--count", "3")
+        assert rc == 0, err
+        msgs = [s["requests"][0]["messages"][0]["content"] for s in out]
+        assert msgs == [rows[0]["q"], rows[1]["q"], rows[0]["q"]], name  # in order, wrapping
+        assert [s["requests"][0]["input_tokens"] for s in out] == [tok.count(m) for m in msgs]
+    # cut to the scenario's input length; shorter prompts stay as they are
+    rc, out, err = _gen("--set", f"dataset.file={tmp_path / 'p.csv'}", "--set", "dataset.columns.prompt=q",
+                        "--set", "dataset.lengths=cut", "--scenario", "D(6,10)", "--count", "2")
+    assert rc == 0, err
+    assert [s["requests"][0]["input_tokens"] for s in out] == [min(6, tok.count(r["q"])) for r in rows]
+    assert all(tok.count(s["requests"][0]["messages"][0]["content"]) == s["requests"][0]["input_tokens"]
+               for s in out)
+    rc, _, err = _gen("--set", f"dataset.file={tmp_path / 'p.csv'}", "--set", "dataset.columns.prompt=question")
+    assert rc == 2 and "no column 'question' (columns: q, id)" in err and "Traceback" not in err
+
+
+def test_dataset_rerank_and_vision_rows(tmp_path, tok):
+    from PIL import Image
+
+    Image.new("RGB", (90, 60), (10, 20, 30)).save(tmp_path / "a.png")
+    (tmp_path / "r.jsonl").write_text(orjson.dumps({"q": "whale?", "docs": ["a whale", "a ship", "sea"],
+                                                    "img": "a.png"}).decode())
+    rc, out, err = _gen("--set", f"dataset.file={tmp_path / 'r.jsonl'}", "--set", "task.type=rerank",
+                        "--set", "dataset.columns={query: q, documents: docs}", "--count", "1")
+    assert rc == 0, err
+    r = out[0]["requests"][0]
+    assert r["documents"] == ["a whale", "a ship", "sea"] and r["query"] == "whale?"
+    assert r["input_tokens"] == sum(tok.count(x) for x in r["documents"]) + tok.count("whale?")
+    rc, out, err = _gen("--set", f"dataset.file={tmp_path / 'r.jsonl'}", "--scenario", "I(56,28)",
+                        "--set", "dataset.columns={prompt: q, image: img}", "--count", "1")
+    assert rc == 0, err
+    parts = out[0]["requests"][0]["messages"][0]["content"]
+    url = parts[1]["image_url"]["url"]
+    import io
+
+    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (56, 28)  # resized as asked
+
+
+def test_dataset_from_the_local_hugging_face_cache_only(tmp_path):
+    import duckdb
+
+    snap = tmp_path / "hub" / "datasets--me--toy" / "snapshots" / "abc123" / "data"
+    snap.mkdir(parents=True)
+    duckdb.connect().execute(f"COPY (SELECT 'prompt ' || i AS text FROM range(5) t(i)) TO "
+                             f"'{snap / 'train-00000-of-00001.parquet'}' (FORMAT parquet)")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    rc, out, err = _gen("--set", "dataset.hf=me/toy", "--set", "dataset.columns.prompt=text", "--count", "2", env=env)
+    assert rc == 0, err
+    assert [s["requests"][0]["messages"][0]["content"] for s in out] == ["prompt 0", "prompt 1"]
+    rc, _, err = _gen("--set", "dataset.hf=me/other", "--count", "1", env=env)
+    assert rc == 2 and "not in the local Hugging Face cache" in err and "never downloads" in err

@@ -33,6 +33,7 @@ ALIASES = {
     "channel": "session_generator.channels.0",
     "prefix_groups": "session_generator.channels.0.prefix_groups",
     "task": "session_generator.task",
+    "dataset": "session_generator.dataset",
 }
 
 DEFAULT_BODY = {"type": "fixed", "value": 512}
@@ -51,7 +52,7 @@ DEFAULTS = {
 }
 
 SESSION_GENERATOR_KEYS = ("type", "session_graph", "channels", "output_spec", "inherit_history",
-                          "think_time_generator", "request_params", "trace_file", "flavor", "wrap_mode", "task")
+                          "think_time_generator", "request_params", "trace_file", "flavor", "wrap_mode", "task", "dataset")
 
 
 class Config:

@@ -242,11 +242,16 @@ class Workload:
         data = cfg.data
         sg = _Section(cfg, data.get("session_generator"), "session_generator",
                       ("type", "session_graph", "channels", "output_spec", "inherit_history",
-                       "think_time_generator", "request_params", "task"))
+                       "think_time_generator", "request_params", "task", "dataset"))
         sg.choice("type", ("synthetic",), "synthetic")
         from vk.gen.tasks import TASK_KEYS, TaskSpec
 
         self.task = TaskSpec(_Section(cfg, sg.get("task"), "session_generator.task", TASK_KEYS))
+        self.dataset = None
+        if sg.has("dataset"):
+            from vk.gen.datasets import DATASET_KEYS, Dataset
+
+            self.dataset = Dataset(_Section(cfg, sg.get("dataset"), "session_generator.dataset", DATASET_KEYS), cfg)
 
         # --- graph --------------------------------------------------------------------------------------------
         gdata = sg.get("session_graph", {"type": "single_request"})
@@ -466,16 +471,26 @@ class Workload:
         nodes = self._graph(g_rng)
         text = self.text
         reqs = []
-        task_rng = component_rng(seed, "task", i) if self.task.type != "chat" else None
+        task_rng = component_rng(seed, "task", i) if self.task.type != "chat" or self.dataset else None
         for j, (parents, hist) in enumerate(nodes):
             is_root = not parents
-            if self.task.type in ("embeddings", "rerank", "image_generation", "speech"):
+            fields = None
+            if self.dataset is not None:  # content from the user's data (vk.gen.datasets): row i + j
+                from vk.gen.datasets import request_fields
+
+                fields = request_fields(self, self.dataset.row(i + j, task_rng), in_rng, task_rng)
+                if "messages" in fields:
+                    fields.update(history=f"r{hist}" if hist is not None else None,
+                                  output_tokens=max(1, self.output.sample(out_rng)),
+                                  output_control=self.output_control)
+            elif self.task.type in ("embeddings", "rerank", "image_generation", "speech"):
                 c_rng = component_rng(seed, "content", i * 4096 + j)
                 if self.task.type in ("embeddings", "rerank"):
                     fields = self.task.text_request(text, task_rng, c_rng)
                 else:
                     n = self.body.sample(in_rng)
                     fields = self.task.prompt_request(text.start(n, c_rng), n, task_rng)
+            if fields is not None:
                 no_think = is_root or (isinstance(self.think, FixedInterval) and self.think.mean == 0)
                 reqs.append(records.new_request(
                     f"r{j}", parents=[f"r{x}" for x in parents],

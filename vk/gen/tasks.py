@@ -61,6 +61,7 @@ class TaskSpec:
                 raise sec.cfg.error(sec.key("voice"), f"expected a voice name, got {voice!r}")
             self.voice = voice
             self.audio_format = sec.choice("audio_format", AUDIO_FORMATS, "pcm")
+        self.size_given = sec.has("image_width") or sec.has("image_height")
         if self.type in ("vision", "image_generation"):
             self.width = sec.length("image_width", 512)
             self.height = sec.length("image_height", 512)
