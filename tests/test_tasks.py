@@ -401,3 +401,32 @@ def test_dataset_from_the_local_hugging_face_cache_only(tmp_path):
     assert [s["requests"][0]["messages"][0]["content"] for s in out] == ["prompt 0", "prompt 1"]
     rc, _, err = _gen("--set", "dataset.hf=me/other", "--count", "1", env=env)
     assert rc == 2 and "not in the local Hugging Face cache" in err and "never downloads" in err
+
+
+def test_vision_images_from_a_directory(tmp_path):
+    import io
+
+    from PIL import Image
+
+    d = tmp_path / "pics"
+    d.mkdir()
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(d / "a.png")
+    Image.new("RGB", (70, 20), (0, 200, 0)).save(d / "b.jpg")
+    (d / "notes.txt").write_text("not an image")
+
+    def sizes(*args):
+        rc, out, err = _gen("--set", "task.type=vision", "--set", f"task.image_dir={d}", "--set", "task.images=3",
+                            "--count", "4", *args)
+        assert rc == 0, err
+        got = []
+        for s in out:
+            r = s["requests"][0]
+            for p in r["messages"][0]["content"][1:]:
+                got.append(Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",", 1)[1]))).size)
+            assert [tuple(x) for x in r["image_sizes"]] == got[-3:]
+        return got
+
+    assert set(sizes()) == {(40, 30), (70, 20)}  # as they are, both files picked
+    assert set(sizes("--set", "task.image_width=32", "--set", "task.image_height=16")) == {(32, 16)}  # resized
+    rc, _, err = _gen("--set", "task.type=vision", "--set", f"task.image_dir={tmp_path / 'none'}")
+    assert rc == 2 and "no image files" in err

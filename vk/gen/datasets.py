@@ -17,8 +17,6 @@ already), only the mapped columns.
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 from pathlib import Path
 
@@ -120,23 +118,10 @@ class Dataset:
 
     def image_url(self, value, size: tuple[int, int] | None) -> str:
         """A data URL of the image file ``value`` (relative to the data), resized to ``size`` when given."""
-        from PIL import Image
-
-        from vk.errors import VkError
+        from vk.gen.tasks import file_data_url
 
         p = Path(str(value)).expanduser()
-        if not p.is_absolute():
-            p = self.base / p
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if size is not None and im.size != size:
-                    im = im.resize(size)
-                buf = io.BytesIO()
-                im.save(buf, format="PNG", compress_level=1)
-        except (OSError, ValueError) as e:
-            raise VkError(f"dataset: image {p}: cannot read ({e})") from None
-        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        return file_data_url(p if p.is_absolute() else self.base / p, size)[0]
 
 
 def cut(tok, text: str, n: int) -> tuple[str, int]:

@@ -10,6 +10,7 @@
       image_width: 512        # vision: image size in pixels (length generators; default 512 x 512)
       image_height: 512
       images: 1               # vision: images per request (a length generator; default 1)
+      image_dir: pictures/    # vision: the user's images (picked at random), resized when a size is given
 
 Embeddings and rerank requests carry their texts (``documents``, ``query``) with exact token counts under the
 tokenizer; vision requests are chat requests whose user message has the text first and then ``images``
@@ -25,7 +26,8 @@ import numpy as np
 
 TASK_TYPES = ("chat", "embeddings", "rerank", "vision", "image_generation", "speech")
 TASK_KEYS = ("type", "documents", "document_length", "query_length", "endpoint", "image_width", "image_height",
-             "images", "voice", "audio_format")
+             "images", "voice", "audio_format", "image_dir")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 DEFAULT_ENDPOINT = {"embeddings": "embeddings", "rerank": "rerank", "image_generation": "images/generations",
                     "speech": "audio/speech"}
 AUDIO_FORMATS = ("pcm", "wav", "mp3", "opus", "aac", "flac")
@@ -38,7 +40,7 @@ class TaskSpec:
         self.type = sec.choice("type", TASK_TYPES, "chat")
         allowed = {"chat": ("type",), "embeddings": ("type", "documents", "document_length", "endpoint"),
                    "rerank": ("type", "documents", "document_length", "query_length", "endpoint"),
-                   "vision": ("type", "image_width", "image_height", "images"),
+                   "vision": ("type", "image_width", "image_height", "images", "image_dir"),
                    "image_generation": ("type", "image_width", "image_height", "images", "endpoint"),
                    "speech": ("type", "voice", "audio_format", "endpoint")}[self.type]
         for k in sec.data or {}:
@@ -62,6 +64,17 @@ class TaskSpec:
             self.voice = voice
             self.audio_format = sec.choice("audio_format", AUDIO_FORMATS, "pcm")
         self.size_given = sec.has("image_width") or sec.has("image_height")
+        self.image_files = []
+        if sec.has("image_dir"):
+            from pathlib import Path
+
+            d = Path(str(sec.get("image_dir"))).expanduser()
+            if not d.is_absolute() and sec.cfg.base_dir is not None:
+                d = sec.cfg.base_dir / d
+            files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if d.is_dir() else []
+            if not files:
+                raise sec.cfg.error(sec.key("image_dir"), f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {d}")
+            self.image_files = files
         if self.type in ("vision", "image_generation"):
             self.width = sec.length("image_width", 512)
             self.height = sec.length("image_height", 512)
@@ -102,7 +115,12 @@ class TaskSpec:
         parts, sizes = [], []
         for _ in range(n):
             w, h = self.width.sample(rng), self.height.sample(rng)
-            parts.append({"type": "image_url", "image_url": {"url": png_data_url(w, h, rng)}})
+            if self.image_files:  # the user's pictures, resized to the size asked when the config gives one
+                f = self.image_files[int(rng.integers(len(self.image_files)))]
+                url, (w, h) = file_data_url(f, (w, h) if self.size_given else None)
+            else:
+                url = png_data_url(w, h, rng)
+            parts.append({"type": "image_url", "image_url": {"url": url}})
             sizes.append([w, h])
         return parts, sizes
 
@@ -129,3 +147,22 @@ def png_data_url(width: int, height: int, rng: np.random.Generator) -> str:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def file_data_url(path, size: tuple[int, int] | None) -> tuple[str, tuple[int, int]]:
+    """A PNG data URL of the image file ``path`` (resized to ``size`` when given), and its size."""
+    from PIL import Image
+
+    from vk.errors import VkError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != size:
+                im = im.resize(size)
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", compress_level=1)
+            got = im.size
+    except (OSError, ValueError) as e:
+        raise VkError(f"image {path}: cannot read ({e})") from None
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), got
