@@ -197,7 +197,7 @@ def test_same_seed_same_bytes_and_blocks_differ():
 # -- the YAML a scenario stands for gives the same sessions -------------------------------------------------------
 
 @pytest.mark.parametrize("sc", ["N(480,240)/(300,150)", "U(100,200)/(200,300)", "D(100,1000)", "E(1024)",
-                                "R(512,64)", "I(64,48,2)"])
+                                "R(512,64)", "I(64,48,2)", "P(200,50)/20"])
 def test_scenario_equals_its_yaml(tmp_path, sc):
     text = scenario_yaml(parse_scenario(sc))
     p = tmp_path / "w.yaml"
@@ -215,7 +215,8 @@ def test_man_page_shows_each_yaml():
     from conftest import ROOT
 
     man = (ROOT / "man" / "vk-gen.1").read_text()
-    for sc in ("N(480,240)/(300,150)", "U(100,200)/(200,300)", "D(100,1000)", "E(1024)", "R(512,64)", "I(1024,512)"):
+    for sc in ("N(480,240)/(300,150)", "U(100,200)/(200,300)", "D(100,1000)", "E(1024)", "R(512,64)", "I(1024,512)",
+               "P(2000,500)/200"):
         assert sc in man
         for line in scenario_yaml(parse_scenario(sc)).splitlines():
             assert line.replace("-", "\\-") in man, (sc, line)
@@ -232,3 +233,15 @@ def test_yaml_scenarios_list_and_cli(tmp_path):
     assert r.returncode == 2 and b"'Q(1)' is not a scenario string" in r.stderr and b"Traceback" not in r.stderr
     r = run_vk("vk-gen", "--scenario", "E(8)", "--set", "task.images=2")
     assert r.returncode == 2 and b"task.images" in r.stderr
+
+
+def test_prefix_repetition_shares_one_prefix(tok):
+    """genai-bench's P(prefix,suffix)/out: every request starts with the same prefix tokens, then its own."""
+    out = sessions(["P(100,20)/30"], 5)
+    ids = []
+    for s in out:
+        r = s["requests"][0]
+        assert (r["input_tokens"], r["prefix_tokens"], r["output_tokens"]) == (120, 100, 30)
+        assert len(r["messages"]) == 1 and tok.count(r["messages"][0]["content"]) == 120
+        ids.append(tok.encode(r["messages"][0]["content"]))
+    assert all(x[:95] == ids[0][:95] for x in ids) and len({tuple(x[100:]) for x in ids}) == 5

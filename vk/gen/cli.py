@@ -55,7 +55,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
 @click.option("--stats", is_flag=True, help="Print a summary of the trace (with --trace) instead of sessions.")
 @click.option("--scenario", "scenarios", multiple=True, metavar="S",
               help="A genai-bench scenario string: N(480,240)/(300,150), U(..), D(100,1000), E(1024), R(512,64), "
-                   "I(1024,512[,n]). Repeatable: --count sessions of each, labelled (field scenario).")
+                   "I(1024,512[,n]), P(2000,500)/200. Repeatable: --count sessions of each, labelled (field scenario).")
 def cli_command(config, seed, count, duration, tokenizer, overrides, output, progress, dot, png, trace, flavor,
                 stats, scenarios):
     """Generate sessions: graphs of requests whose prompts have exactly the target number of tokens under

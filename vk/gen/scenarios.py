@@ -10,6 +10,7 @@ its YAML)::
     E(d)               embeddings: documents of d tokens (task.documents per request, default 1)
     R(d,q)             rerank: a query of q tokens and documents of d tokens (genai-bench's order: d first)
     I(w,h) / I(w,h,n)  vision chat: n images (default 1) of w x h pixels with the text prompt
+    P(p,s)/o           prefix repetition: every request starts with the same p tokens, then s of its own; o out
 
 The floors and the truncation toward zero (Python's ``int``) are genai-bench's: its N and U samplers draw a
 float, cut it to an integer and raise it to at least 1 input token and 2 output tokens; ``uniform(a, b)``
@@ -97,9 +98,11 @@ _PATTERNS = {
     "E": re.compile(r"^E\((\d+)\)$"),
     "R": re.compile(r"^R\((\d+),(\d+)\)$"),
     "I": re.compile(r"^I\((\d+),(\d+)(?:,(\d+))?\)$"),
+    "P": re.compile(r"^P\((\d+),(\d+)\)/(\d+)$"),
 }
 _FORMS = ("N(mean_in,std_in)/(mean_out,std_out), U(min_in,max_in)/(min_out,max_out), U(max_in,max_out), "
-          "D(in,out), E(tokens_per_document), R(tokens_per_document,tokens_per_query), I(width,height[,images])")
+          "D(in,out), E(tokens_per_document), R(tokens_per_document,tokens_per_query), I(width,height[,images]), "
+          "P(prefix,suffix)/out")
 
 _INPUT = "input.length"
 _OUTPUT = "output.length"
@@ -148,10 +151,13 @@ def parse_scenario(text: str, where: str = "--scenario") -> Scenario:
         settings = (("task.type", "embeddings"), ("task.document_length", g[0]))
     elif k == "R":
         settings = (("task.type", "rerank"), ("task.document_length", g[0]), ("task.query_length", g[1]))
+    elif k == "P":  # one prefix shared by every request, at the start of the user message
+        settings = (("prefix_groups", {"num_groups": 1, "lengths": [g[0]], "role": "user"}),
+                    (_INPUT, {"type": "fixed", "value": g[1]}), (_OUTPUT, {"type": "fixed", "value": g[2]}))
     else:
         settings = (("task.type", "vision"), ("task.image_width", g[0]), ("task.image_height", g[1]),
                     ("task.images", g[2] if g[2] is not None else 1))
-    if k in "DERI" and any(x is not None and x < 1 for x in g):
+    if k in "DERIP" and any(x is not None and x < 1 for x in g):
         raise VkError(f"{where}: {text!r}: lengths, sizes and counts start at 1")
     return Scenario(s, k, settings)
 
