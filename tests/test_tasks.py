@@ -430,3 +430,13 @@ def test_vision_images_from_a_directory(tmp_path):
     assert set(sizes("--set", "task.image_width=32", "--set", "task.image_height=16")) == {(32, 16)}  # resized
     rc, _, err = _gen("--set", "task.type=vision", "--set", f"task.image_dir={tmp_path / 'none'}")
     assert rc == 2 and "no image files" in err
+
+
+def test_rerank_through_vllm_score_api(serve, tmp_path, tok):
+    server = serve("--ttft", "0.001", "--tpot", "0.001")
+    r = httpx.post(server.url + "/score", json={"text_1": "whale", "text_2": ["a whale", "a ship"]}).json()
+    assert [x["index"] for x in r["data"]] == [0, 1] and all(0 < x["score"] < 1 for x in r["data"])
+    assert r["usage"]["prompt_tokens"] == 2 * tok.count("whale") + tok.count("a whale") + tok.count("a ship")
+    _, resp = _pipeline(server, tmp_path, "--scenario", "R(16,4)", "--count", "2", "--set", "task.documents=3",
+                        "--set", "task.endpoint=score")
+    assert all(r["status"] == "ok" and r["usage"]["prompt_tokens"] == 3 * (16 + 4) for r in resp), resp

@@ -3,7 +3,8 @@
 - path: the request's ``endpoint`` (default ``embeddings`` / ``rerank``), relative to the ``--api`` base
   (``http://host/v1`` + ``rerank`` = ``/v1/rerank``) or absolute from the server root (``/v2/rerank``);
 - body: embeddings ``{"model", "input": [documents], "encoding_format": "float"}``; rerank ``{"model", "query",
-  "documents"}`` (vLLM's and Cohere's v2 shape alike); the request's ``params`` are added (``top_n``, ...);
+  "documents"}`` (vLLM's and Cohere's v2 shape alike), or ``{"model", "text_1": query, "text_2": documents}`` to
+  an endpoint ending in ``score`` (vLLM's score API); the request's ``params`` are added (``top_n``, ...);
 - answer: a JSON object with one embedding per document (``data``), or rerank ``results`` whose indexes are
   documents of the request; anything else is an error record naming what is wrong. Its usage becomes the
   record's ``usage.prompt_tokens`` (``usage.prompt_tokens``/``total_tokens``, or Cohere's ``meta.tokens`` /
@@ -58,12 +59,19 @@ def request_body(r: dict, model: str | None) -> bytes:
     elif r["task"] == "embeddings":
         body["input"] = r["documents"]
         body["encoding_format"] = "float"
+    elif _is_score(r):  # vLLM's score API: the query against each document
+        body["text_1"] = r["query"]
+        body["text_2"] = r["documents"]
     else:
         body["query"] = r["query"]
         body["documents"] = r["documents"]
     if r.get("params"):
         body.update(r["params"])
     return orjson.dumps(body)
+
+
+def _is_score(r: dict) -> bool:
+    return r["task"] == "rerank" and (r.get("endpoint") or "").rstrip("/").endswith("score")
 
 
 def head_prefix(chat_prefix: bytes, chat_path: str, path: str) -> bytes:
@@ -117,6 +125,13 @@ def interpret_answer(ex, r: dict, clock) -> dict:
             v = e.get("embedding") if isinstance(e, dict) else None
             if not (isinstance(v, list) and v) and not (isinstance(v, str) and v):
                 return fail(f"the embeddings answer's data[{i}] has no embedding")
+    elif _is_score(r):
+        data = doc.get("data")
+        if not isinstance(data, list) or len(data) != n:
+            return fail(f"the score answer has {len(data) if isinstance(data, list) else 'no'} scores for {n} "
+                        "documents")
+        if any(not isinstance(x, dict) or not isinstance(x.get("score"), (int, float)) for x in data):
+            return fail("the score answer has an item without a numeric score")
     else:
         res = doc.get("results")
         if not isinstance(res, list):

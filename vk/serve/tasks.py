@@ -5,6 +5,7 @@ Routes (POST)::
     /v1/embeddings                      OpenAI's shape (input: a string or a list; encoding_format float|base64)
     /v1/rerank, /rerank                 vLLM's (Jina-style) shape: results[].relevance_score, usage.total_tokens
     /v2/rerank                          Cohere's v2 shape: results[], meta.billed_units, meta.tokens
+    /score, /v1/score                   vLLM's score API: text_1 (the query) against text_2 (documents): data[].score
 
 Cost model: one encoder, like one GPU running one batch at a time, takes requests in arrival order; a request
 takes ``encoder_fixed + tokens * encoder_token`` seconds once the encoder is free. Its tokens are the sum of its
@@ -32,7 +33,7 @@ from vk.serve.prompts import parse_body
 
 EMBED_DIM = 384
 EMBED_PATHS = ("/v1/embeddings",)
-RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
+RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank", "/score", "/v1/score")
 PATHS = EMBED_PATHS + RERANK_PATHS + ("/v1/images/generations", "/v1/audio/speech")
 MAX_ITEMS = 2048  # texts per request (OpenAI's limit for embeddings inputs)
 
@@ -110,10 +111,11 @@ def handle(app, conn, method: str, path: str, body: bytes) -> None:
                                  "model": app.opts.model, "data": data,
                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
     else:
-        query = req.get("query")
+        score = path.endswith("/score")
+        query = req.get("text_1" if score else "query")
         if not isinstance(query, str):
-            raise HTTPError(400, "'query' must be a string", param="query")
-        docs = _texts(req, "documents", single_ok=False)
+            raise HTTPError(400, f"'{'text_1' if score else 'query'}' must be a string", param="query")
+        docs = _texts(req, "text_2" if score else "documents", single_ok=score)
         top_n = req.get("top_n")
         if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0):
             raise HTTPError(400, "'top_n' must be an integer >= 0", param="top_n")
@@ -123,6 +125,10 @@ def handle(app, conn, method: str, path: str, body: bytes) -> None:
 
         def answer() -> bytes:
             scores = [float(np.random.default_rng(_seed(query, d)).random()) for d in docs]
+            if score:
+                return orjson.dumps({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                                     "model": app.opts.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                                     "data": [{"index": i, "object": "score", "score": x} for i, x in enumerate(scores)]})
             order = sorted(range(len(docs)), key=lambda i: -scores[i])
             if top_n:
                 order = order[:top_n]
