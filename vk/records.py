@@ -58,6 +58,17 @@ ENDED = ("complete", "interrupted", "max_errors", "bad_input", "worker_lost", "u
 #   none        no length parameter at all
 OUTPUT_CONTROLS = ("exact", "ignore_eos", "max", "prompt", "none")
 
+# What a request asks of the server (request field ``task``; absent: chat, or completions with ``prompt``).
+#   chat        messages (or prompt) -> generated text, streamed
+#   vision      chat whose messages hold image_url parts
+#   embeddings  documents -> one vector each (POST {base}/embeddings)
+#   rerank      query + documents -> a relevance score each (POST {base}/rerank, or /v2/rerank: endpoint)
+#   image_generation  prompt -> images (POST {base}/images/generations)
+#   speech      prompt -> audio bytes, streamed (POST {base}/audio/speech)
+TASKS = ("chat", "vision", "embeddings", "rerank", "image_generation", "speech")
+DOCUMENT_TASKS = ("embeddings", "rerank")
+BYTE_TASKS = ("image_generation", "speech")  # answered with bytes (images, audio), not tokens
+
 # Event kinds in response.events.kind (one character per event).
 EVENT_CONTENT = "c"  # delta.content (or completions text)
 EVENT_REASONING = "r"  # delta.reasoning_content / delta.reasoning
@@ -292,6 +303,20 @@ def validate_session(rec: Any, source: str = "<session>", line: int | None = Non
         if hist is not None and hist not in parents:
             ctx.fail(p + "history", f"history parent {hist!r} is not among the parents")
         _num(ctx, r, "think_time", p, required=False, minimum=0)
+        task = r.get("task", "chat")
+        if task not in TASKS:
+            ctx.fail(p + "task", f"expected one of {', '.join(TASKS)}, got {task!r}")
+        if task in DOCUMENT_TASKS:
+            _validate_document_request(ctx, r, p, task)
+            continue
+        if task in BYTE_TASKS:
+            _str(ctx, r, "prompt", p)
+            if r.get("history") is not None:
+                ctx.fail(p + "history", f"a {task} request has no conversation to continue")
+            for f in ("image_width", "image_height", "images"):
+                _num(ctx, r, f, p, required=False, nullable=True, minimum=1, integer=True)
+            _obj(ctx, r, "params", p)
+            continue
         has_m = "messages" in r and r["messages"] is not None
         has_p = "prompt" in r and r["prompt"] is not None
         if has_m == has_p:
@@ -316,6 +341,20 @@ def validate_session(rec: Any, source: str = "<session>", line: int | None = Non
     _obj(ctx, rec, "source")
     _num(ctx, rec, "trace_time", required=False, nullable=True)
     return rec
+
+
+def _validate_document_request(ctx: _Ctx, r: dict, p: str, task: str) -> None:
+    docs = r.get("documents")
+    if not isinstance(docs, list) or not docs or not all(isinstance(d, str) for d in docs):
+        ctx.fail(p + "documents", f"a {task} request needs a non-empty list of document strings")
+    if task == "rerank":
+        _str(ctx, r, "query", p)
+    if r.get("history") is not None:
+        ctx.fail(p + "history", f"a {task} request has no conversation to continue")
+    for f in ("input_tokens", "document_tokens", "query_tokens"):
+        _num(ctx, r, f, p, required=False, nullable=True, minimum=0, integer=True)
+    _str(ctx, r, "endpoint", p, required=False, nullable=True)
+    _obj(ctx, r, "params", p)
 
 
 def _check_acyclic(ctx: _Ctx, reqs: list[dict]) -> None:

@@ -52,6 +52,10 @@ RESPONSE_COLUMNS: dict[str, str] = {
     "target_output_tokens": "BIGINT",
     "prefix_tokens": "BIGINT",
     "target_prefix_tokens": "BIGINT",
+    "task": "VARCHAR",  # tasks beyond chat: vk.eval.tasks
+    "document_count": "BIGINT",
+    "body_bytes": "BIGINT",
+    "t_first_body": "DOUBLE",
     # run header and run_end fields (few lines; JSON keeps them as they are)
     "start_epoch": "DOUBLE",
     "api": "VARCHAR",

@@ -251,6 +251,9 @@ def summary_text(d: dict, s: dict, title: str, markdown: bool) -> str:
                      _num(w["output_tokens_per_s"]), _num(w["total_tokens_per_s"])])
     parts.append(_table(["window", "duration s", "req/s", "input tok/s", "output tok/s", "total tok/s"], rows,
                         markdown))
+    from vk.eval.tasks import task_text
+
+    parts.append(task_text(s, cols, _num, _table, _heading, markdown))
     conc = s["concurrency"]
     parts.append(f"\nrequests in flight (sent, not done): mean {_num(conc['mean'])}, max {_num(conc['max'])}\n")
     if "goodput" in s:

@@ -115,6 +115,11 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
               "windows": {d.axes[r]["label"]: [float(w0[r]), float(w1[r]) if np.isfinite(w1[r]) else None]
                           for r in runs_in}}
     out["throughput"] = {"whole": whole, "steady": steady}
+    from vk.eval.tasks import task_summary  # embeddings, rerank: documents/s, request latency
+
+    tasks = task_summary(d, okg & measured, P, dur)
+    if tasks:
+        out["tasks"] = tasks
     tick("  throughput")
 
     # concurrency (requests in flight between t_sent and t_done)

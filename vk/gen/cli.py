@@ -18,6 +18,8 @@ EPILOG = examples(
     "vk-gen examples/gen-branching.yaml --dot | dot -Tpng > dag.png",
     "vk-gen examples/gen-branching.yaml --png dag.png",
     "vk-gen --trace trace.jsonl --flavor mooncake --stats",
+    'vk-gen --scenario "N(480,240)/(300,150)" --scenario "D(100,1000)" --count 200 > sessions.jsonl',
+    'vk-gen --scenario "E(512)" --set task.documents=16 --count 100 > embeddings.jsonl',
     "vk-gen synth.yaml | vk-schedule --poisson 10 | vk-send --api http://127.0.0.1:8000/v1 > run.jsonl",
 )
 
@@ -51,8 +53,11 @@ def _deep_merge(base: dict, top: dict) -> dict:
 @click.option("--trace", metavar="FILE", help="Sessions from a trace file (session_generator.type: trace).")
 @click.option("--flavor", metavar="NAME", help="The trace's flavor (format), e.g. mooncake, claude_code, rag.")
 @click.option("--stats", is_flag=True, help="Print a summary of the trace (with --trace) instead of sessions.")
+@click.option("--scenario", "scenarios", multiple=True, metavar="S",
+              help="A genai-bench scenario string: N(480,240)/(300,150), U(..), D(100,1000), E(1024), R(512,64), "
+                   "I(1024,512[,n]), P(2000,500)/200. Repeatable: --count sessions of each, labelled (field scenario).")
 def cli_command(config, seed, count, duration, tokenizer, overrides, output, progress, dot, png, trace, flavor,
-                stats):
+                stats, scenarios):
     """Generate sessions: graphs of requests whose prompts have exactly the target number of tokens under
     the tokenizer, with output targets, think times and shared prefixes. Reads a YAML workload (none: single
     requests of 512 tokens with 128-token outputs), writes one session record per line."""
@@ -86,7 +91,7 @@ def cli_command(config, seed, count, duration, tokenizer, overrides, output, pro
     if (dot or png) and count == 0:
         raise VkError("--dot/--png need a number of sessions: --count N (at most 200)")
     sessions = generate(cfg, seed=seed, count=count, duration=duration, tokenizer=tokenizer,
-                        overrides=overrides, progress=show)
+                        overrides=overrides, progress=show, scenarios=scenarios)
     if dot or png:
         from vk.gen.graph import graph_to_dot, render_session_graph
 

@@ -21,7 +21,7 @@ from vk.gen.distributions import ConfigError
 # so that such a config can be given to vk-gen unchanged (vk-gen reports them in `ignored`).
 FOREIGN_SECTIONS = ("client", "traffic_scheduler", "runtime", "output_dir", "server", "evaluators", "evaluator",
                     "trace_recorder", "metrics", "slos", "wandb", "name", "description")
-TOP_KEYS = ("seed", "count", "tokenizer", "session_generator")
+TOP_KEYS = ("seed", "count", "tokenizer", "session_generator", "scenarios")
 
 # --set shorthands (first path segments) and what they stand for
 ALIASES = {
@@ -32,6 +32,8 @@ ALIASES = {
     "graph": "session_generator.session_graph",
     "channel": "session_generator.channels.0",
     "prefix_groups": "session_generator.channels.0.prefix_groups",
+    "task": "session_generator.task",
+    "dataset": "session_generator.dataset",
 }
 
 DEFAULT_BODY = {"type": "fixed", "value": 512}
@@ -53,7 +55,7 @@ SESSION_GENERATOR_KEYS = ("type", "session_graph", "channels", "output_spec", "i
                           "think_time_generator", "request_params", "trace_file", "flavor", "wrap_mode",
                           # trace keys (vk.gen.traces.engine.TraceConfig)
                           "file_format", "format", "output_control", "shuffle", "sample", "max_rows", "window",
-                          "wrap_share_cache", "id_prefix", "corpus_file")
+                          "wrap_share_cache", "id_prefix", "corpus_file", "task", "dataset")
 
 
 class Config:

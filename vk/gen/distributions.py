@@ -363,7 +363,8 @@ def _empirical(p: _Params, base_dir: Path | None) -> Empirical:
     return Empirical(np.asarray(nums, dtype=np.int64), label)
 
 
-LENGTH_TYPES = ("fixed", "uniform", "normal", "lognormal", "zipf", "fixed_stair", "inverse_gaussian", "empirical")
+LENGTH_TYPES = ("fixed", "uniform", "normal", "lognormal", "zipf", "fixed_stair", "inverse_gaussian", "empirical",
+                "floored_normal", "floored_uniform")
 _LENGTH_ALIASES = {"stair": "fixed_stair", "inverse_gaussian": "inverse_gaussian", "invgauss": "inverse_gaussian",
                    "inversegaussian": "inverse_gaussian", "wald": "inverse_gaussian", "gaussian": "normal",
                    "log_normal": "lognormal", "constant": "fixed"}
@@ -442,6 +443,11 @@ def length_distribution(cfg: Any, where: str = "", *, minimum: int = 1, base_dir
         d = _empirical(p, base_dir)
         if d.low < minimum:
             _fail(where, "min", f"the data has values below {minimum}; set min: {minimum}")
+        return d
+    from vk.gen.scenarios import floored_length  # genai-bench's samplers, with its scenario strings
+
+    d = floored_length(t, cfg, where, minimum)
+    if d is not None:
         return d
     _fail(where, "type", f"unknown length generator type {t!r} (one of: {', '.join(LENGTH_TYPES)})")
     raise AssertionError  # unreachable

@@ -49,7 +49,7 @@ OUTPUT_CONTROLS = records.OUTPUT_CONTROLS
 FORMATS = ("chat", "completion")
 INPUT_MODES = ("content", "templated")
 
-_COMPONENTS = {"graph": 1, "input": 2, "output": 3, "content": 4, "prefix": 5, "think": 6, "groups": 7}
+_COMPONENTS = {"graph": 1, "input": 2, "output": 3, "content": 4, "prefix": 5, "think": 6, "groups": 7, "task": 8}
 
 
 def component_rng(seed: int, component: str, index: int = 0) -> np.random.Generator:
@@ -242,8 +242,16 @@ class Workload:
         data = cfg.data
         sg = _Section(cfg, data.get("session_generator"), "session_generator",
                       ("type", "session_graph", "channels", "output_spec", "inherit_history",
-                       "think_time_generator", "request_params"))
+                       "think_time_generator", "request_params", "task", "dataset"))
         sg.choice("type", ("synthetic",), "synthetic")
+        from vk.gen.tasks import TASK_KEYS, TaskSpec
+
+        self.task = TaskSpec(_Section(cfg, sg.get("task"), "session_generator.task", TASK_KEYS))
+        self.dataset = None
+        if sg.has("dataset"):
+            from vk.gen.datasets import DATASET_KEYS, Dataset
+
+            self.dataset = Dataset(_Section(cfg, sg.get("dataset"), "session_generator.dataset", DATASET_KEYS), cfg)
 
         # --- graph --------------------------------------------------------------------------------------------
         gdata = sg.get("session_graph", {"type": "single_request"})
@@ -317,6 +325,8 @@ class Workload:
         self.unique_salt = ch.boolean("unique_salt", False)
         self.format = ch.choice("format", FORMATS, "chat", {"completions": "completion", "chat_completions": "chat"})
         self.input_mode = ch.choice("input_length_mode", INPUT_MODES, "content")
+        if self.task.type == "vision" and self.format != "chat":
+            raise cfg.error(f"{cpath}.format", "task type 'vision' sends chat messages: format must be chat")
         if self.input_mode == "templated" and self.format != "chat":
             raise cfg.error(f"{cpath}.input_length_mode", "'templated' applies to format: chat only")
         corpus = ch.get("corpus")
@@ -466,8 +476,32 @@ class Workload:
         nodes = self._graph(g_rng)
         text = self.text
         reqs = []
+        task_rng = component_rng(seed, "task", i) if self.task.type != "chat" or self.dataset else None
         for j, (parents, hist) in enumerate(nodes):
             is_root = not parents
+            fields = None
+            if self.dataset is not None:  # content from the user's data (vk.gen.datasets): row i + j
+                from vk.gen.datasets import request_fields
+
+                fields = request_fields(self, self.dataset.row(i + j, task_rng), in_rng, task_rng)
+                if "messages" in fields:
+                    fields.update(history=f"r{hist}" if hist is not None else None,
+                                  output_tokens=max(1, self.output.sample(out_rng)),
+                                  output_control=self.output_control)
+            elif self.task.type in ("embeddings", "rerank", "image_generation", "speech"):
+                c_rng = component_rng(seed, "content", i * 4096 + j)
+                if self.task.type in ("embeddings", "rerank"):
+                    fields = self.task.text_request(text, task_rng, c_rng)
+                else:
+                    n = self.body.sample(in_rng)
+                    fields = self.task.prompt_request(text.start(n, c_rng), n, task_rng)
+            if fields is not None:
+                no_think = is_root or (isinstance(self.think, FixedInterval) and self.think.mean == 0)
+                reqs.append(records.new_request(
+                    f"r{j}", parents=[f"r{x}" for x in parents],
+                    think_time=0.0 if no_think else round(self.think.sample(t_rng), 6),
+                    params=dict(self.params) if self.params else None, **fields))
+                continue
             body_len = self.body.sample(in_rng)
             out_len = max(1, self.output.sample(out_rng))
             no_think = is_root or (isinstance(self.think, FixedInterval) and self.think.mean == 0)
@@ -545,11 +579,15 @@ class Workload:
                     self.notes.add(f"first requests {got - want:+d} tokens off their templated target under "
                                    f"this chat template", i)
                 overhead = got - n_input  # this request's own template tokens, as the server will count them
+            extra: dict = {}
+            if self.task.type == "vision":
+                parts, sizes = self.task.image_parts(task_rng)
+                msgs[-1] = {"role": "user", "content": [{"type": "text", "text": user}] + parts}
+                extra.update(task="vision", image_sizes=sizes)
             if self.format == "chat":
                 content = {"messages": msgs}
             else:
                 content = {"prompt": user}
-            extra: dict = {}
             if overhead:
                 extra["template_tokens"] = overhead
             if group is not None:
@@ -639,15 +677,18 @@ def generator_type(cfg: Config) -> str:
 
 
 def generate(config=None, *, seed: int | None = None, count: int | None = None, duration: float | None = None,
-             tokenizer=None, overrides=(), progress: bool = False) -> Iterator[dict]:
+             tokenizer=None, overrides=(), progress: bool = False, scenarios=()) -> Iterator[dict]:
     """Stream session records for a vk-gen config (a dict, a YAML path, or None for the default workload).
 
     ``seed`` (default: the config's ``seed``, else 0), ``count`` sessions (default: the config's ``count``, else
     100; 0 means no limit), ``duration``: for trace workloads, stop at sessions whose ``trace_time`` is past it.
     ``tokenizer``: a name, a path or a ``vk.tokenizer.Tokenizer`` (default: the config's, else qwen2.5).
-    ``overrides``: ``"dotted.key=value"`` strings, as ``--set`` takes them. Errors raise ``VkError``.
+    ``overrides``: ``"dotted.key=value"`` strings, as ``--set`` takes them. ``scenarios``: genai-bench scenario
+    strings (else the config's ``scenarios`` list): ``count`` sessions of each, labelled (``vk.gen.scenarios``).
+    Errors raise ``VkError``.
     """
     cfg = _resolve(config, overrides)
+    scenarios = _scenario_list(cfg, scenarios)
     seed, count, tokenizer = _top(cfg, seed, count, tokenizer)
     if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
                                  or duration <= 0):
@@ -661,8 +702,50 @@ def generate(config=None, *, seed: int | None = None, count: int | None = None, 
                       "vk-schedule --duration")
     if count is None:
         count = DEFAULT_COUNT
+    if scenarios:
+        return _scenario_sessions(cfg, scenarios, seed, count, tokenizer, progress)
     work = Workload(cfg, seed, tokenizer)
     return _synthetic_sessions(work, count, progress, cfg.source)
+
+
+def _scenario_list(cfg: Config, given) -> list:
+    from vk.gen.scenarios import parse_scenario
+
+    if given:
+        return [parse_scenario(x) for x in given]
+    listed = cfg.data.get("scenarios")
+    if listed is None:
+        return []
+    if isinstance(listed, str):
+        listed = [listed]
+    if not isinstance(listed, list) or not listed:
+        raise cfg.error("scenarios", f"expected a list of scenario strings, got {listed!r}")
+    return [parse_scenario(x, cfg.where(f"scenarios[{i}]").rstrip(": ")) for i, x in enumerate(listed)]
+
+
+def _scenario_sessions(cfg: Config, scenarios, seed, count, tokenizer, progress) -> Iterator[dict]:
+    """``count`` sessions per scenario, one block after the other; session indexes run on across blocks."""
+    from vk.gen.scenarios import scenario_config
+    from vk.tokenizer import load_tokenizer
+
+    if count == 0:
+        raise VkError("--scenario: give --count N (sessions per scenario); 0 (no limit) would never reach the next")
+    tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else load_tokenizer(tokenizer)
+    works = [(sc, Workload(scenario_config(cfg, sc), seed, tok)) for sc in scenarios]  # all errors before output
+    bar = _progress_bar(count * len(works), progress)
+    extra = {"file": cfg.source} if cfg.source else None
+    try:
+        for b, (sc, work) in enumerate(works):
+            for i in range(b * count, (b + 1) * count):
+                s = work.session(i, extra)
+                s["scenario"] = sc.label
+                yield s
+                if bar is not None:
+                    bar.update(1)
+            work.notes.flush()
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _progress_bar(total, progress: bool):

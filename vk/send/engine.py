@@ -24,6 +24,7 @@ from typing import Any
 
 from vk import __version__
 from vk.records import STATUS_CANCELLED, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, new_response
+from vk.send import tasks
 from vk.send.answer import interpret
 from vk.send.apis import adapter_for
 from vk.send.clock import Deadlines, RunClock
@@ -40,7 +41,7 @@ PARSE_WAIT_MAX = 0.02  # seconds: ... but never postponed longer than this
 _SS_KNOWN = {"kind", "v", "index", "start", "warmup", "session"}
 _SESSION_KNOWN = {"kind", "v", "id", "requests", "source", "trace_time"}
 _REQUEST_KNOWN = {"id", "parents", "history", "think_time", "messages", "prompt", "input_tokens", "prefix_tokens",
-                  "output_tokens", "output_control", "params"}
+                  "output_tokens", "output_control", "params", *tasks.CONTENT_FIELDS}
 
 
 @dataclass
@@ -363,6 +364,8 @@ class Engine:
         for k, v in r.items():
             if k not in _REQUEST_KNOWN and k not in rec:
                 rec[k] = v
+        if tasks.is_task_request(r):
+            rec.update(tasks.record_fields(r))
         return rec
 
     # ---------------------------------------------------------------------------------------------------------
@@ -402,16 +405,27 @@ class Engine:
                 return  # recorded as not sent by _cancel_all
         t_dispatched = _mono()
         rid = r["id"]
-        content = self._conversation(s, r)
-        body = self._body(r, content)
+        cfg = self.cfg
+        head_prefix = self._head_prefix
+        if tasks.is_task_request(r):  # embeddings, rerank, images, speech: own path and body (vk.send.tasks)
+            if not isinstance(self.client, RawClient):
+                self._record_unsent(s, rid, STATUS_ERROR, f"not sent: {r['task']} requests go with the default "
+                                                          "client (--client raw)")
+                return
+            content = ""
+            body = tasks.request_body(r, self.base_body.get("model"))
+            head_prefix = tasks.head_prefix(head_prefix, cfg.path, tasks.request_path(cfg.path, r))
+        else:
+            content = self._conversation(s, r)
+            body = self._body(r, content)
         xrid = f"vk-{self.run_short}-{s.index}-{s.pos[rid]}"
-        signed = self.adapter.sign(body)  # a signature or fresh token for this body (most styles: none)
+        # a signature or fresh token for this body (most styles: none; task requests go unsigned to their own path)
+        signed = None if content == "" and tasks.is_task_request(r) else self.adapter.sign(body)
         ex = Exchange()
         self.inflight += 1
-        cfg = self.cfg
         try:
             if isinstance(self.client, RawClient):
-                head = self._head_prefix + f"X-Request-Id: {xrid}\r\nContent-Length: {len(body)}\r\n".encode()
+                head = head_prefix + f"X-Request-Id: {xrid}\r\nContent-Length: {len(body)}\r\n".encode()
                 if signed:
                     head += "".join(f"{k}: {v}\r\n" for k, v in signed.items()).encode("latin-1")
                 await self.client.request(s.pool, ex, head + b"\r\n", body, cfg.first_byte_timeout, cfg.timeout)
@@ -451,7 +465,10 @@ class Engine:
 
     def _finish_record(self, s: _Sess, r: dict, ex: Exchange, t_intended, t_dispatched, xrid) -> tuple[str, str]:
         mono0 = self.clock.mono0
-        verdict = interpret(ex, self.cfg.stream, self.completions, self.clock, self.adapter)
+        if tasks.is_task_request(r):
+            verdict = tasks.interpret_answer(ex, r, self.clock)
+        else:
+            verdict = interpret(ex, self.cfg.stream, self.completions, self.clock, self.adapter)
         status = verdict["status"]
         error = verdict["error"]
         parsed = verdict["parsed"]
@@ -483,6 +500,8 @@ class Engine:
             rec["usage"] = None
             rec["finish_reason"] = None
         rec["x_request_id"] = xrid
+        if parsed is not None and parsed.get("fields"):  # a task's own figures (vk.send.tasks)
+            rec.update(parsed["fields"])
         rec["attempts"] = ex.attempts or 1
         rec["protocol"] = ex.protocol
         if verdict["warning"]:

@@ -15,6 +15,7 @@ import orjson
 
 from vk import __version__
 from vk.serve.apis import STYLE_MARK, protocol_for
+from vk.serve import tasks
 from vk.serve.chat import chat_renderer, no_template_note
 from vk.serve.connection import Conn, HTTPError, error_body
 from vk.serve.engine import FixedLatency, Seq, Stats
@@ -80,6 +81,11 @@ class Options:
     max_body_bytes: int = 32 * 1024 * 1024  # larger request bodies get 413
     idle_timeout: float = 5.0  # seconds a connection may wait between requests or inside one (uvicorn's, for vLLM)
     api_style: str = "openai"  # also speak this provider's API (vk.serve.apis)
+    encoder_fixed: float = 0.002  # embeddings/rerank: seconds per request, plus encoder_token per token (tasks.py)
+    encoder_token: float = 0.00002
+    image_megapixel: float = 0.5  # image generation: seconds per megapixel on the one diffusion queue
+    speech_ttfb: float = 0.05  # speech: seconds to the first audio bytes
+    speech_speed: float = 10.0  # speech: audio made this many times faster than real time
     extra: dict = field(default_factory=dict)
 
 
@@ -128,6 +134,8 @@ class App:
         self.drain_scheduled = False
         self.sched.on_step = self._after_step
         self.protocol = protocol_for(opts.api_style, self)
+        self.encoder = tasks.Encoder(opts.encoder_fixed, opts.encoder_token)
+        self.painter = tasks.Encoder(0.0, 0.0)  # image generation's queue (vk.serve.tasks.handle_bytes)
 
     # -- intake: request handling yields to the engine's step timers ----------------------------------------
     def enqueue(self, conn: Conn) -> None:
@@ -199,6 +207,9 @@ class App:
                 if method != "POST":
                     raise HTTPError(405, "Method Not Allowed")
                 self.completion(conn, path == "/v1/chat/completions", headers, body)
+                return
+            if path in tasks.PATHS:  # embeddings, rerank, images, speech: their cost models
+                tasks.handle(self, conn, method, path, body)
                 return
             if method not in ("GET", "HEAD"):
                 if path in ("/health", "/v1/models", "/metrics", "/version", "/ping"):
@@ -279,6 +290,8 @@ class App:
         """Fixed-latency mode starts a request before its prompt is counted when nothing it sends before the end
         depends on the count: an explicit max_tokens that fits beside any prompt of ``bound`` tokens, and no usage
         in every chunk. (Its usage waits for the count, if the count comes after the last token.)"""
+        if tasks.IMAGE_KEY in req:  # the images' tokens join the count: wait for it
+            return False
         max_tokens = req.get("max_completion_tokens") if chat else None
         if max_tokens is None:
             max_tokens = req.get("max_tokens", None if chat else 16)
@@ -311,6 +324,11 @@ class App:
                t_recv: float) -> Seq | None:
         """Validate the rest of a request whose prompt is known (``plen`` None: not counted yet, see
         :meth:`_starts_uncounted`) and start it; the Seq, or None when it was answered at once (fault)."""
+        images = req.pop(tasks.IMAGE_KEY, None)
+        if images:  # vision: the images' tokens follow the text's (counted from their sizes)
+            plen = None if plen is None else plen + sum(n for n, _ in images)
+            if prompt_ids is not None:
+                prompt_ids = list(prompt_ids) + tasks.image_ids(images, self.word_ids)
         stream = req.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
             raise HTTPError(400, "'stream' must be a boolean", param="stream")

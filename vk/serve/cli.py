@@ -89,11 +89,22 @@ def _profiles_help() -> str:
 @click.option("--api-style", type=click.Choice(API_STYLES),
               default="openai", show_default=True,
               help="Also speak this provider's API on its own route (see man vk-serve, API STYLES).")
+@click.option("--encoder-fixed", type=float, default=0.002, show_default=True, metavar="S",
+              help="Embeddings and rerank: seconds per request on the one encoder, plus --encoder-token per token.")
+@click.option("--encoder-token", type=float, default=0.00002, show_default=True, metavar="S",
+              help="Embeddings and rerank: seconds per input token (rerank: per query+document pair token).")
+@click.option("--image-megapixel", type=float, default=0.5, show_default=True, metavar="S",
+              help="Image generation: seconds per megapixel made, one request after the other.")
+@click.option("--speech-ttfb", type=float, default=0.05, show_default=True, metavar="S",
+              help="Speech: seconds to the first audio bytes.")
+@click.option("--speech-speed", type=float, default=10.0, show_default=True, metavar="X",
+              help="Speech: audio is made X times faster than real time (0.2 s of speech per input token).")
 def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles, max_num_seqs,
                 max_num_batched_tokens, num_blocks, block_size, max_model_len, no_prefix_caching, t_fixed,
                 t_weights, t_token, t_kv, speed, stop_mean, stop_sigma, seed, server_timestamps, fault_429,
                 fault_500, fault_503, fault_stall, stall_seconds, fault_disconnect, fault_malformed, fault_seed,
-                log_requests, tls_cert, tls_key, reasoning_tokens, max_body_bytes, idle_timeout, api_style):
+                log_requests, tls_cert, tls_key, reasoning_tokens, max_body_bytes, idle_timeout, api_style, encoder_fixed,
+                encoder_token, image_megapixel, speech_ttfb, speech_speed):
     """Serve a simulated LLM with vLLM's OpenAI-compatible API.
 
     Without --ttft/--tpot the engine model runs: continuous batching, chunked prefill, a paged KV cache with
@@ -113,11 +124,15 @@ def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles
         raise VkError(f"the --fault-* fractions add up to {total:g} > 1")
     for name, v in (("--ttft", ttft), ("--tpot", tpot), ("--stall-seconds", stall_seconds), ("--t-fixed", t_fixed),
                     ("--t-weights", t_weights), ("--t-token", t_token), ("--t-kv", t_kv), ("--speed", speed),
-                    ("--stop-mean", stop_mean), ("--stop-sigma", stop_sigma), ("--idle-timeout", idle_timeout)):
+                    ("--stop-mean", stop_mean), ("--stop-sigma", stop_sigma), ("--idle-timeout", idle_timeout),
+                    ("--encoder-fixed", encoder_fixed), ("--encoder-token", encoder_token),
+                    ("--image-megapixel", image_megapixel), ("--speech-ttfb", speech_ttfb)):
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise VkError(f"{name} must be a finite number >= 0, got {v:g}")
     if speed <= 0:
         raise VkError("--speed must be > 0")
+    if not (math.isfinite(speech_speed) and speech_speed > 0):
+        raise VkError(f"--speech-speed must be a finite number > 0, got {speech_speed:g}")
     for name, v in (("--max-num-seqs", max_num_seqs), ("--max-num-batched-tokens", max_num_batched_tokens),
                     ("--num-blocks", num_blocks), ("--block-size", block_size), ("--max-model-len", max_model_len)):
         if v is not None and v < 1:
@@ -141,7 +156,9 @@ def cli_command(host, port, model, tokenizer, ttft, tpot, profile, list_profiles
               fault_500=fault_500, fault_503=fault_503, fault_stall=fault_stall, stall_seconds=stall_seconds,
               fault_disconnect=fault_disconnect, fault_malformed=fault_malformed, fault_seed=fault_seed,
               log_requests=log_requests, tls_cert=tls_cert, tls_key=tls_key, reasoning_tokens=reasoning_tokens,
-              max_body_bytes=max_body_bytes, idle_timeout=idle_timeout, api_style=api_style)
+              max_body_bytes=max_body_bytes, idle_timeout=idle_timeout, api_style=api_style, encoder_fixed=encoder_fixed,
+              encoder_token=encoder_token, image_megapixel=image_megapixel, speech_ttfb=speech_ttfb,
+              speech_speed=speech_speed)
     except OSError as e:
         raise VkError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 

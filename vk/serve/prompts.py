@@ -35,6 +35,12 @@ UPPER_BOUND_SLACK = 8  # token count <= UTF-8 bytes + this (a token covers at le
 def prepare(chat: bool, body: bytes, model: str, render) -> tuple[dict, str | list[int]]:
     """Parse and validate a completion request: ``(request, prompt)`` with the prompt as text (the chat template
     applied by ``render(messages, add_generation_prompt)``) or as token ids. Raises :class:`HTTPError`."""
+    req = parse_body(body, model)
+    return req, (_chat_text(req, render) if chat else _completion_prompt(req))
+
+
+def parse_body(body: bytes, model: str) -> dict:
+    """A request body's JSON object, for the model served (vLLM's errors otherwise). Raises :class:`HTTPError`."""
     try:
         req = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -44,7 +50,7 @@ def prepare(chat: bool, body: bytes, model: str, render) -> tuple[dict, str | li
     want = req.get("model")
     if want is not None and want != model:
         raise HTTPError(404, f"The model `{want}` does not exist.", "NotFoundError", "model")
-    return req, (_chat_text(req, render) if chat else _completion_prompt(req))
+    return req
 
 
 def _chat_text(req: dict, render) -> str:
@@ -54,6 +60,7 @@ def _chat_text(req: dict, render) -> str:
     if not isinstance(msgs, list) or not msgs:
         raise HTTPError(400, "'messages' must be a non-empty list of messages", param="messages")
     flat = []
+    images = []  # image_url parts: (tokens, seed), counted from their size (vk.serve.tasks)
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise HTTPError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
@@ -65,12 +72,21 @@ def _chat_text(req: dict, render) -> str:
                     parts.append(str(p.get("text", "")))
                 elif isinstance(p, str):
                     parts.append(p)
+                elif isinstance(p, dict) and p.get("type") == "image_url":
+                    from vk.serve.tasks import image_part
+
+                    images.append(image_part(p))
                 else:
-                    raise HTTPError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+                    raise HTTPError(400, f"messages[{i}].content: only text and image_url parts are supported",
+                                    param="messages")
             m = {**m, "content": "".join(parts)}
         elif c is not None and not isinstance(c, str):
             raise HTTPError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
         flat.append(m)
+    if images:
+        from vk.serve.tasks import IMAGE_KEY
+
+        req[IMAGE_KEY] = images
     try:
         return render(flat, bool(req.get("add_generation_prompt", True)))
     except HTTPError:
