@@ -406,14 +406,14 @@ class Engine:
         t_dispatched = _mono()
         rid = r["id"]
         cfg = self.cfg
-        head_prefix = self._head_prefix
+        head_prefix = getattr(self, "_head_prefix", b"")  # set only for the raw client
         if tasks.is_task_request(r):  # embeddings, rerank, images, speech: own path and body (vk.send.tasks)
             if not isinstance(self.client, RawClient):
                 self._record_unsent(s, rid, STATUS_ERROR, f"not sent: {r['task']} requests go with the default "
                                                           "client (--client raw)")
                 return
             content = ""
-            body = tasks.request_body(r, self.base_body.get("model"))
+            body = tasks.request_body(r, cfg.model)
             head_prefix = tasks.head_prefix(head_prefix, cfg.path, tasks.request_path(cfg.path, r))
         else:
             content = self._conversation(s, r)

@@ -14,8 +14,8 @@ import numpy as np
 import orjson
 
 from vk import __version__
-from vk.serve.apis import STYLE_MARK, protocol_for
 from vk.serve import tasks
+from vk.serve.apis import STYLE_MARK, protocol_for
 from vk.serve.chat import chat_renderer, no_template_note
 from vk.serve.connection import Conn, HTTPError, error_body
 from vk.serve.engine import FixedLatency, Seq, Stats
