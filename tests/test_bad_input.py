@@ -29,6 +29,24 @@ def sched(tmp_path):
     return write_jsonl(tmp_path / "s.jsonl", open_schedule(sess, [0.0, 0.01, 0.02]))
 
 
+@pytest.mark.parametrize("gen", [
+    "{type: fixed, value: 1e12}",  # YAML 1.1 reads 1e12 as a string
+    "{type: fixed, value: 1.0e12}",
+    "{type: fixed, value: '1e12'}",
+    "{type: fixed, value: 1e400}",
+    "{type: uniform, min: 1, max: 1e12}",
+    "{type: normal, mean: 1e400, std: 1}",
+    "{type: normal, mean: '1e8', std: 1}",
+    "{type: fixed_stair, values: [1, 100000000000]}",
+    "{type: empirical, values: [1, '1e400']}",
+])
+def test_vk_gen_length_ceiling_however_the_number_is_written(tmp_path, gen):
+    path = tmp_path / "L.yaml"
+    path.write_text("seed: 1\nsession_generator: {type: synthetic, channels: [{type: text, "
+                    f"body_length_generator: {gen}}}]}}\n")
+    one_line_exit_2(run_vk("vk-gen", str(path), "--count", "1", timeout=60), "body_length_generator")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # vk-gen
 
