@@ -97,6 +97,7 @@ def test_vk_schedule(tmp_path, args, expect):
 @pytest.mark.parametrize("args,expect", [
     (["--api", "http://127.0.0.1:99999/v1"], "--api"),
     (["--api", "http://127.0.0.1:0/v1"], "--api"),
+    (["--api", "http://[::1/v1"], "--api"),
     (["--timeout", "nan"], "--timeout"),
     (["--timeout", "inf"], "--timeout"),
     (["--first-byte-timeout", "nan"], "--first-byte-timeout"),
@@ -116,6 +117,17 @@ def test_vk_send_options(sched, args, expect):
     p = run_vk("vk-send", sched, *base, "--model", "m", *args, timeout=60)
     one_line_exit_2(p, expect)
     assert p.stdout == b""  # not even a run header
+
+
+@pytest.mark.parametrize("model", [[], ["--model", "m"]])
+def test_vk_send_unreachable_server_exits_4_with_or_without_model(sched, model):
+    """No server: not bad input (man vk-send: EXIT STATUS 4), whether or not the model list had to be asked."""
+    p = run_vk("vk-send", sched, "--api", f"http://127.0.0.1:{_free_port()}/v1", *model, timeout=60)
+    err = p.stderr.decode()
+    assert p.returncode == 4, (p.returncode, err)
+    assert "Traceback" not in err, err
+    if not model:
+        assert len(err.strip().splitlines()) == 1 and "unreachable" in err, err
 
 
 def _schedule_lines(tmp_path, recs) -> str:
