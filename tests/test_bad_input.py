@@ -208,3 +208,23 @@ def test_vk_send_warns_when_open_files_are_too_few(tmp_path, serve):
                        capture_output=True, preexec_fn=limit, timeout=120)
     err = p.stderr.decode()
     assert "open-file limit is 128" in err and "starts up to 300 sessions within 10 s" in err, err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# vk-eval compare, vk-serve
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--confidence", "2"], "--confidence"),
+    (["--confidence", "nan"], "--confidence"),
+    (["--confidence", "0"], "--confidence"),
+    (["--confidence", "1"], "--confidence"),
+    (["--bootstrap", "-1"], "--bootstrap"),
+])
+def test_vk_eval_compare_options(tmp_path, args, expect):
+    run = write_jsonl(tmp_path / "a.jsonl", [])
+    one_line_exit_2(run_vk("vk-eval", "compare", str(run), str(run), *args, timeout=60), expect)
+
+
+def test_vk_serve_unknown_tokenizer_one_line_also_from_the_prompt_worker():
+    one_line_exit_2(run_vk("vk-serve", "--port", "0", "--tokenizer", "nosuch", timeout=60), "nosuch")

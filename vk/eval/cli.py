@@ -197,8 +197,8 @@ def plot_cmd(args, outdir, overlay, labels):
 @click.option("-f", "--format", "fmt", type=click.Choice(["table", "json", "markdown", "csv"]), default="table",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--bootstrap", default=1000, show_default=True, help="Bootstrap resamples for the intervals.")
-@click.option("--confidence", default=0.95, show_default=True, help="Confidence level of the intervals.")
+@click.option("--bootstrap", default=1000, show_default=True, help="Bootstrap resamples for the intervals (0: none).")
+@click.option("--confidence", default=0.95, show_default=True, help="Confidence level of the intervals (0 < C < 1).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap.")
 @click.option("--percentiles", metavar="LIST", help="Percentiles to compare (default p50,p90,p99).")
 def compare_cmd(a, b, fmt, as_json, bootstrap, confidence, seed, percentiles):
