@@ -119,6 +119,28 @@ def test_vk_send_options(sched, args, expect):
     assert p.stdout == b""  # not even a run header
 
 
+def test_vk_schedule_missing_input_leaves_no_output(tmp_path):
+    out = tmp_path / "x.jsonl"
+    one_line_exit_2(run_vk("vk-schedule", str(tmp_path / "nonexist.jsonl"), "--poisson", "5", "-o", str(out)),
+                    "nonexist.jsonl")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("stdin", [False, True])
+def test_vk_send_no_sessions_is_one_line_exit_2(tmp_path, stdin):
+    empty = tmp_path / "e.jsonl"
+    empty.write_bytes(b"")
+    args = ["--api", f"http://127.0.0.1:{_free_port()}/v1", "--model", "m"]
+    p = run_vk("vk-send", *args, input=b"", timeout=60) if stdin else run_vk("vk-send", str(empty), *args)
+    one_line_exit_2(p, "no sessions in the input")
+
+
+def test_examples_makefile_deletes_on_error():
+    from pathlib import Path
+
+    assert ".DELETE_ON_ERROR:" in (Path(__file__).parent.parent / "examples" / "Makefile").read_text()
+
+
 @pytest.mark.parametrize("model", [[], ["--model", "m"]])
 def test_vk_send_unreachable_server_exits_4_with_or_without_model(sched, model):
     """No server: not bad input (man vk-send: EXIT STATUS 4), whether or not the model list had to be asked."""

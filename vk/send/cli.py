@@ -153,6 +153,8 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
             total += 1
             if mode == "open":
                 starts.append(first_due(ss))
+        if total == 0:
+            raise VkError(f"{source_name(paths[0])}: no sessions in the input")
         peak = peak_starts(starts) if starts else None
         recs = (r for _, _, r in read_records(paths, validate=False))
         validate = False
@@ -173,6 +175,9 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
         ray=ray_address, workers_per_node=workers_per_node,
     )
     code = EXIT_STATUS.get(end["ended"], 0)
+    if end["ended"] == "complete" and end.get("sessions_scheduled") == 0:  # e.g. an empty pipe
+        print(f"vk-send: {source_name(paths[0])}: no sessions in the input", file=sys.stderr)
+        code = 2
     if end["ended"] in ("max_errors", "unreachable"):
         print(f"vk-send: stopped early: {end['reason']}" if end["ended"] == "max_errors" else
               f"vk-send: {end['reason']}", file=sys.stderr)
