@@ -250,3 +250,9 @@ def test_vk_eval_compare_options(tmp_path, args, expect):
 
 def test_vk_serve_unknown_tokenizer_one_line_also_from_the_prompt_worker():
     one_line_exit_2(run_vk("vk-serve", "--port", "0", "--tokenizer", "nosuch", timeout=60), "nosuch")
+
+
+@pytest.mark.parametrize("start_at", ["1e30", str(10**12)])
+def test_vk_schedule_absurd_start_at_refused(tmp_path, start_at):
+    sessions = write_jsonl(tmp_path / "s.jsonl", [session("s0", [req("a")])])
+    one_line_exit_2(run_vk("vk-schedule", sessions, "--poisson", "1", "--start-at", start_at), "--start-at")
