@@ -109,6 +109,8 @@ def test_vk_schedule(tmp_path, args, expect):
     (["-H", "Bad Name: x"], "not a valid header name"),
     (["--workers", "100000"], "--workers"),
     (["--api-key-file", "/no/such/key"], "--api-key-file"),
+    (["--http2", "--client", "raw"], "--http2"),
+    (["--http2", "--client", "aiohttp"], "--http2"),
 ])
 def test_vk_send_options(sched, args, expect):
     base = ["--api", f"http://127.0.0.1:{_free_port()}/v1"]
@@ -256,3 +258,31 @@ def test_vk_serve_unknown_tokenizer_one_line_also_from_the_prompt_worker():
 def test_vk_schedule_absurd_start_at_refused(tmp_path, start_at):
     sessions = write_jsonl(tmp_path / "s.jsonl", [session("s0", [req("a")])])
     one_line_exit_2(run_vk("vk-schedule", sessions, "--poisson", "1", "--start-at", start_at), "--start-at")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the documentation of what is refused above, and of the commands
+
+
+def test_man_pages_render_without_warnings():
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("man") is None:
+        pytest.skip("no man(1)")
+    for page in sorted((Path(__file__).parent.parent / "man").glob("*.[15]")):
+        p = subprocess.run(["man", "--warnings", "-l", str(page)], capture_output=True,
+                           env={**os.environ, "MANWIDTH": "100"}, timeout=60)
+        assert p.stderr == b"", (page.name, p.stderr.decode())
+        if page.name != "vk-sweep.1" and page.name.endswith(".1"):
+            assert b"vk-sweep" in p.stdout.split(b"SEE ALSO")[-1], page.name
+
+
+def test_vk_eval_help_lists_every_subcommand():
+    from vk.eval.cli import SUBCOMMANDS
+
+    out = run_vk("vk-eval", "--help", check=True).stdout.decode()
+    listed = out.split("Subcommands:")[1].split("(")[0]
+    assert all(c in listed for c in SUBCOMMANDS), listed

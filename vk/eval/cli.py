@@ -5,6 +5,7 @@
     vk-eval plot DIR run.jsonl ...            PNG figures
     vk-eval compare A.jsonl B.jsonl           side by side, with bootstrap confidence intervals
     vk-eval report DIR run.jsonl ...          self-contained HTML report
+    vk-eval sweep DIR ...                     vk-sweep directories scored again, no traffic
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ EPILOG = examples(
     "vk-eval big.jsonl --cache               # parsed once; later runs read big.jsonl.vk-eval-cache/",
     "",
     "\b",
-    "Subcommands: sql, plot, compare, report, live, trace (vk-eval SUBCOMMAND --help). Times are in seconds in JSON/CSV",
-    "and in milliseconds in tables. Percentiles are linear (not nearest rank); stddev is the population one.",
+    "Subcommands: sql, plot, compare, report, sweep, live, trace (vk-eval SUBCOMMAND --help). Times are in",
+    "seconds in JSON/CSV and in milliseconds in tables. Percentiles are linear (not nearest rank); stddev is the population one.",
     "Exit status: 1 an SLO missed (--check), 2 bad input or option, 74 no space left for an output.",
 )
 

@@ -82,7 +82,7 @@ def _is_file(p: str) -> bool:
               help="Body field for ignore-EOS ('' to omit).")
 @click.option("--client", type=click.Choice(["raw", "aiohttp", "httpx"]), default="raw", show_default=True,
               help="HTTP client: raw sockets with kernel receive timestamps, or aiohttp / httpx.")
-@click.option("--http2", is_flag=True, help="Use HTTP/2 (through httpx).")
+@click.option("--http2", is_flag=True, help="Use HTTP/2 (through httpx; refused with another --client).")
 @click.option("--no-kernel-timestamps", is_flag=True,
               help="Time events when Python reads them instead of when the kernel received them.")
 @click.option("--lag-threshold", type=click.FloatRange(min=0), default=DEFAULT_LAG_THRESHOLD, show_default=True, metavar="S",
@@ -122,6 +122,9 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
         api_key = read_api_key_file(api_key_file)
     _hide_secrets_from_ps(api_key)
     paths = list(schedule) or ["-"]
+    if http2 and client != "httpx" and click.get_current_context().get_parameter_source("client") not in (
+            click.core.ParameterSource.DEFAULT, None):
+        raise VkError(f"--http2 runs the httpx client: drop --client {client}, or say --client httpx")
     if ray_address and os.path.exists(ray_address):
         raise VkError(f"--ray: {ray_address!r} is a file, not a cluster address (write --ray=ADDRESS, or put --ray "
                       "after the input files)")
