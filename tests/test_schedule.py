@@ -375,3 +375,18 @@ def test_sessions_marked_warmup_stay_warmup():
     p = run_vk("vk-schedule", "--poisson", "1", "-q", input=b"\n".join(lines) + b"\n", check=True)
     out = [orjson.loads(x) for x in p.stdout.splitlines()][1:]
     assert [r.get("warmup", False) for r in out] == [True, False]
+
+
+def test_cache_share_counts_the_history_a_request_inherits(tmp_path):
+    """A request that continues a conversation is sent with its parent's prompt and output: an infinite prefix
+    cache serves those plus the declared shared prefix (vk-eval's ideal cache share, from the targets)."""
+    r0 = records.new_request("r0", messages=[{"role": "user", "content": "a"}], input_tokens=100, prefix_tokens=20,
+                             output_tokens=50)
+    r1 = records.new_request("r1", messages=[{"role": "user", "content": "b"}], parents=["r0"], history="r0",
+                             input_tokens=10, output_tokens=16)
+    r2 = records.new_request("r2", messages=[{"role": "user", "content": "c"}], parents=["r1"], history="r1",
+                             input_tokens=5, output_tokens=16)
+    path = write_sessions(tmp_path / "s.jsonl", [records.new_session("s0", [r0, r1, r2])])
+    s = orjson.loads(run_vk("vk-schedule", str(path), "--poisson", "1", "--stats", "--json", check=True).stderr)
+    # prompts: 100, 100 + 50 + 10 = 160, 160 + 16 + 5 = 181; cached: 20, 150, 176
+    assert (s["input_tokens"], s["predicted_cached_tokens"]) == (441, 346)

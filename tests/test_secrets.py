@@ -45,7 +45,7 @@ def run_and_watch(args, tmp_path, env=None):
 
 
 @pytest.mark.parametrize("form", ["api-key", "api-key=", "H-attached", "H-separate", "header=", "extra-body",
-                                  "url-userinfo", "url-query", "key-file", "env"])
+                                  "url-query", "key-file", "env"])
 def test_key_never_leaks(serve, tmp_path, form):
     srv = serve("--ttft", "0.02", "--tpot", "0.002")
     n = 60
@@ -66,8 +66,6 @@ def test_key_never_leaks(serve, tmp_path, form):
         extra = [f"--header=Authorization: Bearer {KEY}"]
     elif form == "extra-body":
         extra = ["--extra-body", orjson.dumps({"api_key": KEY, "temperature": 0}).decode()]
-    elif form == "url-userinfo":
-        api = api.replace("http://", f"http://user:{KEY}@")
     elif form == "url-query":
         api = api + f"?api-key={KEY}&api-version=2024-10-21"
     elif form == "key-file":
@@ -85,6 +83,43 @@ def test_key_never_leaks(serve, tmp_path, form):
     assert any("vk-send worker" in c for c in seen[1:])  # the workers show their own title
     if form == "url-query":
         assert b"api-version=2024-10-21" in output  # only secrets are masked
+
+
+@pytest.mark.parametrize("model", [[], ["--model", "m"]])
+def test_url_userinfo_is_refused_in_one_line_without_the_key(serve, tmp_path, model):
+    """urllib cannot request user:password@host and the run's requests would not carry them: refused, redacted."""
+    from conftest import run_vk
+
+    srv = serve()
+    sched = write_jsonl(tmp_path / "s.jsonl", open_schedule([session("s0", [req("a")])], [0.0]))
+    api = srv.url.replace("http://", f"http://user:{KEY}@") + f"?key={KEY}"
+    p = run_vk("vk-send", str(sched), "--api", api, *model, timeout=60)
+    err = p.stderr.decode()
+    assert p.returncode == 2 and len(err.strip().splitlines()) == 1, (p.returncode, err)
+    assert KEY not in err and "Traceback" not in err and "credentials" in err, err
+
+
+def test_model_lookup_failure_does_not_print_the_query_key(tmp_path):
+    from conftest import run_vk
+    from test_send import _free_port
+
+    sched = write_jsonl(tmp_path / "s.jsonl", open_schedule([session("s0", [req("a")])], [0.0]))
+    p = run_vk("vk-send", str(sched), "--api", f"http://127.0.0.1:{_free_port()}/v1?key={KEY}", timeout=60)
+    err = p.stderr.decode()
+    assert KEY not in err and "key=***" in err, err
+
+
+def test_redirect_line_is_redacted():
+    import email.message
+    import urllib.error
+
+    from vk.send.probe import _redirect_line
+
+    hdrs = email.message.Message()
+    hdrs["Location"] = f"http://127.0.0.1:9/v2/models?token={KEY}"
+    e = urllib.error.HTTPError(f"http://127.0.0.1:9/v1/models?key={KEY}", 302, "Found", hdrs, None)
+    line = _redirect_line(f"http://127.0.0.1:9/v1/models?key={KEY}", e)
+    assert KEY not in line and "token=***" in line and "key=***" in line, line
 
 
 def test_redact_argv_forms():

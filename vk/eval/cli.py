@@ -5,6 +5,7 @@
     vk-eval plot DIR run.jsonl ...            PNG figures
     vk-eval compare A.jsonl B.jsonl           side by side, with bootstrap confidence intervals
     vk-eval report DIR run.jsonl ...          self-contained HTML report
+    vk-eval sweep DIR ...                     vk-sweep directories scored again, no traffic
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ EPILOG = examples(
     "vk-eval big.jsonl --cache               # parsed once; later runs read big.jsonl.vk-eval-cache/",
     "",
     "\b",
-    "Subcommands: sql, plot, compare, report, live, trace (vk-eval SUBCOMMAND --help). Times are in seconds in JSON/CSV",
-    "and in milliseconds in tables. Percentiles are linear (not nearest rank); stddev is the population one.",
+    "Subcommands: sql, plot, compare, report, sweep, live, trace (vk-eval SUBCOMMAND --help). Times are in",
+    "seconds in JSON/CSV and in milliseconds in tables. Percentiles are linear (not nearest rank); stddev is the population one.",
     "Exit status: 1 an SLO missed (--check), 2 bad input or option, 74 no space left for an output.",
 )
 
@@ -197,8 +198,8 @@ def plot_cmd(args, outdir, overlay, labels):
 @click.option("-f", "--format", "fmt", type=click.Choice(["table", "json", "markdown", "csv"]), default="table",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--bootstrap", default=1000, show_default=True, help="Bootstrap resamples for the intervals.")
-@click.option("--confidence", default=0.95, show_default=True, help="Confidence level of the intervals.")
+@click.option("--bootstrap", default=1000, show_default=True, help="Bootstrap resamples for the intervals (0: none).")
+@click.option("--confidence", default=0.95, show_default=True, help="Confidence level of the intervals (0 < C < 1).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap.")
 @click.option("--percentiles", metavar="LIST", help="Percentiles to compare (default p50,p90,p99).")
 def compare_cmd(a, b, fmt, as_json, bootstrap, confidence, seed, percentiles):

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from vk.errors import VkError
 from vk.eval import metrics as M
 
 COMPARED = ("ttft", "ttfc", "tpot", "itl_chunk", "e2e", "normalized_latency", "ttft_from_intended",
@@ -58,6 +59,10 @@ def compare_runs(a: Any, b: Any, *, bootstrap: int = 1000, confidence: float = 0
                  percentiles=None, validate: str = "auto") -> dict:
     from vk.eval.core import Data, Options, evaluate_data
 
+    if not isinstance(confidence, (int, float)) or not 0 < confidence < 1:  # nan fails too
+        raise VkError(f"--confidence: expected a level between 0 and 1 (exclusive), e.g. 0.95, got {confidence}")
+    if bootstrap < 0:
+        raise VkError(f"--bootstrap: expected a number of resamples >= 0 (0: no intervals), got {bootstrap}")
     stats = ["mean"] + [M.pname(p) for p in (M.parse_percentiles(percentiles) if percentiles else [50, 90, 99])]
     res: dict[str, Any] = {"a": None, "b": None, "confidence": confidence, "bootstrap": bootstrap, "metrics": []}
     samples = []

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from vk.errors import VkError
-from vk.gen.distributions import ConfigError
+from vk.gen.distributions import MAX_LENGTH, ConfigError
 
 # Top-level sections of the seed design's benchmark config that belong to other vk stages: accepted and ignored
 # so that such a config can be given to vk-gen unchanged (vk-gen reports them in `ignored`).
@@ -113,7 +113,6 @@ def split_path(path: str) -> list:
 
 # Bounds on what a config may ask for (man vk-gen: LIMITS). A small file must not make vk-gen use unbounded memory.
 MAX_NODES = 100_000  # values in the config once YAML aliases are expanded (a "billion laughs" file has 10^9)
-MAX_LENGTH = 10_000_000  # tokens: any number under a *length* key (input, output, prefix lengths)
 MAX_SEED = 2**64 - 1
 
 

@@ -36,6 +36,8 @@ import numpy as np
 from vk.errors import VkError
 
 INF = float("inf")
+MAX_LENGTH = 10_000_000  # tokens: the ceiling of any number a length generator reads (man vk-gen: LIMITS)
+_INF_WORDS = ("inf", "+inf", "infinity", "+infinity", ".inf", "+.inf")
 
 
 class ConfigError(VkError):
@@ -54,10 +56,11 @@ def _is_num(v) -> bool:
 class _Params:
     """Typed access to a config dict; remembers the keys read so that leftovers are reported."""
 
-    def __init__(self, cfg: dict, where: str, allowed: tuple[str, ...], kind: str):
+    def __init__(self, cfg: dict, where: str, allowed: tuple[str, ...], kind: str, ceiling: float | None = None):
         self.cfg = cfg
         self.where = where
         self.kind = kind
+        self.ceiling = ceiling  # every finite number read must be within +-ceiling (None: any finite number)
         unknown = [k for k in cfg if k != "type" and k not in allowed]
         if unknown:
             exp = ", ".join(allowed) if allowed else "no parameters"
@@ -75,12 +78,18 @@ class _Params:
             return default
         v = self.cfg[key]
         if isinstance(v, str):
+            # YAML 1.1 reads 1e12 and 1.0e12 (no sign in the exponent) as strings: parse them here, and bound them
+            # like any number, since a string such as "1e400" parses to infinity
             try:
-                v = float(v) if v.strip().lower() not in ("inf", "infinity") else INF
+                v = INF if v.strip().lower() in _INF_WORDS else float(v)
             except ValueError:
                 _fail(self.where, key, f"expected a number, got {v!r}")
+            if v in (INF, -INF):
+                _fail(self.where, key, f"{self.cfg[key]!r} is out of range (write inf for no bound)")
         if not _is_num(v) or v != v:
             _fail(self.where, key, f"expected a number, got {v!r}")
+        if self.ceiling is not None and v != INF and abs(v) > self.ceiling:
+            _fail(self.where, key, f"{float(v):g} is above the ceiling of {self.ceiling:,} tokens per length")
         if integer and v != INF:
             if not float(v).is_integer():
                 _fail(self.where, key, f"expected an integer, got {v!r}")
@@ -177,8 +186,8 @@ class _Truncated(LengthDistribution):
             v = int(round(self._draw(rng)))
             if self.low <= v <= self.high:
                 return v
-        # the bounds hold almost none of the mass: clip (documented)
-        return int(min(max(int(round(self._draw(rng))), self.low), self.high))
+        # the bounds hold almost none of the mass: clip (documented); a draw may overflow to inf when max is open
+        return int(round(min(max(self._draw(rng), self.low), self.high, MAX_LENGTH)))
 
 
 class Normal(_Truncated):
@@ -355,6 +364,9 @@ def _empirical(p: _Params, base_dir: Path | None) -> Empirical:
             raise ConfigError(f"{where}: expected a number, got {v!r}") from None
         if x != x:
             continue
+        if abs(x) > MAX_LENGTH:
+            where = f"{src}:{n}: {p.cfg.get('column')}" if src else f"{p.where}.values[{n}]"
+            raise ConfigError(f"{where}: {x:g} is above the ceiling of {MAX_LENGTH:,} tokens per length")
         x = int(round(x))
         if lo <= x <= hi:
             nums.append(x)
@@ -385,10 +397,10 @@ def length_distribution(cfg: Any, where: str = "", *, minimum: int = 1, base_dir
         _fail(where, "type", f"missing or not a string (one of: {', '.join(LENGTH_TYPES)})")
     t = _LENGTH_ALIASES.get(t.lower(), t.lower())
     if t == "fixed":
-        p = _Params(cfg, where, ("value",), t)
+        p = _Params(cfg, where, ("value",), t, MAX_LENGTH)
         return Fixed(p.num("value", required=True, integer=True, minimum=minimum))
     if t == "uniform":
-        p = _Params(cfg, where, ("min", "max"), t)
+        p = _Params(cfg, where, ("min", "max"), t, MAX_LENGTH)
         lo = p.num("min", required=True, integer=True, minimum=minimum)
         hi = p.num("max", required=True, integer=True, minimum=minimum)
         if hi < lo:
@@ -397,19 +409,19 @@ def length_distribution(cfg: Any, where: str = "", *, minimum: int = 1, base_dir
             _fail(where, "max", "must be finite")
         return Uniform(lo, hi)
     if t == "normal":
-        p = _Params(cfg, where, ("mean", "std", "min", "max"), t)
+        p = _Params(cfg, where, ("mean", "std", "min", "max"), t, MAX_LENGTH)
         mu = p.num("mean", required=True)
         sd = p.num("std", required=True, minimum=0)
         lo, hi = _bounds(p, lo_default=minimum, minimum=minimum)
         _check_mass(where, lo, hi, mu, sd)
         return Normal(mu, sd, lo, hi)
     if t == "lognormal":
-        p = _Params(cfg, where, ("mean", "std", "mu", "sigma", "min", "max"), t)
+        p = _Params(cfg, where, ("mean", "std", "mu", "sigma", "min", "max"), t, MAX_LENGTH)
         mu, sigma = _lognormal_params(p)
         lo, hi = _bounds(p, lo_default=minimum, minimum=minimum)
         return LogNormal(mu, sigma, lo, hi)
     if t == "zipf":
-        p = _Params(cfg, where, ("min", "max", "alpha", "theta", "scramble"), t)
+        p = _Params(cfg, where, ("min", "max", "alpha", "theta", "scramble"), t, MAX_LENGTH)
         lo = p.num("min", required=True, integer=True, minimum=minimum)
         hi = p.num("max", required=True, integer=True, minimum=minimum)
         if hi < lo:
@@ -422,24 +434,24 @@ def length_distribution(cfg: Any, where: str = "", *, minimum: int = 1, base_dir
         alpha = p.num(key, 1.0, exclusive_min=0)
         return Zipf(lo, hi, alpha, p.boolean("scramble", False))
     if t == "fixed_stair":
-        p = _Params(cfg, where, ("values", "repeat_each", "wrap"), t)
+        p = _Params(cfg, where, ("values", "repeat_each", "wrap"), t, MAX_LENGTH)
         vals = cfg.get("values")
         if not isinstance(vals, list) or not vals:
             _fail(where, "values", "expected a non-empty list of integers")
         out = []
         for i, v in enumerate(vals):
-            if not _is_num(v) or not float(v).is_integer() or v < minimum:
-                _fail(where, f"values[{i}]", f"expected an integer >= {minimum}, got {v!r}")
+            if not _is_num(v) or not float(v).is_integer() or not minimum <= v <= MAX_LENGTH:
+                _fail(where, f"values[{i}]", f"expected an integer from {minimum} to {MAX_LENGTH:,}, got {v!r}")
             out.append(int(v))
         return FixedStair(out, p.num("repeat_each", 1, integer=True, minimum=1), p.boolean("wrap", True))
     if t == "inverse_gaussian":
-        p = _Params(cfg, where, ("mean", "shape", "min", "max"), t)
+        p = _Params(cfg, where, ("mean", "shape", "min", "max"), t, MAX_LENGTH)
         m = p.num("mean", required=True, exclusive_min=0)
         shape = p.num("shape", required=True, exclusive_min=0)
         lo, hi = _bounds(p, lo_default=minimum, minimum=minimum)
         return InverseGaussian(m, shape, lo, hi)
     if t == "empirical":
-        p = _Params(cfg, where, ("file", "column", "values", "min", "max"), t)
+        p = _Params(cfg, where, ("file", "column", "values", "min", "max"), t, MAX_LENGTH)
         d = _empirical(p, base_dir)
         if d.low < minimum:
             _fail(where, "min", f"the data has values below {minimum}; set min: {minimum}")

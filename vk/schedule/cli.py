@@ -9,7 +9,7 @@ import orjson
 
 from vk.cli import _quiet_broken_pipe, command, examples, main_wrapper
 from vk.errors import VkError
-from vk.jsonl import Writer
+from vk.jsonl import Writer, open_input
 from vk.schedule.core import Input, Scheduler, make_config, needs_rewind
 from vk.schedule.stats import format_summary
 
@@ -81,6 +81,9 @@ def cli_command(files, seed, poisson, gamma, cv, constant, ramp, stages, onoff, 
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_sessions, unit=" sessions", file=sys.stderr, disable=False, mininterval=0.5)
+    for path in files:  # before the output exists: an input that cannot be opened leaves no header-only file
+        if path != "-":
+            open_input(path).close()
     writer = None if stats else Writer(output, flush_each=False)
     try:
         first = True

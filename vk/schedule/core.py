@@ -214,16 +214,39 @@ def _copy(raw: bytes, n: int, identical: bool = False, counts: dict | None = Non
 
 
 def _request_tokens(obj: dict, identical_copy: bool = False) -> tuple[int, int]:
-    """(input tokens, tokens an infinite prefix cache serves) of a parsed session: its requests'
-    ``prefix_tokens`` (what the workload shares), or, for an identical copy, all of its prompt (its original
-    came first)."""
+    """(prompt tokens, tokens an infinite prefix cache serves) of a parsed session, from its targets.
+
+    A request that continues a conversation (``history``: a parent) is sent with that parent's whole prompt and
+    output before its own new content (man vk-formats: history), so its prompt is the parent's prompt plus the
+    parent's ``output_tokens`` plus its own ``input_tokens``, and the cache serves the history plus the declared
+    shared prefix of the new content: the rule of vk-eval's "ideal cache share" (vk.eval.summary._caching:
+    history plus min(prefix_tokens, new content)), here from the targets instead of the measured prompt_tokens.
+    An identical copy is served whole (its original came first)."""
+    reqs = {r.get("id"): r for r in obj.get("requests") or () if type(r) is dict}
+    prompt: dict = {}
+
+    def prompt_len(rid, depth: int = 0) -> int:
+        if rid in prompt:
+            return prompt[rid]
+        r = reqs.get(rid)
+        n = r.get("input_tokens") if r is not None else None
+        n = n if type(n) is int else 0
+        h = r.get("history") if r is not None else None
+        if h is not None and h in reqs and depth < len(reqs):  # depth: a (refused elsewhere) cycle cannot loop
+            out = reqs[h].get("output_tokens")
+            n += prompt_len(h, depth + 1) + (out if type(out) is int else 0)
+        prompt[rid] = n
+        return n
+
     inp = cached = 0
-    for r in obj.get("requests") or ():
-        n = r.get("input_tokens") if type(r) is dict else None
-        if type(n) is int:
-            inp += n
-            p = r.get("prefix_tokens")
-            cached += n if identical_copy else (min(p, n) if type(p) is int else 0)
+    for rid, r in reqs.items():
+        n = r.get("input_tokens")
+        if type(n) is not int:
+            continue
+        total = prompt_len(rid)
+        p = r.get("prefix_tokens")
+        inp += total
+        cached += total if identical_copy else (total - n) + (min(max(p, 0), n) if type(p) is int else 0)
     return inp, cached
 
 

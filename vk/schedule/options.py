@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 from vk import records
 from vk.errors import VkError
 from vk.schedule import processes
+
+# vk-send refuses a start_at further ahead than this (vk.send.inputs.MAX_WAIT, man vk-send): refused here first
+MAX_START_AHEAD = 7 * 86400.0
 
 OPEN_PROCESSES = ("poisson", "gamma", "constant", "ramp", "stages", "onoff")
 
@@ -178,6 +182,9 @@ def make_config(
     warm = _int(warmup or 0, "--warmup", minimum=0)
     sh = None if shard is None else _parse_shard(shard)
     st_at = None if start_at is None else _num(start_at, "--start-at", minimum=0)
+    if st_at is not None and st_at - time.time() > MAX_START_AHEAD:
+        raise VkError(f"--start-at: {st_at:g} is {(st_at - time.time()) / 86400:.1f} days from now (more than "
+                      f"{MAX_START_AHEAD / 86400:g}; vk-send would refuse to wait that long)")
 
     mode, params, process = "open", {}, chosen[0][2:]
     conc = None

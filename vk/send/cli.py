@@ -89,7 +89,7 @@ def _is_file(p: str) -> bool:
               help="Body field for ignore-EOS ('' to omit).")
 @click.option("--client", type=click.Choice(["raw", "aiohttp", "httpx"]), default="raw", show_default=True,
               help="HTTP client: raw sockets with kernel receive timestamps, or aiohttp / httpx.")
-@click.option("--http2", is_flag=True, help="Use HTTP/2 (through httpx).")
+@click.option("--http2", is_flag=True, help="Use HTTP/2 (through httpx; refused with another --client).")
 @click.option("--no-kernel-timestamps", is_flag=True,
               help="Time events when Python reads them instead of when the kernel received them.")
 @click.option("--lag-threshold", type=click.FloatRange(min=0), default=DEFAULT_LAG_THRESHOLD, show_default=True, metavar="S",
@@ -129,6 +129,9 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
         api_key = read_api_key_file(api_key_file)
     _hide_secrets_from_ps(api_key)
     paths = list(schedule) or ["-"]
+    if http2 and client != "httpx" and click.get_current_context().get_parameter_source("client") not in (
+            click.core.ParameterSource.DEFAULT, None):
+        raise VkError(f"--http2 runs the httpx client: drop --client {client}, or say --client httpx")
     if ray_address and os.path.exists(ray_address):
         raise VkError(f"--ray: {ray_address!r} is a file, not a cluster address (write --ray=ADDRESS, or put --ray "
                       "after the input files)")
@@ -160,6 +163,8 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
             total += 1
             if mode == "open":
                 starts.append(first_due(ss))
+        if total == 0:
+            raise VkError(f"{source_name(paths[0])}: no sessions in the input")
         peak = peak_starts(starts) if starts else None
         recs = (r for _, _, r in read_records(paths, validate=False))
         validate = False
@@ -180,6 +185,9 @@ def cli_command(schedule, api, output, model, endpoint, stream, workers, concurr
         ray=ray_address, workers_per_node=workers_per_node, api_style=api_style,
     )
     code = EXIT_STATUS.get(end["ended"], 0)
+    if end["ended"] == "complete" and end.get("sessions_scheduled") == 0:  # e.g. an empty pipe
+        print(f"vk-send: {source_name(paths[0])}: no sessions in the input", file=sys.stderr)
+        code = 2
     if end["ended"] in ("max_errors", "unreachable"):
         print(f"vk-send: stopped early: {end['reason']}" if end["ended"] == "max_errors" else
               f"vk-send: {end['reason']}", file=sys.stderr)

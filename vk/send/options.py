@@ -182,9 +182,17 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 
 def api_parts(api: str, endpoint: str) -> tuple[str, str, int, str, str]:
-    u = urllib.parse.urlsplit(api)
-    if u.scheme not in ("http", "https") or not u.hostname:
+    try:
+        u = urllib.parse.urlsplit(api)
+        hostname = u.hostname
+    except ValueError as e:  # e.g. "Invalid IPv6 URL" for http://[::1/v1
+        raise VkError(f"--api: {e} in {redact_url(api)!r} (expected a URL like http://127.0.0.1:8000/v1)") from None
+    if u.scheme not in ("http", "https") or not hostname:
         raise VkError(f"--api: expected a URL like http://127.0.0.1:8000/v1, got {redact_url(api)!r}")
+    if "@" in u.netloc:
+        # the requests would not carry them; say so rather than run unauthenticated
+        raise VkError(f"--api: credentials in the URL ({redact_url(api)!r}) are not sent; use --api-key, or "
+                      "-H 'Authorization: Basic ...'")
     try:
         port = u.port
     except ValueError:

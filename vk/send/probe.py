@@ -18,6 +18,7 @@ import urllib.request
 import orjson
 
 from vk.errors import VkError
+from vk.send.options import redact_url
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -28,7 +29,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 def models_url(api: str) -> str:
     """``{api}/models`` keeping the query string of ``api``."""
     u = urllib.parse.urlsplit(api)
-    return urllib.parse.urlunsplit((u.scheme, u.netloc, u.path.rstrip("/") + "/models", u.query, ""))
+    netloc = u.netloc.rsplit("@", 1)[-1]  # urllib cannot request user:password@host (api_parts refuses it)
+    return urllib.parse.urlunsplit((u.scheme, netloc, u.path.rstrip("/") + "/models", u.query, ""))
 
 
 class _SniHandler(urllib.request.HTTPSHandler):
@@ -69,8 +71,9 @@ def _get(url: str, api_key, headers, ssl_context, timeout: float):
 
 def _redirect_line(url: str, e: urllib.error.HTTPError) -> str:
     loc = e.headers.get("Location") if e.headers else None
-    return (f"GET {url} answered HTTP {e.code} redirect to {loc or '(no Location)'}: vk-send does not follow "
-            "redirects (each measured request would take an extra hop), so every request would be an error: "
+    loc = redact_url(loc) if loc else None
+    return (f"GET {redact_url(url)} answered HTTP {e.code} redirect to {loc or '(no Location)'}: vk-send does not "
+            "follow redirects (each measured request would take an extra hop), so every request would be an error: "
             "point --api at the final URL")
 
 
@@ -89,20 +92,26 @@ def resolve_model(api: str, api_key: str | None, headers: list, ssl_context=None
             obj = orjson.loads(r.read())
         data = obj.get("data") if isinstance(obj, dict) else None
         if not data:
-            raise VkError(f"{url} lists no models; pass --model NAME")
+            raise VkError(f"{redact_url(url)} lists no models; pass --model NAME")
         return str(data[0]["id"])
     except VkError:
         raise
     except urllib.error.HTTPError as e:
         if 300 <= e.code < 400:
             raise VkError(_redirect_line(url, e)) from None
-        raise VkError(f"cannot get the model list from {url} (HTTP {e.code}); pass --model NAME") from None
+        raise VkError(f"cannot get the model list from {redact_url(url)} (HTTP {e.code}); pass --model NAME"
+                      ) from None
     except Exception as e:  # noqa: BLE001 - any failure becomes one line
         tls = _tls_failure(e)
         if tls is not None:
-            raise VkError(f"{url}: {describe(tls)}") from None
+            raise VkError(f"{redact_url(url)}: {describe(tls)}") from None
         reason = getattr(e, "reason", None) or e
-        raise VkError(f"cannot get the model list from {url} ({reason}); pass --model NAME") from None
+        if isinstance(reason, OSError | TimeoutError):
+            # no answer at all (refused, unresolvable, timed out): the server is unreachable, not the input bad
+            # (man vk-send: EXIT STATUS 4, as when --model is given and no request reaches the server)
+            raise VkError(f"cannot get the model list from {redact_url(url)} ({reason}): the server is unreachable",
+                          exit_code=4) from None
+        raise VkError(f"cannot get the model list from {redact_url(url)} ({reason}); pass --model NAME") from None
 
 
 def probe(api: str, api_key: str | None, headers: list, ssl_context=None, timeout: float = 5.0,
@@ -122,4 +131,4 @@ def probe(api: str, api_key: str | None, headers: list, ssl_context=None, timeou
     except Exception as e:  # noqa: BLE001
         tls = _tls_failure(e)
         if isinstance(tls, ssl.SSLCertVerificationError):
-            raise VkError(f"{url}: {describe(tls)}") from None
+            raise VkError(f"{redact_url(url)}: {describe(tls)}") from None

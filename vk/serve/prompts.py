@@ -25,6 +25,7 @@ import threading
 import numpy as np
 import orjson
 
+from vk.errors import VkError
 from vk.serve.connection import HTTPError
 
 INLINE_BYTES = 4096  # bodies up to this size are handled on the serving loop (about 1 ms of tokenizing)
@@ -192,10 +193,10 @@ class PromptWorker:
                 os.close(to_w)
                 os.close(from_r)
                 _worker_main(to_r, from_w, self.tokenizer, self.model, self.need_ids)
-            except BaseException:  # noqa: BLE001 - report, then leave without running the server's cleanup
-                import traceback
-
-                traceback.print_exc()
+            except VkError:  # e.g. no such tokenizer: the server loads it too and says so in one line
+                code = 2
+            except BaseException as e:  # noqa: BLE001 - one line, then leave without running the server's cleanup
+                print(f"vk-serve: the prompt worker failed: {type(e).__name__}: {e}", file=sys.stderr)
                 code = 1
             finally:
                 os._exit(code)
