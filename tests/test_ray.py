@@ -112,20 +112,37 @@ def _wait_for_responses(path, n, proc, timeout=60.0):
     raise AssertionError(f"fewer than {n} responses after {timeout} s")
 
 
+def _ppid(pid: str) -> str:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+
+
+def _descends_from_me(pid: str) -> bool:
+    """Whether this test process started it (through the cluster's raylet): another suite's Ray workers on the
+    same machine are not ours to kill."""
+    me = str(os.getpid())
+    for _ in range(12):
+        pid = _ppid(pid)
+        if pid == me:
+            return True
+        if pid in ("0", "1"):
+            return False
+    return False
+
+
 def _ray_worker_pid() -> int:
-    """The pid of a vk-send worker process forked by a Ray relay actor (it carries the actor's process title, and
-    so does its parent)."""
+    """The pid of a vk-send worker process forked by a Ray relay actor of this test's cluster (it carries the
+    actor's process title, and so does its parent)."""
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
             cmd = open(f"/proc/{d}/cmdline", "rb").read()
-            ppid = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]
+            ppid = _ppid(d)
             parent = open(f"/proc/{ppid}/cmdline", "rb").read()
+            if b"SenderRelay" in cmd and b"SenderRelay" in parent and _descends_from_me(d):
+                return int(d)
         except OSError:
             continue
-        if b"SenderRelay" in cmd and b"SenderRelay" in parent:
-            return int(d)
     raise AssertionError("no vk-send worker under a Ray relay")
 
 
