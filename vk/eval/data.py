@@ -47,15 +47,21 @@ STAT_DEFINITIONS = {
 POOLED = ("itl_chunk", "itl_token", "itl_token_zeros")
 COUNT_METRICS = ("input_tokens", "output_tokens", "reasoning_tokens")  # reasoning: usage.reasoning_tokens
 STATUSES = ("ok", "error", "timeout", "cancelled", "skipped")
-# requests the run itself stopped (the user's Ctrl-C, --duration, --max-errors) or never sent: not the server's
-# failures. error_rate = (error + timeout) / the others (the requests the server was asked to finish)
-NOT_SERVED = ("cancelled", "skipped")
-SERVER_FAILURES = ("error", "timeout")
+# The one rule every figure follows (error_rate, goodput, attainment, vk-sweep's verdicts): a request cancelled by
+# the run's stop (the user's Ctrl-C, --duration, --max-errors: vk-send's `cancelled`, sent or not) says nothing of
+# the server and is left out. A `skipped` request (not sent because an earlier turn of its session failed) is a
+# consequence of the server's failure: its user got no answer, so it counts as failed (and never as good).
+# error_rate = (error + timeout + skipped) / counted, where counted = measured - cancelled.
+STOPPED_BY_RUN = ("cancelled",)
+FAILURES = ("error", "timeout", "skipped")
 
 
-def served(status: np.ndarray) -> np.ndarray:
-    """Per request (an array of status strings): True when the server was asked to finish it."""
-    return ~np.isin(status, NOT_SERVED)
+def counted(status: np.ndarray) -> np.ndarray:
+    """Per request (an array of status strings): True unless the run's stop cancelled it (the requests error_rate
+    and attainment are shares of)."""
+    return ~np.isin(status, STOPPED_BY_RUN)
+
+
 OUTPUT_SOURCES = ("usage", "events.tokens", "token events")  # where a request's output token count comes from
 DERIVED_GROUP_FIELDS = ("run", "input_bucket", "output_bucket")
 MAX_GROUPS = 1000

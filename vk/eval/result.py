@@ -187,11 +187,14 @@ def headline(d: dict) -> list[str]:
         k1, v1 = _pick(st, "p50", False)
         k2, v2 = _pick(st, "p99", True)
         lines.append(f"{label:<9} {k1} {_ms(v1)}, {k2} {_ms(v2)}")
-    failed = c["failed"]
-    kinds = ", ".join(f"{k} {c[k]}" for k in ("error", "timeout", "cancelled", "skipped") if c.get(k))
+    # vk.eval.data's rule: skipped (after a failed turn) are failures; cancelled by the run's stop are left out
+    kinds = ", ".join(f"{k} {c[k]}" for k in ("error", "timeout") if c.get(k))
+    if c.get("skipped"):
+        kinds += (", " if kinds else "") + f"skipped {c['skipped']} after a failed turn"
     how = ", ".join(f"{k.replace('_', ' ')} {c[k]}" for k in ("retried", "ok_with_warning") if c.get(k))
-    lines.append(f"errors    {failed} of {c['measured']} ({_pct(c['error_rate'])})" + (f": {kinds}" if kinds else "")
-                 + (f"; {how}" if how else ""))
+    left_out = (f"; cancelled by the run's stop {c['cancelled']} (not counted)" if c.get("cancelled") else "")
+    lines.append(f"errors    {c['failed']} of {c['counted']} requests ({_pct(c['error_rate'])})"
+                 + (f": {kinds}" if kinds else "") + left_out + (f"; {how}" if how else ""))
     checks = d.get("slo") or []
     if checks:
         missed = [x for x in checks if not x["ok"]]
