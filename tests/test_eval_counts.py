@@ -67,3 +67,23 @@ def test_cancelled_by_the_run_stop_are_left_out_and_said(tmp_path):
     head = [ln.strip() for ln in res.format("table").splitlines()]
     assert ("errors    4 of 10 requests (40.0%): error 1, timeout 1, skipped 2 after a failed turn; cancelled by the "
             "run's stop 3 (not counted)") in head
+
+
+def test_an_end_before_the_send_is_said_and_never_a_negative_latency(tmp_path):
+    """Issue 13.8: t_done = t_sent - 0.1 ms passed silently (warnings none, e2e min -0.10 ms). Within the 1 ms
+    slack it is a TIMES warning naming the request and the count, and e2e is taken as 0; beyond it, exit 2."""
+    from test_eval import run_vk
+
+    recs = [RUN] + [_ok(f"ok{i}", float(i)) for i in range(3)]
+    recs[2] = dict(recs[2], t_done=recs[2]["t_sent"] - 0.0001)
+    res = evaluate(write(tmp_path / "back.jsonl", recs + [END]))
+    ev = res.to_dict()
+    e2e = ev["overall"]["latency"]["e2e"]
+    assert e2e["min"] == 0.0 and e2e["n"] == 3
+    flags = [f for f in ev["overall"]["accuracy"]["flags"] if f.startswith("TIMES")]
+    assert len(flags) == 1 and "1 requests" in flags[0] and "0.1 ms" in flags[0] and "'ok1' of run run-a" in flags[0]
+    head = [ln.strip() for ln in res.format("table").splitlines()]
+    assert any(ln.startswith("warnings") and "TIMES" in ln for ln in head)
+    recs[2] = dict(recs[2], t_done=recs[2]["t_sent"] - 0.002)
+    r = run_vk("vk-eval", write(tmp_path / "back2.jsonl", recs + [END]))
+    assert r.returncode == 2 and b"t_done" in r.stderr and b"before t_sent" in r.stderr, r.stderr

@@ -19,6 +19,7 @@ from vk.eval.data import (
     counted,
 )
 from vk.eval.lag import verdicts
+from vk.eval.load import CLOCK_SLACK
 from vk.eval.options import Options
 from vk.eval.progress import tick
 from vk.eval.slo import Goodput
@@ -320,6 +321,13 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
             e = M.stats(err, [50, 90, 99])
             e["spread_p99_minus_p50"] = e["p99"] - e["p50"]
             out["timestamp_error"] = e
+    bw = gmask & (a["backwards_by"] > 0)
+    if bw.any():
+        first = int(np.flatnonzero(bw)[0])
+        flags.append(f"TIMES: {int(bw.sum())} requests got their first token or ended before they were sent (by at "
+                     f"most {float(a['backwards_by'][bw].max()) * 1000:.3g} ms, within the {CLOCK_SLACK * 1000:g} ms "
+                     f"allowed for clocks converted onto the run's; e.g. request {d.request_name(first)}); those "
+                     "latencies are taken as 0")
     stopped = _stopped_by_run(a)
     fm = measured & ~a["ok"] & ~stopped
     n_counted = int((measured & ~stopped).sum())
