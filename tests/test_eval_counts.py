@@ -87,3 +87,29 @@ def test_an_end_before_the_send_is_said_and_never_a_negative_latency(tmp_path):
     recs[2] = dict(recs[2], t_done=recs[2]["t_sent"] - 0.002)
     r = run_vk("vk-eval", write(tmp_path / "back2.jsonl", recs + [END]))
     assert r.returncode == 2 and b"t_done" in r.stderr and b"before t_sent" in r.stderr, r.stderr
+
+
+def test_headline_counts_requests_and_sessions_of_one_population(tmp_path):
+    """A warm-up session of 2 requests and 3 measured sessions of 2: 8 requests in 4 sessions, warm-up said
+    (before: 8 requests in 3 sessions, the requests counted with the warm-up, the sessions without)."""
+    recs = [RUN]
+    for i, sid in enumerate(("warm", "a", "b", "c")):
+        for k in range(2):
+            recs.append(_ok(f"{sid}{k}", 2.0 * i + k, session=sid, warmup=sid == "warm"))
+    res = evaluate(write(tmp_path / "w.jsonl", recs + [END]))
+    c = res.to_dict()["overall"]["counts"]
+    assert (c["requests"], c["sessions"], c["warmup_excluded"]) == (8, 4, 2)
+    assert res.format("table").splitlines()[0].startswith(
+        "vk-eval: 8 requests in 4 sessions (warm-up included: 2 requests, not measured)")
+
+
+def test_lagged_warning_names_ttfc_from_intended_once_when_it_is_ttfts_sample():
+    """Content-only answers: ttfc_from_intended is ttft_from_intended's sample; the LAGGED warning named both, as
+    separate findings (and the tables show one row)."""
+    from test_eval import _lag_run
+
+    res = evaluate(_lag_run(False, [0.1 * i + 0.05 for i in range(100)], jitter=0.001), percentiles="p50,p99")
+    flag = next(f for f in res["overall"]["accuracy"]["flags"] if f.startswith("LAGGED"))
+    assert "ttfc_from_intended p50 is" not in flag and "ttfc_from_intended the same" in flag
+    changed = {c["metric"] for c in res["overall"]["accuracy"]["lag"][0]["from_intended_changed"]}
+    assert changed == {"ttft_from_intended", "e2e_from_intended"}

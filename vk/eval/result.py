@@ -161,8 +161,11 @@ def headline(d: dict) -> list[str]:
     axes = d.get("time_axes") or []
     t = s["throughput"]
     w = t["steady"] if t["steady"]["window"] != "whole run" else t["whole"]
-    nsess = (s.get("sessions") or {}).get("sessions")
+    # one population: every request and session read, warm-up included (said when there is one)
+    nsess = c.get("sessions", (s.get("sessions") or {}).get("sessions"))
     first = f"{c['requests']} requests" + (f" in {nsess} sessions" if nsess else "")
+    if c.get("warmup_excluded"):
+        first += f" (warm-up included: {c['warmup_excluded']} requests, not measured)"
     if len(runs) > 1:
         if len(axes) == 1:
             sh = axes[0].get("shards")

@@ -42,6 +42,8 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     counts = {"requests": int(gmask.sum()), "measured": int(measured.sum())}
     for s in STATUSES:
         counts[s] = int((measured & (a["status_code"] == STATUSES.index(s))).sum())
+    # sessions of the same population as counts["requests"] (warm-up included; the sessions section leaves it out)
+    counts["sessions"] = int(len(np.unique(d.sessions()["code"][gmask])))
     counts["warmup_excluded"] = int((gmask & a["warmup"]).sum())
     counts["outside_window"] = int((gmask & ~a["warmup"] & ~in_window).sum())
     # vk.eval.data's rule: requests the run's stop cancelled (Ctrl-C, --duration, --max-errors) are left out;
