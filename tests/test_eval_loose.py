@@ -26,8 +26,9 @@ END = {"kind": "run_end", "v": 1, "run_id": "run-a", "requests": 0, "statuses": 
        "ended": "complete", "lagged": False}
 
 
-def test_sweep_error_rate_leaves_out_cancelled_and_skipped(tmp_path):
-    """4 ok, 1 error, 2 cancelled, 1 skipped: the server failed 1 of the 5 it was asked to finish (20%), not 4 of 8."""
+def test_sweep_error_rate_leaves_out_cancelled_counts_skipped(tmp_path):
+    """4 ok, 1 error, 2 cancelled, 1 skipped: the run's stop cancelled 2 (left out); of the other 6, the error and
+    the request skipped after it failed (2 of 6), as vk-eval counts them."""
     from vk.sweep import verdict
 
     recs = [RUN] + [_ok(f"ok{i}", float(i)) for i in range(4)]
@@ -36,14 +37,14 @@ def test_sweep_error_rate_leaves_out_cancelled_and_skipped(tmp_path):
     recs += [resp("s", t_intended=9.0, status="skipped", t_sent=None, t_dispatched=None, error="parent failed")]
     p = write(tmp_path / "run.jsonl", recs)
     ev = evaluate(p).to_dict()
-    assert ev["overall"]["counts"]["error_rate"] == 0.2
+    assert ev["overall"]["counts"]["error_rate"] == 2 / 6
     cols = verdict.request_columns(p)
     x, stat = verdict.sample_for({"metric": "error_rate", "stat": None}, cols, None)
-    assert float(getattr(np, stat)(x)) == 0.2
-    assert len(x) == 5
+    assert float(getattr(np, stat)(x)) == 2 / 6
+    assert len(x) == 6
     x, _ = verdict.sample_for({"metric": "attainment", "stat": None}, cols, "ttft<1s")
-    assert float(x.mean()) == 0.8  # 4 good of the 5 served, as vk-eval's goodput counts them
-    assert ev["overall"]["counts"]["served"] == 5
+    assert float(x.mean()) == 4 / 6  # 4 good of the 6 counted, as vk-eval's goodput counts them
+    assert ev["overall"]["counts"]["counted"] == 6
 
 
 RAY = {"address": "auto", "workers_per_node": 1, "nodes": [
@@ -119,7 +120,7 @@ def test_retried_and_warned_answers_are_counted(tmp_path):
     assert d["runs"][0]["run_end"]["retried"] == 2
     text = res.format("table")
     assert "2 requests retried on a new connection" in text and "1 ok answers with a malformed SSE line" in text
-    assert "errors    1 of 5 (20.0%): error 1; retried 2, ok with warning 1" in text
+    assert "errors    1 of 5 requests (20.0%): error 1; retried 2, ok with warning 1" in text
 
 
 def test_a_run_that_ended_early_is_named_in_the_headline(tmp_path):

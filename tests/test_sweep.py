@@ -157,16 +157,52 @@ def test_saturation_test_leaves_a_stable_load_alone():
     mon = Monitor("/nonexistent", starts, {}, threading.Event(), min_time=2.0)
     mon.first_durations = [0.2] * 10
     for t in (2.0, 4.0, 8.0):
-        mon.finished = [s + 0.2 for s in starts if s + 0.2 <= t]
+        mon.answered = [s + 0.2 for s in starts if s + 0.2 <= t]
         assert mon.check(t) is None
     # the same arrivals, a server finishing 5 a second
-    mon.finished = [0.2 * (i + 1) for i in range(20)]
+    mon.answered = [0.2 * (i + 1) for i in range(20)]
     ev = mon.check(4.0)
     assert ev is not None and ev["arrived"] == 100 and ev["completed"] == 10
     # a server still filling up (sessions of 1.5 s) is not mistaken for a saturated one
     mon.first_durations = [1.5] * 10
-    mon.finished = [s + 1.5 for s in starts if s + 1.5 <= 4.0]
+    mon.answered = [s + 1.5 for s in starts if s + 1.5 <= 4.0]
     assert mon.check(4.0) is None
+
+
+def _feed(mon, recs, t):
+    """Give the monitor the response records done by run time ``t`` (vk-send writes a record when it ends)."""
+    for r in recs:
+        if r["t_done"] <= t and r["request_id"] not in mon._given:
+            mon._given.add(r["request_id"])
+            mon._add(r)
+
+
+def test_long_multi_turn_sessions_at_light_load_are_not_saturated():
+    """10 sessions/s for 10 s, each 5 turns 2 s apart (8.1 s long), every request answered in 0.1 s: an idle
+    server. Before, no session had finished by half the probe (t = 5), which read as saturated."""
+    starts = [i / 10 for i in range(100)]
+    recs = []
+    for i, s0 in enumerate(starts):
+        for k in range(5):
+            t0 = s0 + 2.0 * k
+            recs.append({"kind": "response", "session_id": f"s{i}", "request_id": f"s{i}-{k}", "t_intended": t0,
+                         "t_sent": t0, "t_first_token": t0 + 0.01, "t_done": t0 + 0.1})
+    recs.sort(key=lambda r: r["t_done"])
+    mon = Monitor("/nonexistent", starts, {f"s{i}": 5 for i in range(100)}, threading.Event(), min_time=2.0,
+                  duration=10.0)
+    mon._given = set()
+    for t in (2.0, 3.0, 5.0, 6.0, 8.0, 10.0, 14.0):
+        _feed(mon, recs, t)
+        assert mon.check(t) is None, t
+    # the same sessions on a server answering 2 first turns a second: saturated, by the main rule
+    mon = Monitor("/nonexistent", starts, {}, threading.Event(), min_time=2.0, duration=10.0)
+    mon._given = set()
+    slow = [{"kind": "response", "session_id": f"s{i}", "request_id": f"s{i}-0", "t_intended": s0, "t_sent": s0,
+             "t_first_token": 0.5 * (i + 1) - 0.01, "t_done": 0.5 * (i + 1)} for i, s0 in enumerate(starts)]
+    _feed(mon, slow, 10.0)
+    ev = mon.check(10.0)
+    assert ev is not None and ev["rule"] == "arrivals outpace completions"
+    assert ev["arrived"] in (49, 50) and ev["completed"] == 10  # due in (5, 10] s (5.0 itself: float rounding)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -252,6 +288,30 @@ def test_verdict_confidence_and_uncertainty():
     d = decide([shaky, bad])
     assert d == {"verdict": "fail", "confidence": 0.99, "uncertain": False}
     assert decide([]) == {"verdict": None, "confidence": None, "uncertain": False}
+
+
+def test_a_grid_without_objectives_has_no_answer():
+    """A saturated probe fails without objectives, but that bounds no capacity: no 'between - (last passing) and 4
+    (first failing)'."""
+    from vk.sweep.result import SweepResult
+    from vk.sweep.search import answer
+
+    sat = {"t": 3.0, "rule": "arrivals outpace completions"}
+    probes = [{"probe": "poisson-2", "value": 2.0, "verdict": None, "checks": []},
+              {"probe": "poisson-4", "value": 4.0, "verdict": "fail", "confidence": 1.0, "checks": [],
+               "saturation": dict(sat, window=[1.5, 3.0], arrived=30, completed=3, in_flight=[5, 30],
+                                  ttft_first_quarter=0.01, ttft_last_quarter=0.5)}]
+    assert answer(probes) is None
+    header = records.new_sweep("s" * 8, "grid", "poisson", seed=0)
+    text = SweepResult(header, probes, records.new_sweep_end("s", answer=None)).table()
+    assert "answer: none (no objectives given" in text and "between" not in text
+    # with objectives, the same failure does bound it
+    probes[0].update(verdict="pass", confidence=0.99, checks=[{"slo": "ttft:p90<1s", "metric": "ttft", "ok": True,
+                                                               "value": 0.2, "ci": None, "support": 0.99}])
+    assert answer(probes)["first_fail"] == 4.0
+    text = SweepResult(dict(header, objectives="ttft:p90<1s"), probes,
+                       records.new_sweep_end("s", answer=answer(probes))).table()
+    assert "answer: poisson between 2 (last passing) and 4 (first failing)" in text
 
 
 def test_sweep_records_validate():

@@ -47,15 +47,21 @@ STAT_DEFINITIONS = {
 POOLED = ("itl_chunk", "itl_token", "itl_token_zeros")
 COUNT_METRICS = ("input_tokens", "output_tokens", "reasoning_tokens")  # reasoning: usage.reasoning_tokens
 STATUSES = ("ok", "error", "timeout", "cancelled", "skipped")
-# requests the run itself stopped (the user's Ctrl-C, --duration, --max-errors) or never sent: not the server's
-# failures. error_rate = (error + timeout) / the others (the requests the server was asked to finish)
-NOT_SERVED = ("cancelled", "skipped")
-SERVER_FAILURES = ("error", "timeout")
+# The one rule every figure follows (error_rate, goodput, attainment, vk-sweep's verdicts): a request cancelled by
+# the run's stop (the user's Ctrl-C, --duration, --max-errors: vk-send's `cancelled`, sent or not) says nothing of
+# the server and is left out. A `skipped` request (not sent because an earlier turn of its session failed) is a
+# consequence of the server's failure: its user got no answer, so it counts as failed (and never as good).
+# error_rate = (error + timeout + skipped) / counted, where counted = measured - cancelled.
+STOPPED_BY_RUN = ("cancelled",)
+FAILURES = ("error", "timeout", "skipped")
 
 
-def served(status: np.ndarray) -> np.ndarray:
-    """Per request (an array of status strings): True when the server was asked to finish it."""
-    return ~np.isin(status, NOT_SERVED)
+def counted(status: np.ndarray) -> np.ndarray:
+    """Per request (an array of status strings): True unless the run's stop cancelled it (the requests error_rate
+    and attainment are shares of)."""
+    return ~np.isin(status, STOPPED_BY_RUN)
+
+
 OUTPUT_SOURCES = ("usage", "events.tokens", "token events")  # where a request's output token count comes from
 DERIVED_GROUP_FIELDS = ("run", "input_bucket", "output_bucket")
 MAX_GROUPS = 1000
@@ -242,6 +248,7 @@ class Data:
         needs_sparse = bool(np.any(np.ma.filled(cols["needs_sparse"], False)))
         if len(rows) > 1 and not (np.diff(rows) > 0).all():  # insertion order is what aligns the queries
             raise VkError("internal error: DuckDB returned the responses out of order")
+        self.rows = rows  # per request: its row in the responses view
         del cols
         tick("  scalars")
         hit = self.cache is not None and self.cache.hit
@@ -318,12 +325,20 @@ class Data:
         a["ttft"] = a["t_first_token"] - a["t_sent"]
         a["ttfc"] = a["t_first_content"] - a["t_sent"]
         a["e2e"] = a["t_done"] - a["t_sent"]
+        # times that run backwards by up to load.CLOCK_SLACK (more is refused when the input is read): a first
+        # token or an end before the send. Said per request (backwards_by, seconds; vk.eval.summary flags them)
+        # and taken as 0, never as a negative latency
+        with np.errstate(invalid="ignore"):
+            back = np.fmax(np.fmax(-a["e2e"], -a["ttft"]), np.fmax(-a["ttfc"], a["t_first_token"] - a["t_last_token"]))
+        a["backwards_by"] = np.where(back > 0, back, 0.0)
+        for k in ("ttft", "ttfc", "e2e"):
+            a[k] = np.where(a[k] < 0, 0.0, a[k])  # NaN stays NaN
         with np.errstate(invalid="ignore", divide="ignore"):
             # TPOT needs two token events at least: a non-streamed answer (or one whole chunk) has a single
             # arrival time, and t_last_token - t_first_token = 0 is not a time per token
             timed = (out > 1) & (pe["n_token_events"] > 1)
-            a["tpot"] = np.where(timed, (a["t_last_token"] - a["t_first_token"]) / np.where(timed, out - 1, 1),
-                                 np.nan)
+            a["tpot"] = np.where(timed, np.fmax(a["t_last_token"] - a["t_first_token"], 0.0)
+                                 / np.where(timed, out - 1, 1), np.nan)
             a["normalized_latency"] = np.where(out > 0, a["e2e"] / np.where(out > 0, out, 1), np.nan)
         a["max_stall"] = pe["max_stall"]
         a["ttft_from_intended"] = a["t_first_token"] - a["t_intended"]
@@ -489,6 +504,11 @@ class Data:
             L.validate_files(self.inputs)
             self.inputs.checked = True
         return t
+
+    def request_name(self, i: int) -> str:
+        """Request ``i`` as a person finds it in the input: run and request id."""
+        r = self.con.execute("SELECT run_id, request_id FROM responses WHERE row = ?", [int(self.rows[i])]).fetchone()
+        return f"{r[1]!r} of run {r[0]}" if r else f"#{i}"
 
     def sessions(self) -> dict[str, np.ndarray]:
         """Per request: session code, turn number (1-based, by intended time), observed think time."""

@@ -112,6 +112,9 @@ def run_verdict(d, r: int, measured: np.ndarray, okm: np.ndarray, percentiles: l
     # what the delay adds to the figures measured from t_intended
     added = []
     out["from_intended_added"] = adds = {}  # every addition, material or not: what the lag did to each figure
+    # no reasoning or tool calls before the content: ttfc_from_intended is ttft_from_intended's sample, named once
+    # (as the latency tables do)
+    same_ttfc = np.array_equal(a["ttfc_from_intended"][ok], a["ttft_from_intended"][ok], equal_nan=True)
     for name, base in FROM_INTENDED:
         x = a[name][ok]
         y = a[base][ok]
@@ -125,19 +128,21 @@ def run_verdict(d, r: int, measured: np.ndarray, okm: np.ndarray, percentiles: l
             noise = quantile_noise(xs, p)
             plus = fx - fy
             adds.setdefault(name, {})[M.pname(p)] = plus
-            if material(plus, noise, fx):
+            if material(plus, noise, fx) and not (same_ttfc and name == "ttfc_from_intended"):
                 added.append({"metric": name, "stat": M.pname(p), "value": fx, "from_t_sent": fy, "added": plus,
                               "noise": noise})
         fx, fy = float(xs.mean()), float(ys.mean())
         noise = 1.96 * float(xs.std()) / math.sqrt(len(xs))
         adds.setdefault(name, {})["mean"] = fx - fy
-        if material(fx - fy, noise, fx):
+        if material(fx - fy, noise, fx) and not (same_ttfc and name == "ttfc_from_intended"):
             added.append({"metric": name, "stat": "mean", "value": fx, "from_t_sent": fy, "added": fx - fy,
                           "noise": noise})
     out["from_intended_changed"] = added
     for c in added[:3]:
+        also = "; ttfc_from_intended the same" if same_ttfc and c["metric"] == "ttft_from_intended" else ""
         findings.append(f"{c['metric']} {c['stat']} is {c['value'] * 1000:.4g} ms, {c['added'] * 1000:.3g} ms above "
-                        f"{c['metric'].replace('_from_intended', '')} {c['stat']} (noise +/-{c['noise'] * 1000:.2g} ms)")
+                        f"{c['metric'].replace('_from_intended', '')} {c['stat']} "
+                        f"(noise +/-{c['noise'] * 1000:.2g} ms{also})")
     if len(added) > 3:
         findings.append(f"and {len(added) - 3} more *_from_intended figures")
     out["lagged"] = bool(findings)

@@ -395,7 +395,7 @@ def plain_line(f: dict) -> str:
         parts.append(f"{label} p50/p90/p99 {'/'.join(av)} ms (last {f['window_s']:g}s {'/'.join(wv)})")
     c = f["counts"]
     kinds = ", ".join(f"{k} {v}" for k, v in f["errors_by_kind"].items())
-    parts.append(f"errors {c['failed']} of {c['measured']}" + (f" ({kinds})" if kinds else ""))
+    parts.append(f"errors {c['failed']} of {c['counted']}" + (f" ({kinds})" if kinds else ""))
     parts.append("lag: LAGGED" if f.get("lagged") else "lag: not lagged")
     if f.get("slo"):
         ok = sum(1 for x in f["slo"] if x["ok"])
@@ -457,7 +457,7 @@ def rich_view(f: dict, interval: float, took: float):
         lat.add_row(label, *wv, *av)
     items += [rates, lat]
     c = f["counts"]
-    err = Table(title=f"Errors: {c['failed']} of {c['measured']} measured", header_style="bold")
+    err = Table(title=f"Errors: {c['failed']} of {c['counted']} counted (the run's stop left out)", header_style="bold")
     err.add_column("kind")
     err.add_column("requests", justify="right")
     for k, v in f["errors_by_kind"].items():

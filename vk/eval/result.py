@@ -161,8 +161,11 @@ def headline(d: dict) -> list[str]:
     axes = d.get("time_axes") or []
     t = s["throughput"]
     w = t["steady"] if t["steady"]["window"] != "whole run" else t["whole"]
-    nsess = (s.get("sessions") or {}).get("sessions")
+    # one population: every request and session read, warm-up included (said when there is one)
+    nsess = c.get("sessions", (s.get("sessions") or {}).get("sessions"))
     first = f"{c['requests']} requests" + (f" in {nsess} sessions" if nsess else "")
+    if c.get("warmup_excluded"):
+        first += f" (warm-up included: {c['warmup_excluded']} requests, not measured)"
     if len(runs) > 1:
         if len(axes) == 1:
             sh = axes[0].get("shards")
@@ -187,11 +190,14 @@ def headline(d: dict) -> list[str]:
         k1, v1 = _pick(st, "p50", False)
         k2, v2 = _pick(st, "p99", True)
         lines.append(f"{label:<9} {k1} {_ms(v1)}, {k2} {_ms(v2)}")
-    failed = c["failed"]
-    kinds = ", ".join(f"{k} {c[k]}" for k in ("error", "timeout", "cancelled", "skipped") if c.get(k))
+    # vk.eval.data's rule: skipped (after a failed turn) are failures; cancelled by the run's stop are left out
+    kinds = ", ".join(f"{k} {c[k]}" for k in ("error", "timeout") if c.get(k))
+    if c.get("skipped"):
+        kinds += (", " if kinds else "") + f"skipped {c['skipped']} after a failed turn"
     how = ", ".join(f"{k.replace('_', ' ')} {c[k]}" for k in ("retried", "ok_with_warning") if c.get(k))
-    lines.append(f"errors    {failed} of {c['measured']} ({_pct(c['error_rate'])})" + (f": {kinds}" if kinds else "")
-                 + (f"; {how}" if how else ""))
+    left_out = (f"; cancelled by the run's stop {c['cancelled']} (not counted)" if c.get("cancelled") else "")
+    lines.append(f"errors    {c['failed']} of {c['counted']} requests ({_pct(c['error_rate'])})"
+                 + (f": {kinds}" if kinds else "") + left_out + (f"; {how}" if how else ""))
     checks = d.get("slo") or []
     if checks:
         missed = [x for x in checks if not x["ok"]]

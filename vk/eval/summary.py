@@ -8,8 +8,18 @@ from typing import Any
 import numpy as np
 
 from vk.eval import metrics as M
-from vk.eval.data import COUNT_METRICS, LATENCY_METRICS, OUTPUT_SOURCES, STATUSES, Data
+from vk.eval.data import (
+    COUNT_METRICS,
+    FAILURES,
+    LATENCY_METRICS,
+    OUTPUT_SOURCES,
+    STATUSES,
+    STOPPED_BY_RUN,
+    Data,
+    counted,
+)
 from vk.eval.lag import verdicts
+from vk.eval.load import CLOCK_SLACK
 from vk.eval.options import Options
 from vk.eval.progress import tick
 from vk.eval.slo import Goodput
@@ -32,13 +42,15 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     counts = {"requests": int(gmask.sum()), "measured": int(measured.sum())}
     for s in STATUSES:
         counts[s] = int((measured & (a["status_code"] == STATUSES.index(s))).sum())
+    # sessions of the same population as counts["requests"] (warm-up included; the sessions section leaves it out)
+    counts["sessions"] = int(len(np.unique(d.sessions()["code"][gmask])))
     counts["warmup_excluded"] = int((gmask & a["warmup"]).sum())
     counts["outside_window"] = int((gmask & ~a["warmup"] & ~in_window).sum())
-    counts["failed"] = counts["measured"] - counts["ok"]
-    # the server's error rate: requests the run stopped before they ended (cancelled: Ctrl-C, --duration) or never
-    # sent (skipped) are not the server's failures
-    counts["served"] = counts["measured"] - counts["cancelled"] - counts["skipped"]
-    counts["error_rate"] = (counts["error"] + counts["timeout"]) / counts["served"] if counts["served"] else None
+    # vk.eval.data's rule: requests the run's stop cancelled (Ctrl-C, --duration, --max-errors) are left out;
+    # requests skipped after a failed turn of their session are failures (their user got no answer)
+    counts["counted"] = counts["measured"] - sum(counts[k] for k in STOPPED_BY_RUN)
+    counts["failed"] = sum(counts[k] for k in FAILURES)
+    counts["error_rate"] = counts["failed"] / counts["counted"] if counts["counted"] else None
     # how the answers came (vk-send's attempts and warning fields): a retry on a new connection (the keep-alive one
     # proved closed before any byte was written) and an ok answer with a malformed SSE line skipped
     counts["retried"] = int((measured & a["retried"]).sum())
@@ -152,8 +164,8 @@ def summarize(d: Data, opts: Options, gmask: np.ndarray, w0: np.ndarray, w1: np.
     }
     if opts.goodput is not None:
         # over the steady window when there is one (--warmup/--cooldown or warm-up marks), else the whole run
-        # requests the run itself cancelled (the user's Ctrl-C) or never sent are not the server's misses
-        stopped = (a["status_code"] == STATUSES.index("cancelled")) | (a["status_code"] == STATUSES.index("skipped"))
+        # requests the run's stop cancelled are not the server's misses; skipped ones are (vk.eval.data's rule)
+        stopped = _stopped_by_run(a)
         out["goodput"] = _goodput(d, opts.goodput, measured & ~stopped, sdur if window_how != "whole run" else dur)
         out["goodput"]["not_counted_stopped"] = int((measured & stopped).sum())
     return out
@@ -316,18 +328,32 @@ def _accuracy(d: Data, gmask, measured, okm, P) -> dict:
             e = M.stats(err, [50, 90, 99])
             e["spread_p99_minus_p50"] = e["p99"] - e["p50"]
             out["timestamp_error"] = e
-    fm = measured & ~a["ok"]
-    stopped = (a["status_code"] == STATUSES.index("cancelled")) | (a["status_code"] == STATUSES.index("skipped"))
-    fm &= ~stopped
-    served = int((measured & ~stopped).sum())
-    if served and fm.any():
-        flags.append(f"FAILED: {int(fm.sum())} of {served} requests failed (error or timeout; "
-                     f"{int(fm.sum()) / served:.1%}); they count as SLO violations")
+    bw = gmask & (a["backwards_by"] > 0)
+    if bw.any():
+        first = int(np.flatnonzero(bw)[0])
+        flags.append(f"TIMES: {int(bw.sum())} requests got their first token or ended before they were sent (by at "
+                     f"most {float(a['backwards_by'][bw].max()) * 1000:.3g} ms, within the {CLOCK_SLACK * 1000:g} ms "
+                     f"allowed for clocks converted onto the run's; e.g. request {d.request_name(first)}); those "
+                     "latencies are taken as 0")
+    stopped = _stopped_by_run(a)
+    fm = measured & ~a["ok"] & ~stopped
+    n_counted = int((measured & ~stopped).sum())
+    if n_counted and fm.any():
+        sk = int((fm & (a["status_code"] == STATUSES.index("skipped"))).sum())
+        flags.append(f"FAILED: {int(fm.sum())} of {n_counted} requests failed ({int(fm.sum()) / n_counted:.1%}: "
+                     f"{int(fm.sum()) - sk} error or timeout"
+                     + (f", {sk} skipped after a failed turn of their session" if sk else "")
+                     + "); they count as SLO violations and are never good")
     if (measured & stopped).any():
-        flags.append(f"STOPPED: {int((measured & stopped).sum())} requests were cancelled by the run's stop or never "
-                     "sent; they are not counted as the server's failures (error rate, goodput)")
+        flags.append(f"STOPPED: {int((measured & stopped).sum())} requests were cancelled by the run's stop (sent or "
+                     "not); they are not counted as the server's failures (error rate, goodput)")
     out["flags"] = flags
     return out
+
+
+def _stopped_by_run(a: dict) -> np.ndarray:
+    """Per request: cancelled by the run's stop (vk.eval.data.counted is False)."""
+    return ~counted(a["status"])
 
 
 def _ray_clock(d: Data, gmask) -> list[dict]:

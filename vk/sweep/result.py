@@ -88,14 +88,16 @@ class SweepResult:
             s = p.get("saturation")
             if s:
                 lines.append(f"{p['probe']}: stopped at {s['t']:g} s ({s['rule']}): {s['arrived']} sessions due and "
-                             f"{s['completed']} finished in ({s['window'][0]:g}, {s['window'][1]:g}] s, in flight "
+                             f"{s['completed']} answered in ({s['window'][0]:g}, {s['window'][1]:g}] s, in flight "
                              f"{s['in_flight'][0]} -> {s['in_flight'][1]}, TTFT {_ms(s['ttft_first_quarter'])} -> "
                              f"{_ms(s['ttft_last_quarter'])} ms (first -> last quarter)"
                              + (f", server queue {s['server_queue'][0]:g} -> {s['server_queue'][1]:g}"
                                 if s.get("server_queue") else ""))
         a = self.answer
         e = self.end
-        if a is not None:
+        if not h.get("objectives"):
+            lines.append("answer: none (no objectives given: --slo, --min-goodput)")
+        elif a is not None:
             lo, hi = a.get("last_pass"), a.get("first_fail")
             conf = a.get("confidence")
             lines.append(f"answer: {h['knob']} between {_num(lo)} (last passing) and {_num(hi)} (first failing)"

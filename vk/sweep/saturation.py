@@ -3,13 +3,15 @@
 The test (open-loop probes; a closed loop cannot outrun its server). At each check, ``t`` seconds into the run,
 over the second half of what has run so far, ``(t/2, t]``:
 
-- ``A``: sessions due to start (from the probe's schedule), ``C``: sessions finished (all their requests have a
-  response record). ``A - C`` is how much the sessions in flight grew over the window.
+- ``A``: sessions due to start (from the probe's schedule), ``C``: sessions answered (their first response record
+  came). ``A - C`` is how much the sessions waiting for their first answer grew over the window. A session's first
+  answer, not its end, is what is compared: a multi-turn session with think times may last longer than the probe
+  on an idle server, while its first answer comes one request's service time after it is due.
 - saturated when ``A >= 20``, ``C < 0.5 A`` (arrivals outpace completions two to one) and ``A - C > 4 sqrt(A)``
   (in flight grew by far more than the noise of the counts), once ``t`` is at least ``--saturation-min`` and four
-  times the unloaded session time (the median duration of the first ten sessions to finish), so that a server
+  times the unloaded service time (the median time to the first answer of the first ten sessions), so that a server
   still filling up to its steady state is not mistaken for one that is falling behind.
-- if no session has finished at all, ``t`` at least half the probe's duration and ``A >= 20`` also count.
+- if no session has been answered at all, ``t`` at least half the probe's duration and ``A >= 20`` also count.
 
 Under a stable load ``C`` follows ``A`` with a delay of one session time; at ten times the capacity ``C`` is about
 a tenth of ``A``. The evidence (the counts, in flight at ``t/2`` and at ``t``, the TTFT of the first and last
@@ -51,8 +53,9 @@ class Monitor(threading.Thread):
         self.evidence: dict | None = None
         self.start_epoch: float | None = None
         self.seen: dict[str, int] = {}
-        self.finished: list[float] = []  # session finish times (run clock), in file order
-        self.first_durations: list[float] = []
+        self.answered: list[float] = []  # per session, when its first response came (run clock), in file order
+        self.first_answer: set[str] = set()  # sessions with a response that has a t_done
+        self.first_durations: list[float] = []  # time to the first answer (from its t_intended), first ten
         self.ttft: list[tuple[float, float]] = []  # (t_done, ttft)
         self._pos = 0
         self._carry = b""
@@ -110,8 +113,9 @@ class Monitor(threading.Thread):
             ts, tf = rec.get("t_sent"), rec.get("t_first_token")
             if ts is not None and tf is not None:
                 self.ttft.append((t_done, tf - ts))
-            if n == self.requests.get(sid, 1):
-                self.finished.append(t_done)
+            if sid not in self.first_answer:
+                self.first_answer.add(sid)
+                self.answered.append(t_done)
                 if len(self.first_durations) < 10 and rec.get("t_intended") is not None:
                     self.first_durations.append(t_done - rec["t_intended"])
 
@@ -123,7 +127,7 @@ class Monitor(threading.Thread):
         arrived = bisect.bisect_right(self.starts, t) - bisect.bisect_right(self.starts, half)
         if arrived < MIN_ARRIVALS:
             return None
-        fin = sorted(self.finished)
+        fin = sorted(self.answered)
         completed = bisect.bisect_right(fin, t) - bisect.bisect_right(fin, half)
         if self.first_durations:
             service = statistics.median(self.first_durations)
@@ -136,7 +140,7 @@ class Monitor(threading.Thread):
             service = None
             if self.duration is None or t < self.duration / 2:
                 return None
-            rule = "no session finished in half the probe"
+            rule = "no session answered in half the probe"
         in_flight = [bisect.bisect_right(self.starts, x) - bisect.bisect_right(fin, x) for x in (half, t)]
         tt = sorted(self.ttft)
         q = max(1, len(tt) // 4)

@@ -107,9 +107,10 @@ def bracket(results: dict[float, dict]) -> tuple[float | None, float | None]:
 
 def answer(probes: list[dict], tolerance: float | None = None) -> dict | None:
     """The capacity as an interval (last passing, first failing) with the confidence that holds for both
-    verdicts together (Bonferroni: 1 - the two error chances); None without objectives."""
+    verdicts together (Bonferroni: 1 - the two error chances); None without objectives (no probe has checks: a
+    saturated probe fails without them, but a failure alone does not bound a capacity)."""
     final = final_verdicts(probes)
-    if not any(p.get("verdict") for p in final.values()):
+    if not any(p.get("verdict") for p in final.values()) or not any(p.get("checks") for p in final.values()):
         return None
     lo, hi = bracket(final)
     c_lo = final[lo].get("confidence") if lo is not None else None

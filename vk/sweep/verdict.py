@@ -19,7 +19,7 @@ import operator
 import numpy as np
 
 from vk.errors import VkError
-from vk.eval.data import served
+from vk.eval.data import counted
 
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _NP_OPS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
@@ -30,8 +30,8 @@ MAX_SAMPLE = 20000  # larger samples are subsampled for the bootstrap (memory st
 
 
 def request_columns(run_path) -> dict[str, np.ndarray]:
-    """Per measured request (warm-up excluded): the latency columns, ``ok``, ``served`` (vk-eval's: the server
-    was asked to finish it, not cancelled by the run's stop or skipped) and ``warmup``."""
+    """Per measured request (warm-up excluded): the latency columns, ``ok``, ``counted`` (vk-eval's rule,
+    vk.eval.data.counted: not cancelled by the run's stop; skipped requests count, as failures) and ``warmup``."""
     from vk.eval import sql
 
     # normalized_latency as vk-eval defines it: e2e per output token
@@ -49,7 +49,7 @@ def request_columns(run_path) -> dict[str, np.ndarray]:
         if n in ("ok", "warmup"):
             out[n] = np.array([bool(r[i]) for r in rows], dtype=bool)
         elif n == "status":
-            out["served"] = served(np.array([r[i] for r in rows], dtype=object))
+            out["counted"] = counted(np.array([r[i] for r in rows], dtype=object))
         else:
             out[n] = np.array([np.nan if r[i] is None else float(r[i]) for r in rows], dtype=float)
     keep = ~out["warmup"]
@@ -88,8 +88,8 @@ def sample_for(check: dict, cols: dict, goodput_spec: str | None) -> tuple[np.nd
     if stat is not None and metric in SAMPLED:
         v = cols[metric][cols["ok"]]
         return v[np.isfinite(v)], stat
-    # shares over the requests the server was asked to finish, as vk-eval counts them (vk.eval.data.served)
-    srv = cols["served"] if "served" in cols else np.ones(len(cols["ok"]), bool)
+    # shares over the requests the run's stop did not cancel, skipped ones failed (vk.eval.data.counted)
+    srv = cols["counted"] if "counted" in cols else np.ones(len(cols["ok"]), bool)
     if stat is None and metric == "error_rate":
         return (~cols["ok"][srv]).astype(float), "mean"
     if stat is None and metric == "attainment" and goodput_spec:
